@@ -1,0 +1,97 @@
+"""Inference latency of unpruned and pruned VGG-19, beside their MACs ratio; and time to prune.
+
+    .venv/bin/python bench/latency.py --checkpoint runs/vgg19-sparse/last.pth
+
+The pruned networks come from pruning the checkpoint at each ratio (bias compensation on,
+no data). Without a checkpoint, a VGG-19 with random gammas stands in; its layers then
+lose channels evenly, unlike a sparsity-trained network, so prefer a real checkpoint.
+Latency is the median of repeated forward passes under ``torch.inference_mode`` in eval
+mode, channels_last, for each precision given. The time to prune (threshold, plan and
+surgery) is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+import netslim
+from netslim.models import build_model
+from netslim.pruning import plan_pruning, prune_vgg
+from netslim.stats import count_macs
+from netslim.train import autocast, pick_device
+
+
+def median_ms(model, x, device, dtype, repeats: int) -> float:
+    times = []
+    with torch.inference_mode(), autocast(device, dtype):
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:  # two warm-up passes
+                times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+    device = pick_device(args.device)
+
+    if args.checkpoint:
+        model = netslim.load(args.checkpoint)
+    else:
+        torch.manual_seed(0)
+        model = build_model("vgg19")
+        with torch.no_grad():
+            for _, bn in netslim.sparsity.batchnorms(model):
+                bn.weight.copy_(torch.rand_like(bn.weight))
+    model.eval()
+    models = {"unpruned": model}
+    for ratio in args.ratios:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = plan_pruning(model, ratio)
+            pruned = prune_vgg(model, plan)
+        print(f"prune {ratio:.0%}: threshold + surgery took {time.perf_counter() - start:.3f} s")
+        models[f"pruned {ratio:.0%}"] = pruned.eval()
+    base_macs = count_macs(model)
+
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"{'model':<12} {'MACs':>10} {'MACs x':>7} {'prec':>5} {'batch':>6} {'ms':>9} {'speedup':>8}"
+    )
+    for precision in args.precisions:
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        for batch in args.batches:
+            x = torch.randn(batch, 3, 32, 32, device=device).contiguous(
+                memory_format=torch.channels_last
+            )
+            base = None
+            for name, m in models.items():
+                m = m.to(device, memory_format=torch.channels_last)
+                repeats = args.repeats if batch <= 16 else max(3, args.repeats // 4)
+                ms = median_ms(m, x, device, dtype, repeats)
+                base = base or ms
+                macs = count_macs(m)
+                print(f"{name:<12} {macs / 1e6:>9.1f}M {base_macs / macs:>6.2f}x {precision:>5} "
+                      f"{batch:>6} {ms:>9.2f} {base / ms:>7.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

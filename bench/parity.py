@@ -1,0 +1,55 @@
+"""Accuracy parity: the same short schedule and seed in fp32 and in the default precision.
+
+    .venv/bin/python bench/parity.py --data-root /path/with/cifar --arch vgg11 --epochs 2
+
+Trains the same model from the same seed on the same batches twice, once in fp32 and
+once in ``--precision`` (default auto: bf16 where supported), and prints both test
+accuracies, their difference and the throughput of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+from netslim.data import load_dataset
+from netslim.models import build_model
+from netslim.train import TrainConfig, fit, pick_device, pick_precision
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data-root", default=None, help="folder with cifar-10-batches-py/")
+    p.add_argument("--arch", default="vgg11")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lam", type=float, default=1e-4)
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+
+    device = pick_device(args.device)
+    name = "cifar10" if args.data_root else "synthetic"
+    data = load_dataset(name, args.data_root, train_size=args.train_size, download=False).to(device)
+    rows = []
+    for precision in ("fp32", args.precision):
+        config = TrainConfig(arch=args.arch, dataset=name, lam=args.lam, epochs=args.epochs,
+                             precision=precision, seed=0)  # fmt: skip
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as out:
+            history = fit(config, data, build_model(args.arch, data.num_classes), out)
+        speed = sum(r["images_per_s"] for r in history) / len(history)
+        rows.append((precision, pick_precision(precision, device), history[-1]["test_acc"], speed))
+    print(f"device {device}, {name}, {args.arch}, {args.epochs} epochs, lam {args.lam}")
+    print(f"{'precision':<10} {'dtype':<16} {'test acc %':>10} {'img/s':>8}")
+    for precision, dtype, acc, speed in rows:
+        print(f"{precision:<10} {str(dtype):<16} {acc:>10.2f} {speed:>8.0f}")
+    print(f"difference (default - fp32): {rows[1][2] - rows[0][2]:+.2f} points")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from netslim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""Reading and writing checkpoints in the paper's format, plus netslim's metadata.
+
+Training checkpoints are ``{'epoch', 'state_dict', 'best_prec1', 'optimizer'}`` like
+the official main.py writes; pruned ones are ``{'cfg', 'state_dict'}`` like its
+vggprune.py. netslim adds ``'cfg'`` to both and a ``'netslim'`` dict of metadata
+(architecture, classes, how the file was made). Everything is plain tensors, lists,
+numbers and strings, so files load with ``torch.load(..., weights_only=True)`` and
+no pickled module is ever executed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from netslim.errors import NetslimError
+from netslim.files import atomic_write
+from netslim.models import VGG, VGG_CFGS, CfgItem, validate_cfg
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically (temp file, then rename)."""
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file as a dict with at least ``'state_dict'``, or raise NetslimError.
+
+    Accepts netslim checkpoints, the official code's checkpoints (training and pruned,
+    with or without a DataParallel ``module.`` prefix) and bare VGG state_dicts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NetslimError(f"checkpoint {path} does not exist (or is not a file)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load fails in many ways on a bad file; all mean "unreadable"
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise NetslimError(
+            f"{path} is not a readable checkpoint (truncated, or not written by torch.save): "
+            f"{detail}"
+        ) from None
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        obj = {"state_dict": obj}  # a bare state_dict
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        raise NetslimError(
+            f"{path} is not a network checkpoint: expected a dict with a 'state_dict' entry "
+            "(as netslim and the network-slimming code write)"
+        )
+    obj["state_dict"] = {re.sub(r"^module\.", "", k): v for k, v in obj["state_dict"].items()}
+    return obj
+
+
+def cfg_from_state_dict(
+    state_dict: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> list[CfgItem]:
+    """Recover a VGG cfg from state_dict keys: a conv takes 3 slots of ``feature``, a pool 1."""
+    convs = sorted(
+        int(m.group(1))
+        for k, v in state_dict.items()
+        if (m := re.fullmatch(r"feature\.(\d+)\.weight", k)) and v.dim() == 4
+    )
+    if not convs or "classifier.weight" not in state_dict:
+        raise NetslimError(
+            f"{source} does not hold a VGG: no 'feature.<i>.weight' conv or 'classifier.weight' "
+            "in its state_dict"
+        )
+    cfg: list[CfgItem] = []
+    position = 0
+    for index in convs:
+        if index < position:
+            raise NetslimError(f"{source}: unexpected layer layout at feature.{index}")
+        cfg += ["M"] * (index - position)
+        cfg.append(int(state_dict[f"feature.{index}.weight"].shape[0]))
+        position = index + 3
+    return cfg
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "checkpoint") -> VGG:
+    """Rebuild the VGG a checkpoint describes and load its weights, checking they agree."""
+    state_dict = checkpoint["state_dict"]
+    inferred = cfg_from_state_dict(state_dict, source)
+    cfg = checkpoint.get("cfg")
+    if cfg is not None:
+        cfg = validate_cfg(list(cfg))
+        if cfg != inferred:
+            raise NetslimError(
+                f"{source}: its cfg {cfg} does not match the layers in its state_dict "
+                f"{inferred}; the file is inconsistent (was it edited or written by another tool?)"
+            )
+    num_classes = int(state_dict["classifier.weight"].shape[0])
+    model = VGG(inferred, num_classes=num_classes, init_weights=False)
+    # Checkpoints from torch < 0.4 lack BN's num_batches_tracked; everything else must match.
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise NetslimError(
+            f"{source}: state_dict does not fit the VGG {inferred}: "
+            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return model
+
+
+def arch_name(checkpoint: dict[str, Any], cfg: list[CfgItem]) -> str:
+    """The architecture a checkpoint was made from: from its metadata, else by its cfg."""
+    meta = checkpoint.get("netslim") or {}
+    if meta.get("arch"):
+        return str(meta["arch"])
+    for name, known in VGG_CFGS.items():
+        if known == cfg:
+            return name
+    return "vgg"
+
+
+def load(path: str | Path) -> VGG:
+    """Load any netslim or network-slimming checkpoint as a ready model (in eval mode).
+
+    Pruned checkpoints are rebuilt from their cfg, so one call serves every file::
+
+        model = netslim.load("runs/vgg19/pruned-70.pth")
+    """
+    return model_from_checkpoint(read_checkpoint(path), str(path)).eval()

@@ -1,0 +1,415 @@
+"""The ``netslim`` command: train, prune, finetune, info.
+
+Every subcommand is a thin layer over the library; bad input ends with one line
+``netslim: error: ...`` and exit status 2, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import asdict, fields
+
+from netslim.checkpoint import arch_name, model_from_checkpoint, read_checkpoint, save_checkpoint
+from netslim.data import DATASETS, Dataset, load_dataset
+from netslim.errors import NetslimError
+from netslim.lab import DEMO, LabConfig, run_lab
+from netslim.models import ARCHS, build_model
+from netslim.pruning import check_ratio
+from netslim.slim import prune_model, pruned_checkpoint
+from netslim.sparsity import bn_sparsity, gamma_quantiles
+from netslim.stats import count_macs, count_params
+from netslim.train import PRECISIONS, TrainConfig, fit, pick_device, pick_precision
+
+DEFAULTS = TrainConfig()
+
+
+def _add_data_args(p: argparse.ArgumentParser, default: str | None = "cifar10") -> None:
+    p.add_argument(
+        "--dataset",
+        default=default,
+        choices=DATASETS,
+        help=f"dataset (default: {default}); 'synthetic' is built in and needs no files",
+    )
+    p.add_argument(
+        "--data-root",
+        default=DEFAULTS.data_root,
+        help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-download",
+        dest="download",
+        action="store_false",
+        help="never download CIFAR; fail if it is not under --data-root",
+    )
+    p.add_argument(
+        "--train-size", type=int, default=None, help="use only the first N training images"
+    )
+    p.add_argument("--test-size", type=int, default=None, help="use only the first N test images")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps"
+    )
+    p.add_argument(
+        "--seed", type=int, default=DEFAULTS.seed, help="random seed (default: %(default)s)"
+    )
+
+
+def _add_train_args(p: argparse.ArgumentParser, epochs: int, lam: float) -> None:
+    p.add_argument(
+        "--lam",
+        type=float,
+        default=lam,
+        help="L1 weight on BN gammas, e.g. 1e-4 (default: %(default)s)",
+    )
+    p.add_argument("--epochs", type=int, default=epochs, help="epochs (default: %(default)s)")
+    p.add_argument(
+        "--batch-size", type=int, default=DEFAULTS.batch_size, help="default: %(default)s"
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=DEFAULTS.lr,
+        help="initial learning rate, divided by 10 at 50%% and 75%% of the epochs (default: %(default)s)",
+    )
+    p.add_argument("--momentum", type=float, default=DEFAULTS.momentum, help="default: %(default)s")
+    p.add_argument(
+        "--weight-decay", type=float, default=DEFAULTS.weight_decay, help="default: %(default)s"
+    )
+    p.add_argument(
+        "--sparsity-threshold",
+        type=float,
+        default=DEFAULTS.sparsity_threshold,
+        help="|gamma| below this counts as sparse in the logs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16 where fast and safe (CUDA, CPUs with AVX512-BF16), else fp32",
+    )
+    p.add_argument(
+        "--out", required=True, help="run folder for metrics.jsonl, last.pth and best.pth"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pth")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (slow to start; bench/RESULTS.md says when it pays)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="netslim",
+        description="Network slimming: sparsity training, channel pruning and fine-tuning of CNNs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="(sparsity) training from scratch",
+        description="Train a network with an L1 penalty on its BatchNorm gammas.",
+    )
+    p.add_argument("--arch", default=DEFAULTS.arch, choices=ARCHS, help="default: %(default)s")
+    _add_data_args(p)
+    _add_train_args(p, DEFAULTS.epochs, lam=1e-4)
+
+    p = sub.add_parser(
+        "prune",
+        help="prune channels of a trained checkpoint",
+        description="Remove the share RATIO of all channels with the smallest |gamma| "
+        "and save the physically smaller network.",
+    )
+    p.add_argument("checkpoint", help="trained checkpoint (netslim's or the paper's code's)")
+    p.add_argument(
+        "--ratio", type=float, required=True, help="share of channels to remove, in [0, 1)"
+    )
+    p.add_argument("--out", required=True, help="path of the pruned checkpoint to write")
+    p.add_argument(
+        "--no-compensate",
+        dest="compensate",
+        action="store_false",
+        help="do not fold pruned channels' constant output into the next layer "
+        "(gives exactly the official code's network)",
+    )
+    p.add_argument(
+        "--min-keep",
+        type=float,
+        default=0.01,
+        help="per-layer floor: share of each layer's channels always kept, at least one (default: %(default)s)",
+    )
+    _add_data_args(p, default=None)
+    p.add_argument(
+        "--recalibrate",
+        type=int,
+        default=16,
+        metavar="N",
+        help="with --dataset: re-estimate BN statistics on N batches of 128 training images (0: off; default: %(default)s)",
+    )
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pruned checkpoint",
+        description="Fine-tune a pruned network with the training recipe.",
+    )
+    p.add_argument(
+        "checkpoint",
+        help="pruned checkpoint written by 'netslim prune' (or the paper's vggprune.py)",
+    )
+    _add_data_args(p)
+    _add_train_args(p, DEFAULTS.epochs, lam=0.0)
+
+    p = sub.add_parser(
+        "info",
+        help="describe a checkpoint",
+        description="Architecture, parameters, MACs and sparsity of a checkpoint.",
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("--sparsity-threshold", type=float, default=DEFAULTS.sparsity_threshold)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _add_lab_parsers(sub)
+    return parser
+
+
+def _load_data(args: argparse.Namespace) -> Dataset:
+    device = pick_device(args.device)
+    data = load_dataset(args.dataset, args.data_root, seed=args.seed, download=args.download,
+                        train_size=args.train_size, test_size=args.test_size)  # fmt: skip
+    return data.to(device)
+
+
+def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
+    return TrainConfig(
+        arch=arch, dataset=args.dataset, data_root=args.data_root, lam=args.lam,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, seed=args.seed, sparsity_threshold=args.sparsity_threshold,
+        precision=args.precision, device=args.device, train_size=args.train_size,
+        test_size=args.test_size, compile=args.compile,
+    )  # fmt: skip
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    config = _train_config(args, args.arch)
+    config.check()
+    data = _load_data(args)
+    import torch
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, num_classes=data.num_classes)
+    fit(
+        config, data, model, args.out, meta={"arch": args.arch, "kind": "train"}, resume=args.resume
+    )
+    print(
+        f"done: checkpoints in {args.out}/ (last.pth, best.pth), metrics in {args.out}/metrics.jsonl"
+    )
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    ckpt = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.checkpoint)
+    arch = arch_name(ckpt, model.cfg)
+    config = _train_config(args, arch)
+    config.check()
+    data = _load_data(args)
+    meta = {"arch": arch, "kind": "finetune", "source": str(args.checkpoint)}
+    if "prune" in (ckpt.get("netslim") or {}):
+        meta["prune"] = ckpt["netslim"]["prune"]
+    fit(config, data, model, args.out, meta=meta, resume=args.resume)
+    print(f"done: fine-tuned checkpoints in {args.out}/ (last.pth, best.pth)")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    ratio = check_ratio(args.ratio)
+    if args.recalibrate < 0:
+        raise NetslimError(f"--recalibrate must be >= 0 batches, got {args.recalibrate}")
+    ckpt = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.checkpoint)
+    data = None
+    if args.dataset is not None:
+        data = _load_data(args)
+    elif args.train_size or args.test_size:
+        raise NetslimError("--train-size/--test-size need --dataset")
+    dtype = pick_precision("auto", data.train_images.device) if data is not None else None
+    pruned, report = prune_model(model, ratio, compensate=args.compensate, min_keep=args.min_keep,
+                                 data=data, recalibrate=args.recalibrate, eval_dtype=dtype)  # fmt: skip
+    meta = {"arch": arch_name(ckpt, model.cfg), "num_classes": model.num_classes,
+            "source": str(args.checkpoint)}  # fmt: skip
+    save_checkpoint(pruned_checkpoint(pruned, report, meta), args.out)
+    print(report.text())
+    print(f"saved the pruned network to {args.out}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    ckpt = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.checkpoint)
+    meta = ckpt.get("netslim") or {}
+    info = {
+        "arch": arch_name(ckpt, model.cfg),
+        "kind": meta.get("kind", "pruned" if "epoch" not in ckpt else "train"),
+        "cfg": model.cfg,
+        "num_classes": model.num_classes,
+        "params": count_params(model),
+        "macs": count_macs(model),
+        "sparsity": bn_sparsity(model, args.sparsity_threshold),
+        "sparsity_threshold": args.sparsity_threshold,
+        "gamma_quantiles": gamma_quantiles(model),
+    }
+    if "epoch" in ckpt:
+        info["epoch"] = ckpt["epoch"]
+    if "best_prec1" in ckpt:
+        info["best_test_acc"] = 100.0 * float(ckpt["best_prec1"])
+    if "prune" in meta:
+        info["prune"] = {k: meta["prune"][k] for k in ("ratio", "pruned_share", "acc_unpruned",
+                         "acc_masked", "acc_compensated", "acc_recalibrated") if k in meta["prune"]}  # fmt: skip
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{args.checkpoint}: {info['arch']} ({info['kind']}), {info['num_classes']} classes")
+    print(f"cfg      {info['cfg']}")
+    print(f"params   {info['params']:,}")
+    print(f"MACs     {info['macs']:,} per 32x32 image")
+    print(f"sparsity {100 * info['sparsity']:.1f}% of BN gammas below {args.sparsity_threshold}")
+    q = info["gamma_quantiles"]
+    if q:
+        print("|gamma|  " + "  ".join(f"{k} {v:.3g}" for k, v in q.items()))
+    if "epoch" in info:
+        print(f"epoch    {info['epoch']}, best test accuracy {info.get('best_test_acc', 0):.2f}%")
+    for k, v in info.get("prune", {}).items():
+        print(f"{k:<16} {v}")
+
+
+def _add_lab_args(p: argparse.ArgumentParser, preset: LabConfig) -> None:
+    """The lab's flags, with ``preset``'s values as defaults (the lab's own or the demo's)."""
+    p.add_argument("--arch", choices=ARCHS, help="default: %(default)s")
+    _add_data_args(p, default=preset.dataset)
+    p.add_argument(
+        "--lams",
+        type=float,
+        nargs="+",
+        metavar="λ",
+        help="L1 weights on BN gammas, one sparsity training each (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prune-lam",
+        type=float,
+        metavar="λ",
+        help="which of --lams to prune and fine-tune (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        metavar="R",
+        help="prune ratios to prune at and fine-tune (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        metavar="R",
+        help="extra ratios, pruned but not fine-tuned, for the accuracy-vs-ratio "
+        "figure (default: %(default)s)",
+    )
+    p.add_argument("--epochs", type=int, help="sparsity-training epochs (default: %(default)s)")
+    p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, help="default: %(default)s")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="initial learning rate, divided by 10 at 50%% and "
+        "75%% of the epochs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--recalibrate",
+        type=int,
+        metavar="N",
+        help="re-estimate BN statistics after pruning on N batches of 128 training "
+        "images (0: off; default: %(default)s)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="auto: bf16 where fast and safe (CUDA, CPUs with AVX512-BF16), else fp32",
+    )
+    p.add_argument(
+        "--out",
+        help="run folder (default: %(default)s); running the same command "
+        "again continues an interrupted lab there",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="accepted for symmetry with train: a lab always continues its --out",
+    )
+    p.set_defaults(**asdict(preset))
+
+
+def _add_lab_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lab",
+        help="the whole experiment: sparsity training, pruning, fine-tuning, report",
+        description="Sparsity-train at each --lams, prune the --prune-lam model at each --ratios "
+        "(three ways), fine-tune, and write report.md and report.html with figures into --out. "
+        "Resumable: run the same command again to continue.",
+    )
+    _add_lab_args(p, LabConfig())
+    p.set_defaults(out="runs/lab")
+    p = sub.add_parser(
+        "demo",
+        help="the lab on built-in synthetic data, a few minutes on a CPU",
+        description="netslim lab with a small preset: vgg11-small on synthetic data. "
+        "Any lab flag overrides the preset.",
+    )
+    _add_lab_args(p, DEMO)
+    p.set_defaults(out="runs/demo")
+    p = sub.add_parser(
+        "report",
+        help="re-render the report of a lab run folder",
+        description="Write report.md, report.html and figures/ from a finished lab's logged "
+        "metrics and checkpoints, without training.",
+    )
+    p.add_argument("run_dir", help="run folder of netslim lab or netslim demo")
+
+
+def cmd_lab(args: argparse.Namespace) -> None:
+    names = {f.name for f in fields(LabConfig)}
+    config = LabConfig(**{k: v for k, v in vars(args).items() if k in names})
+    report = run_lab(config, args.out, download=args.download)
+    print(f"done: report in {report} (self-contained) and {report.with_suffix('.md')}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from netslim.report import render_report  # imports matplotlib, which other commands skip
+
+    report = render_report(args.run_dir)
+    print(f"wrote {report} and {report.with_suffix('.md')}")
+
+
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "info": cmd_info,
+            "lab": cmd_lab, "demo": cmd_lab, "report": cmd_report}  # fmt: skip
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"netslim: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        COMMANDS[args.command](args)
+    except NetslimError as e:
+        print(f"netslim: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        hint = f"; continue with the same command plus --resume (run folder {out})" if out else ""
+        print(f"netslim: interrupted{hint}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

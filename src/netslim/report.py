@@ -1,0 +1,513 @@
+"""The lab report: five figures, three tables and how to reproduce the run.
+
+:func:`render_report` reads a lab run folder (see :mod:`netslim.lab`) -- metrics, prune
+reports, the sweep, the trained checkpoints -- and writes ``figures/*.png``,
+``report.md`` (figures beside it) and ``report.html`` (figures embedded as base64,
+so the one file opens anywhere). Nothing is trained or measured here, which is what
+``netslim report`` relies on to re-render a finished lab.
+
+The report is first built as a list of blocks (heading, paragraph, table, figure,
+code), then written out twice, as Markdown and as HTML, so both always say the same.
+Figures use matplotlib's object API (no pyplot), which renders PNGs with Agg and
+leaves no global state behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from netslim.checkpoint import load
+from netslim.errors import NetslimError
+from netslim.files import atomic_write, atomic_write_text
+from netslim.lab import (
+    LabConfig,
+    finetune_dir,
+    lam_name,
+    prune_path,
+    read_json,
+    read_lab,
+    sweep_path,
+    train_dir,
+)
+from netslim.models import cfg_for
+from netslim.sparsity import bn_gammas
+from netslim.train import TrainConfig, read_metrics
+
+FIGURES = {  # stable file names under figures/
+    "training": "fig1_training.png",
+    "gammas": "fig2_gamma_histograms.png",
+    "finetune": "fig3_finetuning.png",
+    "channels": "fig4_channels.png",
+    "sweep": "fig5_prune_sweep.png",
+}
+DPI = 110
+CLOSE = 1.0  # percentage points: "holds up" in the sweep summary means within this of unpruned
+METHODS = (  # the three ways of pruning without training, as the prune reports name them
+    ("acc_masked", "official masking"),
+    ("acc_compensated", "bias compensation"),
+    ("acc_recalibrated", "BN recalibration"),
+)
+
+
+@dataclass
+class LabResults:
+    """Everything the report shows, read from a finished lab's run folder."""
+
+    run: Path
+    config: LabConfig
+    info: dict[str, Any]
+    sparsity_threshold: float
+    num_classes: int
+    train: dict[float, list[dict[str, Any]]]  # λ -> metrics records
+    gammas: dict[float, np.ndarray]  # λ -> all BN γ at the end of training
+    prune: dict[float, dict[str, Any]]  # ratio -> PruneReport dict
+    sweep: dict[str, Any]
+    finetune: dict[float, list[dict[str, Any]]]  # ratio -> metrics records
+
+
+def load_results(run: str | Path) -> LabResults:
+    """Read a finished lab, or raise NetslimError saying what is missing and how to finish it."""
+    run = Path(run)
+    config, info = read_lab(run)
+    missing: list[str] = []
+
+    def metrics(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
+        records = read_metrics(run_dir)
+        if len(records) < epochs or not (run_dir / "last.pth").exists():
+            missing.append(f"{run_dir} ({len(records)} of {epochs} epochs)")
+        return records
+
+    def json_file(path: Path) -> dict[str, Any]:
+        if not path.is_file():
+            missing.append(str(path))
+            return {}
+        return read_json(path)
+
+    train = {lam: metrics(train_dir(run, lam), config.epochs) for lam in config.lams}
+    prune = {r: json_file(prune_path(run, config.prune_lam, r, ".json")).get("prune", {})
+             for r in config.ratios}  # fmt: skip
+    sweep = json_file(sweep_path(run))
+    finetune = {r: metrics(finetune_dir(run, r), config.finetune_epochs) for r in config.ratios}
+    if missing:
+        raise NetslimError(
+            f"the lab in {run} is not finished: {', '.join(missing)} missing; run its command "
+            f"again to complete it: {info.get('command', 'see lab.json')}"
+        )
+    models = {lam: load(train_dir(run, lam) / "last.pth") for lam in config.lams}
+    threshold = TrainConfig.from_dict(read_json(train_dir(run, config.lams[0]) / "config.json"))
+    return LabResults(
+        run=run, config=config, info=info, sparsity_threshold=threshold.sparsity_threshold,
+        num_classes=next(iter(models.values())).num_classes, train=train,
+        gammas={lam: bn_gammas(m).numpy() for lam, m in models.items()},
+        prune=prune, sweep=sweep, finetune=finetune,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------
+
+
+def _panels(n: int, width: float = 4.3, height: float = 3.5) -> tuple[Figure, list[Any]]:
+    fig = Figure(figsize=(width * n, height), layout="constrained")
+    return fig, list(fig.subplots(1, n, squeeze=False)[0])
+
+
+def _column(records: list[dict[str, Any]], key: str) -> np.ndarray:
+    return np.array([r[key] for r in records], dtype=float)
+
+
+def _epoch_axis(ax: Any) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def figure_training(res: LabResults) -> Figure:
+    """Figure 1: per λ, accuracy (left axis) and sparsity (right axis) against epoch."""
+    fig, axes = _panels(len(res.config.lams))
+    for i, (ax, lam) in enumerate(zip(axes, res.config.lams)):
+        records = res.train[lam]
+        epochs = _column(records, "epoch")
+        ax.plot(epochs, _column(records, "train_acc"), "o-", color="C0", label="train accuracy")
+        ax.plot(epochs, _column(records, "test_acc"), "s--", color="C0", alpha=0.7,
+                label="test accuracy")  # fmt: skip
+        ax.set_ylim(-2, 102)
+        _epoch_axis(ax)
+        right = ax.twinx()
+        right.plot(epochs, 100 * _column(records, "sparsity"), "^-", color="C3",
+                   label=f"sparsity (share of |γ| < {res.sparsity_threshold:g})")  # fmt: skip
+        right.set_ylim(-2, 102)
+        if i == 0:  # the axes are the same in every panel: label them once, on the outside
+            ax.set_ylabel("accuracy (%)", color="C0")
+        if i == len(axes) - 1:
+            right.set_ylabel(f"channels with |γ| < {res.sparsity_threshold:g} (%)", color="C3")
+        ax.set_title(f"λ = {lam_name(lam)}")
+    handles = axes[0].get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    return fig
+
+
+def figure_gammas(res: LabResults) -> Figure:
+    """Figure 2: per λ, the histogram of |γ| on log-spaced bins, one x range for all."""
+    floor = 1e-8  # exact zeros have no logarithm; they and anything smaller count here
+    values = {lam: np.maximum(np.abs(g), floor) for lam, g in res.gammas.items()}
+    low = np.floor(np.log10(min(v.min() for v in values.values())))
+    high = np.ceil(np.log10(max(v.max() for v in values.values())))
+    bins = np.logspace(low, high, int(20 * (high - low)) + 1)  # 20 per decade: peaks are narrow
+    fig, axes = _panels(len(res.config.lams))
+    for ax, lam in zip(axes, res.config.lams):
+        ax.hist(values[lam], bins=bins, color="C0")
+        ax.set_xscale("log")
+        ax.axvline(res.sparsity_threshold, color="C3", linestyle=":",
+                   label=f"sparsity threshold {res.sparsity_threshold:g}")  # fmt: skip
+        if lam == res.config.prune_lam:
+            for i, (ratio, report) in enumerate(res.prune.items()):
+                ax.axvline(report["threshold"], color=f"C{i + 1}", linestyle="--",
+                           label=f"prune threshold, ratio {ratio:g}")  # fmt: skip
+        ax.set_title(f"λ = {lam_name(lam)}: median |γ| = {np.median(values[lam]):.2g}")
+        ax.set_xlabel("|γ| (log scale)")
+        ax.set_ylabel("BN channels")
+        ax.legend(fontsize="small", loc="upper left")
+    return fig
+
+
+def figure_finetune(res: LabResults) -> Figure:
+    """Figure 3: per ratio, fine-tuning accuracy against epoch; epoch 0 is right after pruning."""
+    fig, axes = _panels(len(res.config.ratios))
+    for ax, ratio in zip(axes, res.config.ratios):
+        records, report = res.finetune[ratio], res.prune[ratio]
+        epochs = _column(records, "epoch")
+        start = _start_accuracy(report)
+        ax.plot(epochs, _column(records, "train_acc"), "o-", color="C0", label="train accuracy")
+        ax.plot(np.r_[0, epochs], np.r_[start, _column(records, "test_acc")], "s--", color="C1",
+                label="test accuracy (epoch 0: just pruned)")  # fmt: skip
+        ax.axhline(report["acc_unpruned"], color="k", linestyle=":",
+                   label="sparse model before pruning (test)")  # fmt: skip
+        ax.set_ylim(-2, 102)
+        ax.set_ylabel("accuracy (%)")
+        _epoch_axis(ax)
+        ax.set_title(f"ratio {ratio:g}: {100 * report['pruned_share']:.0f}% of channels removed")
+    fig.legend(handles=axes[0].get_legend_handles_labels()[0], loc="outside lower center",
+               ncols=3, frameon=False)  # fmt: skip
+    return fig
+
+
+def _start_accuracy(report: dict[str, Any]) -> float:
+    """Test accuracy of the network fine-tuning starts from (the saved pruned one)."""
+    recalibrated = report.get("acc_recalibrated")
+    return report["acc_compensated"] if recalibrated is None else recalibrated
+
+
+def figure_channels(res: LabResults) -> Figure:
+    """Figure 4: per ratio, channels kept in each conv layer against the original count."""
+    fig, axes = _panels(len(res.config.ratios), width=5.0)
+    for ax, ratio in zip(axes, res.config.ratios):
+        report = res.prune[ratio]
+        kept = np.array([k for _, k, _ in report["layers"]])
+        total = np.array([t for _, _, t in report["layers"]])
+        x = np.arange(1, len(kept) + 1)
+        ax.bar(x, total, color="0.85", edgecolor="0.6", label="original")
+        ax.bar(x, kept, color="C0", label="kept")
+        for xi, k in zip(x, kept):
+            ax.annotate(str(k), (xi, k), ha="center", va="bottom", fontsize=7,
+                        xytext=(0, 1), textcoords="offset points")  # fmt: skip
+        ax.set_xticks(x)
+        ax.set_xlabel("conv layer (input to output)")
+        ax.set_ylabel("channels")
+        ax.set_title(f"ratio {ratio:g}: {kept.sum()} of {total.sum()} channels kept")
+        ax.legend(fontsize="small", loc="upper left")
+    return fig
+
+
+def figure_sweep(res: LabResults) -> Figure:
+    """Figure 5: test accuracy against prune ratio, without fine-tuning, three ways."""
+    points = res.sweep["points"]
+    ratios = np.array([p["ratio"] for p in points])
+    fig = Figure(figsize=(8.5, 4.4), layout="constrained")
+    ax = fig.subplots()
+    for (key, label), marker in zip(METHODS, "os^"):
+        if all(p[key] is not None for p in points):
+            ax.plot(ratios, [p[key] for p in points], marker=marker, label=label)
+    ax.axhline(points[0]["acc_unpruned"], color="k", linestyle=":", label="unpruned sparse model")
+    ax.axhline(100 / res.num_classes, color="0.5", linestyle="--", label="chance")
+    floored = [p["ratio"] for p in points if p["floored"]]
+    if floored:
+        ax.axvspan(min(floored) - 0.02, ratios.max() + 0.02, color="0.9", zorder=0,
+                   label="per-layer floor active")  # fmt: skip
+    ax.set_xlabel("prune ratio (share of all channels removed, by global |γ| threshold)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(f"Pruning the λ = {lam_name(res.config.prune_lam)} model without fine-tuning")
+    ax.grid(alpha=0.3)
+    # outside the axes: the curves can fill any corner of the plot
+    fig.legend(
+        handles=ax.get_legend_handles_labels()[0], loc="outside right upper", fontsize="small"
+    )
+    return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------
+
+
+def _acc(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def training_table(res: LabResults) -> tuple[list[str], list[list[str]]]:
+    """One row per λ: the last epoch's accuracies and sparsity, and the best test accuracy."""
+    header = ["λ", "train acc (%)", "test acc (%)", "best test acc (%)",
+              f"sparsity (|γ| < {res.sparsity_threshold:g}, %)", "median |γ|"]  # fmt: skip
+    rows = []
+    for lam in res.config.lams:
+        last = res.train[lam][-1]
+        best = max(r["test_acc"] for r in res.train[lam])
+        median = np.median(np.abs(res.gammas[lam]))
+        rows.append([lam_name(lam), _acc(last["train_acc"]), _acc(last["test_acc"]), _acc(best),
+                     f"{100 * last['sparsity']:.1f}", f"{median:.3g}"])  # fmt: skip
+    return header, rows
+
+
+def accuracy_table(res: LabResults) -> tuple[list[str], list[list[str]]]:
+    """One row per (λ, ratio): test accuracy before, right after pruning and after fine-tuning."""
+    header = ["λ", "ratio", "channels removed (%)", "sparse model", "masked (official)",
+              "compensated", "recalibrated", "fine-tuned (last epoch)",
+              "fine-tuned (best)"]  # fmt: skip
+    rows = []
+    for ratio in res.config.ratios:
+        p, tuned = res.prune[ratio], res.finetune[ratio]
+        rows.append([lam_name(res.config.prune_lam), f"{ratio:g}",
+                     f"{100 * p['pruned_share']:.1f}", _acc(p["acc_unpruned"]),
+                     _acc(p["acc_masked"]), _acc(p["acc_compensated"]),
+                     _acc(p["acc_recalibrated"]), _acc(tuned[-1]["test_acc"]),
+                     _acc(max(r["test_acc"] for r in tuned))])  # fmt: skip
+    return header, rows
+
+
+def size_table(res: LabResults) -> tuple[list[str], list[list[str]]]:
+    """One row for the unpruned network, then one per (λ, ratio): params, MACs, cfg."""
+    header = ["λ", "ratio", "params", "params removed (%)", "MACs", "MACs removed (%)", "cfg"]
+    first = next(iter(res.prune.values()))
+    original = str(cfg_for(res.config.arch)).replace("'", "")
+    rows = [["", "0 (unpruned)", f"{first['params_before']:,}", "0.0",
+             f"{first['macs_before']:,}", "0.0", original]]  # fmt: skip
+    for ratio in res.config.ratios:
+        p = res.prune[ratio]
+        fewer_params = 100 * (1 - p["params_after"] / p["params_before"])
+        fewer_macs = 100 * (1 - p["macs_after"] / p["macs_before"])
+        rows.append([lam_name(res.config.prune_lam), f"{ratio:g}", f"{p['params_after']:,}",
+                     f"{fewer_params:.1f}", f"{p['macs_after']:,}", f"{fewer_macs:.1f}",
+                     str(p["cfg"]).replace("'", "")])  # fmt: skip
+    return header, rows
+
+
+def sweep_summary(res: LabResults) -> str:
+    """Where each way of pruning breaks: the largest ratio up to which accuracy holds up."""
+    points = res.sweep["points"]
+    unpruned = points[0]["acc_unpruned"]
+    parts = []
+    for key, label in METHODS:
+        if any(p[key] is None for p in points):
+            continue
+        held = "none"
+        for p in points:  # sorted by ratio
+            if p[key] < unpruned - CLOSE:
+                break
+            held = f"{p['ratio']:g}"
+        parts.append(f"{label} {held}")
+    return (
+        f"Largest ratio up to which test accuracy stays within {CLOSE:g} point of the "
+        f"unpruned model's {unpruned:.2f}%: {', '.join(parts)}."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The document, as blocks, and its Markdown and HTML forms
+# --------------------------------------------------------------------------------------
+
+Block = tuple[Union[str, list, tuple], ...]  # ("h2", text), ("table", header, rows), ...
+
+
+def build_document(res: LabResults) -> list[Block]:
+    """The report's content in order; figures are referred to by their key in FIGURES."""
+    c = res.config
+    lams = ", ".join(lam_name(x) for x in c.lams)
+    ratios = ", ".join(f"{r:g}" for r in c.ratios)
+    floored = [f"{p['ratio']:g}" for p in res.sweep["points"] if p["floored"]]
+    return [
+        ("h1", f"Network slimming lab: {c.arch} on {c.dataset}"),
+        ("p", f"Sparsity training at λ = {lams} ({_epochs(c.epochs)} each, same initial weights), "
+              f"pruning of the λ = {lam_name(c.prune_lam)} model at ratios {ratios}, and "
+              f"{_epochs(c.finetune_epochs)} of fine-tuning of each pruned network. "
+              f"Accuracies are in %, on the test set"
+              f"{f' (its first {c.test_size} images)' if c.test_size else ''}."),
+        ("h2", "Sparsity training"),
+        ("table", *training_table(res)),
+        ("figure", "training", "Figure 1: accuracy and sparsity during sparsity training",
+         f"Per λ: train and test accuracy (left axis) and the share of BN channels whose "
+         f"scaling factor |γ| is below {res.sparsity_threshold:g} (right axis) after each "
+         "epoch. The learning rate drops tenfold at 50% and 75% of the epochs."),
+        ("figure", "gammas", "Figure 2: BN scaling factors at the end of training",
+         "Histogram of |γ| of all BN channels, on a logarithmic axis shared by all panels: a "
+         "large λ pushes γ down by orders of magnitude (to about 1e-5 and below), which a "
+         "linear axis would squeeze into one bar at 0, while the log axis shows every "
+         "distribution's shape and lets the panels be compared directly. "
+         "Values below 1e-8 (exact zeros included) are counted at 1e-8. Dotted: the sparsity "
+         "threshold of figure 1; dashed: the global prune thresholds of the lab's ratios "
+         "(channels left of a line are removed)."),
+        ("h2", f"Pruning the λ = {lam_name(c.prune_lam)} model"),
+        ("p", "Test accuracy (%) of the sparse model, right after pruning -- with the "
+              "official masking (pruned γ and β zeroed), with the pruned channels' constant "
+              "output folded into the next layer (bias compensation), and with compensation "
+              f"plus BN statistics re-estimated on {c.recalibrate} batches of training images "
+              "(recalibration) -- and after fine-tuning the recalibrated network."),
+        ("table", *accuracy_table(res)),
+        ("p", "Size of each network: parameters, multiply-accumulates per 32x32 image, and the "
+              "pruned cfg (channels per conv layer, M = max-pool)."),
+        ("table", *size_table(res)),
+        ("figure", "finetune", "Figure 3: fine-tuning the pruned networks",
+         "Per ratio: train and test accuracy after each fine-tuning epoch. Epoch 0 is the "
+         "pruned network before any fine-tuning; the dotted line is the sparse model's test "
+         "accuracy before pruning, the level fine-tuning has to recover."),
+        ("figure", "channels", "Figure 4: channels kept per layer",
+         "Per ratio: channels of each conv layer before pruning (grey) and kept (blue, count "
+         "on top). One global threshold on |γ| decides, so layers are pruned unevenly."),
+        ("figure", "sweep", "Figure 5: where pruning breaks the network",
+         f"Test accuracy right after pruning the λ = {lam_name(c.prune_lam)} model at each "
+         "ratio, without any fine-tuning. "
+         + (f"At ratios {', '.join(floored)} the per-layer floor (1% of each layer, at least "
+            "one channel) kept some layers alive, so slightly fewer channels than asked were "
+            "removed (shaded). " if floored else "")
+         + sweep_summary(res)),
+        ("h2", "Reproducing this run"),
+        ("p", "This command reproduces the lab (it continues the run folder if it exists):"),
+        ("code", res.info.get("command", c.command(res.run))),
+        ("p", "Its settings, as stored in `lab.json`:"),
+        ("code", json.dumps(asdict(c), indent=2)),
+        ("p", "Software and hardware that ran it (one row per environment that ran a part):"),
+        ("table", *_software_table(res.info.get("software", []))),
+        ("p", "Files: `train/lam=<λ>/` and `finetune/ratio=<r>/` hold each run's "
+              "`metrics.jsonl`, `config.json`, `last.pth` and `best.pth`; `prune/` the pruned "
+              "networks and their reports; `sweep.json` the data of figure 5. "
+              "`netslim report <run folder>` re-renders this report from them."),
+    ]  # fmt: skip
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
+def _software_table(envs: list[dict[str, str]]) -> tuple[list[str], list[list[str]]]:
+    keys = ["python", "torch", "numpy", "matplotlib", "netslim", "device", "autocast", "platform"]
+    return keys, [[env.get(k, "") for k in keys] for env in envs]
+
+
+def to_markdown(doc: list[Block]) -> str:
+    out: list[str] = []
+    for kind, *rest in doc:
+        if kind in ("h1", "h2"):
+            out.append(f"{'#' * int(kind[1])} {rest[0]}")
+        elif kind == "p":
+            out.append(rest[0])
+        elif kind == "code":
+            out.append(f"```\n{rest[0]}\n```")
+        elif kind == "table":
+            header, rows = rest
+            lines = [header, ["---"] * len(header), *rows]
+            cells = [[c.replace("|", "\\|") for c in line] for line in lines]  # |γ| in a cell
+            out.append("\n".join("| " + " | ".join(line) + " |" for line in cells))
+        elif kind == "figure":
+            key, title, caption = rest
+            out.append(f"![{title}](figures/{FIGURES[key]})\n\n*{title}.* {caption}")
+    return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    """Escape text for HTML and turn `code` spans into <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1500px; margin: 2em auto; padding: 0 1em;
+       line-height: 1.45; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th { background: #f3f3f3; }
+td:last-child { text-align: left; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; white-space: pre-wrap; }
+figure { margin: 2em 0; }
+img { max-width: 100%; }
+figcaption { max-width: 60em; }
+"""
+
+
+def to_html(doc: list[Block], images: dict[str, bytes]) -> str:
+    """A self-contained page: every figure is a data URI, nothing refers outside the file."""
+    title = next(rest[0] for kind, *rest in doc if kind == "h1")
+    out = [f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+           f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"]  # fmt: skip
+    for kind, *rest in doc:
+        if kind in ("h1", "h2"):
+            out.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{_inline(rest[0])}</p>")
+        elif kind == "code":
+            out.append(f"<pre><code>{html.escape(rest[0])}</code></pre>")
+        elif kind == "table":
+            header, rows = rest
+            cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                           for row in rows)  # fmt: skip
+            out.append(f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "figure":
+            key, title, caption = rest
+            data = base64.b64encode(images[key]).decode("ascii")
+            img = f"<img src='data:image/png;base64,{data}' alt='{html.escape(title)}'>"
+            out.append(f"<figure>{img}"
+                       f"<figcaption><b>{html.escape(title)}.</b> {_inline(caption)}</figcaption>"
+                       "</figure>")  # fmt: skip
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+FIGURE_MAKERS = {
+    "training": figure_training,
+    "gammas": figure_gammas,
+    "finetune": figure_finetune,
+    "channels": figure_channels,
+    "sweep": figure_sweep,
+}
+
+
+def render_report(run: str | Path) -> Path:
+    """Write ``figures/*.png``, ``report.md`` and ``report.html`` for the lab in ``run``.
+
+    Returns the path of ``report.html``. Raises NetslimError if the lab is not finished.
+    """
+    res = load_results(run)
+    images = {key: png_bytes(make(res)) for key, make in FIGURE_MAKERS.items()}
+    for key, data in images.items():
+        atomic_write(res.run / "figures" / FIGURES[key], lambda f, d=data: f.write(d))
+    doc = build_document(res)
+    atomic_write_text(res.run / "report.md", to_markdown(doc))
+    atomic_write_text(res.run / "report.html", to_html(doc, images))
+    return res.run / "report.html"

@@ -1,0 +1,158 @@
+"""Pruning as a user runs it: plan, surgery, compensation, recalibration, and a report.
+
+:func:`prune_model` ties :mod:`netslim.pruning` and :mod:`netslim.recalibrate`
+together and measures each step; :func:`pruned_checkpoint` packs the result in the
+official ``{'cfg', 'state_dict'}`` format plus netslim's metadata.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from netslim.data import Dataset, train_batches
+from netslim.models import VGG, CfgItem
+from netslim.pruning import plan_pruning, prune_vgg
+from netslim.recalibrate import recalibrate_bn
+from netslim.stats import count_macs, count_params
+from netslim.train import evaluate
+
+
+@dataclass
+class PruneReport:
+    """What pruning did, and (given data) the test accuracy (%) at each step."""
+
+    ratio: float
+    threshold: float
+    pruned_share: float
+    cfg: list[CfgItem]
+    layers: list[tuple[str, int, int]]  # (BN layer, kept, total)
+    floored: list[str]
+    compensated: bool
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    recalibration_images: int = 0
+    acc_unpruned: float | None = None
+    acc_masked: float | None = None  # official: pruned gamma and beta zeroed
+    acc_compensated: float | None = None
+    acc_recalibrated: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        """The human-readable summary printed by ``netslim prune``."""
+        lines = [f"{'layer':<14}{'kept':>6} / {'total':<6}"]
+        lines += [f"{name:<14}{kept:>6} / {total:<6}" for name, kept, total in self.layers]
+        lines.append(
+            f"threshold |gamma| > {self.threshold:.4g}: removed {100 * self.pruned_share:.1f}% "
+            f"of channels (asked {100 * self.ratio:.0f}%)"
+        )
+        if self.floored:
+            lines.append(f"per-layer floor kept channels alive in: {', '.join(self.floored)}")
+        lines.append(
+            f"params {self.params_before:,} -> {self.params_after:,} "
+            f"({100 * (1 - self.params_after / self.params_before):.1f}% fewer)"
+        )
+        lines.append(
+            f"MACs   {self.macs_before:,} -> {self.macs_after:,} "
+            f"({100 * (1 - self.macs_after / self.macs_before):.1f}% fewer)"
+        )
+        if self.acc_unpruned is not None:
+            lines.append(f"test accuracy unpruned             {self.acc_unpruned:6.2f}%")
+            lines.append(f"  pruned, official masking         {self.acc_masked:6.2f}%")
+            lines.append(f"  pruned, bias compensation        {self.acc_compensated:6.2f}%")
+            if self.acc_recalibrated is not None:
+                lines.append(
+                    f"  pruned, BN recalibrated ({self.recalibration_images} images) "
+                    f"{self.acc_recalibrated:6.2f}%"
+                )
+        return "\n".join(lines)
+
+
+def recalibration_batches(data: Dataset, num: int, batch_size: int = 128, seed: int = 0):
+    """``num`` batches of unlabeled, un-augmented training images, drawn at random."""
+    generator = torch.Generator(device=data.train_images.device).manual_seed(seed)
+    batches = train_batches(data, batch_size, generator, augment_images=False)
+    for i, (x, _) in enumerate(batches):
+        if i >= num:
+            break
+        yield x
+
+
+def prune_model(
+    model: VGG,
+    ratio: float,
+    *,
+    compensate: bool = True,
+    min_keep: float = 0.01,
+    data: Dataset | None = None,
+    recalibrate: int = 16,
+    batch_size: int = 128,
+    eval_dtype: torch.dtype | None = None,
+) -> tuple[VGG, PruneReport]:
+    """Prune ``model`` at ``ratio`` and report; with ``data``, also measure and recalibrate.
+
+    Args:
+        model: the sparsity-trained network (left unchanged).
+        ratio: share of channels to remove, in [0, 1).
+        compensate: fold the pruned channels' constant output into the next layer.
+        min_keep: per-layer floor, as a share of each layer's channels.
+        data: when given, test accuracy is measured unpruned, pruned the official way,
+            with compensation and after BN recalibration.
+        recalibrate: batches of training images for BN recalibration (0: none).
+        batch_size: images per recalibration batch.
+        eval_dtype: autocast dtype for the accuracy measurements (None: fp32).
+
+    Returns:
+        The pruned network (recalibrated when data was given and ``recalibrate > 0``)
+        and its :class:`PruneReport`.
+    """
+    model = model.eval()
+    plan = plan_pruning(model, ratio, min_keep=min_keep)
+    pruned = prune_vgg(model, plan, compensate=compensate).eval()
+    report = PruneReport(
+        ratio=plan.ratio,
+        threshold=plan.threshold,
+        pruned_share=plan.pruned_share,
+        cfg=list(pruned.cfg),
+        layers=[(name, kept, total) for name, (kept, total) in plan.kept.items()],
+        floored=plan.floored,
+        compensated=compensate,
+        params_before=count_params(model),
+        params_after=count_params(pruned),
+        macs_before=count_macs(model),
+        macs_after=count_macs(pruned),
+    )
+    if data is None:
+        return pruned, report
+
+    device = data.train_images.device
+    model, pruned = model.to(device), pruned.to(device)
+    other = prune_vgg(model, plan, compensate=not compensate).eval()
+    masked, compensated = (other, pruned) if compensate else (pruned, other)
+    report.acc_unpruned = evaluate(model, data, dtype=eval_dtype)[1]
+    report.acc_masked = evaluate(masked, data, dtype=eval_dtype)[1]
+    report.acc_compensated = evaluate(compensated, data, dtype=eval_dtype)[1]
+    if recalibrate > 0:
+        pruned = copy.deepcopy(pruned)
+        used = recalibrate_bn(pruned, recalibration_batches(data, recalibrate, batch_size))
+        report.recalibration_images = min(used * batch_size, len(data.train_labels))
+        report.acc_recalibrated = evaluate(pruned, data, dtype=eval_dtype)[1]
+    return pruned.eval(), report
+
+
+def pruned_checkpoint(pruned: VGG, report: PruneReport, meta: dict[str, Any]) -> dict[str, Any]:
+    """The official pruned-checkpoint dict ``{'cfg', 'state_dict'}`` plus netslim metadata."""
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in pruned.state_dict().items()}
+    return {
+        "cfg": list(pruned.cfg),
+        "state_dict": state_dict,
+        "netslim": {**meta, "kind": "pruned", "prune": report.to_dict()},
+    }

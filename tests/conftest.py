@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny networks and data, so the whole suite runs in a few minutes on 2 CPUs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from netslim.data import make_synthetic
+from netslim.models import VGG
+from netslim.sparsity import batchnorms
+from netslim.train import TrainConfig, fit
+
+TINY_CFG = [8, "M", 16, "M", 16, 16, "M", 24, "M", 24]  # for surgery tests
+TRAIN_CFG = [16, "M", 32, "M", 32, "M", 64, "M", 64]  # learns synthetic data to ~70% in seconds
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BN random gammas, betas and running statistics, as a trained net would have."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, bn in batchnorms(model):
+            n = bn.num_features
+            bn.weight.copy_(torch.randn(n, generator=g) * 0.5)
+            bn.bias.copy_(torch.randn(n, generator=g) * 0.3)
+            bn.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_vgg() -> VGG:
+    torch.manual_seed(0)
+    return randomize_bn(VGG(TINY_CFG))
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    return make_synthetic(n_train=2048, n_test=512, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_data):
+    """A tiny VGG sparsity-trained for a few epochs on synthetic data: (run dir, model)."""
+    out = tmp_path_factory.mktemp("trained")
+    torch.manual_seed(0)
+    model = VGG(TRAIN_CFG)
+    config = TrainConfig(arch="tiny", dataset="synthetic", lam=1e-3, epochs=8, batch_size=64,
+                         precision="fp32", device="cpu")  # fmt: skip
+    fit(config, tiny_data, model, out, meta={"arch": "tiny"}, log=lambda s: None)
+    from netslim.checkpoint import load
+
+    return out, load(out / "last.pth")

@@ -1,0 +1,100 @@
+"""The netslim command end to end, and its error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import netslim
+from netslim.cli import main
+
+SMALL = ["--dataset", "synthetic", "--train-size", "1024", "--test-size", "256", "--device", "cpu"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_prune_finetune_info(tmp_path, capsys):
+    run_dir, pruned, tuned = tmp_path / "sparse", tmp_path / "pruned.pth", tmp_path / "tuned"
+    code, out, _ = run(capsys, "train", "--arch", "vgg11-small", *SMALL, "--epochs", "2",
+                       "--lam", "1e-4", "--batch-size", "128", "--out", str(run_dir))  # fmt: skip
+    assert code == 0, out
+    assert out.count("epoch ") >= 2 and (run_dir / "best.pth").exists()
+
+    code, out, _ = run(capsys, "prune", str(run_dir / "last.pth"), "--ratio", "0.5",
+                       "--out", str(pruned), *SMALL, "--recalibrate", "4")  # fmt: skip
+    assert code == 0, out
+    for words in ("official masking", "bias compensation", "BN recalibrated", "params", "MACs"):
+        assert words in out
+    model = netslim.load(pruned)
+    report = torch.load(pruned, weights_only=True)["netslim"]["prune"]
+    assert report["cfg"] == model.cfg and report["params_after"] == netslim.count_params(model)
+    # the saved network is the recalibrated one: it scores what the report says
+    data = netslim.load_dataset("synthetic", train_size=1024, test_size=256)
+    assert netslim.evaluate(model, data)[1] == pytest.approx(report["acc_recalibrated"])
+
+    code, out, _ = run(capsys, "finetune", str(pruned), *SMALL, "--epochs", "1",
+                       "--batch-size", "128", "--out", str(tuned))  # fmt: skip
+    assert code == 0, out
+    assert netslim.load(tuned / "last.pth").cfg == model.cfg
+
+    code, out, _ = run(capsys, "info", str(tuned / "last.pth"), "--json")
+    info = json.loads(out)
+    assert info["cfg"] == model.cfg and info["params"] == netslim.count_params(model)
+    assert info["arch"] == "vgg11-small" and info["kind"] == "finetune"
+
+
+def test_prune_without_data_is_pure_surgery(tmp_path, capsys):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "m.pth"
+    torch.save({"state_dict": netslim.build_model("vgg11-small").state_dict()}, ckpt)
+    code, out, _ = run(
+        capsys, "prune", str(ckpt), "--ratio", "0.3", "--out", str(tmp_path / "p.pth")
+    )
+    assert code == 0
+    assert "params" in out and "test accuracy" not in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prune", "{ckpt}", "--ratio", "1.0", "--out", "{tmp}/p.pth"], "ratio must be in [0, 1)"),
+        (["prune", "{ckpt}", "--ratio", "-0.5", "--out", "{tmp}/p.pth"], "ratio must be in [0, 1)"),
+        (["prune", "{tmp}/missing.pth", "--ratio", "0.5", "--out", "{tmp}/p.pth"], "does not exist"),
+        (["prune", "{junk}", "--ratio", "0.5", "--out", "{tmp}/p.pth"], "not a readable checkpoint"),
+        (["info", "{junk}"], "not a readable checkpoint"),
+        (["train", "--lam", "-1", "--dataset", "synthetic", "--out", "{tmp}/r"], "--lam must be >= 0"),
+        (["train", "--dataset", "cifar10", "--data-root", "{tmp}/nodata", "--no-download",
+          "--out", "{tmp}/r"], "cifar-10-batches-py"),
+    ],
+)  # fmt: skip
+def test_bad_input_gives_one_clear_line(tmp_path, capsys, argv, message):
+    ckpt, junk = tmp_path / "m.pth", tmp_path / "junk.pth"
+    torch.save({"state_dict": netslim.build_model("vgg11-small").state_dict()}, ckpt)
+    junk.write_bytes(b"\x00garbage")
+    argv = [a.format(tmp=tmp_path, ckpt=ckpt, junk=junk) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("netslim: error:") and message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "p.pth").exists() and not (tmp_path / "r" / "last.pth").exists()
+
+
+def test_unknown_arch_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--arch", "vgg7", "--out", "x"])
+    assert e.value.code == 2
+    assert "invalid choice: 'vgg7'" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ("train", "prune", "finetune", "info"):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        assert f"usage: netslim {command}" in capsys.readouterr().out
