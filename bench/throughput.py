@@ -19,12 +19,12 @@ from reference import reference_loader, reference_train
 
 from netslim.data import load_dataset
 from netslim.models import build_model
-from netslim.train import pick_device, pick_precision, train_epoch
+from netslim.train import TrainConfig, make_optimizer, pick_device, pick_precision, train_epoch
 
 
 def netslim_train(model, data, device, lam: float, precision: str, batch_size: int) -> float:
     model = model.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    opt = make_optimizer(model, TrainConfig())  # what netslim trains with
     generator = torch.Generator(device=device).manual_seed(0)
     start = time.perf_counter()
     train_epoch(model, data, opt, lam=lam, batch_size=batch_size, generator=generator,

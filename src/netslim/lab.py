@@ -191,7 +191,10 @@ def sweep_path(run: Path) -> Path:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # netslim writes atomically, so this file was edited or damaged
+        raise NetslimError(f"{path} is not valid JSON ({e}); restore or delete it") from None
 
 
 def write_json(path: Path, obj: Any) -> None:

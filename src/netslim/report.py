@@ -105,9 +105,10 @@ def load_results(run: str | Path) -> LabResults:
             f"again to complete it: {info.get('command', 'see lab.json')}"
         )
     models = {lam: load(train_dir(run, lam) / "last.pth") for lam in config.lams}
-    threshold = TrainConfig.from_dict(read_json(train_dir(run, config.lams[0]) / "config.json"))
+    first_run = read_json(train_dir(run, config.lams[0]) / "config.json")
+    train_config = TrainConfig.from_dict(first_run)
     return LabResults(
-        run=run, config=config, info=info, sparsity_threshold=threshold.sparsity_threshold,
+        run=run, config=config, info=info, sparsity_threshold=train_config.sparsity_threshold,
         num_classes=next(iter(models.values())).num_classes, train=train,
         gammas={lam: bn_gammas(m).numpy() for lam, m in models.items()},
         prune=prune, sweep=sweep, finetune=finetune,
@@ -368,7 +369,7 @@ def build_document(res: LabResults) -> list[Block]:
          "epoch. The learning rate drops tenfold at 50% and 75% of the epochs."),
         ("figure", "gammas", "Figure 2: BN scaling factors at the end of training",
          "Histogram of |γ| of all BN channels, on a logarithmic axis shared by all panels: a "
-         "large λ pushes γ down by orders of magnitude (to about 1e-5 and below), which a "
+         "large λ pushes many γ down by orders of magnitude (to 1e-5 and below), which a "
          "linear axis would squeeze into one bar at 0, while the log axis shows every "
          "distribution's shape and lets the panels be compared directly. "
          "Values below 1e-8 (exact zeros included) are counted at 1e-8. Dotted: the sparsity "
@@ -378,8 +379,10 @@ def build_document(res: LabResults) -> list[Block]:
         ("p", "Test accuracy (%) of the sparse model, right after pruning -- with the "
               "official masking (pruned γ and β zeroed), with the pruned channels' constant "
               "output folded into the next layer (bias compensation), and with compensation "
-              f"plus BN statistics re-estimated on {c.recalibrate} batches of training images "
-              "(recalibration) -- and after fine-tuning the recalibrated network."),
+              f"plus BN statistics re-estimated on {c.recalibrate} batches of 128 training "
+              "images (recalibration; n/a when off) -- and after fine-tuning the network "
+              "saved by pruning (the recalibrated one, or the compensated one without "
+              "recalibration)."),
         ("table", *accuracy_table(res)),
         ("p", "Size of each network: parameters, multiply-accumulates per 32x32 image, and the "
               "pruned cfg (channels per conv layer, M = max-pool)."),

@@ -77,10 +77,15 @@ class PruneReport:
 
 
 def recalibration_batches(data: Dataset, num: int, batch_size: int = 128, seed: int = 0):
-    """``num`` batches of unlabeled, un-augmented training images, drawn at random."""
+    """``num`` random batches of unlabeled training images, augmented as in training.
+
+    The running statistics being replaced were learned on augmented images (padded, cropped,
+    flipped), and so was everything downstream of them; matching that distribution keeps
+    the network's behaviour. Measured on a sparsity-trained VGG-11 on CIFAR-10
+    (bench/RESULTS.md): 1.5 to 1.8 points more test accuracy than un-augmented images.
+    """
     generator = torch.Generator(device=data.train_images.device).manual_seed(seed)
-    batches = train_batches(data, batch_size, generator, augment_images=False)
-    for i, (x, _) in enumerate(batches):
+    for i, (x, _) in enumerate(train_batches(data, batch_size, generator)):
         if i >= num:
             break
         yield x
