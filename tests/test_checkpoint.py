@@ -138,3 +138,16 @@ def test_recalibrated_stats_are_the_average_of_batch_statistics():
     torch.testing.assert_close(model.feature[1].running_mean, torch.stack(means).mean(0))
     torch.testing.assert_close(model.feature[1].running_var, torch.stack(variances).mean(0))
     assert model.feature[1].momentum == 0.1
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from netslim.files import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.html", "<p>hi</p>")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644

@@ -185,6 +185,14 @@ def test_bad_lab_settings_give_one_clear_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "lab").exists()
 
 
+def test_a_lab_whose_data_cannot_load_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "lab"
+    code, _ = run_cli("lab", "--dataset", "cifar10", "--data-root", str(tmp_path / "nodata"),
+                      "--no-download", "--out", str(out))  # fmt: skip
+    assert code == 2 and "cifar-10-batches-py" in capsys.readouterr().err
+    assert not out.exists()  # so the corrected command starts afresh instead of being refused
+
+
 def test_a_folder_that_is_not_a_lab_is_left_alone(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     code, _ = run_cli("demo", *TINY, "--out", str(tmp_path))

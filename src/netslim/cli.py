@@ -338,11 +338,6 @@ def _add_lab_args(p: argparse.ArgumentParser, preset: LabConfig) -> None:
         help="run folder (default: %(default)s); running the same command "
         "again continues an interrupted lab there",
     )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="accepted for symmetry with train: a lab always continues its --out",
-    )
     p.set_defaults(**asdict(preset))
 
 
@@ -405,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
-        hint = f"; continue with the same command plus --resume (run folder {out})" if out else ""
+        again = (
+            "the same command"
+            if args.command in ("lab", "demo")
+            else "the same command plus --resume"
+        )
+        hint = f"; continue with {again} (run folder {out})" if out else ""
         print(f"netslim: interrupted{hint}", file=sys.stderr)
         return 130
     return 0

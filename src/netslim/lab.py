@@ -241,11 +241,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def open_lab(config: LabConfig, out: Path, env: dict[str, str]) -> None:
-    """Create ``out/lab.json``, or check that the lab in ``out`` has the same settings.
+def check_lab_folder(config: LabConfig, out: Path) -> dict[str, Any] | None:
+    """The ``lab.json`` of the lab in ``out`` (None if there is none yet), if ``config`` fits it.
 
     The device may change between runs (results do not depend on where they ran);
-    any other difference raises NetslimError naming it.
+    any other difference raises NetslimError naming it, and so does a folder that
+    holds something other than a lab.
     """
     lab_file = out / LAB_FILE
     if not lab_file.exists():
@@ -254,9 +255,7 @@ def open_lab(config: LabConfig, out: Path, env: dict[str, str]) -> None:
                 f"{out} is not empty and holds no lab ({LAB_FILE} is missing); "
                 "choose a new or empty --out"
             )
-        write_json(lab_file, {"config": asdict(config), "command": config.command(out),
-                              "software": [env]})  # fmt: skip
-        return
+        return None
     info = read_json(lab_file)
     saved = info.get("config", {})
     now = json.loads(json.dumps(asdict(config)))  # tuples become lists, as in the file
@@ -271,9 +270,18 @@ def open_lab(config: LabConfig, out: Path, env: dict[str, str]) -> None:
             f"rerun with the lab's settings (see {lab_file}: {info.get('command', '')}) "
             "or choose another --out"
         )
-    if env not in info.get("software", []):  # record every environment that ran a part
-        info["software"] = [*info.get("software", []), env]
-        write_json(lab_file, info)
+    return info
+
+
+def record_lab(
+    config: LabConfig, out: Path, info: dict[str, Any] | None, env: dict[str, str]
+) -> None:
+    """Write ``lab.json`` for a new lab, or add an environment that has not run this lab yet."""
+    if info is None:
+        info = {"config": asdict(config), "command": config.command(out), "software": []}
+    known = info.get("software", [])
+    if env not in known:  # every environment that ran a part, for the report
+        write_json(out / LAB_FILE, {**info, "software": [*known, env]})
 
 
 def read_lab(run: str | Path) -> tuple[LabConfig, dict[str, Any]]:
@@ -391,11 +399,13 @@ def run_lab(
     out = Path(out)
     device = pick_device(config.device)
     dtype = pick_precision(config.precision, device)
-    open_lab(config, out, environment(device, dtype))
+    info = check_lab_folder(config, out)
+    # Loaded before lab.json is written: a lab whose data cannot load leaves no folder behind.
     data = load_dataset(
         config.dataset, config.data_root, seed=config.seed, download=download,
         train_size=config.train_size, test_size=config.test_size,
     ).to(device)  # fmt: skip
+    record_lab(config, out, info, environment(device, dtype))
 
     def fresh_model() -> torch.nn.Module:
         torch.manual_seed(config.seed)  # every λ starts from the same weights

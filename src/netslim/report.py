@@ -329,15 +329,15 @@ def sweep_summary(res: LabResults) -> str:
     for key, label in METHODS:
         if any(p[key] is None for p in points):
             continue
-        held = "none"
+        held = f"below {points[0]['ratio']:g}"
         for p in points:  # sorted by ratio
             if p[key] < unpruned - CLOSE:
                 break
             held = f"{p['ratio']:g}"
-        parts.append(f"{label} {held}")
+        parts.append(f"{label}: {held}")
     return (
         f"Largest ratio up to which test accuracy stays within {CLOSE:g} point of the "
-        f"unpruned model's {unpruned:.2f}%: {', '.join(parts)}."
+        f"unpruned model's {unpruned:.2f}%: {'; '.join(parts)}."
     )
 
 
@@ -397,7 +397,7 @@ def build_document(res: LabResults) -> list[Block]:
         ("figure", "sweep", "Figure 5: where pruning breaks the network",
          f"Test accuracy right after pruning the λ = {lam_name(c.prune_lam)} model at each "
          "ratio, without any fine-tuning. "
-         + (f"At ratios {', '.join(floored)} the per-layer floor (1% of each layer, at least "
+         + (f"At ratio{'s' if len(floored) > 1 else ''} {', '.join(floored)} the per-layer floor (1% of each layer, at least "
             "one channel) kept some layers alive, so slightly fewer channels than asked were "
             "removed (shaded). " if floored else "")
          + sweep_summary(res)),
