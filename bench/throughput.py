@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 from reference import reference_loader, reference_train
@@ -22,12 +23,20 @@ from netslim.models import build_model
 from netslim.train import TrainConfig, make_optimizer, pick_device, pick_precision, train_epoch
 
 
-def netslim_train(model, data, device, lam: float, precision: str, batch_size: int) -> float:
+def netslim_train(model, data, device, lam: float, precision: str, batch_size: int,
+                  compile: bool = False) -> float:  # fmt: skip
     model = model.to(device, memory_format=torch.channels_last)
     opt = make_optimizer(model, TrainConfig())  # what netslim trains with
+    run_model = torch.compile(model) if compile else model
+    if compile:  # compile outside the timed epoch: one step on a few images
+        warm = replace(data, train_images=data.train_images[:batch_size],
+                       train_labels=data.train_labels[:batch_size])  # fmt: skip
+        train_epoch(run_model, warm, opt, lam=lam, batch_size=batch_size,
+                    generator=torch.Generator(device=device).manual_seed(1),
+                    dtype=pick_precision(precision, device))  # fmt: skip
     generator = torch.Generator(device=device).manual_seed(0)
     start = time.perf_counter()
-    train_epoch(model, data, opt, lam=lam, batch_size=batch_size, generator=generator,
+    train_epoch(run_model, data, opt, lam=lam, batch_size=batch_size, generator=generator,
                 dtype=pick_precision(precision, device))  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -45,6 +54,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add a column: netslim's loop with torch.compile (compiled before timing)",
+    )
     args = p.parse_args()
 
     device = pick_device(args.device)
@@ -53,9 +67,10 @@ def main() -> None:
     gpu_data = data.to(device)
     print(f"device {device}, data {name}, {args.images} images, batch {args.batch_size}, "
           f"netslim precision {args.precision} -> {pick_precision(args.precision, device)}")  # fmt: skip
-    print(f"{'model':<12} {'reference img/s':>16} {'netslim img/s':>14} {'ratio':>6}")
+    extra = f" {'compiled img/s':>15} {'ratio':>6}" if args.compile else ""
+    print(f"{'model':<12} {'reference img/s':>16} {'netslim img/s':>14} {'ratio':>6}{extra}")
     for arch in args.archs:
-        ref, ours = [], []
+        ref, ours, compiled = [], [], [0.0]
         for _ in range(args.repeats):
             torch.manual_seed(0)
             loader = reference_loader(data.train_images, data.train_labels, device)
@@ -63,8 +78,13 @@ def main() -> None:
             torch.manual_seed(0)
             ours.append(netslim_train(build_model(arch), gpu_data, device, 1e-4, args.precision,
                                       args.batch_size))  # fmt: skip
-        r, o = max(ref), max(ours)  # best of the repeats: the least disturbed run of each
-        print(f"{arch:<12} {r:>16.0f} {o:>14.0f} {o / r:>5.2f}x")
+            if args.compile:
+                torch.manual_seed(0)
+                compiled.append(netslim_train(build_model(arch), gpu_data, device, 1e-4,
+                                              args.precision, args.batch_size, compile=True))  # fmt: skip
+        r, o, c = max(ref), max(ours), max(compiled)  # best of the repeats: least disturbed
+        extra = f" {c:>15.0f} {c / r:>5.2f}x" if args.compile else ""
+        print(f"{arch:<12} {r:>16.0f} {o:>14.0f} {o / r:>5.2f}x{extra}")
 
 
 if __name__ == "__main__":
