@@ -276,8 +276,18 @@ def cmd_info(args: argparse.Namespace) -> None:
         print("|gamma|  " + "  ".join(f"{k} {v:.3g}" for k, v in q.items()))
     if "epoch" in info:
         print(f"epoch    {info['epoch']}, best test accuracy {info.get('best_test_acc', 0):.2f}%")
-    for k, v in info.get("prune", {}).items():
-        print(f"{k:<16} {v}")
+    prune = info.get("prune")
+    if prune:
+        print(
+            f"pruned   ratio {prune['ratio']}, {100 * prune['pruned_share']:.1f}% of channels removed"
+        )
+        steps = [("unpruned", "acc_unpruned"), ("official masking", "acc_masked"),
+                 ("bias compensation", "acc_compensated"), ("BN recalibrated", "acc_recalibrated")]  # fmt: skip
+        measured = [
+            f"{name} {prune[key]:.2f}%" for name, key in steps if prune.get(key) is not None
+        ]
+        if measured:
+            print("test acc right after pruning: " + ", ".join(measured))
 
 
 def _add_lab_args(p: argparse.ArgumentParser, preset: LabConfig) -> None:

@@ -189,7 +189,11 @@ def _load_cifar(info: _CifarInfo, root: Path, download: bool) -> Dataset:
     folder = root / info.folder
     if not folder.is_dir():
         if not download:
-            raise NetslimError(_missing_message(info, root, "downloading is off (download=False)"))
+            raise NetslimError(
+                _missing_message(
+                    info, root, "downloading is off (--no-download, or download=False)"
+                )
+            )
         _download_and_extract(info, root)
 
     train = [_read_cifar_file(folder / f, info) for f in info.train_files]
