@@ -45,7 +45,14 @@ from netslim.files import atomic_write_text
 from netslim.models import ARCHS, build_model
 from netslim.pruning import check_ratio
 from netslim.slim import prune_model, pruned_checkpoint
-from netslim.train import TrainConfig, fit, pick_device, pick_precision, read_metrics
+from netslim.train import (
+    TrainConfig,
+    changed_settings,
+    fit,
+    pick_device,
+    pick_precision,
+    read_metrics,
+)
 
 LAB_FILE = "lab.json"
 Log = Callable[[str], None]  # where progress lines go
@@ -259,11 +266,7 @@ def check_lab_folder(config: LabConfig, out: Path) -> dict[str, Any] | None:
     info = read_json(lab_file)
     saved = info.get("config", {})
     now = json.loads(json.dumps(asdict(config)))  # tuples become lists, as in the file
-    changed = [
-        f"{key} ({saved.get(key)!r} in the lab, {value!r} now)"
-        for key, value in now.items()
-        if key != "device" and saved.get(key) != value
-    ]
+    changed = changed_settings(saved, now, "the lab")
     if changed:
         raise NetslimError(
             f"{out} holds a lab made with different settings: {', '.join(changed)}; "

@@ -230,6 +230,20 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def changed_settings(
+    saved: dict[str, Any], now: dict[str, Any], where: str, ignore: tuple[str, ...] = ("device",)
+) -> list[str]:
+    """Each setting of ``now`` that differs from ``saved``, as ``"lr (0.1 in the run, 0.5 now)"``.
+
+    Settings in ``ignore`` may change freely (where a run executes does not change its result).
+    """
+    return [
+        f"{key} ({saved.get(key)!r} in {where}, {value!r} now)"
+        for key, value in now.items()
+        if key not in ignore and saved.get(key) != value
+    ]
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay, as the paper trains.
 
@@ -297,9 +311,8 @@ def fit(
                 f"cannot resume: {last} does not exist; start the run without --resume"
             )
         ckpt = read_checkpoint(last)
-        saved = TrainConfig.from_dict(ckpt["netslim"]["config"])
-        changed = [f"{k} ({getattr(saved, k)!r} in the run, {v!r} now)"
-                   for k, v in asdict(config).items() if k not in ("device", "compile") and getattr(saved, k) != v]  # fmt: skip
+        saved = asdict(TrainConfig.from_dict(ckpt["netslim"]["config"]))
+        changed = changed_settings(saved, asdict(config), "the run", ignore=("device", "compile"))
         if changed:
             raise NetslimError(
                 f"cannot resume {out}: settings differ from the run's: {', '.join(changed)}; "
