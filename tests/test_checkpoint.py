@@ -151,3 +151,17 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+
+
+def test_known_unpruned_accuracy_is_reused_not_remeasured(trained, tiny_data, monkeypatch):
+    _, model = trained
+    _, measured = prune_model(model, 0.3, data=tiny_data, recalibrate=2, batch_size=64)
+    calls = []
+    real = netslim.slim.evaluate
+    monkeypatch.setattr(
+        netslim.slim, "evaluate", lambda m, *a, **k: calls.append(m) or real(m, *a, **k)
+    )
+    _, reused = prune_model(model, 0.3, data=tiny_data, recalibrate=2, batch_size=64,
+                            acc_unpruned=measured.acc_unpruned)  # fmt: skip
+    assert model not in calls and len(calls) == 3  # masked, compensated, recalibrated
+    assert reused.to_dict() == measured.to_dict()

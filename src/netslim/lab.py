@@ -364,11 +364,13 @@ def sweep_stage(
         return
     model = load(train_dir(run, config.prune_lam) / "last.pth")
     points = []
+    acc_unpruned = None  # measured by the first ratio, then reused
     for ratio in config.sweep_ratios():
         with warnings.catch_warnings():  # floored layers are recorded in the point instead
             warnings.simplefilter("ignore", UserWarning)
             _, report = prune_model(model, ratio, data=data, recalibrate=config.recalibrate,
-                                    eval_dtype=dtype)  # fmt: skip
+                                    eval_dtype=dtype, acc_unpruned=acc_unpruned)  # fmt: skip
+        acc_unpruned = report.acc_unpruned
         points.append({k: report.to_dict()[k] for k in SWEEP_KEYS})
         accuracies = "  ".join(f"{label} {_pct(points[-1][f'acc_{label}'])}"
                                for label in ("masked", "compensated", "recalibrated"))  # fmt: skip

@@ -101,6 +101,7 @@ def prune_model(
     recalibrate: int = 16,
     batch_size: int = 128,
     eval_dtype: torch.dtype | None = None,
+    acc_unpruned: float | None = None,
 ) -> tuple[VGG, PruneReport]:
     """Prune ``model`` at ``ratio`` and report; with ``data``, also measure and recalibrate.
 
@@ -114,6 +115,8 @@ def prune_model(
         recalibrate: batches of training images for BN recalibration (0: none).
         batch_size: images per recalibration batch.
         eval_dtype: autocast dtype for the accuracy measurements (None: fp32).
+        acc_unpruned: the unpruned model's test accuracy, when already measured (e.g. by
+            an earlier call of a sweep over ratios); measured here when None.
 
     Returns:
         The pruned network (recalibrated when data was given and ``recalibrate > 0``)
@@ -142,7 +145,9 @@ def prune_model(
     model, pruned = model.to(device), pruned.to(device)
     other = prune_vgg(model, plan, compensate=not compensate).eval()
     masked, compensated = (other, pruned) if compensate else (pruned, other)
-    report.acc_unpruned = evaluate(model, data, dtype=eval_dtype)[1]
+    if acc_unpruned is None:
+        acc_unpruned = evaluate(model, data, dtype=eval_dtype)[1]
+    report.acc_unpruned = acc_unpruned
     report.acc_masked = evaluate(masked, data, dtype=eval_dtype)[1]
     report.acc_compensated = evaluate(compensated, data, dtype=eval_dtype)[1]
     if recalibrate > 0:
