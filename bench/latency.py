@@ -1,10 +1,12 @@
-"""Inference latency of unpruned and pruned VGG-19, beside their MACs ratio; and time to prune.
+"""Inference latency of unpruned and pruned networks, beside their MACs ratio; time to prune.
 
     .venv/bin/python bench/latency.py --checkpoint runs/vgg19-sparse/last.pth
 
 The pruned networks come from pruning the checkpoint at each ratio (bias compensation on,
-no data). Without a checkpoint, a VGG-19 with random gammas stands in; its layers then
-lose channels evenly, unlike a sparsity-trained network, so prefer a real checkpoint.
+no data). For a network with residual additions, the same ratio is also pruned the way
+the paper's code does, keeping every channel joined by an addition at full width
+("res. kept"). Without a checkpoint, ``--arch`` with random gammas stands in; its layers
+then lose channels evenly, unlike a sparsity-trained network, so prefer a real checkpoint.
 Latency is the median of repeated forward passes under ``torch.inference_mode`` in eval
 mode, channels_last, for each precision given. The time to prune (threshold, plan and
 surgery) is printed too.
@@ -20,9 +22,11 @@ import warnings
 import torch
 
 import netslim
+from netslim.channels import trace_channels
 from netslim.models import build_model
-from netslim.pruning import plan_pruning, prune_vgg
+from netslim.pruning import plan_pruning
 from netslim.stats import count_macs
+from netslim.surgery import apply_plan
 from netslim.train import autocast, pick_device
 
 
@@ -44,6 +48,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", default=None)
+    p.add_argument("--arch", default="vgg19", help="without --checkpoint (default: %(default)s)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
@@ -56,7 +61,7 @@ def main() -> None:
         model = netslim.load(args.checkpoint)
     else:
         torch.manual_seed(0)
-        model = build_model("vgg19")
+        model = build_model(args.arch)
         with torch.no_grad():
             for _, bn in netslim.sparsity.batchnorms(model):
                 bn.weight.copy_(torch.rand_like(bn.weight))
@@ -67,14 +72,19 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plan = plan_pruning(model, ratio)
-            pruned = prune_vgg(model, plan)
-        print(f"prune {ratio:.0%}: threshold + surgery took {time.perf_counter() - start:.3f} s")
-        models[f"pruned {ratio:.0%}"] = pruned.eval()
+            pruned = apply_plan(model, plan)
+            print(f"prune {ratio:.0%}: trace + plan + surgery took "
+                  f"{time.perf_counter() - start:.3f} s")  # fmt: skip
+            models[f"pruned {ratio:.0%}"] = pruned.eval()
+            kept = trace_channels(model, keep_residual=True)
+            if any(g.fixed and "residual" in g.fixed for g in kept.groups.values()):
+                plan = plan_pruning(model, ratio, graph=kept)
+                models[f"{ratio:.0%} res. kept"] = apply_plan(model, plan).eval()
     base_macs = count_macs(model)
 
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(
-        f"{'model':<12} {'MACs':>10} {'MACs x':>7} {'prec':>5} {'batch':>6} {'ms':>9} {'speedup':>8}"
+        f"{'model':<16} {'MACs':>10} {'MACs x':>7} {'prec':>5} {'batch':>6} {'ms':>9} {'speedup':>8}"
     )
     for precision in args.precisions:
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -89,7 +99,7 @@ def main() -> None:
                 ms = median_ms(m, x, device, dtype, repeats)
                 base = base or ms
                 macs = count_macs(m)
-                print(f"{name:<12} {macs / 1e6:>9.1f}M {base_macs / macs:>6.2f}x {precision:>5} "
+                print(f"{name:<16} {macs / 1e6:>9.1f}M {base_macs / macs:>6.2f}x {precision:>5} "
                       f"{batch:>6} {ms:>9.2f} {base / ms:>7.2f}x")  # fmt: skip
 
 

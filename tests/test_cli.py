@@ -98,3 +98,68 @@ def test_every_subcommand_has_help(capsys):
             main([command, "--help"])
         assert e.value.code == 0
         assert f"usage: netslim {command}" in capsys.readouterr().out
+
+
+def test_resnet_train_prune_to_target_macs_finetune_info(tmp_path, capsys):
+    tiny = [
+        "--dataset",
+        "synthetic",
+        "--train-size",
+        "256",
+        "--test-size",
+        "128",
+        "--device",
+        "cpu",
+    ]
+    run_dir, pruned, tuned = tmp_path / "sparse", tmp_path / "pruned.pth", tmp_path / "tuned"
+    code, out, err = run(capsys, "train", "--arch", "resnet56", *tiny, "--epochs", "1",
+                         "--lam", "1e-4", "--out", str(run_dir))  # fmt: skip
+    assert code == 0, err
+    code, out, err = run(capsys, "prune", str(run_dir / "last.pth"), "--target-macs", "0.5",
+                         "--out", str(pruned), *tiny, "--recalibrate", "2")  # fmt: skip
+    assert code == 0, err
+    assert "residual path kept at full width" in out
+    model, unpruned = netslim.load(pruned), netslim.load(run_dir / "last.pth")
+    assert 0.47 <= netslim.count_macs(model) / netslim.count_macs(unpruned) <= 0.5
+    code, out, err = run(capsys, "finetune", str(pruned), *tiny, "--epochs", "1",
+                         "--out", str(tuned))  # fmt: skip
+    assert code == 0, err
+    tuned_model = netslim.load(tuned / "last.pth")
+    assert netslim.count_params(tuned_model) == netslim.count_params(model)
+    code, out, _ = run(capsys, "info", str(tuned / "last.pth"), "--json")
+    info = json.loads(out)
+    assert info["arch"] == "resnet56" and info["cfg"] is None
+    assert info["macs"] == netslim.count_macs(model)
+
+
+def test_prune_needs_exactly_one_of_ratio_and_target_macs(tmp_path, capsys):
+    ckpt = tmp_path / "m.pth"
+    torch.save({"state_dict": netslim.build_model("vgg11-small").state_dict()}, ckpt)
+    with pytest.raises(SystemExit):
+        main(["prune", str(ckpt), "--ratio", "0.3", "--target-macs", "0.5", "--out", "x.pth"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    code, _, err = run(capsys, "prune", str(ckpt), "--target-macs", "1.5", "--out", "x.pth")
+    assert code == 2 and "--target-macs must be a share in (0, 1]" in err
+
+
+def test_multipass_caps_each_layer_and_shrinks_every_pass(tmp_path, capsys):
+    out_dir = tmp_path / "mp"
+    argv = ["multipass", "--arch", "vgg11-small", *SMALL, "--passes", "2", "--ratio", "0.6",
+            "--layer-cap", "0.3", "--epochs", "1", "--finetune-epochs", "1", "--lam", "1e-3",
+            "--batch-size", "128", "--recalibrate", "2", "--out", str(out_dir)]  # fmt: skip
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert [r["pass"] for r in summary] == [1, 2, "finetune"]
+    assert summary[0]["macs"] > summary[1]["macs"] == summary[2]["macs"]
+    for k in (1, 2):  # no pass removed more than 30% of any layer
+        report = json.loads((out_dir / f"pass-{k}" / "prune.json").read_text())
+        assert all(kept >= 0.7 * total for _, kept, total in report["layers"])
+    cfg1 = netslim.load(out_dir / "pass-1" / "pruned.pth").cfg
+    cfg2 = netslim.load(out_dir / "pass-2" / "pruned.pth").cfg
+    assert all(b <= a for a, b in zip(cfg1, cfg2) if a != "M") and cfg1 != cfg2
+    # running it again finds everything done and changes nothing
+    before = (out_dir / "finetune" / "last.pth").stat().st_mtime_ns
+    code, out, err = run(capsys, *argv)
+    assert code == 0 and "done already" in out
+    assert (out_dir / "finetune" / "last.pth").stat().st_mtime_ns == before

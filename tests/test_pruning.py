@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -11,16 +12,10 @@ from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.models import VGG, build_model
-from netslim.pruning import (
-    PrunePlan,
-    global_threshold,
-    masked_copy,
-    plan_pruning,
-    prune,
-    prune_vgg,
-)
+from netslim.pruning import PrunePlan, global_threshold, masked_copy, plan_pruning
 from netslim.sparsity import batchnorms
 from netslim.stats import count_macs, count_params
+from netslim.surgery import apply_plan, prune
 
 
 def official_masks(model: nn.Module, percent: float) -> list[torch.Tensor]:
@@ -74,7 +69,7 @@ def test_floor_keeps_largest_channels_and_warns_naming_the_layer(tiny_vgg):
     assert plan.masks["feature.5"].nonzero().flatten().tolist() == [12, 13, 14, 15]
     # the smallest share of channels the official rule would remove: all 16 of them
     assert official_masks(tiny_vgg, 0.2)[1].sum() == 0
-    pruned = prune_vgg(tiny_vgg, plan)
+    pruned = apply_plan(tiny_vgg, plan)
     assert pruned.cfg[2] == 4
     assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
@@ -97,8 +92,10 @@ def test_pruned_equals_masked_without_compensation(tiny_vgg):
 
 
 def _only(plan: PrunePlan, layer: str) -> PrunePlan:
-    masks = {n: m if n == layer else torch.ones_like(m) for n, m in plan.masks.items()}
-    return PrunePlan(plan.ratio, plan.threshold, masks)
+    """The plan with every group but the one scaled by BN ``layer`` kept whole."""
+    groups = plan.graph.groups
+    keep = {i: m if groups[i].label == layer else torch.ones_like(m) for i, m in plan.keep.items()}
+    return dataclasses.replace(plan, keep=keep)
 
 
 def test_compensation_is_exact_for_channels_feeding_the_classifier(tiny_vgg):
@@ -107,14 +104,16 @@ def test_compensation_is_exact_for_channels_feeding_the_classifier(tiny_vgg):
     assert plan.kept[last][0] < 24
     x = torch.randn(4, 3, 32, 32)
     zeroed = masked_copy(tiny_vgg, plan.masks, zero_beta=False)  # gamma = 0, beta kept
-    torch.testing.assert_close(prune_vgg(tiny_vgg, plan).eval()(x), zeroed(x), rtol=1e-4, atol=1e-5)
-    uncompensated = prune_vgg(tiny_vgg, plan, compensate=False).eval()(x)
+    torch.testing.assert_close(
+        apply_plan(tiny_vgg, plan).eval()(x), zeroed(x), rtol=1e-4, atol=1e-5
+    )
+    uncompensated = apply_plan(tiny_vgg, plan, compensate=False).eval()(x)
     assert (uncompensated - zeroed(x)).abs().max() > 1e-3
 
 
 def test_compensation_is_exact_in_the_interior_of_the_next_feature_map(tiny_vgg):
     plan = _only(plan_pruning(tiny_vgg, 0.5), "feature.1")  # first BN; a max-pool follows
-    pruned = prune_vgg(tiny_vgg, plan).eval()
+    pruned = apply_plan(tiny_vgg, plan).eval()
     zeroed = masked_copy(tiny_vgg, plan.masks, zero_beta=False)
     x = torch.randn(4, 3, 32, 32)
     a, b = pruned.feature[:6](x), zeroed.feature[:6](x)  # output of the next BN, 16x16
@@ -181,11 +180,6 @@ def test_pruned_network_trains_one_step(tiny_vgg):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss)
-
-
-def test_prune_vgg_rejects_other_models():
-    with pytest.raises(NetslimError, match="VGG"):
-        prune_vgg(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), PrunePlan(0.5, 0.0, {}))
 
 
 def test_vgg_cfg_validation():

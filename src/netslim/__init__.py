@@ -16,11 +16,12 @@ from netslim.data import load_dataset
 from netslim.errors import NetslimError
 from netslim.lab import LabConfig, run_lab
 from netslim.models import ARCHS, VGG, build_model
-from netslim.pruning import global_threshold, plan_pruning, prune, prune_vgg
+from netslim.pruning import global_threshold, plan_for_macs, plan_pruning
 from netslim.recalibrate import recalibrate_bn
 from netslim.slim import PruneReport, prune_model
 from netslim.sparsity import add_bn_l1_grad, bn_gammas, bn_sparsity, gamma_quantiles
 from netslim.stats import count_macs, count_params
+from netslim.surgery import apply_plan, prune
 from netslim.train import TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"
@@ -29,7 +30,7 @@ __all__ = [
     "ARCHS", "VGG", "NetslimError", "PruneReport", "TrainConfig", "add_bn_l1_grad",
     "bn_gammas", "bn_sparsity", "build_model", "count_macs", "count_params", "evaluate",
     "fit", "gamma_quantiles", "global_threshold", "load", "load_dataset", "plan_pruning",
-    "prune", "prune_model", "prune_vgg", "read_checkpoint", "recalibrate_bn",
+    "plan_for_macs", "prune", "prune_model", "apply_plan", "read_checkpoint", "recalibrate_bn",
     "save_checkpoint",
 ]  # fmt: skip
 __all__ += ["LabConfig", "run_lab"]  # the whole experiment in one call

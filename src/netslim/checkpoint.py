@@ -2,10 +2,12 @@
 
 Training checkpoints are ``{'epoch', 'state_dict', 'best_prec1', 'optimizer'}`` like
 the official main.py writes; pruned ones are ``{'cfg', 'state_dict'}`` like its
-vggprune.py. netslim adds ``'cfg'`` to both and a ``'netslim'`` dict of metadata
-(architecture, classes, how the file was made). Everything is plain tensors, lists,
-numbers and strings, so files load with ``torch.load(..., weights_only=True)`` and
-no pickled module is ever executed.
+vggprune.py. netslim adds a ``'netslim'`` dict of metadata (architecture, how the file
+was made) and ``'channels'``, the channel counts of every conv, linear and BatchNorm
+layer (:func:`netslim.surgery.channel_counts`): architecture name plus channel counts
+rebuild any pruned network, and VGGs also carry the official ``'cfg'``. Everything is
+plain tensors, lists, numbers and strings, so files load with
+``torch.load(..., weights_only=True)`` and no pickled module is ever executed.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.files import atomic_write
-from netslim.models import VGG, VGG_CFGS, CfgItem, validate_cfg
+from netslim.models import ARCHS, VGG, VGG_CFGS, CfgItem, build_model, validate_cfg
+from netslim.surgery import resize_layers
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -79,9 +83,23 @@ def cfg_from_state_dict(
     return cfg
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "checkpoint") -> VGG:
-    """Rebuild the VGG a checkpoint describes and load its weights, checking they agree."""
+def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "checkpoint") -> nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights, checking they agree.
+
+    A checkpoint naming a netslim architecture other than VGG is rebuilt from that
+    architecture and its ``'channels'``; a VGG (or a file of the paper's code, which has
+    no metadata) from the cfg its state_dict implies.
+    """
     state_dict = checkpoint["state_dict"]
+    arch = (checkpoint.get("netslim") or {}).get("arch")
+    if arch in ARCHS and arch not in VGG_CFGS:
+        channels = checkpoint.get("channels")
+        if not isinstance(channels, dict):
+            raise NetslimError(f"{source}: a {arch} checkpoint needs its 'channels' entry")
+        num_classes = int(checkpoint["netslim"].get("num_classes") or 0) or _classes(state_dict)
+        model = resize_layers(build_model(arch, num_classes), channels, source)
+        _load_weights(model, state_dict, source, arch)
+        return model
     inferred = cfg_from_state_dict(state_dict, source)
     cfg = checkpoint.get("cfg")
     if cfg is not None:
@@ -91,35 +109,52 @@ def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "checkpoint"
                 f"{source}: its cfg {cfg} does not match the layers in its state_dict "
                 f"{inferred}; the file is inconsistent (was it edited or written by another tool?)"
             )
-    num_classes = int(state_dict["classifier.weight"].shape[0])
-    model = VGG(inferred, num_classes=num_classes, init_weights=False)
-    # Checkpoints from torch < 0.4 lack BN's num_batches_tracked; everything else must match.
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing or result.unexpected_keys:
-        raise NetslimError(
-            f"{source}: state_dict does not fit the VGG {inferred}: "
-            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
+    model = VGG(inferred, num_classes=int(state_dict["classifier.weight"].shape[0]),
+                init_weights=False)  # fmt: skip
+    _load_weights(model, state_dict, source, f"VGG {inferred}")
     return model
 
 
-def arch_name(checkpoint: dict[str, Any], cfg: list[CfgItem]) -> str:
+def _classes(state_dict: dict[str, torch.Tensor]) -> int:
+    weights = [v for k, v in state_dict.items() if k.endswith(".weight") and v.dim() == 2]
+    if not weights:
+        raise NetslimError("the checkpoint's state_dict holds no linear layer")
+    return int(weights[-1].shape[0])
+
+
+def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                  what: str) -> None:  # fmt: skip
+    # Checkpoints from torch < 0.4 lack BN's num_batches_tracked; everything else must match.
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise NetslimError(f"{source}: state_dict does not fit the {what}: {detail}") from None
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise NetslimError(
+            f"{source}: state_dict does not fit the {what}: "
+            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def arch_name(checkpoint: dict[str, Any], model: nn.Module) -> str:
     """The architecture a checkpoint was made from: from its metadata, else by its cfg."""
     meta = checkpoint.get("netslim") or {}
     if meta.get("arch"):
         return str(meta["arch"])
     for name, known in VGG_CFGS.items():
-        if known == cfg:
+        if isinstance(model, VGG) and known == model.cfg:
             return name
     return "vgg"
 
 
-def load(path: str | Path) -> VGG:
+def load(path: str | Path) -> nn.Module:
     """Load any netslim or network-slimming checkpoint as a ready model (in eval mode).
 
-    Pruned checkpoints are rebuilt from their cfg, so one call serves every file::
+    Pruned checkpoints are rebuilt from their architecture and channel counts, so one
+    call serves every file::
 
-        model = netslim.load("runs/vgg19/pruned-70.pth")
+        model = netslim.load("runs/resnet56/pruned-40.pth")
     """
     return model_from_checkpoint(read_checkpoint(path), str(path)).eval()

@@ -1,4 +1,4 @@
-"""The ``netslim`` command: train, prune, finetune, info.
+"""The ``netslim`` command: train, prune, finetune, multipass, info, lab, demo, report.
 
 Every subcommand is a thin layer over the library; bad input ends with one line
 ``netslim: error: ...`` and exit status 2, never a stack trace.
@@ -12,11 +12,15 @@ import sys
 import warnings
 from dataclasses import asdict, fields
 
+import torch
+from torch import nn
+
 from netslim.checkpoint import arch_name, model_from_checkpoint, read_checkpoint, save_checkpoint
 from netslim.data import DATASETS, Dataset, load_dataset
 from netslim.errors import NetslimError
 from netslim.lab import DEMO, LabConfig, run_lab
-from netslim.models import ARCHS, build_model
+from netslim.models import ARCHS, VGG, build_model, num_outputs
+from netslim.multipass import run_multipass
 from netslim.pruning import check_ratio
 from netslim.slim import prune_model, pruned_checkpoint
 from netslim.sparsity import bn_sparsity, gamma_quantiles
@@ -123,8 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
         "and save the physically smaller network.",
     )
     p.add_argument("checkpoint", help="trained checkpoint (netslim's or the paper's code's)")
-    p.add_argument(
-        "--ratio", type=float, required=True, help="share of channels to remove, in [0, 1)"
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--ratio", type=float, help="share of BN channels (gammas) to remove, in [0, 1)"
+    )
+    how.add_argument(
+        "--target-macs",
+        type=float,
+        metavar="F",
+        help="instead of --ratio: find the threshold that leaves the share F of the MACs",
     )
     p.add_argument("--out", required=True, help="path of the pruned checkpoint to write")
     p.add_argument(
@@ -138,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-keep",
         type=float,
         default=0.01,
-        help="per-layer floor: share of each layer's channels always kept, at least one (default: %(default)s)",
+        help="per-layer floor: share of each layer's channels always kept, at least one "
+        "(default: %(default)s)",
     )
     _add_data_args(p, default=None)
     p.add_argument(
@@ -160,6 +172,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(p)
     _add_train_args(p, DEFAULTS.epochs, lam=0.0)
+
+    p = sub.add_parser(
+        "multipass",
+        help="several rounds of sparsity training and pruning, then fine-tuning",
+        description="The paper's multi-pass scheme: sparsity-train, prune --ratio with at most "
+        "--layer-cap of any layer removed, repeat --passes times, then fine-tune. Run the same "
+        "command again to continue an interrupted run.",
+    )
+    p.add_argument("--arch", default=DEFAULTS.arch, choices=ARCHS, help="default: %(default)s")
+    p.add_argument("--passes", type=int, default=2, help="default: %(default)s")
+    p.add_argument(
+        "--ratio", type=float, default=0.5, help="share removed per pass (default: %(default)s)"
+    )
+    p.add_argument(
+        "--layer-cap",
+        type=float,
+        default=0.5,
+        help="most of one layer's channels a pass may remove (default: %(default)s)",
+    )
+    p.add_argument(
+        "--finetune-epochs", type=int, default=DEFAULTS.epochs, help="default: %(default)s"
+    )
+    p.add_argument("--recalibrate", type=int, default=16, metavar="N", help="default: %(default)s")
+    _add_data_args(p)
+    _add_train_args(p, DEFAULTS.epochs, lam=1e-4)
 
     p = sub.add_parser(
         "info",
@@ -190,14 +227,17 @@ def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
     )  # fmt: skip
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def _new_run(args: argparse.Namespace) -> tuple[TrainConfig, Dataset, nn.Module]:
+    """The recipe, the data and a freshly initialised ``--arch`` (seeded by ``--seed``)."""
     config = _train_config(args, args.arch)
     config.check()
     data = _load_data(args)
-    import torch
-
     torch.manual_seed(args.seed)
-    model = build_model(args.arch, num_classes=data.num_classes)
+    return config, data, build_model(args.arch, num_classes=data.num_classes)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    config, data, model = _new_run(args)
     fit(
         config, data, model, args.out, meta={"arch": args.arch, "kind": "train"}, resume=args.resume
     )
@@ -209,7 +249,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     ckpt = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.checkpoint)
-    arch = arch_name(ckpt, model.cfg)
+    arch = arch_name(ckpt, model)
     config = _train_config(args, arch)
     config.check()
     data = _load_data(args)
@@ -221,7 +261,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    ratio = check_ratio(args.ratio)
+    ratio = check_ratio(args.ratio) if args.ratio is not None else None
     if args.recalibrate < 0:
         raise NetslimError(f"--recalibrate must be >= 0 batches, got {args.recalibrate}")
     ckpt = read_checkpoint(args.checkpoint)
@@ -232,13 +272,22 @@ def cmd_prune(args: argparse.Namespace) -> None:
     elif args.train_size or args.test_size:
         raise NetslimError("--train-size/--test-size need --dataset")
     dtype = pick_precision("auto", data.train_images.device) if data is not None else None
-    pruned, report = prune_model(model, ratio, compensate=args.compensate, min_keep=args.min_keep,
-                                 data=data, recalibrate=args.recalibrate, eval_dtype=dtype)  # fmt: skip
-    meta = {"arch": arch_name(ckpt, model.cfg), "num_classes": model.num_classes,
+    pruned, report = prune_model(model, ratio, target_macs=args.target_macs,
+                                 compensate=args.compensate, min_keep=args.min_keep, data=data,
+                                 recalibrate=args.recalibrate, eval_dtype=dtype)  # fmt: skip
+    meta = {"arch": arch_name(ckpt, model), "num_classes": num_outputs(model),
             "source": str(args.checkpoint)}  # fmt: skip
     save_checkpoint(pruned_checkpoint(pruned, report, meta), args.out)
     print(report.text())
     print(f"saved the pruned network to {args.out}")
+
+
+def cmd_multipass(args: argparse.Namespace) -> None:
+    config, data, model = _new_run(args)
+    run_multipass(config, data, model, args.out, passes=args.passes, ratio=args.ratio,
+                  layer_cap=args.layer_cap, finetune_epochs=args.finetune_epochs,
+                  recalibrate=args.recalibrate)  # fmt: skip
+    print(f"done: summary in {args.out}/summary.json")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -246,10 +295,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     model = model_from_checkpoint(ckpt, args.checkpoint)
     meta = ckpt.get("netslim") or {}
     info = {
-        "arch": arch_name(ckpt, model.cfg),
+        "arch": arch_name(ckpt, model),
         "kind": meta.get("kind", "pruned" if "epoch" not in ckpt else "train"),
-        "cfg": model.cfg,
-        "num_classes": model.num_classes,
+        "cfg": model.cfg if isinstance(model, VGG) else None,
+        "conv_channels": [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)],
+        "num_classes": num_outputs(model),
         "params": count_params(model),
         "macs": count_macs(model),
         "sparsity": bn_sparsity(model, args.sparsity_threshold),
@@ -267,7 +317,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(json.dumps(info, indent=2))
         return
     print(f"{args.checkpoint}: {info['arch']} ({info['kind']}), {info['num_classes']} classes")
-    print(f"cfg      {info['cfg']}")
+    if info["cfg"] is not None:
+        print(f"cfg      {info['cfg']}")
+    else:
+        channels = info["conv_channels"]
+        print(f"convs    {len(channels)} layers, {sum(channels):,} output channels in all")
     print(f"params   {info['params']:,}")
     print(f"MACs     {info['macs']:,} per 32x32 image")
     print(f"sparsity {100 * info['sparsity']:.1f}% of BN gammas below {args.sparsity_threshold}")
@@ -393,6 +447,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "info": cmd_info,
+            "multipass": cmd_multipass,
             "lab": cmd_lab, "demo": cmd_lab, "report": cmd_report}  # fmt: skip
 
 

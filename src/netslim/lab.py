@@ -42,7 +42,7 @@ from netslim.checkpoint import load, read_checkpoint, save_checkpoint
 from netslim.data import Dataset, load_dataset
 from netslim.errors import NetslimError
 from netslim.files import atomic_write_text
-from netslim.models import ARCHS, build_model
+from netslim.models import ARCHS, build_model, num_outputs
 from netslim.pruning import check_ratio
 from netslim.slim import prune_model, pruned_checkpoint
 from netslim.train import (
@@ -343,7 +343,7 @@ def prune_stage(
         model = load(source)
         pruned, report = prune_model(model, ratio, data=data, recalibrate=config.recalibrate,
                                      eval_dtype=dtype)  # fmt: skip
-        meta = {"arch": config.arch, "num_classes": model.num_classes, "source": str(source)}
+        meta = {"arch": config.arch, "num_classes": num_outputs(model), "source": str(source)}
         save_checkpoint(pruned_checkpoint(pruned, report, meta), report_file.with_suffix(".pth"))
         write_json(report_file, {**meta, "lam": config.prune_lam, "prune": report.to_dict()})
         log(report.text())

@@ -1,4 +1,4 @@
-"""Channel pruning by one global threshold on BatchNorm scaling factors.
+"""Which channels to remove: one global threshold on BatchNorm scaling factors.
 
 The steps, each usable on its own:
 
@@ -7,22 +7,17 @@ The steps, each usable on its own:
    ``|gamma|`` is strictly greater. Ties at the threshold are all removed, so slightly
    more than ``ratio`` may go. ``ratio == 0`` keeps everything (the official code would
    remove the channel(s) holding the very smallest gamma, which nobody means by 0).
-2. :func:`plan_pruning` -- the per-layer keep masks, with a floor so that no layer
-   collapses: each layer keeps at least ``max(1, ceil(min_keep * channels))`` of its
-   largest-``|gamma|`` channels (a warning names every layer that hit the floor).
-   Where the floor does not bind, the masks equal those of the paper's vggprune.py.
-3. :func:`prune_vgg` -- build the physically smaller network and copy the kept weights.
-
-Bias compensation (``compensate=True``). Once gamma is 0, a channel's output after
-BN and ReLU is the constant ``relu(beta)``. Dropping the channel drops that constant
-from what the next layer sums, so it is folded back in: into the next BatchNorm's
-``running_mean`` (which the next conv's output feeds) or into the classifier's bias.
-The pruned network then computes exactly what the unpruned network computes with the
-pruned gammas set to 0 (betas kept) wherever the next conv sees no zero padding: the
-classifier's inputs, and the interior of every feature map. At the one-pixel border
-the padded zeros replace part of the constant, so there the fold is an approximation.
-Without compensation the result is exactly the official code's (pruned gamma *and*
-beta zeroed, so the dropped channels output 0).
+2. :func:`plan_pruning` -- the keep masks of every channel group that
+   :func:`netslim.channels.trace_channels` finds. A group's channel is scored by the
+   **largest** ``|gamma|`` among the BatchNorms that scale it (in a VGG there is one; on
+   a residual stream, one per block; in a DenseNet, one per later layer), and removed
+   when that score is at or below the threshold: a channel goes only when *every*
+   gamma that scales it is unimportant, so no gamma above the threshold is ever cut.
+   A floor keeps each group from collapsing: at least ``max(1, ceil(min_keep * size))``
+   of its best channels stay (a warning names every group that hit it). In a VGG the
+   masks equal those of the paper's vggprune.py wherever the floor does not bind.
+   :func:`plan_for_macs` instead finds the threshold that leaves a given share of MACs.
+3. :func:`netslim.surgery.apply_plan` -- build the physically smaller network.
 """
 
 from __future__ import annotations
@@ -35,8 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from netslim.channels import ChannelGraph, Space, trace_channels
 from netslim.errors import NetslimError
-from netslim.models import VGG, CfgItem
 from netslim.sparsity import batchnorms, bn_gammas
 
 
@@ -67,63 +62,164 @@ def global_threshold(gammas: torch.Tensor, ratio: float) -> float:
 
 @dataclass
 class PrunePlan:
-    """Which channels of each BatchNorm layer survive.
+    """Which channels of each group survive.
 
     Attributes:
-        ratio: the requested share of channels to remove.
-        threshold: the global ``|gamma|`` threshold (channels strictly above it are kept).
-        masks: BatchNorm module name -> bool tensor, True where the channel is kept.
-        floored: names of the layers whose channels the per-layer floor kept alive.
+        ratio: the requested share of BatchNorm channels to remove.
+        threshold: the global ``|gamma|`` threshold (scores strictly above it are kept).
+        graph: the traced channel groups of the network.
+        keep: group id -> bool tensor, True where the channel is kept (all True when fixed).
+        floored: labels of the groups whose channels the floor kept alive.
     """
 
     ratio: float
     threshold: float
-    masks: dict[str, torch.Tensor]
+    graph: ChannelGraph
+    keep: dict[int, torch.Tensor]
     floored: list[str] = field(default_factory=list)
+
+    def kept_of(self, space: Space) -> torch.Tensor:
+        """Bool mask over the entries of a channel space (e.g. a BN's channels)."""
+        return torch.cat([self.keep[g].repeat_interleave(r) for g, r in space])
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """BatchNorm name -> bool mask of its kept channels."""
+        return {name: self.kept_of(space) for name, space in self.graph.norms.items()}
 
     @property
     def kept(self) -> dict[str, tuple[int, int]]:
-        """Layer name -> (kept, total) channels."""
-        return {n: (int(m.sum()), m.numel()) for n, m in self.masks.items()}
+        """Prunable group label -> (kept, total) channels."""
+        return {g.label: (int(self.keep[i].sum()), g.size) for i, g in self.graph.prunable.items()}
 
     @property
     def pruned_share(self) -> float:
-        """The share of all channels actually removed."""
-        kept = sum(k for k, _ in self.kept.values())
-        total = sum(t for _, t in self.kept.values())
-        return 1.0 - kept / total if total else 0.0
+        """The share of all BatchNorm channels actually removed."""
+        masks = list(self.masks.values())
+        total = sum(m.numel() for m in masks)
+        return 1.0 - sum(int(m.sum()) for m in masks) / total if total else 0.0
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the pruned network on one input (as :func:`count_macs`)."""
+        total = 0
+        for layer in self.graph.layers.values():
+            n_in, n_out = (
+                int(self.kept_of(layer.inputs).sum()),
+                int(self.kept_of(layer.outputs).sum()),
+            )
+            # a depthwise conv's output channel reads one input channel, a grouped one n_in/groups
+            per_out = 1 if layer.kind == "depthwise" else n_in // layer.groups
+            total += layer.pixels * layer.kernel * n_out * per_out
+        return total
 
 
-def plan_pruning(model: nn.Module, ratio: float, min_keep: float = 0.01) -> PrunePlan:
-    """Decide the kept channels of every BatchNorm layer of ``model`` (see module docs).
+def _scores(model: nn.Module, graph: ChannelGraph) -> dict[int, torch.Tensor]:
+    """Each prunable group's channel scores: the largest |gamma| among its BatchNorms."""
+    bns = dict(batchnorms(model))
+    scores = {}
+    for gid, group in graph.prunable.items():
+        gammas = [bns[name].weight.detach()[off : off + group.size].abs().float().cpu()
+                  for name, off in group.members]  # fmt: skip
+        scores[gid] = torch.stack(gammas).amax(dim=0)
+    return scores
+
+
+def _plan_at(graph: ChannelGraph, scores: dict[int, torch.Tensor], threshold: float,
+             ratio: float, min_keep: float) -> PrunePlan:  # fmt: skip
+    keep, floored = {}, []
+    for gid, group in graph.groups.items():
+        if gid not in scores:
+            keep[gid] = torch.ones(group.size, dtype=torch.bool)
+            continue
+        mask = scores[gid] > threshold
+        floor = max(1, math.ceil(min_keep * group.size))
+        if int(mask.sum()) < floor:
+            mask = torch.zeros_like(mask)
+            mask[torch.topk(scores[gid], floor).indices] = True
+            floored.append(group.label)
+        keep[gid] = mask
+    return PrunePlan(float(ratio), threshold, graph, keep, floored)
+
+
+def _check_min_keep(min_keep: float) -> None:
+    if not 0.0 <= min_keep <= 1.0:
+        raise NetslimError(f"min_keep must be a share in [0, 1], got {min_keep}")
+
+
+def _warn_floored(plan: PrunePlan, min_keep: float) -> None:
+    if plan.floored:
+        warnings.warn(
+            f"pruning at ratio {plan.ratio:.4g} would leave too few channels in "
+            f"{', '.join(plan.floored)}; kept the largest-|gamma| {min_keep:.0%} (at least 1) "
+            "of each instead",
+            stacklevel=3,
+        )
+
+
+def plan_pruning(
+    model: nn.Module,
+    ratio: float,
+    min_keep: float = 0.01,
+    *,
+    graph: ChannelGraph | None = None,
+) -> PrunePlan:
+    """Decide the kept channels of every group of ``model`` (see the module docs).
 
     Args:
         model: any network whose channels are scaled by BatchNorm.
-        ratio: share of all channels to remove, in [0, 1).
-        min_keep: per-layer floor as a share of the layer's channels; at least one
-            channel is always kept.
+        ratio: share of all BatchNorm channels (gammas) to remove, in [0, 1).
+        min_keep: per-group floor as a share of the group's channels; at least one
+            channel is always kept. ``1 - min_keep`` is the most one pass may cut from a
+            layer (the per-layer cap of the paper's multi-pass scheme).
+        graph: the model's traced channel groups, when already at hand.
     """
-    if not 0.0 <= min_keep <= 1.0:
-        raise NetslimError(f"min_keep must be a share in [0, 1], got {min_keep}")
+    _check_min_keep(min_keep)
+    graph = graph or trace_channels(model)
     threshold = global_threshold(bn_gammas(model), ratio)
-    masks: dict[str, torch.Tensor] = {}
-    floored: list[str] = []
-    for name, bn in batchnorms(model):
-        gamma = bn.weight.detach().abs().float().cpu()
-        mask = gamma > threshold
-        floor = max(1, math.ceil(min_keep * gamma.numel()))
-        if int(mask.sum()) < floor:
-            mask = torch.zeros_like(mask)
-            mask[torch.topk(gamma, floor).indices] = True
-            floored.append(name)
-        masks[name] = mask
-    if floored:
-        warnings.warn(
-            f"pruning at ratio {ratio} would leave too few channels in {', '.join(floored)}; "
-            f"kept the largest-|gamma| {min_keep:.0%} (at least 1) of each instead",
-            stacklevel=2,
+    plan = _plan_at(graph, _scores(model, graph), threshold, ratio, min_keep)
+    _warn_floored(plan, min_keep)
+    return plan
+
+
+def plan_for_macs(
+    model: nn.Module, fraction: float, min_keep: float = 0.01, *, graph: ChannelGraph | None = None
+) -> PrunePlan:
+    """The plan with the lowest threshold whose network keeps at most ``fraction`` of the MACs.
+
+    The threshold is searched among the gammas themselves (by bisection: fewer MACs for
+    every higher threshold), so the result lands just under the target; the plan's
+    ``ratio`` is the equivalent global ratio.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise NetslimError(f"--target-macs must be a share in (0, 1], e.g. 0.5, got {fraction}")
+    _check_min_keep(min_keep)
+    graph = graph or trace_channels(model)
+    scores = _scores(model, graph)
+    ordered = torch.sort(bn_gammas(model).abs()).values
+    total = _plan_at(graph, scores, float("-inf"), 0.0, min_keep).macs
+
+    def plan(k: int) -> PrunePlan:
+        return _plan_at(graph, scores, ordered[k].item(), k / len(ordered), min_keep)
+
+    lo, hi = 0, len(ordered) - 1
+    if fraction >= 1.0:
+        return _plan_at(graph, scores, float("-inf"), 0.0, min_keep)
+    if plan(hi).macs > fraction * total:
+        raise NetslimError(
+            f"cannot reach {fraction:.1%} of the MACs: pruning every prunable channel down to "
+            f"the floor (min_keep={min_keep}) leaves {plan(hi).macs / total:.1%}; lower "
+            "--min-keep or aim higher"
         )
-    return PrunePlan(float(ratio), threshold, masks, floored)
+    while lo < hi:  # smallest k whose plan is within the target
+        mid = (lo + hi) // 2
+        if plan(mid).macs <= fraction * total:
+            hi = mid
+        else:
+            lo = mid + 1
+    result = plan(lo)
+    _warn_floored(result, min_keep)
+    return result
 
 
 @torch.no_grad()
@@ -134,7 +230,7 @@ def masked_copy(
 
     With ``zero_beta`` this is the official code's masked network, which the pruned
     network without compensation reproduces exactly; without it, the network that
-    bias compensation reproduces away from the borders.
+    bias compensation reproduces (away from zero-padded borders).
     """
     masked = copy.deepcopy(model)
     for name, bn in batchnorms(masked):
@@ -143,81 +239,3 @@ def masked_copy(
         if zero_beta:
             bn.bias[drop] = 0.0
     return masked
-
-
-def _vgg_blocks(model: VGG) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d]]:
-    """The (BN name, conv, BN) triples of a VGG's feature stack, in order."""
-    mods = list(model.feature.named_children())
-    blocks = []
-    for i, (_, m) in enumerate(mods):
-        if isinstance(m, nn.Conv2d):
-            bn_name, bn = mods[i + 1]
-            blocks.append((f"feature.{bn_name}", m, bn))
-    return blocks
-
-
-@torch.no_grad()
-def prune_vgg(model: VGG, plan: PrunePlan, compensate: bool = True) -> VGG:
-    """Build the smaller VGG that keeps ``plan``'s channels and copy their weights into it.
-
-    The input model is not modified. See the module docs for ``compensate``.
-    """
-    if not isinstance(model, VGG):
-        raise NetslimError(f"prune_vgg needs a netslim VGG, got {type(model).__name__}")
-    blocks = _vgg_blocks(model)
-    missing = [name for name, _, _ in blocks if name not in plan.masks]
-    if missing:
-        raise NetslimError(f"the prune plan has no mask for layer(s) {', '.join(missing)}")
-
-    new_cfg: list[CfgItem] = []
-    i = 0
-    for item in model.cfg:
-        if item == "M":
-            new_cfg.append("M")
-        else:
-            new_cfg.append(int(plan.masks[blocks[i][0]].sum()))
-            i += 1
-    device = next(model.parameters()).device
-    pruned = VGG(new_cfg, num_classes=model.num_classes, init_weights=False).to(device)
-    new_blocks = _vgg_blocks(pruned)
-
-    pruned.classifier.bias.copy_(model.classifier.bias)
-    keep_in = torch.arange(3, device=device)
-    shift: torch.Tensor | None = None  # folded constant for the current layer's conv output
-    for (name, conv, bn), (_, new_conv, new_bn) in zip(blocks, new_blocks):
-        mask = plan.masks[name].to(device)
-        keep = mask.nonzero().flatten()
-        new_conv.weight.copy_(conv.weight[keep][:, keep_in])
-        running_mean = bn.running_mean.clone()
-        if shift is not None:
-            running_mean -= shift  # the dropped constant inputs no longer reach this conv
-        new_bn.weight.copy_(bn.weight[keep])
-        new_bn.bias.copy_(bn.bias[keep])
-        new_bn.running_mean.copy_(running_mean[keep])
-        new_bn.running_var.copy_(bn.running_var[keep])
-        new_bn.num_batches_tracked.copy_(bn.num_batches_tracked)
-        constant = torch.relu(bn.bias) * (~mask)  # what each dropped channel outputs once gamma=0
-        shift = None
-        if compensate and bool((constant != 0).any()):
-            nxt = _next_conv(blocks, name)
-            if nxt is not None:  # sum of the next conv's kernel over space, times the constant
-                shift = nxt.weight.sum(dim=(2, 3)) @ constant
-            else:  # the classifier sees the average-pooled constant, i.e. the constant
-                pruned.classifier.bias.add_(model.classifier.weight @ constant)
-        keep_in = keep
-    pruned.classifier.weight.copy_(model.classifier.weight[:, keep_in])
-    return pruned
-
-
-def _next_conv(blocks: list[tuple[str, nn.Conv2d, nn.BatchNorm2d]], name: str) -> nn.Conv2d | None:
-    names = [n for n, _, _ in blocks]
-    i = names.index(name)
-    return blocks[i + 1][1] if i + 1 < len(blocks) else None
-
-
-def prune(
-    model: VGG, ratio: float, *, compensate: bool = True, min_keep: float = 0.01
-) -> tuple[VGG, PrunePlan]:
-    """Plan and carry out pruning of ``model`` at ``ratio``: returns (pruned model, plan)."""
-    plan = plan_pruning(model, ratio, min_keep=min_keep)
-    return prune_vgg(model, plan, compensate=compensate), plan

@@ -40,7 +40,7 @@ from netslim.lab import (
     sweep_path,
     train_dir,
 )
-from netslim.models import cfg_for
+from netslim.models import VGG_CFGS, num_outputs
 from netslim.sparsity import bn_gammas
 from netslim.train import TrainConfig, read_metrics
 
@@ -109,7 +109,7 @@ def load_results(run: str | Path) -> LabResults:
     train_config = TrainConfig.from_dict(first_run)
     return LabResults(
         run=run, config=config, info=info, sparsity_threshold=train_config.sparsity_threshold,
-        num_classes=next(iter(models.values())).num_classes, train=train,
+        num_classes=num_outputs(next(iter(models.values()))), train=train,
         gammas={lam: bn_gammas(m).numpy() for lam, m in models.items()},
         prune=prune, sweep=sweep, finetune=finetune,
     )  # fmt: skip
@@ -308,7 +308,7 @@ def size_table(res: LabResults) -> tuple[list[str], list[list[str]]]:
     """One row for the unpruned network, then one per (λ, ratio): params, MACs, cfg."""
     header = ["λ", "ratio", "params", "params removed (%)", "MACs", "MACs removed (%)", "cfg"]
     first = next(iter(res.prune.values()))
-    original = str(cfg_for(res.config.arch)).replace("'", "")
+    original = str(VGG_CFGS.get(res.config.arch, "-")).replace("'", "")
     rows = [["", "0 (unpruned)", f"{first['params_before']:,}", "0.0",
              f"{first['macs_before']:,}", "0.0", original]]  # fmt: skip
     for ratio in res.config.ratios:
@@ -317,7 +317,7 @@ def size_table(res: LabResults) -> tuple[list[str], list[list[str]]]:
         fewer_macs = 100 * (1 - p["macs_after"] / p["macs_before"])
         rows.append([lam_name(res.config.prune_lam), f"{ratio:g}", f"{p['params_after']:,}",
                      f"{fewer_params:.1f}", f"{p['macs_after']:,}", f"{fewer_macs:.1f}",
-                     str(p["cfg"]).replace("'", "")])  # fmt: skip
+                     str(p["cfg"] or "-").replace("'", "")])  # fmt: skip
     return header, rows
 
 

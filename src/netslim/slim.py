@@ -1,23 +1,29 @@
 """Pruning as a user runs it: plan, surgery, compensation, recalibration, and a report.
 
-:func:`prune_model` ties :mod:`netslim.pruning` and :mod:`netslim.recalibrate`
-together and measures each step; :func:`pruned_checkpoint` packs the result in the
-official ``{'cfg', 'state_dict'}`` format plus netslim's metadata.
+:func:`prune_model` ties :mod:`netslim.pruning`, :mod:`netslim.surgery` and
+:mod:`netslim.recalibrate` together and measures each step; :func:`pruned_checkpoint`
+packs the result as ``{'channels', 'state_dict'}`` plus netslim's metadata (and, for a
+VGG, the official ``'cfg'`` that the paper's code reads).
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
+from netslim.channels import trace_channels
 from netslim.data import Dataset, train_batches
+from netslim.errors import NetslimError
 from netslim.models import VGG, CfgItem
-from netslim.pruning import plan_pruning, prune_vgg
+from netslim.pruning import check_ratio, plan_for_macs, plan_pruning
 from netslim.recalibrate import recalibrate_bn
 from netslim.stats import count_macs, count_params
+from netslim.surgery import apply_plan, channel_counts
 from netslim.train import evaluate
 
 
@@ -28,14 +34,18 @@ class PruneReport:
     ratio: float
     threshold: float
     pruned_share: float
-    cfg: list[CfgItem]
-    layers: list[tuple[str, int, int]]  # (BN layer, kept, total)
+    cfg: list[CfgItem] | None  # a VGG's cfg; None for other networks
+    layers: list[tuple[str, int, int]]  # (channel group, kept, total)
     floored: list[str]
     compensated: bool
     params_before: int
     params_after: int
     macs_before: int
     macs_after: int
+    # MACs left when every channel joined by a residual addition is kept at full width,
+    # as the paper's code does (None for networks without residual additions)
+    macs_residual_kept: int | None = None
+    target_macs: float | None = None
     recalibration_images: int = 0
     acc_unpruned: float | None = None
     acc_masked: float | None = None  # official: pruned gamma and beta zeroed
@@ -48,8 +58,9 @@ class PruneReport:
 
     def text(self) -> str:
         """The human-readable summary printed by ``netslim prune``."""
-        lines = [f"{'layer':<14}{'kept':>6} / {'total':<6}"]
-        lines += [f"{name:<14}{kept:>6} / {total:<6}" for name, kept, total in self.layers]
+        width = max([len(name) for name, _, _ in self.layers] + [14]) + 2
+        lines = [f"{'channel group':<{width}}{'kept':>6} / {'total':<6}"]
+        lines += [f"{name:<{width}}{kept:>6} / {total:<6}" for name, kept, total in self.layers]
         lines.append(
             f"threshold |gamma| > {self.threshold:.4g}: removed {100 * self.pruned_share:.1f}% "
             f"of channels (asked {100 * self.ratio:.0f}%)"
@@ -64,6 +75,11 @@ class PruneReport:
             f"MACs   {self.macs_before:,} -> {self.macs_after:,} "
             f"({100 * (1 - self.macs_after / self.macs_before):.1f}% fewer)"
         )
+        if self.macs_residual_kept is not None:
+            lines.append(
+                f"       residual path kept at full width (the paper's code) would leave "
+                f"{self.macs_residual_kept:,} ({100 * (1 - self.macs_residual_kept / self.macs_before):.1f}% fewer)"
+            )
         if self.acc_unpruned is not None:
             lines.append(f"test accuracy unpruned             {self.acc_unpruned:6.2f}%")
             lines.append(f"  pruned, official masking         {self.acc_masked:6.2f}%")
@@ -92,9 +108,10 @@ def recalibration_batches(data: Dataset, num: int, batch_size: int = 128, seed: 
 
 
 def prune_model(
-    model: VGG,
-    ratio: float,
+    model: nn.Module,
+    ratio: float | None = None,
     *,
+    target_macs: float | None = None,
     compensate: bool = True,
     min_keep: float = 0.01,
     data: Dataset | None = None,
@@ -102,14 +119,16 @@ def prune_model(
     batch_size: int = 128,
     eval_dtype: torch.dtype | None = None,
     acc_unpruned: float | None = None,
-) -> tuple[VGG, PruneReport]:
-    """Prune ``model`` at ``ratio`` and report; with ``data``, also measure and recalibrate.
+) -> tuple[nn.Module, PruneReport]:
+    """Prune ``model`` at ``ratio`` (or to ``target_macs``) and report; with ``data``, also
+    measure and recalibrate.
 
     Args:
         model: the sparsity-trained network (left unchanged).
-        ratio: share of channels to remove, in [0, 1).
+        ratio: share of BatchNorm channels to remove, in [0, 1).
+        target_macs: instead of ``ratio``, the share of the MACs to keep, in (0, 1].
         compensate: fold the pruned channels' constant output into the next layer.
-        min_keep: per-layer floor, as a share of each layer's channels.
+        min_keep: per-group floor, as a share of each group's channels.
         data: when given, test accuracy is measured unpruned, pruned the official way,
             with compensation and after BN recalibration.
         recalibrate: batches of training images for BN recalibration (0: none).
@@ -122,14 +141,26 @@ def prune_model(
         The pruned network (recalibrated when data was given and ``recalibrate > 0``)
         and its :class:`PruneReport`.
     """
+    if (ratio is None) == (target_macs is None):
+        raise NetslimError("give exactly one of a prune ratio and a MACs target (--target-macs)")
     model = model.eval()
-    plan = plan_pruning(model, ratio, min_keep=min_keep)
-    pruned = prune_vgg(model, plan, compensate=compensate).eval()
+    graph = trace_channels(model)
+    if target_macs is not None:
+        plan = plan_for_macs(model, target_macs, min_keep, graph=graph)
+    else:
+        plan = plan_pruning(model, check_ratio(ratio), min_keep, graph=graph)
+    pruned = apply_plan(model, plan, compensate=compensate).eval()
+    kept_graph = trace_channels(model, keep_residual=True)
+    residual_kept = None
+    if any(g.fixed and "residual" in g.fixed for g in kept_graph.groups.values()):
+        with warnings.catch_warnings():  # the floor was already reported once
+            warnings.simplefilter("ignore")
+            residual_kept = plan_pruning(model, plan.ratio, min_keep, graph=kept_graph).macs
     report = PruneReport(
         ratio=plan.ratio,
         threshold=plan.threshold,
         pruned_share=plan.pruned_share,
-        cfg=list(pruned.cfg),
+        cfg=list(pruned.cfg) if isinstance(pruned, VGG) else None,
         layers=[(name, kept, total) for name, (kept, total) in plan.kept.items()],
         floored=plan.floored,
         compensated=compensate,
@@ -137,13 +168,15 @@ def prune_model(
         params_after=count_params(pruned),
         macs_before=count_macs(model),
         macs_after=count_macs(pruned),
+        macs_residual_kept=residual_kept,
+        target_macs=target_macs,
     )
     if data is None:
         return pruned, report
 
     device = data.train_images.device
     model, pruned = model.to(device), pruned.to(device)
-    other = prune_vgg(model, plan, compensate=not compensate).eval()
+    other = apply_plan(model, plan, compensate=not compensate).eval()
     masked, compensated = (other, pruned) if compensate else (pruned, other)
     if acc_unpruned is None:
         acc_unpruned = evaluate(model, data, dtype=eval_dtype)[1]
@@ -158,11 +191,16 @@ def prune_model(
     return pruned.eval(), report
 
 
-def pruned_checkpoint(pruned: VGG, report: PruneReport, meta: dict[str, Any]) -> dict[str, Any]:
-    """The official pruned-checkpoint dict ``{'cfg', 'state_dict'}`` plus netslim metadata."""
+def pruned_checkpoint(
+    pruned: nn.Module, report: PruneReport, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """``{'channels', 'state_dict', 'netslim'}`` (plus the official ``'cfg'`` for a VGG)."""
     state_dict = {k: v.detach().cpu().contiguous() for k, v in pruned.state_dict().items()}
-    return {
-        "cfg": list(pruned.cfg),
+    checkpoint = {
+        "channels": channel_counts(pruned),
         "state_dict": state_dict,
         "netslim": {**meta, "kind": "pruned", "prune": report.to_dict()},
     }
+    if isinstance(pruned, VGG):
+        checkpoint["cfg"] = list(pruned.cfg)
+    return checkpoint

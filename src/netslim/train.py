@@ -32,7 +32,9 @@ from netslim.checkpoint import model_from_checkpoint, read_checkpoint, save_chec
 from netslim.data import Dataset, eval_batches, num_batches, train_batches
 from netslim.errors import NetslimError
 from netslim.files import atomic_write_text
+from netslim.models import VGG, num_outputs
 from netslim.sparsity import add_bn_l1_grad, bn_sparsity, gamma_quantiles
+from netslim.surgery import channel_counts
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -294,9 +296,9 @@ def fit(
     out = Path(out_dir)
     device = data.train_images.device
     dtype = pick_precision(config.precision, device)
-    if model.classifier.out_features != data.num_classes:
+    if num_outputs(model) != data.num_classes:
         raise NetslimError(
-            f"the model has {model.classifier.out_features} outputs but dataset "
+            f"the model has {num_outputs(model)} outputs but dataset "
             f"{data.name} has {data.num_classes} classes; use a matching --dataset"
         )
     model = model.to(device, memory_format=torch.channels_last)
@@ -376,10 +378,12 @@ def fit(
             "state_dict": {k: v.contiguous() for k, v in model.state_dict().items()},
             "best_prec1": best_acc / 100.0,  # a fraction, as the official code stores it
             "optimizer": optimizer.state_dict(),
-            "cfg": list(model.cfg),
+            "channels": channel_counts(model),
             "netslim": {**(meta or {}), "config": asdict(config), "history": history,
                         "scaler": scaler.state_dict() if scaler is not None else None},
         }  # fmt: skip
+        if isinstance(model, VGG):
+            checkpoint["cfg"] = list(model.cfg)  # what the paper's code reads
         save_checkpoint(checkpoint, out / "last.pth")
         if is_best:
             save_checkpoint(checkpoint, out / "best.pth")

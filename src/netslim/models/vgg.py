@@ -9,13 +9,13 @@ therefore fully describes a (pruned or unpruned) network.
 
 from __future__ import annotations
 
-import math
 from typing import Union
 
 import torch
 from torch import nn
 
 from netslim.errors import NetslimError
+from netslim.models.init import reset_parameters
 
 CfgItem = Union[int, str]
 
@@ -28,8 +28,6 @@ VGG_CFGS: dict[str, list[CfgItem]] = {
     # A narrow VGG-11 for the demo and the tests: trains in seconds on a CPU.
     "vgg11-small": [32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256],
 }  # fmt: skip
-
-ARCHS: tuple[str, ...] = tuple(VGG_CFGS)
 
 
 def validate_cfg(cfg: list[CfgItem]) -> list[CfgItem]:
@@ -62,17 +60,17 @@ class VGG(nn.Module):
     Args:
         cfg: channel counts of the conv layers in order, with ``'M'`` for each 2x2 max-pool.
         num_classes: outputs of the classifier (10 for CIFAR-10, 100 for CIFAR-100).
-        init_weights: He-normal convs, BN gamma 0.5 and beta 0 (as in the paper),
-            classifier N(0, 0.01). Set False when weights will be loaded anyway.
+        init_weights: initialise as :func:`netslim.models.init.reset_parameters` does.
+            Set False when weights will be loaded anyway.
     """
 
     def __init__(self, cfg: list[CfgItem], num_classes: int = 10, init_weights: bool = True):
         super().__init__()
-        self.cfg = validate_cfg(cfg)
+        cfg = validate_cfg(cfg)
         self.num_classes = num_classes
         layers: list[nn.Module] = []
         in_channels = 3
-        for v in self.cfg:
+        for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
@@ -86,35 +84,17 @@ class VGG(nn.Module):
         # Four max-pools bring 32x32 to 2x2, which AvgPool2d(2) turns into one vector.
         # With fewer pools the map is larger; pool it to 1x1 so the classifier always
         # sees exactly the last layer's channels (what the paper's cfg-only rebuild assumes).
-        self.pool = nn.AvgPool2d(2) if self.cfg.count("M") == 4 else nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AvgPool2d(2) if cfg.count("M") == 4 else nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(in_channels, num_classes)
         if init_weights:
-            self.reset_parameters()
+            reset_parameters(self)
 
-    def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 0.5)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+    @property
+    def cfg(self) -> list[CfgItem]:
+        """The network's cfg, read from its layers (so it stays true after pruning)."""
+        return [m.out_channels if isinstance(m, nn.Conv2d) else "M"
+                for m in self.feature if isinstance(m, (nn.Conv2d, nn.MaxPool2d))]  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.feature(x))
         return self.classifier(torch.flatten(x, 1))
-
-
-def cfg_for(arch: str) -> list[CfgItem]:
-    """The unpruned cfg of a named architecture."""
-    if arch not in VGG_CFGS:
-        raise NetslimError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
-    return list(VGG_CFGS[arch])
-
-
-def build_model(arch: str, num_classes: int = 10, cfg: list[CfgItem] | None = None) -> VGG:
-    """Build ``arch`` (e.g. ``'vgg19'``), optionally with a pruned ``cfg`` in place of its own."""
-    return VGG(cfg if cfg is not None else cfg_for(arch), num_classes=num_classes)

@@ -1,0 +1,57 @@
+"""The architectures netslim trains and slims, by name.
+
+Every network is defined here (no downloaded weights) and scales its channels with
+BatchNorm, which is what sparsity training and the pruning engine need:
+
+=============== ==============================================================
+``vgg11..19``   CIFAR VGG with the paper's layout (``vgg11-small``: a narrow one)
+``resnet56``    He et al.'s CIFAR ResNet, post-activation basic blocks
+``resnet164``   the paper's pre-activation bottleneck ResNet
+``densenet40``  the paper's DenseNet-40, growth rate 12
+``resnet18``    ImageNet's ResNet-18 with a 32x32 stem
+``mobilenetv2`` MobileNetV2 with a 32x32 stem
+=============== ==============================================================
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from netslim.errors import NetslimError
+from netslim.models.densenet import DenseNet, densenet40
+from netslim.models.mobilenet import MobileNetV2, mobilenetv2
+from netslim.models.resnet import PreActResNet, ResNet, resnet18, resnet56, resnet164
+from netslim.models.vgg import VGG, VGG_CFGS, CfgItem, validate_cfg
+
+_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+    **{name: (lambda n, cfg=cfg: VGG(list(cfg), num_classes=n)) for name, cfg in VGG_CFGS.items()},
+    "resnet56": resnet56,
+    "resnet164": resnet164,
+    "densenet40": densenet40,
+    "resnet18": resnet18,
+    "mobilenetv2": mobilenetv2,
+}
+ARCHS: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def build_model(arch: str, num_classes: int = 10) -> nn.Module:
+    """Build the unpruned network ``arch`` (one of :data:`ARCHS`) with fresh weights."""
+    if arch not in _BUILDERS:
+        raise NetslimError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    return _BUILDERS[arch](num_classes)
+
+
+def num_outputs(model: nn.Module) -> int:
+    """Outputs of the network: those of its last Linear layer."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise NetslimError(f"{type(model).__name__} has no Linear layer to read its classes from")
+    return linears[-1].out_features
+
+
+__all__ = [
+    "ARCHS", "VGG", "VGG_CFGS", "CfgItem", "DenseNet", "MobileNetV2", "PreActResNet", "ResNet",
+    "build_model", "num_outputs", "validate_cfg",
+]  # fmt: skip

@@ -1,0 +1,122 @@
+"""Multi-pass slimming (the paper's section 4.5): sparsity-train and prune, several times.
+
+Pass 1 sparsity-trains the network from scratch; each later pass sparsity-trains the
+network the previous pass pruned (which doubles as its fine-tuning). Every pass ends by
+pruning at ``ratio`` of the current network's BatchNorm channels, capped per layer: no
+pass removes more than ``layer_cap`` of any channel group (the paper caps at 50% so that
+no layer of a VGG is destroyed; it is the floor ``min_keep = 1 - layer_cap``). A final
+fine-tuning without the L1 term follows. The run folder::
+
+    OUT/pass-1/train/   metrics.jsonl, last.pth, best.pth of the sparsity training
+    OUT/pass-1/pruned.pth, OUT/pass-1/prune.json
+    OUT/pass-2/...
+    OUT/finetune/       the fine-tuning run
+    OUT/summary.json    one record per pass, then the fine-tuned result
+
+Running the same command again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from netslim.checkpoint import load, save_checkpoint
+from netslim.data import Dataset
+from netslim.errors import NetslimError
+from netslim.files import atomic_write_text
+from netslim.lab import train_stage
+from netslim.models import num_outputs
+from netslim.pruning import check_ratio
+from netslim.slim import prune_model, pruned_checkpoint
+from netslim.stats import count_macs, count_params
+from netslim.train import TrainConfig, pick_precision, read_metrics
+
+
+def run_multipass(
+    config: TrainConfig,
+    data: Dataset,
+    model: nn.Module,
+    out: str | Path,
+    *,
+    passes: int,
+    ratio: float,
+    layer_cap: float = 0.5,
+    finetune_epochs: int,
+    recalibrate: int = 16,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run ``passes`` rounds of sparsity training and pruning, then fine-tune (see module docs).
+
+    Args:
+        config: the sparsity-training recipe of every pass (its ``lam``, ``epochs``, ...).
+        data: the dataset, on the training device.
+        model: the network pass 1 starts from.
+        out: the run folder.
+        passes: number of train-and-prune rounds (at least 1).
+        ratio: share of the BatchNorm channels each pass removes, in [0, 1).
+        layer_cap: the most any pass may remove from one channel group, in (0, 1].
+        finetune_epochs: epochs of the final fine-tuning (lam 0, same recipe otherwise).
+        recalibrate: batches for BN recalibration after each pruning (0: none).
+
+    Returns:
+        The summary records (also written to ``out/summary.json``).
+    """
+    if passes < 1:
+        raise NetslimError(f"--passes must be at least 1, got {passes}")
+    if not 0.0 < layer_cap <= 1.0:
+        raise NetslimError(f"--layer-cap must be a share in (0, 1], e.g. 0.5, got {layer_cap}")
+    if finetune_epochs < 1:
+        raise NetslimError(f"--finetune-epochs must be at least 1, got {finetune_epochs}")
+    check_ratio(ratio)
+    config.check()
+    out = Path(out)
+    dtype = pick_precision(config.precision, data.train_images.device)
+    meta = {"arch": config.arch, "num_classes": num_outputs(model)}
+    summary: list[dict[str, Any]] = []
+    for k in range(1, passes + 1):
+        folder = out / f"pass-{k}"
+        log(f"== pass {k}/{passes}: sparsity training (lambda {config.lam:g}) into {folder}")
+        current = model
+        train_stage(config, data, lambda m=current: m, folder / "train",
+                    {**meta, "kind": "train", "pass": k}, log)  # fmt: skip
+        trained = load(folder / "train" / "last.pth")
+        pruned_file = folder / "pruned.pth"
+        if pruned_file.exists():
+            log(f"   pruned already: {pruned_file}")
+            report = json.loads((folder / "prune.json").read_text())
+        else:
+            pruned, prune_report = prune_model(trained, ratio, min_keep=1.0 - layer_cap, data=data,
+                                               recalibrate=recalibrate, eval_dtype=dtype)  # fmt: skip
+            save_checkpoint(
+                pruned_checkpoint(pruned, prune_report, {**meta, "pass": k}), pruned_file
+            )
+            report = prune_report.to_dict()
+            atomic_write_text(folder / "prune.json", json.dumps(report, indent=2) + "\n")
+            log(prune_report.text())
+        model = load(pruned_file)
+        summary.append({
+            "pass": k, "trained_acc": read_metrics(folder / "train")[-1]["test_acc"],
+            "params": report["params_after"], "macs": report["macs_after"],
+            "pruned_acc": report["acc_recalibrated"] if recalibrate else report["acc_compensated"],
+        })  # fmt: skip
+    log(f"== fine-tuning the pass-{passes} network into {out / 'finetune'}")
+    tune = replace(config, lam=0.0, epochs=finetune_epochs)
+    train_stage(tune, data, lambda: model, out / "finetune", {**meta, "kind": "finetune"}, log)
+    history = read_metrics(out / "finetune")
+    final = load(out / "finetune" / "last.pth")
+    original = load(out / "pass-1" / "train" / "last.pth")
+    summary.append({
+        "pass": "finetune", "trained_acc": history[-1]["test_acc"],
+        "params": count_params(final), "macs": count_macs(final),
+        "params_original": count_params(original), "macs_original": count_macs(original),
+    })  # fmt: skip
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    for r in summary:
+        log(f"pass {r['pass']}: test acc {r['trained_acc']:.2f}%  params {r['params']:,}  "
+            f"MACs {r['macs']:,}")  # fmt: skip
+    return summary

@@ -1,0 +1,204 @@
+"""Building the physically smaller network a :class:`~netslim.pruning.PrunePlan` describes.
+
+:func:`apply_plan` copies the model and replaces every conv, linear and BatchNorm layer
+by a smaller one holding only the kept channels' weights. The module tree, its names
+and ``forward`` stay the same, so a pruned network is described completely by its
+architecture and the channel counts of its layers (:func:`channel_counts`), and
+:func:`resize_layers` rebuilds it from those counts before loading a state_dict.
+
+Bias compensation (``compensate=True``). Once a channel's gammas are 0, every BatchNorm
+that scales it outputs the constant ``beta`` there, so each layer reading the channel
+sees a constant (``relu(beta)`` after a ReLU, and so on). Dropping the channel drops that
+constant from what the reader sums, so it is folded back in: into the running mean of
+the BatchNorm that directly follows the reader, else into the reader's bias (created if
+it had none). The constants are measured, not derived: one forward pass of the network
+with the pruned gammas set to 0 records what each reader sees on the removed channels.
+The pruned network then computes exactly what that network computes wherever the
+readers see no zero padding (1x1 convs, linear layers, and the interior of every map);
+at a padded border the zeros replace part of the constant, so there the fold is an
+approximation. Without compensation the result is exactly the official code's (pruned
+gamma *and* beta zeroed, so the dropped channels output 0).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from netslim.channels import Layer
+from netslim.errors import NetslimError
+from netslim.pruning import PrunePlan, masked_copy, plan_pruning
+
+#: Module name -> ``[in, out, groups, has_bias]`` (conv), ``[in, out, has_bias]`` (linear)
+#: or ``[channels]`` (BatchNorm).
+ChannelCounts = dict[str, list[int]]
+
+
+def channel_counts(model: nn.Module) -> ChannelCounts:
+    """The channel counts of every conv, linear and BatchNorm layer of ``model``."""
+    counts: ChannelCounts = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            counts[name] = [m.in_channels, m.out_channels, m.groups, int(m.bias is not None)]
+        elif isinstance(m, nn.Linear):
+            counts[name] = [m.in_features, m.out_features, int(m.bias is not None)]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            counts[name] = [m.num_features]
+    return counts
+
+
+def _resized(m: nn.Module, count: list[int]) -> nn.Module:
+    """An uninitialised copy of layer ``m`` with other channel counts (same device, dtype)."""
+    ref = next(m.parameters(), None)
+    ref = ref if ref is not None else next(m.buffers())
+    like = {"device": ref.device, "dtype": ref.dtype}
+    if isinstance(m, nn.Conv2d):
+        n_in, n_out, groups, bias = count
+        new = nn.Conv2d(n_in, n_out, m.kernel_size, m.stride, m.padding, m.dilation, groups,
+                        bool(bias), m.padding_mode, **like)  # fmt: skip
+    elif isinstance(m, nn.Linear):
+        n_in, n_out, bias = count
+        new = nn.Linear(n_in, n_out, bool(bias), **like)
+    else:
+        new = type(m)(count[0], m.eps, m.momentum, m.affine, m.track_running_stats, **like)
+    return new.train(m.training)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def resize_layers(model: nn.Module, counts: ChannelCounts, source: str = "checkpoint") -> nn.Module:
+    """Replace ``model``'s layers in place by empty ones with the given channel counts.
+
+    Used to rebuild a pruned network from its architecture before loading its weights.
+    """
+    current = channel_counts(model)
+    unknown = sorted(set(counts) - set(current))
+    if unknown:
+        raise NetslimError(
+            f"{source} names layers the architecture does not have: {', '.join(unknown[:5])}"
+        )
+    for name, count in counts.items():
+        if list(count) != current[name]:
+            if len(count) != len(current[name]):
+                raise NetslimError(f"{source}: bad channel counts {count} for layer {name}")
+            _replace(model, name, _resized(model.get_submodule(name), list(count)))
+    return model
+
+
+def _compensation(model: nn.Module, plan: PrunePlan) -> dict[str, torch.Tensor]:
+    """Layer name -> the shift to add to its output (one value per original output channel)."""
+    # a depthwise conv loses its output channel with its input channel: nothing to fold
+    readers = {name: ~plan.kept_of(layer.inputs) for name, layer in plan.graph.layers.items()
+               if layer.kind != "depthwise" and not bool(plan.kept_of(layer.inputs).all())}  # fmt: skip
+    if not readers:
+        return {}
+    zeroed = masked_copy(model, plan.masks, zero_beta=False).eval()
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        zeroed.get_submodule(name).register_forward_hook(
+            lambda m, inputs, out, name=name: seen.__setitem__(name, inputs[0].detach())
+        )
+        for name in readers
+    ]
+    param = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *plan.graph.input_size[1:]), generator=generator)
+    try:
+        with torch.no_grad():
+            zeroed(x.to(param.device, param.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    shifts = {}
+    for name, removed in readers.items():
+        weight = model.get_submodule(name).weight.detach()
+        values = seen[name][:, removed.to(seen[name].device)]  # (N, removed, H, W) or (N, removed)
+        if values.dim() == 4:
+            h, w = values.shape[2] // 2, values.shape[3] // 2
+            ref = values[0, :, h, w]
+            spread = (values - ref[None, :, None, None]).abs().amax(dim=(0, 2, 3))
+            weight = weight[:, removed.to(weight.device)].sum(dim=(2, 3))
+        else:
+            ref = values[0]
+            spread = (values - ref).abs().amax(dim=0)
+            weight = weight[:, removed.to(weight.device)]
+        # Only constant inputs can be folded; anything else stays dropped as in the official code.
+        constant = torch.where(spread <= 1e-5 * (1 + ref.abs()), ref, torch.zeros_like(ref))
+        if bool((constant != 0).any()):
+            shifts[name] = weight @ constant
+    return shifts
+
+
+def _copy_norm(
+    old: nn.Module, new: nn.Module, idx: torch.Tensor, shift: torch.Tensor | None
+) -> None:
+    if old.affine:
+        new.weight.copy_(old.weight[idx])
+        new.bias.copy_(old.bias[idx])
+    if old.track_running_stats:
+        mean = old.running_mean if shift is None else old.running_mean - shift
+        new.running_mean.copy_(mean[idx])
+        new.running_var.copy_(old.running_var[idx])
+        new.num_batches_tracked.copy_(old.num_batches_tracked)
+
+
+def _copy_layer(old: nn.Module, new: nn.Module, layer: Layer, i: torch.Tensor, o: torch.Tensor,
+                shift: torch.Tensor | None) -> None:  # fmt: skip
+    weight = old.weight[o]
+    if layer.kind in ("conv", "linear"):
+        weight = weight[:, i]
+    new.weight.copy_(weight)
+    if new.bias is not None:
+        bias = old.bias if old.bias is not None else old.weight.new_zeros(old.weight.shape[0])
+        new.bias.copy_((bias if shift is None else bias + shift)[o])
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: PrunePlan, compensate: bool = True) -> nn.Module:
+    """The smaller network keeping ``plan``'s channels, with their weights copied in.
+
+    ``model`` is not modified. See the module docs for ``compensate``.
+    """
+    graph = plan.graph
+    missing = [n for n in graph.layers if n not in dict(model.named_modules())]
+    if missing:
+        raise NetslimError(f"the prune plan is for another network: no layer {missing[0]}")
+    shifts = _compensation(model, plan) if compensate else {}
+    into_norm = {layer.norm: shifts.pop(name) for name, layer in graph.layers.items()
+                 if name in shifts and layer.norm is not None}  # fmt: skip
+    pruned = copy.deepcopy(model)
+    counts = channel_counts(model)
+    for name, layer in graph.layers.items():
+        n_in, n_out = int(plan.kept_of(layer.inputs).sum()), int(plan.kept_of(layer.outputs).sum())
+        old = counts[name]
+        if layer.kind == "linear":
+            counts[name] = [n_in, n_out, int(old[2] or name in shifts)]
+        else:
+            groups = n_out if layer.kind == "depthwise" else old[2]
+            counts[name] = [n_in, n_out, groups, int(old[3] or name in shifts)]
+    for name, space in graph.norms.items():
+        counts[name] = [int(plan.kept_of(space).sum())]
+    resize_layers(pruned, counts)
+    device = next(model.parameters()).device
+    for name, layer in graph.layers.items():
+        i = plan.kept_of(layer.inputs).nonzero().flatten().to(device)
+        o = plan.kept_of(layer.outputs).nonzero().flatten().to(device)
+        _copy_layer(model.get_submodule(name), pruned.get_submodule(name), layer, i, o,
+                    shifts.get(name))  # fmt: skip
+    for name, space in graph.norms.items():
+        idx = plan.kept_of(space).nonzero().flatten().to(device)
+        _copy_norm(model.get_submodule(name), pruned.get_submodule(name), idx, into_norm.get(name))
+    return pruned
+
+
+def prune(
+    model: nn.Module, ratio: float, *, compensate: bool = True, min_keep: float = 0.01
+) -> tuple[nn.Module, PrunePlan]:
+    """Plan and carry out pruning of ``model`` at ``ratio``: returns (pruned model, plan)."""
+    plan = plan_pruning(model, ratio, min_keep=min_keep)
+    return apply_plan(model, plan, compensate=compensate), plan
