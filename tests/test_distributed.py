@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_imagefolder import write_images
 from torch import nn
 
 import netslim
 from netslim import cli, distributed
 from netslim.data import augment, make_synthetic
 from netslim.errors import NetslimError
+from netslim.imagefolder import load_imagefolder
 from netslim.models import VGG
 from netslim.sparsity import add_bn_l1_grad, batchnorms
 
@@ -150,3 +152,20 @@ def test_world_size_without_torchrun_variables_is_a_clear_error(monkeypatch, cap
         monkeypatch.delenv(name, raising=False)
     assert cli.main([*TRAIN, "--out", str(tmp_path)]) == 2
     assert "start netslim with torchrun" in capsys.readouterr().err
+
+
+def test_two_processes_stream_an_image_folder(tmp_path):
+    write_images(tmp_path / "images", "train", 16, seed=0)
+    write_images(tmp_path / "images", "val", 6, seed=1)
+    args = ["train", "--dataset", "imagefolder", "--data-root", str(tmp_path / "images"),
+            "--loader", "stream", "--workers", "1", "--arch", "vgg11-small",
+            "--epochs", "1", "--batch-size", "12", "--precision", "fp32", "--device", "cpu",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    done = torchrun(tmp_path / "dump", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert same(state(tmp_path / "dump" / "rank0.pt"), state(tmp_path / "dump" / "rank1.pt"))
+    data = load_imagefolder(tmp_path / "images")
+    logged = netslim.train.read_metrics(tmp_path / "run")[-1]["test_acc"]
+    assert netslim.evaluate(netslim.load(tmp_path / "run" / "last.pth"), data)[1] == pytest.approx(
+        logged
+    )

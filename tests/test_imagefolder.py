@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from netslim import cli
+from netslim import cli, distributed
 from netslim.checkpoint import load
 from netslim.data import eval_batches, load_dataset, train_batches
 from netslim.errors import NetslimError
@@ -101,6 +101,13 @@ def test_bad_folders_and_files_are_clear_errors(folder, tmp_path):
         load_imagefolder(folder, image_size=0)
 
 
+def test_an_image_size_the_network_cannot_take_is_a_clear_error(folder, tmp_path, capsys):
+    train = ["train", "--dataset", "imagefolder", "--data-root", str(folder), "--arch",
+             "vgg11-small", "--image-size", "64", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(train) == 2
+    assert "cannot take 64x64 images" in capsys.readouterr().err
+
+
 def test_train_streamed_then_prune_on_the_command_line(folder, tmp_path, capsys):
     run = tmp_path / "run"
     train = ["train", "--dataset", "imagefolder", "--data-root", str(folder), "--arch",
@@ -118,3 +125,18 @@ def test_train_streamed_then_prune_on_the_command_line(folder, tmp_path, capsys)
     assert sum(c for c in small.cfg if c != "M") < sum(
         c for c in load(run / "last.pth").cfg if c != "M"
     )
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_process_streams_its_share_of_the_in_memory_batches(folder, monkeypatch, rank):
+    memory = load_imagefolder(folder, image_size=16)
+    stream = stream_imagefolder(folder, image_size=16, workers=0)
+    whole = list(train_batches(memory, 10, torch.Generator().manual_seed(5)))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    shares = list(stream.train_batches(10, torch.Generator().manual_seed(5)))
+    assert len(shares) == len(whole) == 4  # 36 images: three of 10 and one of 6
+    for (x, y), (xs, ys) in zip(whole, shares):
+        half = len(y) // 2
+        rows = slice(0, half) if rank == 0 else slice(half, len(y))
+        assert torch.equal(xs, x[rows]) and torch.equal(ys, y[rows])

@@ -16,7 +16,7 @@ from netslim import distributed
 from netslim.checkpoint import arch_name, model_from_checkpoint, read_checkpoint, save_checkpoint
 from netslim.data import DATASETS, Dataset, load_dataset
 from netslim.errors import NetslimError
-from netslim.imagefolder import LOADERS, RESIZE_POLICIES, open_imagefolder
+from netslim.imagefolder import LOADERS, RESIZE_POLICIES, check_image_size, open_imagefolder
 from netslim.lab import DEMO, LabConfig, run_lab
 from netslim.models import ARCHS, build_model
 from netslim.pruning import check_ratio
@@ -248,6 +248,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     torch.manual_seed(args.seed)
     model = build_model(args.arch, num_classes=data.num_classes)
+    if args.dataset == "imagefolder":
+        check_image_size(model, args.image_size)
     fit(
         config, data, model, args.out, meta={"arch": args.arch, "kind": "train"}, resume=args.resume
     )
@@ -267,6 +269,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     meta = {"arch": arch, "kind": "finetune", "source": str(args.checkpoint)}
     if "prune" in (ckpt.get("netslim") or {}):
         meta["prune"] = ckpt["netslim"]["prune"]
+    if args.dataset == "imagefolder":
+        check_image_size(model, args.image_size)
     fit(config, data, model, args.out, meta=meta, resume=args.resume)
     if distributed.is_main():
         print(f"done: fine-tuned checkpoints in {args.out}/ (last.pth, best.pth)")
@@ -281,6 +285,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     data = None
     if args.dataset is not None:
         data = _load_data(args)
+        if args.dataset == "imagefolder":
+            check_image_size(model, args.image_size)
     elif args.train_size or args.test_size:
         raise NetslimError("--train-size/--test-size need --dataset")
     dtype = pick_precision("auto", data.train_images.device) if data is not None else None

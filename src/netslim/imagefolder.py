@@ -373,3 +373,25 @@ def open_imagefolder(
     if loader == "memory":
         return load_imagefolder(root, **options).to(device)
     return stream_imagefolder(root, **options).to(device)
+
+
+def check_image_size(model: torch.nn.Module, image_size: int) -> None:
+    """Raise NetslimError if ``model`` cannot classify ``image_size`` squared images.
+
+    The CIFAR VGGs, for one, pool 32x32 inputs down to one vector and take no other size.
+    One forward of a blank image on the model's device finds out.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    except RuntimeError as e:
+        detail = str(e).splitlines()[0][:200]
+        raise NetslimError(
+            f"the network cannot take {image_size}x{image_size} images ({detail}); "
+            "choose another --image-size (the CIFAR VGGs take 32)"
+        ) from None
+    finally:
+        model.train(was_training)
