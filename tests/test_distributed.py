@@ -112,6 +112,21 @@ def test_global_batch_must_split_evenly():
         distributed.per_rank_batch(64, 3)
 
 
+def test_a_batch_size_that_does_not_split_stops_every_rank_clearly(tmp_path):
+    args = [*TRAIN, "--batch-size", "63", "--out", str(tmp_path / "run")]
+    done = torchrun(tmp_path / "dump", *args, timeout=60)
+    assert done.returncode != 0
+    for rank in (0, 1):
+        assert f"error (rank {rank}): --batch-size 63 does not divide by the 2" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_sync_bn_on_the_cpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    with pytest.raises(NetslimError, match="--sync-bn needs GPUs"):
+        distributed.wrap_model(VGG([4]), sync_bn=True)
+
+
 def test_a_share_of_a_batch_is_augmented_as_within_the_whole_batch():
     images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
     whole = augment(images, torch.Generator().manual_seed(3))

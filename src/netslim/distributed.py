@@ -162,7 +162,7 @@ def per_rank_batch(batch_size: int, world: int | None = None) -> int:
         raise NetslimError(
             f"--batch-size {batch_size} does not divide by the {world} processes: it is the "
             f"global batch, split evenly over them; use a multiple of {world}, "
-            f"e.g. {batch_size - batch_size % world or world}"
+            f"e.g. {batch_size + world - batch_size % world}"
         )
     return batch_size // world
 
