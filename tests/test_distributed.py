@@ -152,7 +152,8 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.sum_over_ranks(torch.tensor(2.0), 3) == [2.0, 3.0]
 
 
-@pytest.mark.parametrize("command", [["demo", "--out", "x"], ["info", "x.pth"]])
+@pytest.mark.parametrize("command", [["prune", "x.pth", "--ratio", "0.5", "--out", "y"],
+                                     ["info", "x.pth"]])  # fmt: skip
 def test_commands_that_are_not_distributed_refuse_torchrun(monkeypatch, capsys, command):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -184,3 +185,19 @@ def test_two_processes_stream_an_image_folder(tmp_path):
     assert netslim.evaluate(netslim.load(tmp_path / "run" / "last.pth"), data)[1] == pytest.approx(
         logged
     )
+
+
+def test_the_lab_under_torchrun(tmp_path):
+    args = ["demo", "--train-size", "256", "--test-size", "128", "--epochs", "1",
+            "--finetune-epochs", "1", "--lams", "0", "1e-2", "--prune-lam", "1e-2",
+            "--ratios", "0.5", "--sweep", "0.3", "--recalibrate", "1", "--precision", "fp32",
+            "--device", "cpu", "--out", str(tmp_path / "lab")]  # fmt: skip
+    done = torchrun(tmp_path / "dump", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lab = tmp_path / "lab"
+    assert (lab / "report.html").is_file() and done.stdout.count("done: report") == 1
+    # the last fit, the fine-tuning, ends identical on both ranks, as saved by rank 0
+    finetuned = state(lab / "finetune" / "ratio=0.5" / "last.pth")
+    assert same(state(tmp_path / "dump" / "rank0.pt"), finetuned)
+    assert same(state(tmp_path / "dump" / "rank1.pt"), finetuned)
+    assert len(netslim.train.read_metrics(lab / "train" / "lam=1e-2")) == 1

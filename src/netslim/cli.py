@@ -440,7 +440,8 @@ def cmd_lab(args: argparse.Namespace) -> None:
     names = {f.name for f in fields(LabConfig)}
     config = LabConfig(**{k: v for k, v in vars(args).items() if k in names})
     report = run_lab(config, args.out, download=args.download)
-    print(f"done: report in {report} (self-contained) and {report.with_suffix('.md')}")
+    if distributed.is_main():
+        print(f"done: report in {report} (self-contained) and {report.with_suffix('.md')}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -455,11 +456,11 @@ COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "i
 
 
 def check_torchrun_command(command: str) -> None:
-    """Under torchrun only ``train`` and ``finetune`` make sense; refuse the rest clearly."""
-    if distributed.launched_by_torchrun() and command not in ("train", "finetune"):
+    """Under torchrun only training makes sense; refuse the other commands clearly."""
+    if distributed.launched_by_torchrun() and command not in ("train", "finetune", "lab", "demo"):
         raise NetslimError(
-            f"netslim {command} does not run under torchrun (only train and finetune are "
-            f"distributed); run it as a single process: netslim {command} ..."
+            f"netslim {command} does not run under torchrun (only train, finetune, lab and "
+            f"demo are distributed); run it as a single process: netslim {command} ..."
         )
 
 

@@ -32,6 +32,7 @@ import contextlib
 import datetime
 import os
 from collections.abc import Iterator
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,7 @@ from torch import nn
 from netslim.errors import NetslimError
 
 DEFAULT_TIMEOUT_MINUTES = 30.0
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -150,6 +152,17 @@ def main_first() -> Iterator[None]:
     yield
     if is_main():
         barrier()
+
+
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """Run ``fn`` on rank 0 alone while the other processes wait for it to finish.
+
+    Returns its result on rank 0, None elsewhere. For work that only one process should
+    do (pruning, writing a report) between stages that all processes share.
+    """
+    result = fn(*args, **kwargs) if is_main() else None
+    barrier()
+    return result
 
 
 def per_rank_batch(batch_size: int, world: int | None = None) -> int:
