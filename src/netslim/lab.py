@@ -321,8 +321,8 @@ def train_stage(
     """Run ``fit`` into ``run_dir``: skip it when finished, continue it when interrupted."""
     done = epochs_done(run_dir)
     if done >= config.epochs:
-        if len(read_metrics(run_dir)) < done and distributed.is_main():  # stopped between
-            # last.pth and metrics.jsonl
+        # Stopped between last.pth and metrics.jsonl; rank 0 alone writes under torchrun.
+        if len(read_metrics(run_dir)) < done and distributed.is_main():
             history = read_checkpoint(run_dir / "last.pth")["netslim"]["history"]
             lines = "".join(json.dumps(record) + "\n" for record in history)
             atomic_write_text(run_dir / "metrics.jsonl", lines)

@@ -20,6 +20,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -202,8 +203,13 @@ def train_epoch(
     return loss_sum / total, 100.0 * correct / total
 
 
-def _train_batches(data: Dataset, batch_size: int, generator: torch.Generator):
-    """This process's share of one epoch's batches (all of them in a single process)."""
+def _train_batches(
+    data: Dataset, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's share of one epoch's batches (all of them in a single process).
+
+    ``data`` is a Dataset in memory or an ImageFolderStream (see :mod:`netslim.imagefolder`).
+    """
     if isinstance(data, Dataset):
         return distributed.shard_batches(train_batches(data, batch_size, generator))
     return data.train_batches(batch_size, generator)  # a stream reads only its own share
@@ -310,7 +316,8 @@ def fit(
 
     Args:
         config: the recipe (epochs, lr, lam, ...).
-        data: the dataset, already on the training device.
+        data: the dataset, already on the training device (or an image folder streamed
+            from disk, :class:`netslim.imagefolder.ImageFolderStream`).
         model: the network to train (moved to the data's device); replaced by the one
             in ``last.pth`` when resuming.
         out_dir: run folder for ``metrics.jsonl``, ``last.pth`` and ``best.pth``.
