@@ -9,11 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from netslim import cli, distributed
+from netslim import cli, distributed, imagefolder
 from netslim.checkpoint import load
-from netslim.data import eval_batches, load_dataset, train_batches
+from netslim.data import Dataset, eval_batches, load_dataset, train_batches
 from netslim.errors import NetslimError
-from netslim.imagefolder import decode_image, load_imagefolder, open_imagefolder, stream_imagefolder
+from netslim.imagefolder import (
+    ImageFolderStream,
+    decode_image,
+    load_imagefolder,
+    open_imagefolder,
+    stream_imagefolder,
+)
 
 CLASSES = ("cat", "dog", "emu")
 
@@ -79,9 +85,13 @@ def test_streaming_gives_the_same_batches_as_memory_for_the_same_seed(folder):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_auto_loader_picks_memory_when_it_fits(folder):
-    assert hasattr(open_imagefolder(folder, image_size=16), "train_images")
-    assert hasattr(open_imagefolder(folder, image_size=16, loader="stream"), "train_files")
+def test_auto_loader_picks_memory_when_it_fits(folder, monkeypatch):
+    assert isinstance(open_imagefolder(folder, image_size=16), Dataset)
+    assert isinstance(open_imagefolder(folder, image_size=16, loader="stream"), ImageFolderStream)
+    assert imagefolder.fits_in_memory(1000, 32, torch.device("cpu"))
+    assert not imagefolder.fits_in_memory(10**12, 32, torch.device("cpu"))
+    monkeypatch.setattr(imagefolder, "fits_in_memory", lambda *args: False)
+    assert isinstance(open_imagefolder(folder, image_size=16), ImageFolderStream)
 
 
 def test_bad_folders_and_files_are_clear_errors(folder, tmp_path):
@@ -99,6 +109,8 @@ def test_bad_folders_and_files_are_clear_errors(folder, tmp_path):
     assert "Traceback" not in str(err.value)
     with pytest.raises(NetslimError, match="--image-size"):
         load_imagefolder(folder, image_size=0)
+    with pytest.raises(NetslimError, match="--workers"):
+        stream_imagefolder(folder, workers=-1)
 
 
 def test_an_image_size_the_network_cannot_take_is_a_clear_error(folder, tmp_path, capsys):

@@ -180,13 +180,17 @@ def _stats_rows(n: int) -> list[int]:
     return [i * n // k for i in range(k)]
 
 
-def _check_options(image_size: int, resize: str) -> None:
+def _check_options(image_size: int, resize: str, workers: int | None) -> int:
+    """Raise NetslimError for a bad option; return the number of workers to use."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise NetslimError(
             f"--image-size must be a whole number of pixels >= 8, got {image_size!r}"
         )
     if resize not in RESIZE_POLICIES:
         raise NetslimError(f"--resize must be one of {', '.join(RESIZE_POLICIES)}, got {resize!r}")
+    if workers is not None and workers < 0:
+        raise NetslimError(f"--workers must be >= 0 (0: decode in this process), got {workers}")
+    return default_workers() if workers is None else workers
 
 
 def default_workers() -> int:
@@ -205,9 +209,8 @@ def load_imagefolder(
     workers: int | None = None,
 ) -> Dataset:
     """Decode a whole image folder into an in-memory uint8 :class:`~netslim.data.Dataset`."""
-    _check_options(image_size, resize)
+    workers = _check_options(image_size, resize, workers)
     listing = scan_imagefolder(root, train_size, test_size)
-    workers = default_workers() if workers is None else workers
     cpu = torch.device("cpu")
 
     def decode_all(files: list[str], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,9 +312,8 @@ def stream_imagefolder(
     workers: int | None = None,
 ) -> ImageFolderStream:
     """Open an image folder for streaming; only the mean and std images are decoded now."""
-    _check_options(image_size, resize)
+    workers = _check_options(image_size, resize, workers)
     listing = scan_imagefolder(root, train_size, test_size)
-    workers = default_workers() if workers is None else workers
     labels = torch.tensor(listing.train_labels)
     rows = _stats_rows(len(listing.train_files))
     sample = _DecodedImages(
@@ -339,11 +341,13 @@ def stream_imagefolder(
 
 def fits_in_memory(n_images: int, image_size: int, device: torch.device) -> bool:
     """Whether ``n_images`` decoded uint8 images take at most a quarter of the memory they
-    would live in (the machine's RAM, and the GPU's memory for a CUDA device)."""
+    would live in: the machine's RAM, shared by the processes torchrun starts on it (each
+    holds a copy), and the GPU's memory for a CUDA device."""
     need = n_images * 3 * image_size * image_size
-    budgets = (
-        [os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")] if hasattr(os, "sysconf") else []
-    )
+    budgets = []
+    if hasattr(os, "sysconf"):
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        budgets.append(ram // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if device.type == "cuda":
         budgets.append(torch.cuda.get_device_properties(device).total_memory)
     return all(need <= budget // 4 for budget in budgets)
