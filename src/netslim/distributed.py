@@ -17,6 +17,10 @@ How the work is split:
 * DistributedDataParallel averages gradients across processes inside ``backward()``;
   the L1 term ``lam * sign(gamma)`` is then added on every process to identical
   gradients and identical gammas, so the parameters stay identical.
+* BatchNorm normalises each process's slice (with ``--sync-bn``, on GPUs, the global
+  batch); before each evaluation every process takes rank 0's running statistics, the
+  ones that are saved. The last, partial batch of an epoch is split as evenly as it
+  goes (slices differ by at most one image, and DDP weighs them equally).
 * Loss, accuracy and image counts are summed over processes before they are logged,
   and each process evaluates a contiguous block of the test split.
 * Only rank 0 writes files and prints.
