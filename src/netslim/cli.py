@@ -15,9 +15,11 @@ from dataclasses import asdict, fields
 import torch
 from torch import nn
 
+from netslim import distributed
 from netslim.checkpoint import arch_name, model_from_checkpoint, read_checkpoint, save_checkpoint
 from netslim.data import DATASETS, Dataset, load_dataset
 from netslim.errors import NetslimError
+from netslim.imagefolder import LOADERS, RESIZE_POLICIES, check_image_size, open_imagefolder
 from netslim.lab import DEMO, LabConfig, run_lab
 from netslim.models import ARCHS, VGG, build_model, num_outputs
 from netslim.multipass import run_multipass
@@ -104,6 +106,44 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int, lam: float) -> None
     )
 
 
+def _add_scale_args(p: argparse.ArgumentParser, train: bool = True) -> None:
+    """Flags for your own images (``--dataset imagefolder``) and, with ``train``, for
+    training: how to feed the images, and torchrun's ``--sync-bn``."""
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=DEFAULTS.image_size,
+        help="imagefolder: images are resized to this square size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--resize",
+        default=DEFAULTS.resize,
+        choices=RESIZE_POLICIES,
+        help="imagefolder: 'crop' scales the shorter side and cuts the centre square, "
+        "'stretch' ignores the aspect ratio (default: %(default)s)",
+    )
+    if not train:  # pruning needs the images in memory (and uses few of them)
+        return
+    p.add_argument(
+        "--loader",
+        default="auto",
+        choices=LOADERS,
+        help="imagefolder: 'memory' decodes all images once, 'stream' decodes each "
+        "batch in DataLoader workers; auto: memory if it fits (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="imagefolder: image-decoding processes (default: CPUs per process, at most 8)",
+    )
+    p.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun on GPUs: BatchNorm statistics over the global batch",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="netslim",
@@ -119,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=DEFAULTS.arch, choices=ARCHS, help="default: %(default)s")
     _add_data_args(p)
     _add_train_args(p, DEFAULTS.epochs, lam=1e-4)
+    _add_scale_args(p)
 
     p = sub.add_parser(
         "prune",
@@ -160,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --dataset: re-estimate BN statistics on N batches of 128 training images (0: off; default: %(default)s)",
     )
+    _add_scale_args(p, train=False)
 
     p = sub.add_parser(
         "finetune",
@@ -172,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(p)
     _add_train_args(p, DEFAULTS.epochs, lam=0.0)
+    _add_scale_args(p)
 
     p = sub.add_parser(
         "multipass",
@@ -197,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recalibrate", type=int, default=16, metavar="N", help="default: %(default)s")
     _add_data_args(p)
     _add_train_args(p, DEFAULTS.epochs, lam=1e-4)
+    _add_scale_args(p)
 
     p = sub.add_parser(
         "info",
@@ -211,9 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_data(args: argparse.Namespace) -> Dataset:
-    device = pick_device(args.device)
-    data = load_dataset(args.dataset, args.data_root, seed=args.seed, download=args.download,
-                        train_size=args.train_size, test_size=args.test_size)  # fmt: skip
+    device = pick_device(distributed.local_device(args.device))
+    if args.dataset == "imagefolder":
+        return open_imagefolder(args.data_root, image_size=args.image_size, resize=args.resize,
+                                loader=getattr(args, "loader", "memory"), device=device,
+                                train_size=args.train_size, test_size=args.test_size,
+                                workers=getattr(args, "workers", None))  # fmt: skip
+    with distributed.main_first():  # one process downloads, the others then read
+        data = load_dataset(args.dataset, args.data_root, seed=args.seed, download=args.download,
+                            train_size=args.train_size, test_size=args.test_size)  # fmt: skip
     return data.to(device)
 
 
@@ -223,7 +273,8 @@ def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, seed=args.seed, sparsity_threshold=args.sparsity_threshold,
         precision=args.precision, device=args.device, train_size=args.train_size,
-        test_size=args.test_size, compile=args.compile,
+        test_size=args.test_size, compile=args.compile, image_size=args.image_size,
+        resize=args.resize, sync_bn=args.sync_bn,
     )  # fmt: skip
 
 
@@ -233,7 +284,10 @@ def _new_run(args: argparse.Namespace) -> tuple[TrainConfig, Dataset, nn.Module]
     config.check()
     data = _load_data(args)
     torch.manual_seed(args.seed)
-    return config, data, build_model(args.arch, num_classes=data.num_classes)
+    model = build_model(args.arch, num_classes=data.num_classes)
+    if args.dataset == "imagefolder":
+        check_image_size(model, args.image_size)
+    return config, data, model
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -241,9 +295,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     fit(
         config, data, model, args.out, meta={"arch": args.arch, "kind": "train"}, resume=args.resume
     )
-    print(
-        f"done: checkpoints in {args.out}/ (last.pth, best.pth), metrics in {args.out}/metrics.jsonl"
-    )
+    if distributed.is_main():
+        print(
+            f"done: checkpoints in {args.out}/ (last.pth, best.pth), metrics in {args.out}/metrics.jsonl"
+        )
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -256,8 +311,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     meta = {"arch": arch, "kind": "finetune", "source": str(args.checkpoint)}
     if "prune" in (ckpt.get("netslim") or {}):
         meta["prune"] = ckpt["netslim"]["prune"]
+    if args.dataset == "imagefolder":
+        check_image_size(model, args.image_size)
     fit(config, data, model, args.out, meta=meta, resume=args.resume)
-    print(f"done: fine-tuned checkpoints in {args.out}/ (last.pth, best.pth)")
+    if distributed.is_main():
+        print(f"done: fine-tuned checkpoints in {args.out}/ (last.pth, best.pth)")
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -269,6 +327,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     data = None
     if args.dataset is not None:
         data = _load_data(args)
+        if args.dataset == "imagefolder":
+            check_image_size(model, args.image_size)
     elif args.train_size or args.test_size:
         raise NetslimError("--train-size/--test-size need --dataset")
     dtype = pick_precision("auto", data.train_images.device) if data is not None else None
@@ -436,7 +496,8 @@ def cmd_lab(args: argparse.Namespace) -> None:
     names = {f.name for f in fields(LabConfig)}
     config = LabConfig(**{k: v for k, v in vars(args).items() if k in names})
     report = run_lab(config, args.out, download=args.download)
-    print(f"done: report in {report} (self-contained) and {report.with_suffix('.md')}")
+    if distributed.is_main():
+        print(f"done: report in {report} (self-contained) and {report.with_suffix('.md')}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -451,6 +512,15 @@ COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "i
             "lab": cmd_lab, "demo": cmd_lab, "report": cmd_report}  # fmt: skip
 
 
+def check_torchrun_command(command: str) -> None:
+    """Under torchrun only training makes sense; refuse the other commands clearly."""
+    if distributed.launched_by_torchrun() and command not in ("train", "finetune", "lab", "demo"):
+        raise NetslimError(
+            f"netslim {command} does not run under torchrun (only train, finetune, lab and "
+            f"demo are distributed); run it as a single process: netslim {command} ..."
+        )
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"netslim: warning: {message}", file=sys.stderr)
 
@@ -459,9 +529,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
-        COMMANDS[args.command](args)
+        check_torchrun_command(args.command)
+        with distributed.session(getattr(args, "device", "auto")):
+            COMMANDS[args.command](args)
     except NetslimError as e:
-        print(f"netslim: error: {e}", file=sys.stderr)
+        where = (
+            f" (rank {distributed.rank_from_env()})" if distributed.launched_by_torchrun() else ""
+        )
+        print(f"netslim: error{where}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "out", None)

@@ -6,12 +6,14 @@ Each batch is gathered by index, padded, cropped and flipped with batched tensor
 then normalised to float32.  This is the approach of Keller Jordan's airbench loader,
 and on a GPU it makes data loading essentially free.
 
-Three datasets are available (see :data:`DATASETS`):
+Four datasets are available (see :data:`DATASETS`):
 
 * ``"synthetic"``: generated in well under a second, no files needed.  Ten shape and
   texture classes drawn with random colours, so a CNN must look at shape, not colour.
 * ``"cifar10"`` / ``"cifar100"``: read from the official "python version" pickles,
   downloaded on first use if allowed.
+* ``"imagefolder"``: your own images in ``train/<class>/`` and ``val/<class>/`` folders,
+  resized to 32x32 (see :mod:`netslim.imagefolder` for other sizes and for streaming).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 
 from netslim.errors import NetslimError
 
-DATASETS: tuple[str, ...] = ("synthetic", "cifar10", "cifar100")
+DATASETS: tuple[str, ...] = ("synthetic", "cifar10", "cifar100", "imagefolder")
 
 DEFAULT_ROOT = Path("data")  # where CIFAR lives when no root is given (git-ignored)
 SYNTHETIC_TRAIN_SIZE = 10000
@@ -58,6 +60,11 @@ class Dataset:
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    @property
+    def device(self) -> torch.device:
+        """The device the images live on (and batches are made on)."""
+        return self.train_images.device
 
     def to(self, device: torch.device | str) -> Dataset:
         """Return a copy with all four tensors moved to ``device``."""
@@ -89,6 +96,7 @@ def load_dataset(
     Args:
         name: one of :data:`DATASETS`.
         root: folder holding (or receiving) the CIFAR folders; default ``./data``.
+            For ``"imagefolder"`` the folder holding ``train/`` and ``val/``.
             Ignored for ``"synthetic"``.
         seed: seed of the synthetic data; ignored for CIFAR.
         download: fetch a missing CIFAR archive from the official site.
@@ -103,6 +111,12 @@ def load_dataset(
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise NetslimError(f"{what} must be a positive whole number, got {size!r}")
 
+    if name == "imagefolder":
+        from netslim.imagefolder import load_imagefolder  # imports Pillow; others need not
+
+        if root is None:
+            raise NetslimError("the imagefolder dataset needs a root folder (--data-root DIR)")
+        return load_imagefolder(root, train_size=train_size, test_size=test_size)
     if name == "synthetic":
         return make_synthetic(
             n_train=SYNTHETIC_TRAIN_SIZE if train_size is None else train_size,
@@ -486,7 +500,9 @@ def _channel_tensor(values: Sequence[float] | torch.Tensor, device: torch.device
     return torch.as_tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(
+    images: torch.Tensor, generator: torch.Generator, *, start: int = 0, total: int | None = None
+) -> torch.Tensor:
     """Random-crop-with-padding and horizontal flip, the standard CIFAR augmentation.
 
     Each image is zero-padded by 4 pixels on every side (black, as torchvision's ``Pad(4)``
@@ -497,14 +513,21 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     generator for CUDA images).  They are drawn in this order, one per image each: the
     column offset ``torch.randint(0, 9)``, the row offset ``torch.randint(0, 9)``, then
     ``torch.rand() < 0.5`` for the flip.
+
+    ``images`` may also be rows ``start:start + B`` of a batch of ``total`` images (one
+    process's share of a global batch, see :mod:`netslim.distributed`): the random numbers
+    are then drawn for all ``total`` images and the rows' own are used, so the share is
+    augmented exactly as within the whole batch.
     """
     _check_generator(generator, images.device)
     device = images.device
     batch, channels, height, width = images.shape
+    total = batch if total is None else total
+    rows_of_batch = slice(start, start + batch)
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
-    left = torch.randint(0, 9, (batch,), generator=generator, device=device)
-    top = torch.randint(0, 9, (batch,), generator=generator, device=device)
-    flip = torch.rand(batch, generator=generator, device=device) < 0.5
+    left = torch.randint(0, 9, (total,), generator=generator, device=device)[rows_of_batch]
+    top = torch.randint(0, 9, (total,), generator=generator, device=device)[rows_of_batch]
+    flip = (torch.rand(total, generator=generator, device=device) < 0.5)[rows_of_batch]
 
     # Crop and flip in one gather: image b takes padded rows top[b] + i and columns
     # left[b] + j, with j running backwards when the image is flipped.

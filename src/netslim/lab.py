@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import torch
 
+from netslim import distributed
 from netslim.checkpoint import load, read_checkpoint, save_checkpoint
 from netslim.data import Dataset, load_dataset
 from netslim.errors import NetslimError
@@ -320,7 +321,8 @@ def train_stage(
     """Run ``fit`` into ``run_dir``: skip it when finished, continue it when interrupted."""
     done = epochs_done(run_dir)
     if done >= config.epochs:
-        if len(read_metrics(run_dir)) < done:  # stopped between last.pth and metrics.jsonl
+        # Stopped between last.pth and metrics.jsonl; rank 0 alone writes under torchrun.
+        if len(read_metrics(run_dir)) < done and distributed.is_main():
             history = read_checkpoint(run_dir / "last.pth")["netslim"]["history"]
             lines = "".join(json.dumps(record) + "\n" for record in history)
             atomic_write_text(run_dir / "metrics.jsonl", lines)
@@ -402,15 +404,19 @@ def run_lab(
 
     config.check()
     out = Path(out)
-    device = pick_device(config.device)
+    device = pick_device(distributed.local_device(config.device))
     dtype = pick_precision(config.precision, device)
     info = check_lab_folder(config, out)
     # Loaded before lab.json is written: a lab whose data cannot load leaves no folder behind.
-    data = load_dataset(
-        config.dataset, config.data_root, seed=config.seed, download=download,
-        train_size=config.train_size, test_size=config.test_size,
-    ).to(device)  # fmt: skip
-    record_lab(config, out, info, environment(device, dtype))
+    with distributed.main_first():  # one process downloads, the others then read
+        data = load_dataset(
+            config.dataset, config.data_root, seed=config.seed, download=download,
+            train_size=config.train_size, test_size=config.test_size,
+        ).to(device)  # fmt: skip
+    if not distributed.is_main():
+        log = _quiet  # under torchrun, rank 0 speaks and writes; the rest train and wait
+    # Under torchrun only training is shared; the other stages run on rank 0 alone.
+    distributed.on_main(record_lab, config, out, info, environment(device, dtype))
 
     def fresh_model() -> torch.nn.Module:
         torch.manual_seed(config.seed)  # every λ starts from the same weights
@@ -422,8 +428,8 @@ def run_lab(
         meta = {"arch": config.arch, "kind": "train"}
         train_stage(config.train_config(lam), data, fresh_model, run_dir, meta, log)
 
-    prune_stage(config, data, out, dtype, log)
-    sweep_stage(config, data, out, dtype, log)
+    distributed.on_main(prune_stage, config, data, out, dtype, log)
+    distributed.on_main(sweep_stage, config, data, out, dtype, log)
 
     for ratio in config.ratios:
         source = prune_path(out, config.prune_lam, ratio, ".pth")
@@ -434,4 +440,9 @@ def run_lab(
         train_stage(config.finetune_config(), data, lambda s=source: load(s), run_dir, meta, log)
 
     log("== report")
-    return render_report(out)
+    report = distributed.on_main(render_report, out)
+    return report or out / "report.html"  # on the other ranks: where rank 0 wrote it
+
+
+def _quiet(line: str) -> None:
+    pass

@@ -75,7 +75,7 @@ def run_multipass(
     check_ratio(ratio)
     config.check()
     out = Path(out)
-    dtype = pick_precision(config.precision, data.train_images.device)
+    dtype = pick_precision(config.precision, data.device)
     meta = {"arch": config.arch, "num_classes": num_outputs(model)}
     summary: list[dict[str, Any]] = []
     for k in range(1, passes + 1):

@@ -20,7 +20,8 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netslim import distributed
 from netslim.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from netslim.data import Dataset, eval_batches, num_batches, train_batches
 from netslim.errors import NetslimError
@@ -60,6 +62,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training and evaluation
     train_size: int | None = None
     test_size: int | None = None
+    image_size: int = 32  # imagefolder datasets are resized to this
+    resize: str = "crop"  # and how: see netslim.imagefolder
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm over the global batch
 
     def check(self) -> None:
         """Raise NetslimError naming the first setting that makes no sense."""
@@ -137,7 +142,7 @@ class Progress:
 
     def __init__(self, total: int, label: str):
         self.total, self.label = total, label
-        self.enabled = sys.stdout.isatty()
+        self.enabled = sys.stdout.isatty() and distributed.is_main()
         self.start = time.perf_counter()
 
     def update(self, step: int) -> None:
@@ -169,13 +174,13 @@ def train_epoch(
     label: str = "train",
 ) -> tuple[float, float]:
     """One epoch of (sparsity) training; returns (mean loss, accuracy in %)."""
-    device = data.train_images.device
+    device = data.device
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     total = 0
     progress = Progress(num_batches(len(data.train_labels), batch_size), label)
-    for step, (x, y) in enumerate(train_batches(data, batch_size, generator), start=1):
+    for step, (x, y) in enumerate(_train_batches(data, batch_size, generator), start=1):
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             out = model(x)
@@ -196,7 +201,34 @@ def train_epoch(
         total += len(y)
         progress.update(step)
     progress.close()
-    return loss_sum.item() / total, 100.0 * correct.item() / total
+    loss_sum, correct, total = distributed.sum_over_ranks(loss_sum, correct, total)
+    return loss_sum / total, 100.0 * correct / total
+
+
+def _train_batches(
+    data: Dataset, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's share of one epoch's batches (all of them in a single process).
+
+    ``data`` is a Dataset in memory or an ImageFolderStream (see :mod:`netslim.imagefolder`).
+    """
+    if isinstance(data, Dataset):
+        return distributed.shard_batches(train_batches(data, batch_size, generator))
+    return data.train_batches(batch_size, generator)  # a stream reads only its own share
+
+
+def _test_shard(data: Dataset) -> Dataset:
+    """``data`` with only this process's contiguous block of the test split."""
+    start, stop = distributed.shard_range(len(data.test_labels))
+    if stop == start:
+        raise NetslimError(
+            f"the test split has {len(data.test_labels)} images, fewer than the "
+            f"{distributed.world_size()} processes; use more test images or fewer processes"
+        )
+    if isinstance(data, Dataset):
+        return replace(data, test_images=data.test_images[start:stop],
+                       test_labels=data.test_labels[start:stop])  # fmt: skip
+    return data.test_shard(start, stop)
 
 
 @torch.inference_mode()
@@ -208,13 +240,18 @@ def evaluate(
     split: str = "test",
 ) -> tuple[float, float]:
     """Mean loss and accuracy (%) of ``model`` on a split of ``data``, in eval mode."""
-    device = data.test_images.device
+    device = data.device
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     total = 0
-    for x, y in eval_batches(data, batch_size, split=split):
+    batches = (
+        eval_batches(data, batch_size, split=split)
+        if isinstance(data, Dataset)
+        else data.eval_batches(batch_size, split=split)
+    )
+    for x, y in batches:
         with autocast(device, dtype):
             out = model(x.contiguous(memory_format=torch.channels_last))
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
@@ -281,7 +318,8 @@ def fit(
 
     Args:
         config: the recipe (epochs, lr, lam, ...).
-        data: the dataset, already on the training device.
+        data: the dataset, already on the training device (or an image folder streamed
+            from disk, :class:`netslim.imagefolder.ImageFolderStream`).
         model: the network to train (moved to the data's device); replaced by the one
             in ``last.pth`` when resuming.
         out_dir: run folder for ``metrics.jsonl``, ``last.pth`` and ``best.pth``.
@@ -293,8 +331,11 @@ def fit(
         The metrics records of all epochs of the run (earlier ones too, when resumed).
     """
     config.check()
+    distributed.per_rank_batch(config.batch_size)  # fails early if it does not split evenly
+    if not distributed.is_main():
+        log = _quiet  # one process speaks for all
     out = Path(out_dir)
-    device = data.train_images.device
+    device = data.device
     dtype = pick_precision(config.precision, device)
     if num_outputs(model) != data.num_classes:
         raise NetslimError(
@@ -332,10 +373,17 @@ def fit(
         raise NetslimError(
             f"{out} already holds a run; pass --resume to continue it or choose another --out"
         )
-    # The compiled module shares its parameters with ``model``, which is what gets saved.
-    run_model = torch.compile(model) if config.compile else model
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+    # Every process has checked the folder (and read last.pth) before rank 0 writes to it.
+    distributed.barrier()
+    # DDP and the compiled module share their parameters with ``model``, which is what
+    # gets saved. Evaluation runs on each process alone, so never through DDP.
+    train_model = distributed.wrap_model(model, config.sync_bn)
+    run_model = torch.compile(train_model) if config.compile else train_model
+    eval_model = run_model if train_model is model else model
+    test_shard = _test_shard(data)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=2) + "\n")
 
     for epoch in range(start_epoch, config.epochs):
         lr = lr_at(epoch, config.lr, config.epochs)
@@ -360,7 +408,11 @@ def fit(
                 f"training diverged: the loss became {train_loss} in epoch {epoch + 1}; stopped. "
                 f"Last good checkpoint: {kept}. Try a lower --lr or --lam, or --precision fp32."
             )
-        test_loss, test_acc = evaluate(run_model, data, config.eval_batch_size, dtype)
+        distributed.broadcast_buffers(model)  # evaluate and save rank 0's BN statistics
+        test_loss, test_acc = evaluate(eval_model, test_shard, config.eval_batch_size, dtype)
+        test_loss, test_acc = distributed.mean_over_ranks(
+            (test_loss, test_acc), len(test_shard.test_labels)
+        )
         record = {
             "epoch": epoch + 1, "epochs": config.epochs, "lr": lr,
             "train_loss": train_loss, "train_acc": train_acc,
@@ -384,9 +436,15 @@ def fit(
         }  # fmt: skip
         if isinstance(model, VGG):
             checkpoint["cfg"] = list(model.cfg)  # what the paper's code reads
-        save_checkpoint(checkpoint, out / "last.pth")
-        if is_best:
-            save_checkpoint(checkpoint, out / "best.pth")
-        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        if distributed.is_main():
+            save_checkpoint(checkpoint, out / "last.pth")
+            if is_best:
+                save_checkpoint(checkpoint, out / "best.pth")
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        distributed.barrier()  # no process reads the run folder before rank 0 has written it
         log(_epoch_line(record))
     return history
+
+
+def _quiet(line: str) -> None:
+    pass
