@@ -201,3 +201,13 @@ def test_the_lab_under_torchrun(tmp_path):
     assert same(state(tmp_path / "dump" / "rank0.pt"), finetuned)
     assert same(state(tmp_path / "dump" / "rank1.pt"), finetuned)
     assert len(netslim.train.read_metrics(lab / "train" / "lam=1e-2")) == 1
+
+
+def test_fewer_training_images_than_processes_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    data = make_synthetic(n_train=1, n_test=4, seed=0)
+    config = netslim.TrainConfig(arch="vgg11-small", dataset="synthetic", epochs=1,
+                                 batch_size=2, precision="fp32", device="cpu")  # fmt: skip
+    with pytest.raises(NetslimError, match="1 images, fewer than the 2 processes"):
+        netslim.fit(config, data, netslim.build_model("vgg11-small"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

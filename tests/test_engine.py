@@ -302,3 +302,27 @@ def test_grouped_conv_channels_are_kept_and_the_rest_pruned():
     assert pruned.g.groups == 2 and pruned.a.out_channels == 8 and pruned.b.out_channels < 6
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(pruned.eval()(x), masked_copy(model, plan.masks)(x))
+
+
+class CatTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.b, self.bn_b = nn.Conv2d(12, 5, 3, padding=1), nn.BatchNorm2d(5)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        x = F.relu(self.bn_a(self.a(x)))
+        x = torch.cat([x, x], dim=1)  # the same tensor twice: 12 channels, two views of 6
+        return self.fc(F.relu(self.bn_b(self.b(x))).mean((2, 3)))
+
+
+def test_a_tensor_concatenated_with_itself_keeps_both_copies_in_step():
+    model = randomize_bn(CatTwice())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned, plan = netslim.prune(model, 0.5, compensate=False)
+    kept = pruned.a.out_channels
+    assert 0 < kept < 6 and pruned.b.in_channels == 2 * kept
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(pruned.eval()(x), masked_copy(model, plan.masks)(x))

@@ -249,6 +249,9 @@ class _Tracer:
 
     def visit_module(self, node: fx.Node, module: nn.Module, inputs: list[Space]) -> Space:
         name = node.target
+        width = {nn.Conv2d: "in_channels", nn.Linear: "in_features"}.get(type(module))
+        if width and inputs and self.width(inputs[0]) != getattr(module, width):
+            raise self.unsupported(node, f"{name}: its input's channels could not be followed")
         if len(inputs) != 1:
             raise self.unsupported(
                 node, f"module {name} ({type(module).__name__}) of {len(inputs)} inputs"
@@ -311,7 +314,8 @@ class _Tracer:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
             if dim not in (1, 1 - len(shape)):
                 raise self.unsupported(node, f"concatenation along dim {dim}")
-            return tuple(seg for space in inputs for seg in space)
+            parts = node.args[0] if node.args else node.kwargs["tensors"]  # in order, repeats too
+            return tuple(seg for part in parts for seg in self.spaces[part])
         if target in (torch.flatten, "flatten", "view", "reshape"):
             return self.flatten(node, tensor_args[0])
         if target in (torch.mean, "mean", torch.amax, "amax"):
@@ -321,6 +325,10 @@ class _Tracer:
             if dims and all(d % ndim >= 2 for d in dims):
                 return inputs[0]  # a spatial reduction keeps the channels
         raise self.unsupported(node, f"{node.op} {getattr(target, '__name__', target)}")
+
+    def width(self, space: Space) -> int:
+        """How many entries a channel space spans."""
+        return sum(self.groups[self.find(g)].size * r for g, r in space)
 
     def join(self, node: fx.Node, a: Space, b: Space) -> Space:
         sizes_a = [(self.groups[self.find(g)].size, r) for g, r in a]

@@ -332,6 +332,11 @@ def fit(
     """
     config.check()
     distributed.per_rank_batch(config.batch_size)  # fails early if it does not split evenly
+    if len(data.train_labels) < distributed.world_size():
+        raise NetslimError(
+            f"the training set has {len(data.train_labels)} images, fewer than the "
+            f"{distributed.world_size()} processes; use fewer processes or more images"
+        )
     if not distributed.is_main():
         log = _quiet  # one process speaks for all
     out = Path(out_dir)
