@@ -212,7 +212,10 @@ def _start_accuracy(report: dict[str, Any]) -> float:
 
 
 def figure_channels(res: LabResults) -> Figure:
-    """Figure 4: per ratio, channels kept in each conv layer against the original count."""
+    """Figure 4: per ratio, channels kept in each channel group against the original count.
+
+    In a VGG a group is one conv layer's output; in a ResNet, a residual stream is one group.
+    """
     fig, axes = _panels(len(res.config.ratios), width=5.0)
     for ax, ratio in zip(axes, res.config.ratios):
         report = res.prune[ratio]
@@ -221,11 +224,12 @@ def figure_channels(res: LabResults) -> Figure:
         x = np.arange(1, len(kept) + 1)
         ax.bar(x, total, color="0.85", edgecolor="0.6", label="original")
         ax.bar(x, kept, color="C0", label="kept")
-        for xi, k in zip(x, kept):
-            ax.annotate(str(k), (xi, k), ha="center", va="bottom", fontsize=7,
-                        xytext=(0, 1), textcoords="offset points")  # fmt: skip
-        ax.set_xticks(x)
-        ax.set_xlabel("conv layer (input to output)")
+        if len(kept) <= 20:  # beyond that the numbers overlap; the bars still tell
+            for xi, k in zip(x, kept):
+                ax.annotate(str(k), (xi, k), ha="center", va="bottom", fontsize=7,
+                            xytext=(0, 1), textcoords="offset points")  # fmt: skip
+        ax.set_xticks(x[:: -(-len(x) // 12)])  # at most 12 tick labels
+        ax.set_xlabel("channel group (a conv layer's outputs, or a residual stream)")
         ax.set_ylabel("channels")
         ax.set_title(f"ratio {ratio:g}: {kept.sum()} of {total.sum()} channels kept")
         ax.legend(fontsize="small", loc="upper left")
@@ -385,15 +389,17 @@ def build_document(res: LabResults) -> list[Block]:
               "recalibration)."),
         ("table", *accuracy_table(res)),
         ("p", "Size of each network: parameters, multiply-accumulates per 32x32 image, and the "
-              "pruned cfg (channels per conv layer, M = max-pool)."),
+              "pruned cfg of a VGG (channels per conv layer, M = max-pool; '-' for other "
+              "networks)."),
         ("table", *size_table(res)),
         ("figure", "finetune", "Figure 3: fine-tuning the pruned networks",
          "Per ratio: train and test accuracy after each fine-tuning epoch. Epoch 0 is the "
          "pruned network before any fine-tuning; the dotted line is the sparse model's test "
          "accuracy before pruning, the level fine-tuning has to recover."),
         ("figure", "channels", "Figure 4: channels kept per layer",
-         "Per ratio: channels of each conv layer before pruning (grey) and kept (blue, count "
-         "on top). One global threshold on |γ| decides, so layers are pruned unevenly."),
+         "Per ratio: channels of each channel group (a conv layer's outputs; in a residual "
+         "network, a whole residual stream) before pruning (grey) and kept (blue). One global "
+         "threshold on |γ| decides, so layers are pruned unevenly."),
         ("figure", "sweep", "Figure 5: where pruning breaks the network",
          f"Test accuracy right after pruning the λ = {lam_name(c.prune_lam)} model at each "
          "ratio, without any fine-tuning. "
