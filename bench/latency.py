@@ -22,7 +22,6 @@ import warnings
 import torch
 
 import netslim
-from netslim.channels import trace_channels
 from netslim.models import build_model
 from netslim.pruning import plan_pruning
 from netslim.stats import count_macs
@@ -76,8 +75,8 @@ def main() -> None:
             print(f"prune {ratio:.0%}: trace + plan + surgery took "
                   f"{time.perf_counter() - start:.3f} s")  # fmt: skip
             models[f"pruned {ratio:.0%}"] = pruned.eval()
-            kept = trace_channels(model, keep_residual=True)
-            if any(g.fixed and "residual" in g.fixed for g in kept.groups.values()):
+            kept = plan.graph.residual_kept()
+            if kept is not None:
                 plan = plan_pruning(model, ratio, graph=kept)
                 models[f"{ratio:.0%} res. kept"] = apply_plan(model, plan).eval()
     base_macs = count_macs(model)

@@ -179,7 +179,7 @@ def test_residual_kept_comparison_leaves_more_macs():
         warnings.simplefilter("ignore")
         _, report = prune_model(model, 0.5)
     assert report.macs_after < report.macs_residual_kept < report.macs_before
-    kept = trace_channels(model, keep_residual=True)
+    kept = trace_channels(model).residual_kept()
     plan = plan_pruning(model, 0.5, graph=kept)
     torch.testing.assert_close(  # the official way is exact too: nothing on the stream goes
         apply_plan(model, plan, compensate=False)(torch.ones(1, 3, 32, 32)),

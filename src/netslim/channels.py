@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import operator
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -69,12 +69,15 @@ class Group:
         members: ``(BatchNorm name, offset)`` of every BN that scales them: channel ``i``
             of the group is channel ``offset + i`` of that BN.
         fixed: why these channels may not be pruned, or None when they may.
+        joined: whether an element-wise op (a residual addition) joined these channels
+            to others.
     """
 
     size: int
     producers: list[str] = field(default_factory=list)
     members: list[tuple[str, int]] = field(default_factory=list)
     fixed: str | None = None
+    joined: bool = False
 
     @property
     def label(self) -> str:
@@ -110,6 +113,16 @@ class ChannelGraph:
     def prunable(self) -> dict[int, Group]:
         return {i: g for i, g in self.groups.items() if g.fixed is None}
 
+    def residual_kept(self) -> ChannelGraph | None:
+        """This graph with every group joined by an addition fixed, as the paper's code keeps
+        the residual path at full width (for comparisons); None when nothing is joined."""
+        if not any(g.joined for g in self.groups.values()):
+            return None
+        reason = "joined by a residual addition (kept, as the official code does)"
+        groups = {i: replace(g, fixed=g.fixed or reason) if g.joined else g
+                  for i, g in self.groups.items()}  # fmt: skip
+        return replace(self, groups=groups)
+
 
 def _source_of(error: BaseException) -> str:
     """The innermost frame of the traceback outside torch: where the user's code failed."""
@@ -122,9 +135,8 @@ def _source_of(error: BaseException) -> str:
 
 
 class _Tracer:
-    def __init__(self, model: nn.Module, input_size: tuple[int, ...], keep_residual: bool):
+    def __init__(self, model: nn.Module, input_size: tuple[int, ...]):
         self.model = model
-        self.keep_residual = keep_residual
         self.input_size = tuple(input_size)
         self.groups: dict[int, Group] = {}
         self.parent: dict[int, int] = {}
@@ -168,10 +180,9 @@ class _Tracer:
             gid = self.parent[gid]
         return gid
 
-    def union(self, a: int, b: int, reason: str | None) -> None:
+    def union(self, a: int, b: int) -> None:
         a, b = self.find(a), self.find(b)
-        if reason is not None:
-            self.fix(a, reason)
+        self.groups[a].joined = True
         if a == b:
             return
         ga, gb = self.groups[a], self.groups.pop(b)
@@ -336,9 +347,8 @@ class _Tracer:
         if sizes_a != sizes_b:
             raise self.unsupported(node, "an element-wise op whose operands' channels come from "
                                    "differently built concatenations")  # fmt: skip
-        reason = "joined by a residual addition (kept, as the official code does)"
         for (ga, _), (gb, _) in zip(a, b):
-            self.union(ga, gb, reason if self.keep_residual else None)
+            self.union(ga, gb)
         return a
 
     def flatten(self, node: fx.Node, arg: fx.Node) -> Space:
@@ -351,18 +361,14 @@ class _Tracer:
         return tuple((g, r * pixels) for g, r in self.spaces[arg])
 
 
-def trace_channels(
-    model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32), keep_residual: bool = False
-) -> ChannelGraph:
+def trace_channels(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> ChannelGraph:
     """Trace ``model`` and sort its channels into groups (see the module docs).
 
     Args:
         model: the network; it is not modified.
         input_size: the shape of one input batch, used to learn the feature-map sizes.
-        keep_residual: fix every group joined by an addition, as the paper's code keeps
-            the residual path at full width (for comparisons).
 
     Raises:
         NetslimError: naming the module or op that cannot be traced or pruned through.
     """
-    return _Tracer(model, input_size, keep_residual).run()
+    return _Tracer(model, input_size).run()

@@ -163,6 +163,7 @@ def plan_pruning(
     min_keep: float = 0.01,
     *,
     graph: ChannelGraph | None = None,
+    threshold: float | None = None,
 ) -> PrunePlan:
     """Decide the kept channels of every group of ``model`` (see the module docs).
 
@@ -173,10 +174,13 @@ def plan_pruning(
             channel is always kept. ``1 - min_keep`` is the most one pass may cut from a
             layer (the per-layer cap of the paper's multi-pass scheme).
         graph: the model's traced channel groups, when already at hand.
+        threshold: the ``|gamma|`` threshold to use instead of the one ``ratio`` gives
+            (to prune another way at exactly the threshold of an earlier plan).
     """
     _check_min_keep(min_keep)
     graph = graph or trace_channels(model)
-    threshold = global_threshold(bn_gammas(model), ratio)
+    if threshold is None:
+        threshold = global_threshold(bn_gammas(model), ratio)
     plan = _plan_at(graph, _scores(model, graph), threshold, ratio, min_keep)
     _warn_floored(plan, min_keep)
     return plan
@@ -197,18 +201,20 @@ def plan_for_macs(
     graph = graph or trace_channels(model)
     scores = _scores(model, graph)
     ordered = torch.sort(bn_gammas(model).abs()).values
-    total = _plan_at(graph, scores, float("-inf"), 0.0, min_keep).macs
+    unpruned = _plan_at(graph, scores, float("-inf"), 0.0, min_keep)
+    if fraction >= 1.0:
+        return unpruned
+    total = unpruned.macs
 
     def plan(k: int) -> PrunePlan:
         return _plan_at(graph, scores, ordered[k].item(), k / len(ordered), min_keep)
 
     lo, hi = 0, len(ordered) - 1
-    if fraction >= 1.0:
-        return _plan_at(graph, scores, float("-inf"), 0.0, min_keep)
-    if plan(hi).macs > fraction * total:
+    least = plan(hi).macs
+    if least > fraction * total:
         raise NetslimError(
             f"cannot reach {fraction:.1%} of the MACs: pruning every prunable channel down to "
-            f"the floor (min_keep={min_keep}) leaves {plan(hi).macs / total:.1%}; lower "
+            f"the floor (min_keep={min_keep}) leaves {least / total:.1%}; lower "
             "--min-keep or aim higher"
         )
     while lo < hi:  # smallest k whose plan is within the target

@@ -150,12 +150,13 @@ def prune_model(
     else:
         plan = plan_pruning(model, check_ratio(ratio), min_keep, graph=graph)
     pruned = apply_plan(model, plan, compensate=compensate).eval()
-    kept_graph = trace_channels(model, keep_residual=True)
+    kept_graph = graph.residual_kept()
     residual_kept = None
-    if any(g.fixed and "residual" in g.fixed for g in kept_graph.groups.values()):
+    if kept_graph is not None:
         with warnings.catch_warnings():  # the floor was already reported once
             warnings.simplefilter("ignore")
-            residual_kept = plan_pruning(model, plan.ratio, min_keep, graph=kept_graph).macs
+            residual_kept = plan_pruning(model, plan.ratio, min_keep, graph=kept_graph,
+                                         threshold=plan.threshold).macs  # fmt: skip
     report = PruneReport(
         ratio=plan.ratio,
         threshold=plan.threshold,
