@@ -78,18 +78,19 @@ def run_multipass(
     dtype = pick_precision(config.precision, data.device)
     meta = {"arch": config.arch, "num_classes": num_outputs(model)}
     summary: list[dict[str, Any]] = []
+    reports: list[dict[str, Any]] = []  # each pass's prune report
     for k in range(1, passes + 1):
         folder = out / f"pass-{k}"
         log(f"== pass {k}/{passes}: sparsity training (lambda {config.lam:g}) into {folder}")
         current = model
         train_stage(config, data, lambda m=current: m, folder / "train",
                     {**meta, "kind": "train", "pass": k}, log)  # fmt: skip
-        trained = load(folder / "train" / "last.pth")
         pruned_file = folder / "pruned.pth"
         if pruned_file.exists():
             log(f"   pruned already: {pruned_file}")
             report = json.loads((folder / "prune.json").read_text())
         else:
+            trained = load(folder / "train" / "last.pth")
             pruned, prune_report = prune_model(trained, ratio, min_keep=1.0 - layer_cap, data=data,
                                                recalibrate=recalibrate, eval_dtype=dtype)  # fmt: skip
             save_checkpoint(
@@ -99,6 +100,7 @@ def run_multipass(
             atomic_write_text(folder / "prune.json", json.dumps(report, indent=2) + "\n")
             log(prune_report.text())
         model = load(pruned_file)
+        reports.append(report)
         summary.append({
             "pass": k, "trained_acc": read_metrics(folder / "train")[-1]["test_acc"],
             "params": report["params_after"], "macs": report["macs_after"],
@@ -109,11 +111,10 @@ def run_multipass(
     train_stage(tune, data, lambda: model, out / "finetune", {**meta, "kind": "finetune"}, log)
     history = read_metrics(out / "finetune")
     final = load(out / "finetune" / "last.pth")
-    original = load(out / "pass-1" / "train" / "last.pth")
     summary.append({
         "pass": "finetune", "trained_acc": history[-1]["test_acc"],
         "params": count_params(final), "macs": count_macs(final),
-        "params_original": count_params(original), "macs_original": count_macs(original),
+        "params_original": reports[0]["params_before"], "macs_original": reports[0]["macs_before"],
     })  # fmt: skip
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     for r in summary:

@@ -171,10 +171,14 @@ def apply_plan(model: nn.Module, plan: PrunePlan, compensate: bool = True) -> nn
     shifts = _compensation(model, plan) if compensate else {}
     into_norm = {layer.norm: shifts.pop(name) for name, layer in graph.layers.items()
                  if name in shifts and layer.norm is not None}  # fmt: skip
+    device = next(model.parameters()).device
+    kept = {name: (plan.kept_of(layer.inputs).nonzero().flatten().to(device),
+                   plan.kept_of(layer.outputs).nonzero().flatten().to(device))
+            for name, layer in graph.layers.items()}  # fmt: skip
     pruned = copy.deepcopy(model)
     counts = channel_counts(model)
     for name, layer in graph.layers.items():
-        n_in, n_out = int(plan.kept_of(layer.inputs).sum()), int(plan.kept_of(layer.outputs).sum())
+        n_in, n_out = (len(idx) for idx in kept[name])
         old = counts[name]
         if layer.kind == "linear":
             counts[name] = [n_in, n_out, int(old[2] or name in shifts)]
@@ -184,11 +188,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, compensate: bool = True) -> nn
     for name, space in graph.norms.items():
         counts[name] = [int(plan.kept_of(space).sum())]
     resize_layers(pruned, counts)
-    device = next(model.parameters()).device
     for name, layer in graph.layers.items():
-        i = plan.kept_of(layer.inputs).nonzero().flatten().to(device)
-        o = plan.kept_of(layer.outputs).nonzero().flatten().to(device)
-        _copy_layer(model.get_submodule(name), pruned.get_submodule(name), layer, i, o,
+        _copy_layer(model.get_submodule(name), pruned.get_submodule(name), layer, *kept[name],
                     shifts.get(name))  # fmt: skip
     for name, space in graph.norms.items():
         idx = plan.kept_of(space).nonzero().flatten().to(device)
