@@ -115,8 +115,18 @@ def _evenly_spaced(
         return files, labels
     if n > len(files):
         raise NetslimError(f"{what}={n} but {where} has only {len(files)} images")
-    keep = [i * len(files) // n for i in range(n)]
+    keep = _spaced(len(files), n)
     return [files[i] for i in keep], [labels[i] for i in keep]
+
+
+def _spaced(n: int, k: int) -> list[int]:
+    """``k`` indices evenly spaced through ``range(n)``."""
+    return [i * n // k for i in range(k)]
+
+
+def _chunks(n: int, size: int) -> list[list[int]]:
+    """``range(n)`` in consecutive index lists of ``size`` (the last may be shorter)."""
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
 def decode_image(path: str, image_size: int, resize: str = "crop") -> torch.Tensor:
@@ -169,6 +179,16 @@ def _decoded_batches(
         raise NetslimError(str(e).strip().splitlines()[-1].split("NetslimError: ")[-1]) from None
 
 
+def _decode_all(
+    files: list[str], labels: list[int] | torch.Tensor, image_size: int, resize: str, workers: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``files`` decoded into one uint8 tensor on the CPU, with their labels."""
+    images = _DecodedImages(files, torch.as_tensor(labels), image_size, resize)
+    batches = _decoded_batches(images, _chunks(len(files), 256), workers, torch.device("cpu"))
+    x, y = zip(*batches)
+    return torch.cat(x), torch.cat(y)
+
+
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     std, mean = torch.std_mean(images.float() / 255, dim=(0, 2, 3))
     return tuple(mean.tolist()), tuple(std.tolist())
@@ -176,8 +196,7 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
 
 def _stats_rows(n: int) -> list[int]:
     """The training images (evenly spaced) that mean and std are measured on."""
-    k = min(n, STATS_IMAGES)
-    return [i * n // k for i in range(k)]
+    return _spaced(n, min(n, STATS_IMAGES))
 
 
 def _check_options(image_size: int, resize: str, workers: int | None) -> int:
@@ -210,17 +229,14 @@ def load_imagefolder(
 ) -> Dataset:
     """Decode a whole image folder into an in-memory uint8 :class:`~netslim.data.Dataset`."""
     workers = _check_options(image_size, resize, workers)
-    listing = scan_imagefolder(root, train_size, test_size)
-    cpu = torch.device("cpu")
+    return _load(scan_imagefolder(root, train_size, test_size), image_size, resize, workers)
 
-    def decode_all(files: list[str], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = _DecodedImages(files, torch.tensor(labels), image_size, resize)
-        chunks = [list(range(i, min(i + 256, len(files)))) for i in range(0, len(files), 256)]
-        x, y = zip(*_decoded_batches(images, chunks, workers, cpu))
-        return torch.cat(x), torch.cat(y)
 
-    train_images, train_labels = decode_all(listing.train_files, listing.train_labels)
-    test_images, test_labels = decode_all(listing.test_files, listing.test_labels)
+def _load(listing: Listing, image_size: int, resize: str, workers: int) -> Dataset:
+    train_images, train_labels = _decode_all(listing.train_files, listing.train_labels,
+                                             image_size, resize, workers)  # fmt: skip
+    test_images, test_labels = _decode_all(listing.test_files, listing.test_labels,
+                                           image_size, resize, workers)  # fmt: skip
     mean, std = _channel_stats(train_images[_stats_rows(len(train_images))])
     return Dataset(
         name="imagefolder",
@@ -296,8 +312,7 @@ class ImageFolderStream:
         files = self.test_files if split == "test" else self.train_files
         labels = self.test_labels if split == "test" else self.train_labels
         images = _DecodedImages(files, labels, self.image_size, self.resize)
-        chunks = [list(range(i, min(i + batch_size, len(files))))
-                  for i in range(0, len(files), batch_size)]  # fmt: skip
+        chunks = _chunks(len(files), batch_size)
         for x, y in _decoded_batches(images, chunks, self.workers, self.device):
             yield normalize(x, self.mean, self.std), y
 
@@ -313,16 +328,15 @@ def stream_imagefolder(
 ) -> ImageFolderStream:
     """Open an image folder for streaming; only the mean and std images are decoded now."""
     workers = _check_options(image_size, resize, workers)
-    listing = scan_imagefolder(root, train_size, test_size)
+    return _stream(scan_imagefolder(root, train_size, test_size), image_size, resize, workers)
+
+
+def _stream(listing: Listing, image_size: int, resize: str, workers: int) -> ImageFolderStream:
     labels = torch.tensor(listing.train_labels)
     rows = _stats_rows(len(listing.train_files))
-    sample = _DecodedImages(
-        [listing.train_files[i] for i in rows], labels[rows], image_size, resize
-    )
-    chunks = [list(range(i, min(i + 256, len(rows)))) for i in range(0, len(rows), 256)]
-    mean, std = _channel_stats(
-        torch.cat([x for x, _ in _decoded_batches(sample, chunks, workers, torch.device("cpu"))])
-    )
+    sample, _ = _decode_all([listing.train_files[i] for i in rows], labels[rows], image_size,
+                            resize, workers)  # fmt: skip
+    mean, std = _channel_stats(sample)
     return ImageFolderStream(
         name="imagefolder",
         train_files=listing.train_files,
@@ -368,15 +382,14 @@ def open_imagefolder(
     or ``"auto"`` (in memory when :func:`fits_in_memory`)."""
     if loader not in LOADERS:
         raise NetslimError(f"--loader must be one of {', '.join(LOADERS)}, got {loader!r}")
-    options = dict(image_size=image_size, resize=resize, train_size=train_size,
-                   test_size=test_size, workers=workers)  # fmt: skip
+    workers = _check_options(image_size, resize, workers)
+    listing = scan_imagefolder(root, train_size, test_size)  # listed once, whichever way
     if loader == "auto":
-        listing = scan_imagefolder(root, train_size, test_size)
         n = len(listing.train_files) + len(listing.test_files)
         loader = "memory" if fits_in_memory(n, image_size, torch.device(device)) else "stream"
     if loader == "memory":
-        return load_imagefolder(root, **options).to(device)
-    return stream_imagefolder(root, **options).to(device)
+        return _load(listing, image_size, resize, workers).to(device)
+    return _stream(listing, image_size, resize, workers).to(device)
 
 
 def check_image_size(model: torch.nn.Module, image_size: int) -> None:
