@@ -169,6 +169,15 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
     return result
 
 
+def main_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` on rank 0; on the other processes a log that says nothing (one speaks for all)."""
+    return log if is_main() else _silent
+
+
+def _silent(line: str) -> None:
+    pass
+
+
 def per_rank_batch(batch_size: int, world: int | None = None) -> int:
     """The images each process trains on per step: ``batch_size`` split over the processes.
 

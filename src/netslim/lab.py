@@ -413,8 +413,7 @@ def run_lab(
             config.dataset, config.data_root, seed=config.seed, download=download,
             train_size=config.train_size, test_size=config.test_size,
         ).to(device)  # fmt: skip
-    if not distributed.is_main():
-        log = _quiet  # under torchrun, rank 0 speaks and writes; the rest train and wait
+    log = distributed.main_log(log)
     # Under torchrun only training is shared; the other stages run on rank 0 alone.
     distributed.on_main(record_lab, config, out, info, environment(device, dtype))
 
@@ -442,7 +441,3 @@ def run_lab(
     log("== report")
     report = distributed.on_main(render_report, out)
     return report or out / "report.html"  # on the other ranks: where rank 0 wrote it
-
-
-def _quiet(line: str) -> None:
-    pass

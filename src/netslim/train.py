@@ -337,8 +337,7 @@ def fit(
             f"the training set has {len(data.train_labels)} images, fewer than the "
             f"{distributed.world_size()} processes; use fewer processes or more images"
         )
-    if not distributed.is_main():
-        log = _quiet  # one process speaks for all
+    log = distributed.main_log(log)
     out = Path(out_dir)
     device = data.device
     dtype = pick_precision(config.precision, device)
@@ -449,7 +448,3 @@ def fit(
         distributed.barrier()  # no process reads the run folder before rank 0 has written it
         log(_epoch_line(record))
     return history
-
-
-def _quiet(line: str) -> None:
-    pass
