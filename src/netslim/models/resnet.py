@@ -14,6 +14,21 @@ from torch import nn
 from netslim.models.init import reset_parameters
 
 
+def _stages(
+    block: type[nn.Module], in_planes: int, stages: list[tuple[int, int, int]]
+) -> tuple[nn.Sequential, int]:
+    """Stages of ``block`` from ``(planes, blocks, stride)`` each (the stride on the first
+    block of a stage); returns them and the channels they output."""
+    layers = []
+    for planes, blocks, stride in stages:
+        stage = []
+        for s in [stride] + [1] * (blocks - 1):
+            stage.append(block(in_planes, planes, s))
+            in_planes = planes * getattr(block, "expansion", 1)
+        layers.append(nn.Sequential(*stage))
+    return nn.Sequential(*layers), in_planes
+
+
 class BasicBlock(nn.Module):
     """Post-activation block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
 
@@ -49,15 +64,7 @@ class ResNet(nn.Module):
         self.num_classes = num_classes
         self.conv1 = nn.Conv2d(3, stem, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
-        layers, in_planes = [], stem
-        for planes, blocks, stride in stages:
-            strides = [stride] + [1] * (blocks - 1)
-            blocks_ = []
-            for s in strides:
-                blocks_.append(BasicBlock(in_planes, planes, s))
-                in_planes = planes
-            layers.append(nn.Sequential(*blocks_))
-        self.layers = nn.Sequential(*layers)
+        self.layers, in_planes = _stages(BasicBlock, stem, stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
         reset_parameters(self)
@@ -110,14 +117,8 @@ class PreActResNet(nn.Module):
         n = (depth - 2) // 9
         self.num_classes = num_classes
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        layers, in_planes = [], 16
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            blocks = []
-            for s in [stride] + [1] * (n - 1):
-                blocks.append(PreActBottleneck(in_planes, planes, s))
-                in_planes = planes * PreActBottleneck.expansion
-            layers.append(nn.Sequential(*blocks))
-        self.layers = nn.Sequential(*layers)
+        stages = [(16, n, 1), (32, n, 2), (64, n, 2)]
+        self.layers, in_planes = _stages(PreActBottleneck, 16, stages)
         self.bn = nn.BatchNorm2d(in_planes)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
