@@ -7,7 +7,9 @@ Every subcommand is a thin layer over the library; bad input ends with one line
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 import warnings
 from dataclasses import asdict, fields
@@ -24,10 +26,19 @@ from netslim.lab import DEMO, LabConfig, run_lab
 from netslim.models import ARCHS, VGG, build_model, num_outputs
 from netslim.multipass import run_multipass
 from netslim.pruning import check_ratio
-from netslim.slim import prune_model, pruned_checkpoint
+from netslim.slim import check_prune_output, prune_model, pruned_checkpoint
 from netslim.sparsity import bn_sparsity, gamma_quantiles
 from netslim.stats import count_macs, count_params
-from netslim.train import PRECISIONS, TrainConfig, fit, pick_device, pick_precision
+from netslim.threads import set_threads
+from netslim.train import (
+    PRECISIONS,
+    TrainConfig,
+    check_run_folder,
+    fit,
+    pick_device,
+    pick_precision,
+    run_files,
+)
 
 DEFAULTS = TrainConfig()
 
@@ -59,6 +70,17 @@ def _add_data_args(p: argparse.ArgumentParser, default: str | None = "cifar10") 
     )
     p.add_argument(
         "--seed", type=int, default=DEFAULTS.seed, help="random seed (default: %(default)s)"
+    )
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for PyTorch (default: OMP_NUM_THREADS if set, else the physical "
+        "cores this process may use); on a busy machine fewer run faster",
     )
 
 
@@ -104,6 +126,7 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int, lam: float) -> None
         action="store_true",
         help="torch.compile the model (slow to start; bench/RESULTS.md says when it pays)",
     )
+    _add_threads_arg(p)
 
 
 def _add_scale_args(p: argparse.ArgumentParser, train: bool = True) -> None:
@@ -180,11 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="path of the pruned checkpoint to write")
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow --out to be the input checkpoint itself (it is replaced)",
+    )
+    p.add_argument(
         "--no-compensate",
         dest="compensate",
         action="store_false",
-        help="do not fold pruned channels' constant output into the next layer "
-        "(gives exactly the official code's network)",
+        help="save exactly the official code's network: no bias compensation and no BN "
+        "recalibration (with --dataset the report still measures both, on copies)",
     )
     p.add_argument(
         "--min-keep",
@@ -199,9 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=16,
         metavar="N",
-        help="with --dataset: re-estimate BN statistics on N batches of 128 training images (0: off; default: %(default)s)",
+        help="with --dataset: re-estimate BN statistics on N batches of 128 training images "
+        "(0: off; default: %(default)s); with --no-compensate only measured, not saved",
     )
     _add_scale_args(p, train=False)
+    _add_threads_arg(p)
 
     p = sub.add_parser(
         "finetune",
@@ -291,17 +321,17 @@ def _new_run(args: argparse.Namespace) -> tuple[TrainConfig, Dataset, nn.Module]
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    check_run_folder(args.out)
     config, data, model = _new_run(args)
     fit(
         config, data, model, args.out, meta={"arch": args.arch, "kind": "train"}, resume=args.resume
     )
     if distributed.is_main():
-        print(
-            f"done: checkpoints in {args.out}/ (last.pth, best.pth), metrics in {args.out}/metrics.jsonl"
-        )
+        print(f"done: {run_files(args.out)}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    check_run_folder(args.out)
     ckpt = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.checkpoint)
     arch = arch_name(ckpt, model)
@@ -315,13 +345,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         check_image_size(model, args.image_size)
     fit(config, data, model, args.out, meta=meta, resume=args.resume)
     if distributed.is_main():
-        print(f"done: fine-tuned checkpoints in {args.out}/ (last.pth, best.pth)")
+        print(f"done: fine-tuned {run_files(args.out)}")
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
     ratio = check_ratio(args.ratio) if args.ratio is not None else None
     if args.recalibrate < 0:
         raise NetslimError(f"--recalibrate must be >= 0 batches, got {args.recalibrate}")
+    check_prune_output(args.checkpoint, args.out, args.force)
     ckpt = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.checkpoint)
     data = None
@@ -339,10 +370,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
             "source": str(args.checkpoint)}  # fmt: skip
     save_checkpoint(pruned_checkpoint(pruned, report, meta), args.out)
     print(report.text())
-    print(f"saved the pruned network to {args.out}")
+    print(f"saved the pruned network ({report.saved}) to {args.out}")
 
 
 def cmd_multipass(args: argparse.Namespace) -> None:
+    check_run_folder(args.out)
     config, data, model = _new_run(args)
     run_multipass(config, data, model, args.out, passes=args.passes, ratio=args.ratio,
                   layer_cap=args.layer_cap, finetune_epochs=args.finetune_epochs,
@@ -462,6 +494,7 @@ def _add_lab_args(p: argparse.ArgumentParser, preset: LabConfig) -> None:
         help="run folder (default: %(default)s); running the same command "
         "again continues an interrupted lab there",
     )
+    _add_threads_arg(p)
     p.set_defaults(**asdict(preset))
 
 
@@ -521,6 +554,15 @@ def check_torchrun_command(command: str) -> None:
         )
 
 
+def _silence_stdout() -> None:
+    """Send what is left to print to /dev/null, so that exiting does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # stdout is not a real file (e.g. captured by a test)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"netslim: warning: {message}", file=sys.stderr)
 
@@ -530,8 +572,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         check_torchrun_command(args.command)
+        if hasattr(args, "threads"):
+            set_threads(args.threads)
         with distributed.session(getattr(args, "device", "auto")):
             COMMANDS[args.command](args)
+    except BrokenPipeError:  # e.g. `netslim train ... | head -1`: the reader has gone
+        _silence_stdout()
+        return 141  # what a shell reports for a command ended by SIGPIPE
     except NetslimError as e:
         where = (
             f" (rank {distributed.rank_from_env()})" if distributed.launched_by_torchrun() else ""

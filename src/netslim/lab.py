@@ -27,6 +27,7 @@ Run folder layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shlex
@@ -38,11 +39,11 @@ from typing import Any, Callable
 
 import torch
 
-from netslim import distributed
+from netslim import distributed, runlock
 from netslim.checkpoint import load, read_checkpoint, save_checkpoint
 from netslim.data import Dataset, load_dataset
 from netslim.errors import NetslimError
-from netslim.files import atomic_write_text
+from netslim.files import atomic_write_text, remove_temp_files
 from netslim.models import ARCHS, build_model, num_outputs
 from netslim.pruning import check_ratio
 from netslim.slim import prune_model, pruned_checkpoint
@@ -258,7 +259,9 @@ def check_lab_folder(config: LabConfig, out: Path) -> dict[str, Any] | None:
     """
     lab_file = out / LAB_FILE
     if not lab_file.exists():
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.exists() and (
+            not out.is_dir() or any(p.name != runlock.LOCK_NAME for p in out.iterdir())
+        ):
             raise NetslimError(
                 f"{out} is not empty and holds no lab ({LAB_FILE} is missing); "
                 "choose a new or empty --out"
@@ -399,9 +402,6 @@ def run_lab(
         download: allow downloading CIFAR when it is not under ``config.data_root``.
         log: where progress lines go.
     """
-    # Imported here: the report needs matplotlib, which every other command can do without.
-    from netslim.report import render_report
-
     config.check()
     out = Path(out)
     device = pick_device(distributed.local_device(config.device))
@@ -415,6 +415,25 @@ def run_lab(
         ).to(device)  # fmt: skip
     log = distributed.main_log(log)
     # Under torchrun only training is shared; the other stages run on rank 0 alone.
+    # Rank 0 writes the lab's own files, so it alone holds the folder's lock.
+    with runlock.hold(out) if distributed.is_main() else contextlib.nullcontext():
+        if distributed.is_main():
+            remove_temp_files(out)
+        return _run_stages(config, data, out, device, dtype, info, log)
+
+
+def _run_stages(
+    config: LabConfig,
+    data: Dataset,
+    out: Path,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    info: dict[str, Any] | None,
+    log: Log,
+) -> Path:
+    # Imported here: the report needs matplotlib, which every other command can do without.
+    from netslim.report import render_report
+
     distributed.on_main(record_lab, config, out, info, environment(device, dtype))
 
     def fresh_model() -> torch.nn.Module:

@@ -25,10 +25,11 @@ from typing import Any, Callable
 
 from torch import nn
 
+from netslim import runlock
 from netslim.checkpoint import load, save_checkpoint
 from netslim.data import Dataset
 from netslim.errors import NetslimError
-from netslim.files import atomic_write_text
+from netslim.files import atomic_write_text, remove_temp_files
 from netslim.lab import train_stage
 from netslim.models import num_outputs
 from netslim.pruning import check_ratio
@@ -75,6 +76,24 @@ def run_multipass(
     check_ratio(ratio)
     config.check()
     out = Path(out)
+    with runlock.hold(out):
+        remove_temp_files(out)
+        return _multipass(config, data, model, out, passes, ratio, layer_cap, finetune_epochs,
+                          recalibrate, log)  # fmt: skip
+
+
+def _multipass(
+    config: TrainConfig,
+    data: Dataset,
+    model: nn.Module,
+    out: Path,
+    passes: int,
+    ratio: float,
+    layer_cap: float,
+    finetune_epochs: int,
+    recalibrate: int,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
     dtype = pick_precision(config.precision, data.device)
     meta = {"arch": config.arch, "num_classes": num_outputs(model)}
     summary: list[dict[str, Any]] = []

@@ -1,7 +1,11 @@
 """Pruning as a user runs it: plan, surgery, compensation, recalibration, and a report.
 
 :func:`prune_model` ties :mod:`netslim.pruning`, :mod:`netslim.surgery` and
-:mod:`netslim.recalibrate` together and measures each step; :func:`pruned_checkpoint`
+:mod:`netslim.recalibrate` together and measures each step. It returns the network with
+bias compensation (and, given data, BN recalibration), or with ``compensate=False``
+exactly the official code's network: pruned by the same threshold, nothing folded in,
+BN statistics untouched (given data, the other two are still measured, on copies).
+:func:`pruned_checkpoint`
 packs the result as ``{'channels', 'state_dict'}`` plus netslim's metadata (and, for a
 VGG, the official ``'cfg'`` that the paper's code reads).
 """
@@ -9,8 +13,10 @@ VGG, the official ``'cfg'`` that the paper's code reads).
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,12 +25,13 @@ from torch import nn
 from netslim.channels import trace_channels
 from netslim.data import Dataset, train_batches
 from netslim.errors import NetslimError
+from netslim.files import check_output_file
 from netslim.models import VGG, CfgItem
 from netslim.pruning import check_ratio, plan_for_macs, plan_pruning
 from netslim.recalibrate import recalibrate_bn
 from netslim.stats import count_macs, count_params
 from netslim.surgery import apply_plan, channel_counts
-from netslim.train import evaluate
+from netslim.train import evaluate, nonfinite_tensors
 
 
 @dataclass
@@ -51,6 +58,9 @@ class PruneReport:
     acc_masked: float | None = None  # official: pruned gamma and beta zeroed
     acc_compensated: float | None = None
     acc_recalibrated: float | None = None
+    # which of the networks above prune_model returned (and netslim prune saves):
+    # "official masking", "bias compensation" or "BN recalibrated"
+    saved: str = "bias compensation"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +99,7 @@ class PruneReport:
                     f"  pruned, BN recalibrated ({self.recalibration_images} images) "
                     f"{self.acc_recalibrated:6.2f}%"
                 )
+        lines.append(f"saved network: {self.saved}")
         return "\n".join(lines)
 
 
@@ -138,11 +149,18 @@ def prune_model(
             an earlier call of a sweep over ratios); measured here when None.
 
     Returns:
-        The pruned network (recalibrated when data was given and ``recalibrate > 0``)
-        and its :class:`PruneReport`.
+        The pruned network and its :class:`PruneReport` (whose ``saved`` names which
+        network it is): with ``compensate=False`` the official network, exactly; else
+        the compensated one, recalibrated when data was given and ``recalibrate > 0``.
     """
     if (ratio is None) == (target_macs is None):
         raise NetslimError("give exactly one of a prune ratio and a MACs target (--target-macs)")
+    bad = nonfinite_tensors(model)
+    if bad:
+        raise NetslimError(
+            f"the network holds NaN or Inf in {len(bad)} tensors (e.g. {bad[0]}): it comes from "
+            "a diverged run, and |gamma| cannot rank its channels; prune an earlier checkpoint"
+        )
     model = model.eval()
     graph = trace_channels(model)
     if target_macs is not None:
@@ -165,6 +183,7 @@ def prune_model(
         layers=[(name, kept, total) for name, (kept, total) in plan.kept.items()],
         floored=plan.floored,
         compensated=compensate,
+        saved="bias compensation" if compensate else "official masking",
         params_before=count_params(model),
         params_after=count_params(pruned),
         macs_before=count_macs(model),
@@ -185,11 +204,28 @@ def prune_model(
     report.acc_masked = evaluate(masked, data, dtype=eval_dtype)[1]
     report.acc_compensated = evaluate(compensated, data, dtype=eval_dtype)[1]
     if recalibrate > 0:
-        pruned = copy.deepcopy(pruned)
-        used = recalibrate_bn(pruned, recalibration_batches(data, recalibrate, batch_size))
+        # BN recalibration starts from the compensated network; the official one is
+        # returned untouched, so --no-compensate always saves exactly the official network.
+        recalibrated = copy.deepcopy(compensated)
+        used = recalibrate_bn(recalibrated, recalibration_batches(data, recalibrate, batch_size))
         report.recalibration_images = min(used * batch_size, len(data.train_labels))
-        report.acc_recalibrated = evaluate(pruned, data, dtype=eval_dtype)[1]
+        report.acc_recalibrated = evaluate(recalibrated, data, dtype=eval_dtype)[1]
+        if compensate:
+            pruned, report.saved = recalibrated, "BN recalibrated"
     return pruned.eval(), report
+
+
+def check_prune_output(source: str | Path, out: str | Path, force: bool = False) -> None:
+    """Check, before pruning, that ``out`` can be written and is not the input ``source``
+    (which it would replace), unless ``force``."""
+    source, out = Path(source), Path(out)
+    same = out.exists() and source.exists() and os.path.samefile(source, out)
+    if same and not force:
+        raise NetslimError(
+            f"--out {out} is the checkpoint being pruned and would replace it; choose another "
+            "--out (or add --force to replace it)"
+        )
+    check_output_file(out)
 
 
 def pruned_checkpoint(

@@ -7,10 +7,14 @@ sub-gradient ``lam * sign(gamma)`` is added to every BatchNorm gamma (on unscale
 gradients when fp16 loss scaling is on), then SGD steps.
 
 Each epoch appends one record to ``metrics.jsonl`` in the run folder and writes
-``last.pth`` and, when test accuracy improved, ``best.pth``; every file is written
-atomically. ``resume=True`` continues from ``last.pth`` and reproduces the
-uninterrupted run exactly: an epoch's shuffling and augmentation depend only on
-``(seed, epoch)``, and the learning rate only on the epoch.
+``best.pth`` (when test accuracy improved, and always after the first epoch) and then
+``last.pth``; every file is written atomically, and in that order, so a ``last.pth``
+never names a best epoch that is not on disk. ``resume=True`` continues from
+``last.pth`` and reproduces the uninterrupted run exactly: an epoch's shuffling and
+augmentation depend only on ``(seed, epoch)``, and the learning rate only on the epoch.
+
+A run folder has one writer at a time (:mod:`netslim.runlock`). An epoch whose loss or
+weights are not finite stops the run before anything of it is saved.
 """
 
 from __future__ import annotations
@@ -29,14 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netslim import distributed
+from netslim import distributed, runlock
 from netslim.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from netslim.data import Dataset, eval_batches, num_batches, train_batches
 from netslim.errors import NetslimError
-from netslim.files import atomic_write_text
+from netslim.files import atomic_write_text, make_dirs, remove_temp_files
 from netslim.models import VGG, num_outputs
 from netslim.sparsity import add_bn_l1_grad, bn_sparsity, gamma_quantiles
 from netslim.surgery import channel_counts
+from netslim.threads import slowdown_hint
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -68,14 +73,23 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise NetslimError naming the first setting that makes no sense."""
-        if not self.lam >= 0:  # also catches NaN
+        # Written as `not ok` so that NaN fails too; inf is refused as well.
+        if not 0 <= self.lam < math.inf:
             raise NetslimError(f"--lam must be >= 0 (the L1 weight on BN gammas), got {self.lam}")
         if self.epochs < 1:
             raise NetslimError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise NetslimError("--batch-size must be at least 1")
-        if not self.lr > 0:
+        if self.batch_size < 1:
+            raise NetslimError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.eval_batch_size < 1:
+            raise NetslimError(
+                f"the evaluation batch size must be at least 1, got {self.eval_batch_size}"
+            )
+        if not 0 < self.lr < math.inf:
             raise NetslimError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise NetslimError(f"--momentum must be in [0, 1), e.g. 0.9, got {self.momentum}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise NetslimError(f"--weight-decay must be >= 0, e.g. 1e-4, got {self.weight_decay}")
         if self.precision not in PRECISIONS:
             raise NetslimError(
                 f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
@@ -132,9 +146,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 def lr_at(epoch: int, base_lr: float, epochs: int) -> float:
-    """The paper's step schedule: divide by 10 at 50% and at 75% of the epochs (integer milestones)."""
-    milestones = (epochs // 2, (epochs * 3) // 4)
-    return base_lr * 0.1 ** sum(epoch >= m for m in milestones)
+    """The paper's step schedule: the learning rate of 0-based ``epoch`` of ``epochs``.
+
+    Divided by 10 from the first epoch at or past 50% of the run and again at 75%, compared
+    as floats (``epoch >= epochs * 0.5``): the milestones are ``ceil(epochs / 2)`` and
+    ``ceil(3 * epochs / 4)``, so no run decays before its first epoch has run (1 epoch
+    stays at ``base_lr``; 2 epochs decay once, in the second). The paper's main.py decays
+    when ``epoch in [epochs * 0.5, epochs * 0.75]``: the same where those are whole
+    numbers (160 epochs: 80 and 120), never where they are not (3 epochs: 1.5, 2.25).
+    """
+    return base_lr * 0.1 ** sum(epoch >= epochs * share for share in (0.5, 0.75))
 
 
 class Progress:
@@ -304,6 +325,61 @@ def _epoch_line(r: dict[str, Any]) -> str:
     )
 
 
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and floating-point buffers of ``model`` that hold NaN or Inf."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
+
+
+def run_files(out_dir: str | Path) -> str:
+    """What a finished run folder holds, for the closing line: only files that exist."""
+    out = Path(out_dir)
+    checkpoints = [name for name in ("last.pth", "best.pth") if (out / name).is_file()]
+    text = (
+        f"checkpoints in {out}/ ({', '.join(checkpoints)})"
+        if checkpoints
+        else f"no checkpoint in {out}/"
+    )
+    if (out / "metrics.jsonl").is_file():
+        text += f", metrics in {out / 'metrics.jsonl'}"
+    return text
+
+
+def check_run_folder(out_dir: str | Path) -> None:
+    """Refuse, before any work, a run folder that is a file or lies under a file."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NetslimError(f"--out {out} is a file; a run needs a folder (choose another --out)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NetslimError(
+                    f"--out {out} lies under {parent}, which is a file; choose another --out"
+                )
+            break
+
+
+def _diverged(epoch: int, config: TrainConfig, out: Path, problems: list[str]) -> NetslimError:
+    kept = f"{out / 'last.pth'} (epoch {epoch})" if epoch > 0 else "none (it was the first epoch)"
+    return NetslimError(
+        f"training diverged in epoch {epoch + 1}: {'; '.join(problems)}; stopped without saving "
+        f"it. Last good checkpoint: {kept}. Lower --lr (now {config.lr:g}) or --lam (now "
+        f"{config.lam:g}), or use --precision fp32."
+    )
+
+
+def _divergence(model: nn.Module, train_loss: float, test_loss: float | None) -> list[str]:
+    """What is not finite after an epoch (empty when all is well)."""
+    problems = [f"{what} loss {value}" for what, value in (("train", train_loss), ("test", test_loss))
+                if value is not None and not math.isfinite(value)]  # fmt: skip
+    bad = nonfinite_tensors(model)
+    if bad:
+        total = len([*model.parameters(), *model.buffers()])
+        problems.append(f"{len(bad)} of {total} weight tensors hold NaN/Inf (e.g. {bad[0]})")
+    return problems
+
+
 def fit(
     config: TrainConfig,
     data: Dataset,
@@ -322,56 +398,111 @@ def fit(
             from disk, :class:`netslim.imagefolder.ImageFolderStream`).
         model: the network to train (moved to the data's device); replaced by the one
             in ``last.pth`` when resuming.
-        out_dir: run folder for ``metrics.jsonl``, ``last.pth`` and ``best.pth``.
+        out_dir: run folder for ``metrics.jsonl``, ``last.pth`` and ``best.pth``; locked
+            against other writers for the run (:mod:`netslim.runlock`).
         meta: extra metadata stored in the checkpoints (e.g. ``{'arch': 'vgg19'}``).
         resume: continue from ``out_dir/last.pth`` instead of starting anew.
         log: where the per-epoch lines go.
 
     Returns:
         The metrics records of all epochs of the run (earlier ones too, when resumed).
+
+    Raises:
+        NetslimError: bad settings, a folder in use or not writable, or divergence (a
+            non-finite loss or weight: nothing of that epoch is saved).
     """
     config.check()
+    check_run_folder(out_dir)
     distributed.per_rank_batch(config.batch_size)  # fails early if it does not split evenly
     if len(data.train_labels) < distributed.world_size():
         raise NetslimError(
             f"the training set has {len(data.train_labels)} images, fewer than the "
             f"{distributed.world_size()} processes; use fewer processes or more images"
         )
-    log = distributed.main_log(log)
-    out = Path(out_dir)
-    device = data.device
-    dtype = pick_precision(config.precision, device)
     if num_outputs(model) != data.num_classes:
         raise NetslimError(
             f"the model has {num_outputs(model)} outputs but dataset "
             f"{data.name} has {data.num_classes} classes; use a matching --dataset"
         )
+    # Rank 0 alone writes the run folder, so it alone holds the folder's lock.
+    with runlock.hold(out_dir) if distributed.is_main() else contextlib.nullcontext():
+        if distributed.is_main():
+            remove_temp_files(out_dir)  # of writes killed midway; nobody else writes here
+        return _fit(config, data, model, Path(out_dir), meta, resume, distributed.main_log(log))
+
+
+def _resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
+    """The checkpoint ``out/last.pth`` to continue, checked to be a netslim run of ``config``."""
+    last = out / "last.pth"
+    if not last.exists():
+        raise NetslimError(f"cannot resume: {last} does not exist; start the run without --resume")
+    ckpt = read_checkpoint(last)
+    meta = ckpt.get("netslim")
+    if not (isinstance(meta, dict) and "config" in meta and "history" in meta
+            and "optimizer" in ckpt and "epoch" in ckpt):  # fmt: skip
+        raise NetslimError(
+            f"cannot resume {out}: {last} was not written by netslim train or finetune (it holds "
+            "no run settings or history, e.g. a checkpoint of the paper's main.py); to train "
+            f"from its weights use netslim finetune {last} --out NEW_FOLDER"
+        )
+    saved = asdict(TrainConfig.from_dict(meta["config"]))
+    changed = changed_settings(saved, asdict(config), "the run", ignore=("device", "compile"))
+    if changed:
+        raise NetslimError(
+            f"cannot resume {out}: settings differ from the run's: {', '.join(changed)}; "
+            "resume with the original settings (see its config.json)"
+        )
+    return ckpt
+
+
+def _repair_run_folder(out: Path, ckpt: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Put back what a resumed run's folder lost (rank 0): its metrics.jsonl and best.pth."""
+    history = ckpt["netslim"]["history"]
+    try:
+        logged = read_metrics(out)
+    except ValueError:  # a damaged metrics.jsonl: the checkpoint's history is the truth
+        logged = None
+    if logged != history:
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    if history and not (out / "best.pth").exists():
+        earlier = max((r["test_acc"] for r in history[:-1]), default=-1.0)
+        if history[-1]["test_acc"] > earlier:
+            save_checkpoint(ckpt, out / "best.pth")  # the last epoch is the best one
+        else:
+            log(f"note: {out / 'best.pth'} is missing and its epoch is lost; the next epoch "
+                "that beats it writes a new one")  # fmt: skip
+
+
+def _fit(
+    config: TrainConfig,
+    data: Dataset,
+    model: nn.Module,
+    out: Path,
+    meta: dict[str, Any] | None,
+    resume: bool,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    device = data.device
+    dtype = pick_precision(config.precision, device)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     history: list[dict[str, Any]] = []
-    start_epoch, best_acc = 0, 0.0
+    # Below any accuracy, so that the first epoch always writes best.pth (even at 0%).
+    start_epoch, best_acc = 0, -1.0
     if resume:
-        last = out / "last.pth"
-        if not last.exists():
-            raise NetslimError(
-                f"cannot resume: {last} does not exist; start the run without --resume"
-            )
-        ckpt = read_checkpoint(last)
-        saved = asdict(TrainConfig.from_dict(ckpt["netslim"]["config"]))
-        changed = changed_settings(saved, asdict(config), "the run", ignore=("device", "compile"))
-        if changed:
-            raise NetslimError(
-                f"cannot resume {out}: settings differ from the run's: {', '.join(changed)}; "
-                "resume with the original settings (see its config.json)"
-            )
-        model = model_from_checkpoint(ckpt, str(last)).to(device, memory_format=torch.channels_last)
+        ckpt = _resume_state(out, config)
+        model = model_from_checkpoint(ckpt, str(out / "last.pth"))
+        model = model.to(device, memory_format=torch.channels_last)
         optimizer = make_optimizer(model, config)
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best_acc = int(ckpt["epoch"]), 100.0 * float(ckpt["best_prec1"])
         history = list(ckpt["netslim"]["history"])
         if scaler is not None and ckpt["netslim"].get("scaler"):
             scaler.load_state_dict(ckpt["netslim"]["scaler"])
+        if distributed.is_main():
+            _repair_run_folder(out, ckpt, log)
+        del ckpt
         log(f"resuming {out} after epoch {start_epoch}/{config.epochs}")
     elif (out / "last.pth").exists():
         raise NetslimError(
@@ -386,8 +517,9 @@ def fit(
     eval_model = run_model if train_model is model else model
     test_shard = _test_shard(data)
     if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
         atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+    hinted = False
 
     for epoch in range(start_epoch, config.epochs):
         lr = lr_at(epoch, config.lr, config.epochs)
@@ -402,21 +534,17 @@ def fit(
             label=f"epoch {epoch + 1}/{config.epochs}",
         )  # fmt: skip
         train_seconds = time.perf_counter() - t0
-        if not math.isfinite(train_loss):
-            kept = (
-                f"{out / 'last.pth'} (epoch {epoch})"
-                if epoch > 0
-                else "none (it was the first epoch)"
-            )
-            raise NetslimError(
-                f"training diverged: the loss became {train_loss} in epoch {epoch + 1}; stopped. "
-                f"Last good checkpoint: {kept}. Try a lower --lr or --lam, or --precision fp32."
-            )
+        if not math.isfinite(train_loss):  # no use evaluating a network that blew up
+            raise _diverged(epoch, config, out, _divergence(model, train_loss, None))
         distributed.broadcast_buffers(model)  # evaluate and save rank 0's BN statistics
         test_loss, test_acc = evaluate(eval_model, test_shard, config.eval_batch_size, dtype)
         test_loss, test_acc = distributed.mean_over_ranks(
             (test_loss, test_acc), len(test_shard.test_labels)
         )
+        # A single step can leave finite losses but NaN weights; never save such an epoch.
+        problems = _divergence(model, train_loss, test_loss)
+        if problems:
+            raise _diverged(epoch, config, out, problems)
         record = {
             "epoch": epoch + 1, "epochs": config.epochs, "lr": lr,
             "train_loss": train_loss, "train_acc": train_acc,
@@ -441,10 +569,22 @@ def fit(
         if isinstance(model, VGG):
             checkpoint["cfg"] = list(model.cfg)  # what the paper's code reads
         if distributed.is_main():
-            save_checkpoint(checkpoint, out / "last.pth")
+            # best.pth first: a kill between the two writes leaves last.pth one epoch
+            # behind (that epoch reruns on --resume), never pointing at a missing best.
             if is_best:
                 save_checkpoint(checkpoint, out / "best.pth")
+            save_checkpoint(checkpoint, out / "last.pth")
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         distributed.barrier()  # no process reads the run folder before rank 0 has written it
         log(_epoch_line(record))
+        hint = (
+            None
+            if device.type != "cpu" or hinted
+            else slowdown_hint(
+                record["images_per_s"], history[0]["images_per_s"], torch.get_num_threads()
+            )
+        )
+        if hint:
+            log(hint)
+            hinted = True
     return history
