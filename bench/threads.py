@@ -1,6 +1,6 @@
 """Training images/s by CPU thread count, on a quiet machine and under load.
 
-    OMP_NUM_THREADS= python bench/threads.py --threads 1 2 --load 0 3 --rounds 3
+    env -u OMP_NUM_THREADS python bench/threads.py --threads 1 2 --load 0 3 --rounds 3
 
 For each load level, starts that many busy-loop processes (other work on the machine),
 then trains vgg11-small on synthetic data for ``--images`` images once per thread count,
@@ -12,6 +12,7 @@ fresh process (``--worker``), as a training run would.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -62,10 +63,11 @@ def main() -> None:
         finally:
             for proc in busy:
                 proc.kill()
+        machine = os.getloadavg()[0]  # what else the machine runs shows up here too
         for t, r in rates.items():
             runs = " ".join(f"{x:.0f}" for x in r)
-            print(f"load {load} busy processes, {t} threads: median "
-                  f"{statistics.median(r):.0f} images/s  (runs: {runs})")  # fmt: skip
+            print(f"{load} busy processes added (1-min load average {machine:.1f}), {t} threads: "
+                  f"median {statistics.median(r):.0f} images/s  (runs: {runs})")  # fmt: skip
 
 
 if __name__ == "__main__":

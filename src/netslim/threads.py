@@ -68,12 +68,11 @@ def slowdown_hint(rate: float, first_rate: float, threads: int) -> str | None:
     """A hint when training runs at under a third of its first epoch's images/s, else None."""
     if not first_rate > 0 or rate >= first_rate / 3:
         return None
-    fewer = (
-        f"--threads {max(1, threads // 2)} or OMP_NUM_THREADS={max(1, threads // 2)}"
-        if threads > 1
-        else "fewer other jobs"
-    )
+    note = f"note: {rate:.0f} images/s, under a third of the first epoch's {first_rate:.0f}"
+    if threads == 1:
+        return f"{note}: is the machine busy with other work?"
+    fewer = max(1, threads // 2)
     return (
-        f"note: {rate:.0f} images/s, under a third of the first epoch's {first_rate:.0f}: "
-        f"is the machine busy? {threads} CPU threads compete with other work; try {fewer}"
+        f"{note}: on a busy machine {threads} CPU threads wait on each other; "
+        f"try --threads {fewer} (or OMP_NUM_THREADS={fewer})"
     )
