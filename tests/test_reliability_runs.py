@@ -604,3 +604,21 @@ def test_collapsing_throughput_prints_a_threads_hint(tmp_path, monkeypatch):
     assert len(hints) == 1 and lines.index(hints[0]) == 2  # after epoch 2's line, once
     assert "--threads 2" in hints[0] and "OMP_NUM_THREADS=2" in hints[0]
     assert threads.slowdown_hint(100.0, 200.0, 2) is None
+
+
+def test_under_torchrun_rank_0_holds_the_lock_and_names_the_holder(tmp_path):
+    """A 2-process torchrun run into a folder another run holds: rank 0 stops with the
+    one-line error naming the holder, and torchrun ends the run."""
+    from test_distributed import TRAIN as DDP_TRAIN
+    from test_distributed import torchrun
+
+    with runlock.hold(tmp_path / "run"):
+        done = torchrun(tmp_path / "dump", *DDP_TRAIN, "--epochs", "1", "--out",
+                        str(tmp_path / "run"), timeout=180)  # fmt: skip
+    assert done.returncode != 0
+    assert (
+        f"error (rank 0): {tmp_path / 'run'} is in use by another netslim run: pid {os.getpid()}"
+        in done.stderr
+    )
+    assert "error (rank 1)" not in done.stderr
+    assert not (tmp_path / "run").exists()
