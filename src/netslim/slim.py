@@ -158,7 +158,7 @@ def prune_model(
     bad = nonfinite_tensors(model)
     if bad:
         raise NetslimError(
-            f"the network holds NaN or Inf in {len(bad)} tensors (e.g. {bad[0]}): it comes from "
+            f"the network holds NaN or Inf in {len(bad)} of its tensors (e.g. {bad[0]}): it comes from "
             "a diverged run, and |gamma| cannot rank its channels; prune an earlier checkpoint"
         )
     model = model.eval()
