@@ -35,9 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from netslim.config import DATASETS
 from netslim.errors import NetslimError
-
-DATASETS: tuple[str, ...] = ("synthetic", "cifar10", "cifar100", "imagefolder")
 
 DEFAULT_ROOT = Path("data")  # where CIFAR lives when no root is given (git-ignored)
 SYNTHETIC_TRAIN_SIZE = 10000

@@ -35,11 +35,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from netslim import distributed
+from netslim.config import LOADERS, RESIZE_POLICIES
 from netslim.data import Dataset, augment, normalize
 from netslim.errors import NetslimError
 
-RESIZE_POLICIES: tuple[str, ...] = ("crop", "stretch")
-LOADERS: tuple[str, ...] = ("auto", "memory", "stream")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 STATS_IMAGES = 500  # how many training images the mean and std are measured on
 

@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,60 +31,13 @@ from torch import nn
 
 from netslim import distributed
 from netslim.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
+from netslim.config import TrainConfig
 from netslim.data import Dataset, eval_batches, num_batches, train_batches
 from netslim.errors import NetslimError
 from netslim.files import atomic_write_text
 from netslim.models import VGG, num_outputs
 from netslim.sparsity import add_bn_l1_grad, bn_sparsity, gamma_quantiles
 from netslim.surgery import channel_counts
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; saved in its checkpoints."""
-
-    arch: str = "vgg19"
-    dataset: str = "cifar10"
-    data_root: str = "data"
-    lam: float = 0.0
-    epochs: int = 160
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    seed: int = 0
-    sparsity_threshold: float = 0.01
-    precision: str = "auto"
-    device: str = "auto"
-    eval_batch_size: int = 1000
-    compile: bool = False  # torch.compile the model for training and evaluation
-    train_size: int | None = None
-    test_size: int | None = None
-    image_size: int = 32  # imagefolder datasets are resized to this
-    resize: str = "crop"  # and how: see netslim.imagefolder
-    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm over the global batch
-
-    def check(self) -> None:
-        """Raise NetslimError naming the first setting that makes no sense."""
-        if not self.lam >= 0:  # also catches NaN
-            raise NetslimError(f"--lam must be >= 0 (the L1 weight on BN gammas), got {self.lam}")
-        if self.epochs < 1:
-            raise NetslimError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise NetslimError("--batch-size must be at least 1")
-        if not self.lr > 0:
-            raise NetslimError(f"--lr must be > 0, got {self.lr}")
-        if self.precision not in PRECISIONS:
-            raise NetslimError(
-                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def pick_device(name: str = "auto") -> torch.device:
