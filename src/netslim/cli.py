@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from dataclasses import asdict, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import netslim
 from netslim.config import (
@@ -148,8 +149,18 @@ def _add_scale_args(p: argparse.ArgumentParser, train: bool = True) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with numbers like ``-1e-4`` read as values: its own pattern for negative
+    numbers has no exponent, so ``--lam -1e-4`` ended in "expected one argument" instead
+    of the range check's message (no netslim flag looks like a number)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="netslim",
         description="Network slimming: sparsity training, channel pruning and fine-tuning of CNNs.",
     )

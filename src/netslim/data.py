@@ -28,6 +28,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -106,7 +107,7 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise NetslimError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    for what, size in (("train_size", train_size), ("test_size", test_size)):
+    for what, size in (("--train-size", train_size), ("--test-size", test_size)):
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise NetslimError(f"{what} must be a positive whole number, got {size!r}")
 
@@ -126,10 +127,10 @@ def load_dataset(
     data = _load_cifar(_CIFAR[name], DEFAULT_ROOT if root is None else Path(root), download)
     return replace(
         data,
-        train_images=_first(data.train_images, train_size, "train_size", name),
-        train_labels=_first(data.train_labels, train_size, "train_size", name),
-        test_images=_first(data.test_images, test_size, "test_size", name),
-        test_labels=_first(data.test_labels, test_size, "test_size", name),
+        train_images=_first(data.train_images, train_size, "--train-size", name),
+        train_labels=_first(data.train_labels, train_size, "--train-size", name),
+        test_images=_first(data.test_images, test_size, "--test-size", name),
+        test_labels=_first(data.test_labels, test_size, "--test-size", name),
     )
 
 
@@ -138,7 +139,7 @@ def _first(x: torch.Tensor, n: int | None, what: str, name: str) -> torch.Tensor
         return x
     if n > len(x):
         raise NetslimError(
-            f"{what}={n} but {name} has only {len(x)} such images; pass at most {len(x)}"
+            f"{what} {n} but {name} has only {len(x)} such images; pass at most {len(x)}"
         )
     return x[:n]
 
@@ -233,6 +234,33 @@ def _missing_message(info: _CifarInfo, root: Path, reason: str) -> str:
     )
 
 
+# The globals an official CIFAR pickle names: numpy's array reconstruction (numpy.core
+# before numpy 2, numpy._core since; _frombuffer for protocol 5), and how Python 3 spells
+# bytes in a protocol-2 pickle. Dicts, lists, str, bytes and ints need none.
+_CIFAR_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+})  # fmt: skip
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global outside :data:`_CIFAR_GLOBALS` (its text: module.name)."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the official CIFAR files hold: a pickle can call
+    any function it names, so every other name is refused before it is imported."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        with warnings.catch_warnings():  # numpy 2 warns that numpy.core was renamed
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return super().find_class(module, name)
+
+
 def _read_cifar_file(path: Path, info: _CifarInfo) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one official pickle into uint8 images [N, 3, 32, 32] and int64 labels [N]."""
     fix = f"delete the folder {path.parent} and run again to download it afresh"
@@ -240,15 +268,26 @@ def _read_cifar_file(path: Path, info: _CifarInfo) -> tuple[torch.Tensor, torch.
         raise NetslimError(f"{info.title} file {path} is missing; {fix}")
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
+            batch = _CifarUnpickler(f, encoding="latin1").load()
         # The official files were pickled by Python 2 and have str keys; accept bytes too.
         batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch[info.label_key], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
             raise ValueError(f"unexpected shapes {data.shape} and {labels.shape}")
+    except _RefusedGlobal as e:
+        raise NetslimError(
+            f"{info.title} file {path} refers to {e}, which no {info.title} file holds; refused "
+            f"to read it (unpickling it could run code); {fix}"
+        ) from None
     except Exception as e:  # truncated pickles raise all sorts of errors
         raise NetslimError(f"{info.title} file {path} is truncated or corrupt ({e}); {fix}") from e
+    bad = labels[(labels < 0) | (labels >= info.num_classes)]
+    if len(bad):
+        raise NetslimError(
+            f"{info.title} file {path} has label {bad[0]}, outside 0..{info.num_classes - 1} "
+            f"({len(bad)} such labels); {fix}"
+        )
     # Rows are channel-major RGB (1024 red, 1024 green, 1024 blue), i.e. already CHW.
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(labels)
@@ -336,11 +375,13 @@ def make_synthetic(
     Images are generated in blocks of 1000, each from its own generator seeded by
     ``(seed, split, block)``, so the first n images do not depend on how many are made.
     """
-    if n_train < 1 or n_test < 1 or not 2 <= num_classes <= _PATTERNS or seed < 0:
-        raise NetslimError(
-            f"make_synthetic needs n_train >= 1, n_test >= 1, 2 <= num_classes <= {_PATTERNS} "
-            f"and seed >= 0, got {n_train}, {n_test}, {num_classes} and {seed}"
-        )
+    # Named by the flags that set them: the command line is where most of them come from.
+    for flag, value, least in (("--train-size", n_train, 1), ("--test-size", n_test, 1),
+                               ("--seed", seed, 0)):  # fmt: skip
+        if value < least:
+            raise NetslimError(f"{flag} must be >= {least} for the synthetic data, got {value}")
+    if not 2 <= num_classes <= _PATTERNS:
+        raise NetslimError(f"the synthetic data has 2 to {_PATTERNS} classes, not {num_classes}")
     # These memory-bound ops gain nothing from threads, and on a busy CPU every threaded op
     # waits for a descheduled thread: one thread was 5x faster on a shared 2-core machine.
     threads = torch.get_num_threads()

@@ -29,6 +29,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from netslim import distributed
 from netslim.config import LOADERS, RESIZE_POLICIES
 from netslim.data import Dataset, augment, normalize
 from netslim.errors import NetslimError
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 STATS_IMAGES = 500  # how many training images the mean and std are measured on
@@ -83,8 +87,8 @@ def scan_imagefolder(
     test_files, test_labels = _list_split(test_dir, classes, require_all=False)
     if not test_files:
         raise NetslimError(f"{test_dir} holds no images; {layout}")
-    train = _evenly_spaced(train_files, train_labels, train_size, "train_size", train_dir)
-    test = _evenly_spaced(test_files, test_labels, test_size, "test_size", test_dir)
+    train = _evenly_spaced(train_files, train_labels, train_size, "--train-size", train_dir)
+    test = _evenly_spaced(test_files, test_labels, test_size, "--test-size", test_dir)
     return Listing(classes, *train, *test)
 
 
@@ -113,7 +117,7 @@ def _evenly_spaced(
     if n is None:
         return files, labels
     if n > len(files):
-        raise NetslimError(f"{what}={n} but {where} has only {len(files)} images")
+        raise NetslimError(f"{what} {n} but {where} has only {len(files)} images")
     keep = _spaced(len(files), n)
     return [files[i] for i in keep], [labels[i] for i in keep]
 
@@ -134,7 +138,7 @@ def decode_image(path: str, image_size: int, resize: str = "crop") -> torch.Tens
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _to_rgb(image)
             width, height = image.size
             if resize == "stretch":
                 image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
@@ -149,6 +153,18 @@ def decode_image(path: str, image_size: int, resize: str = "crop") -> torch.Tens
     except (OSError, ValueError) as e:  # Pillow's errors for missing, truncated or odd files
         raise NetslimError(f"cannot read image {path} ({e}); fix or remove the file") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """``image`` as 8-bit RGB. 16-bit grey (Pillow's modes ``I;16*``, and ``I``, which older
+    Pillow gives 16-bit PNGs) is scaled from 0..65535 to 0..255: ``convert("RGB")`` would
+    clip every value above 255 to white."""
+    from PIL import Image
+
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        wide = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 class _DecodedImages(torch.utils.data.Dataset):

@@ -24,7 +24,7 @@ from netslim.pruning import check_ratio, plan_for_macs, plan_pruning
 from netslim.recalibrate import recalibrate_bn
 from netslim.stats import count_macs, count_params
 from netslim.surgery import apply_plan, channel_counts
-from netslim.train import evaluate
+from netslim.train import check_classes, evaluate
 
 
 @dataclass
@@ -143,6 +143,8 @@ def prune_model(
     """
     if (ratio is None) == (target_macs is None):
         raise NetslimError("give exactly one of a prune ratio and a MACs target (--target-macs)")
+    if data is not None:
+        check_classes(model, data)
     model = model.eval()
     graph = trace_channels(model)
     if target_macs is not None:

@@ -84,6 +84,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def check_classes(model: nn.Module, data: Dataset) -> None:
+    """Raise NetslimError unless ``model`` has one output per class of ``data``: a network
+    measured or trained on data with other classes gives numbers that mean nothing."""
+    if num_outputs(model) != data.num_classes:
+        raise NetslimError(
+            f"the model has {num_outputs(model)} outputs but dataset "
+            f"{data.name} has {data.num_classes} classes; use a matching --dataset"
+        )
+
+
 def lr_at(epoch: int, base_lr: float, epochs: int) -> float:
     """The paper's step schedule: divide by 10 at 50% and at 75% of the epochs (integer milestones)."""
     milestones = (epochs // 2, (epochs * 3) // 4)
@@ -294,11 +304,7 @@ def fit(
     out = Path(out_dir)
     device = data.device
     dtype = pick_precision(config.precision, device)
-    if num_outputs(model) != data.num_classes:
-        raise NetslimError(
-            f"the model has {num_outputs(model)} outputs but dataset "
-            f"{data.name} has {data.num_classes} classes; use a matching --dataset"
-        )
+    check_classes(model, data)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
