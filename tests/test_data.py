@@ -269,7 +269,7 @@ def test_synthetic_class_is_not_given_away_by_colour(synthetic):
 
 
 def test_synthetic_rejects_bad_arguments():
-    with pytest.raises(NetslimError, match="num_classes"):
+    with pytest.raises(NetslimError, match="2 to 10 classes, not 11"):
         make_synthetic(n_train=10, n_test=10, num_classes=11)
 
 
