@@ -225,3 +225,14 @@ def test_version_prints_the_package_version():
 def test_parser_architectures_are_the_buildable_ones():
     """The --arch names the parser offers are exactly the networks build_model builds."""
     assert ARCHS == tuple(_BUILDERS)
+
+
+def test_lazy_package_still_gives_every_public_name_and_module():
+    """`import netslim` stays instant yet netslim.load, netslim.fit, netslim.train... all work."""
+    from netslim.checkpoint import load
+    from netslim.train import fit
+
+    assert all(getattr(netslim, name) is not None for name in netslim.__all__)
+    assert netslim.load is load and netslim.fit is fit and netslim.train.fit is fit
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        netslim.nothing  # noqa: B018

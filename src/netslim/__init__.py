@@ -17,6 +17,7 @@ The names below are imported on first use (``netslim.load`` imports torch then),
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 __version__ = "0.1.0"
@@ -38,9 +39,12 @@ __all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"netslim.{_WHERE[name]}"), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"netslim.{name}"):
+        value = importlib.import_module(f"netslim.{name}")  # a module: netslim.train.lr_at
+    else:
         raise AttributeError(f"module 'netslim' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"netslim.{_WHERE[name]}"), name)
     globals()[name] = value  # the next lookup skips this function
     return value
 
