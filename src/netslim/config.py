@@ -14,13 +14,13 @@ from typing import Any
 
 from netslim.errors import NetslimError
 
-# Every name below is checked against what the working modules accept by tests/test_cli.py.
+# The networks netslim.models builds (a test checks that the two lists agree).
 ARCHS: tuple[str, ...] = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11-small", "resnet56",
                           "resnet164", "densenet40", "resnet18", "mobilenetv2")  # fmt: skip
 DATASETS: tuple[str, ...] = ("synthetic", "cifar10", "cifar100", "imagefolder")
 RESIZE_POLICIES: tuple[str, ...] = ("crop", "stretch")  # see netslim.imagefolder
-LOADERS: tuple[str, ...] = ("auto", "memory", "stream")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+LOADERS: tuple[str, ...] = ("auto", "memory", "stream")  # see netslim.imagefolder
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")  # see netslim.train
 
 
 @dataclass
