@@ -112,9 +112,9 @@ def test_sizes_keep_the_first_images(tmp_path):
     assert torch.equal(small.train_images, full.train_images[:3])
     assert torch.equal(small.train_labels, full.train_labels[:3])
     assert torch.equal(small.test_images, full.test_images[:1])
-    with pytest.raises(NetslimError, match="train_size=11"):
+    with pytest.raises(NetslimError, match="--train-size 11"):
         load_dataset("cifar10", tmp_path, download=False, train_size=11)
-    with pytest.raises(NetslimError, match="test_size"):
+    with pytest.raises(NetslimError, match="--test-size"):
         load_dataset("cifar10", tmp_path, download=False, test_size=0)
 
 
@@ -269,7 +269,7 @@ def test_synthetic_class_is_not_given_away_by_colour(synthetic):
 
 
 def test_synthetic_rejects_bad_arguments():
-    with pytest.raises(NetslimError, match="num_classes"):
+    with pytest.raises(NetslimError, match="2 to 10 classes, not 11"):
         make_synthetic(n_train=10, n_test=10, num_classes=11)
 
 

@@ -9,28 +9,45 @@ The three steps as a Python API::
     # afterwards:
     pruned, report = netslim.prune_model(model, ratio=0.7)
     model = netslim.load("pruned.pth")
+
+The names below are imported on first use (``netslim.load`` imports torch then), so that
+``import netslim`` itself, and with it ``netslim --help``, is instant.
 """
 
-from netslim.checkpoint import load, read_checkpoint, save_checkpoint
-from netslim.data import load_dataset
-from netslim.errors import NetslimError
-from netslim.lab import LabConfig, run_lab
-from netslim.models import ARCHS, VGG, build_model
-from netslim.pruning import global_threshold, plan_for_macs, plan_pruning
-from netslim.recalibrate import recalibrate_bn
-from netslim.slim import PruneReport, prune_model
-from netslim.sparsity import add_bn_l1_grad, bn_gammas, bn_sparsity, gamma_quantiles
-from netslim.stats import count_macs, count_params
-from netslim.surgery import apply_plan, prune
-from netslim.train import TrainConfig, evaluate, fit
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ARCHS", "VGG", "NetslimError", "PruneReport", "TrainConfig", "add_bn_l1_grad",
-    "bn_gammas", "bn_sparsity", "build_model", "count_macs", "count_params", "evaluate",
-    "fit", "gamma_quantiles", "global_threshold", "load", "load_dataset", "plan_pruning",
-    "plan_for_macs", "prune", "prune_model", "apply_plan", "read_checkpoint", "recalibrate_bn",
-    "save_checkpoint",
-]  # fmt: skip
-__all__ += ["LabConfig", "run_lab"]  # the whole experiment in one call
+# public name -> the module that defines it
+_WHERE = {
+    "load": "checkpoint", "read_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "load_dataset": "data", "NetslimError": "errors", "LabConfig": "config",
+    "TrainConfig": "config", "run_lab": "lab", "ARCHS": "config", "VGG": "models",
+    "build_model": "models", "global_threshold": "pruning", "plan_for_macs": "pruning",
+    "plan_pruning": "pruning", "recalibrate_bn": "recalibrate", "PruneReport": "slim",
+    "prune_model": "slim", "add_bn_l1_grad": "sparsity", "bn_gammas": "sparsity",
+    "bn_sparsity": "sparsity", "gamma_quantiles": "sparsity", "count_macs": "stats",
+    "count_params": "stats", "apply_plan": "surgery", "prune": "surgery", "evaluate": "train",
+    "fit": "train",
+}  # fmt: skip
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"netslim.{_WHERE[name]}"), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"netslim.{name}"):
+        value = importlib.import_module(f"netslim.{name}")  # a module: netslim.train.lr_at
+    else:
+        raise AttributeError(f"module 'netslim' has no attribute {name!r}")
+    globals()[name] = value  # the next lookup skips this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

@@ -12,7 +12,9 @@ plain tensors, lists, numbers and strings, so files load with
 
 from __future__ import annotations
 
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +41,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise NetslimError(f"checkpoint {path} does not exist (or is not a file)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load fails in many ways on a bad file; all mean "unreadable"
-        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise NetslimError(
-            f"{path} is not a readable checkpoint (truncated, or not written by torch.save): "
-            f"{detail}"
-        ) from None
+    obj = _torch_load(path)
     if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         obj = {"state_dict": obj}  # a bare state_dict
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
@@ -56,6 +51,39 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     obj["state_dict"] = {re.sub(r"^module\.", "", k): v for k, v in obj["state_dict"].items()}
     return obj
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` of tensors and plain values only, its failures as one NetslimError."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; before PyTorch 1.6 it wrote a pickle (protocol 2)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        what = (
+            f"it starts with {head!r}, neither a zip archive nor a pickle"
+            if head
+            else "the file is empty"
+        )
+        raise NetslimError(f"{path} is not a checkpoint written by torch.save: {what}")
+    try:
+        with warnings.catch_warnings():  # a pickle not from torch.save: refused just below
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # PyTorch's own text advises loading with weights_only=False, which runs the file's
+        # code; the refusal's reason is the error it wraps.
+        inner = str(e.__context__ or "").strip().rstrip(".")
+        reason = inner if inner and "weights_only" not in inner else "it holds other objects"
+        raise NetslimError(
+            f"{path} is not a checkpoint written by torch.save of tensors and plain values "
+            f"({reason}); netslim never runs code from a file"
+        ) from None
+    except Exception as e:  # torch.load fails in many ways on a bad file; all mean "unreadable"
+        lines = str(e).strip().splitlines()
+        detail = lines[0].split(". ")[0][:200] if lines else type(e).__name__
+        raise NetslimError(
+            f"{path} is not a checkpoint written by torch.save, or it is truncated: {detail}"
+        ) from None
 
 
 def cfg_from_state_dict(

@@ -10,36 +10,32 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import warnings
 from dataclasses import asdict, fields
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from netslim import distributed
-from netslim.checkpoint import arch_name, model_from_checkpoint, read_checkpoint, save_checkpoint
-from netslim.data import DATASETS, Dataset, load_dataset
-from netslim.errors import NetslimError
-from netslim.imagefolder import LOADERS, RESIZE_POLICIES, check_image_size, open_imagefolder
-from netslim.lab import DEMO, LabConfig, run_lab
-from netslim.models import ARCHS, VGG, build_model, num_outputs
-from netslim.multipass import run_multipass
-from netslim.pruning import check_ratio
-from netslim.slim import check_prune_output, prune_model, pruned_checkpoint
-from netslim.sparsity import bn_sparsity, gamma_quantiles
-from netslim.stats import count_macs, count_params
-from netslim.threads import set_threads
-from netslim.train import (
+import netslim
+from netslim.config import (
+    ARCHS,
+    DATASETS,
+    DEMO,
+    LOADERS,
     PRECISIONS,
+    RESIZE_POLICIES,
+    LabConfig,
     TrainConfig,
-    check_run_folder,
-    fit,
-    pick_device,
-    pick_precision,
-    run_files,
 )
+from netslim.errors import NetslimError
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from netslim.data import Dataset
+
+# The parser needs only netslim.config; each command imports torch and the modules that
+# do the work when it runs, so that `netslim --help` and `--version` answer at once.
 DEFAULTS = TrainConfig()
 
 
@@ -167,11 +163,22 @@ def _add_scale_args(p: argparse.ArgumentParser, train: bool = True) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with numbers like ``-1e-4`` read as values: its own pattern for negative
+    numbers has no exponent, so ``--lam -1e-4`` ended in "expected one argument" instead
+    of the range check's message (no netslim flag looks like a number)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="netslim",
         description="Network slimming: sparsity training, channel pruning and fine-tuning of CNNs.",
     )
+    parser.add_argument("--version", action="version", version=f"netslim {netslim.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -285,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_data(args: argparse.Namespace) -> Dataset:
+    from netslim import distributed
+    from netslim.data import load_dataset
+    from netslim.imagefolder import open_imagefolder
+    from netslim.train import pick_device
+
     device = pick_device(distributed.local_device(args.device))
     if args.dataset == "imagefolder":
         return open_imagefolder(args.data_root, image_size=args.image_size, resize=args.resize,
@@ -310,6 +322,11 @@ def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
 
 def _new_run(args: argparse.Namespace) -> tuple[TrainConfig, Dataset, nn.Module]:
     """The recipe, the data and a freshly initialised ``--arch`` (seeded by ``--seed``)."""
+    import torch
+
+    from netslim.imagefolder import check_image_size
+    from netslim.models import build_model
+
     config = _train_config(args, args.arch)
     config.check()
     data = _load_data(args)
@@ -321,6 +338,9 @@ def _new_run(args: argparse.Namespace) -> tuple[TrainConfig, Dataset, nn.Module]
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from netslim import distributed
+    from netslim.train import check_run_folder, fit, run_files
+
     check_run_folder(args.out)
     config, data, model = _new_run(args)
     fit(
@@ -331,6 +351,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    from netslim import distributed
+    from netslim.checkpoint import arch_name, model_from_checkpoint, read_checkpoint
+    from netslim.imagefolder import check_image_size
+    from netslim.train import check_run_folder, fit, run_files
+
     check_run_folder(args.out)
     ckpt = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.checkpoint)
@@ -349,6 +374,18 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
+    from netslim.checkpoint import (
+        arch_name,
+        model_from_checkpoint,
+        read_checkpoint,
+        save_checkpoint,
+    )
+    from netslim.imagefolder import check_image_size
+    from netslim.models import num_outputs
+    from netslim.pruning import check_ratio
+    from netslim.slim import check_prune_output, prune_model, pruned_checkpoint
+    from netslim.train import pick_precision
+
     ratio = check_ratio(args.ratio) if args.ratio is not None else None
     if args.recalibrate < 0:
         raise NetslimError(f"--recalibrate must be >= 0 batches, got {args.recalibrate}")
@@ -374,6 +411,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 
 def cmd_multipass(args: argparse.Namespace) -> None:
+    from netslim.multipass import run_multipass
+    from netslim.train import check_run_folder
+
     check_run_folder(args.out)
     config, data, model = _new_run(args)
     run_multipass(config, data, model, args.out, passes=args.passes, ratio=args.ratio,
@@ -383,6 +423,13 @@ def cmd_multipass(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from torch import nn
+
+    from netslim.checkpoint import arch_name, model_from_checkpoint, read_checkpoint
+    from netslim.models import VGG, num_outputs
+    from netslim.sparsity import bn_sparsity, gamma_quantiles
+    from netslim.stats import count_macs, count_params
+
     ckpt = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.checkpoint)
     meta = ckpt.get("netslim") or {}
@@ -526,6 +573,9 @@ def _add_lab_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> None:
+    from netslim import distributed
+    from netslim.lab import run_lab
+
     names = {f.name for f in fields(LabConfig)}
     config = LabConfig(**{k: v for k, v in vars(args).items() if k in names})
     report = run_lab(config, args.out, download=args.download)
@@ -547,6 +597,8 @@ COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "i
 
 def check_torchrun_command(command: str) -> None:
     """Under torchrun only training makes sense; refuse the other commands clearly."""
+    from netslim import distributed
+
     if distributed.launched_by_torchrun() and command not in ("train", "finetune", "lab", "demo"):
         raise NetslimError(
             f"netslim {command} does not run under torchrun (only train, finetune, lab and "
@@ -568,7 +620,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and --version exit here, before torch
+    from netslim import distributed
+    from netslim.threads import set_threads
+
     warnings.showwarning = _show_warning
     try:
         check_torchrun_command(args.command)

@@ -1,17 +1,18 @@
-"""Datasets kept on the training device as one uint8 tensor, with batched augmentation.
+"""Datasets by name: CIFAR-10/100 from the official files, built-in synthetic shapes, and
+your own images (:mod:`netslim.imagefolder`), each as one :class:`~netslim.batches.Dataset`.
 
-There is no DataLoader and no per-sample PIL transform: a whole dataset is a single
-uint8 tensor ``[N, 3, 32, 32]`` (NCHW) that lives on the device the model trains on.
-Each batch is gathered by index, padded, cropped and flipped with batched tensor ops,
-then normalised to float32.  This is the approach of Keller Jordan's airbench loader,
-and on a GPU it makes data loading essentially free.
+A dataset is a single uint8 tensor ``[N, 3, 32, 32]`` that lives on the device the model
+trains on; :mod:`netslim.batches` makes its augmented, normalised batches (re-exported
+here, with :class:`Dataset`).
 
 Four datasets are available (see :data:`DATASETS`):
 
 * ``"synthetic"``: generated in well under a second, no files needed.  Ten shape and
   texture classes drawn with random colours, so a CNN must look at shape, not colour.
 * ``"cifar10"`` / ``"cifar100"``: read from the official "python version" pickles,
-  downloaded on first use if allowed.
+  downloaded on first use if allowed. The pickles are read by an unpickler that builds
+  only what those files hold (dicts, lists, strings, numbers, numpy arrays), so a
+  tampered file cannot run code.
 * ``"imagefolder"``: your own images in ``train/<class>/`` and ``val/<class>/`` folders,
   resized to 32x32 (see :mod:`netslim.imagefolder` for other sizes and for streaming).
 """
@@ -28,53 +29,23 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from netslim.batches import Dataset, augment, eval_batches, normalize, num_batches, train_batches
+from netslim.config import DATASETS
 from netslim.errors import NetslimError
-
-DATASETS: tuple[str, ...] = ("synthetic", "cifar10", "cifar100", "imagefolder")
 
 DEFAULT_ROOT = Path("data")  # where CIFAR lives when no root is given (git-ignored)
 SYNTHETIC_TRAIN_SIZE = 10000
 SYNTHETIC_TEST_SIZE = 2000
 
-
-@dataclass
-class Dataset:
-    """A train and a test split, each one uint8 image tensor plus int64 labels.
-
-    Images are ``[N, 3, 32, 32]`` uint8 in NCHW layout; ``mean`` and ``std`` are per-channel
-    statistics on the 0..1 scale, used by :func:`normalize`.
-    """
-
-    name: str
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    num_classes: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @property
-    def device(self) -> torch.device:
-        """The device the images live on (and batches are made on)."""
-        return self.train_images.device
-
-    def to(self, device: torch.device | str) -> Dataset:
-        """Return a copy with all four tensors moved to ``device``."""
-        return replace(
-            self,
-            train_images=self.train_images.to(device),
-            train_labels=self.train_labels.to(device),
-            test_images=self.test_images.to(device),
-            test_labels=self.test_labels.to(device),
-        )
+__all__ = ["DATASETS", "Dataset", "augment", "eval_batches", "load_dataset", "make_synthetic",
+           "normalize", "num_batches", "train_batches"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -107,7 +78,7 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise NetslimError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    for what, size in (("train_size", train_size), ("test_size", test_size)):
+    for what, size in (("--train-size", train_size), ("--test-size", test_size)):
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise NetslimError(f"{what} must be a positive whole number, got {size!r}")
 
@@ -127,10 +98,10 @@ def load_dataset(
     data = _load_cifar(_CIFAR[name], DEFAULT_ROOT if root is None else Path(root), download)
     return replace(
         data,
-        train_images=_first(data.train_images, train_size, "train_size", name),
-        train_labels=_first(data.train_labels, train_size, "train_size", name),
-        test_images=_first(data.test_images, test_size, "test_size", name),
-        test_labels=_first(data.test_labels, test_size, "test_size", name),
+        train_images=_first(data.train_images, train_size, "--train-size", name),
+        train_labels=_first(data.train_labels, train_size, "--train-size", name),
+        test_images=_first(data.test_images, test_size, "--test-size", name),
+        test_labels=_first(data.test_labels, test_size, "--test-size", name),
     )
 
 
@@ -139,7 +110,7 @@ def _first(x: torch.Tensor, n: int | None, what: str, name: str) -> torch.Tensor
         return x
     if n > len(x):
         raise NetslimError(
-            f"{what}={n} but {name} has only {len(x)} such images; pass at most {len(x)}"
+            f"{what} {n} but {name} has only {len(x)} such images; pass at most {len(x)}"
         )
     return x[:n]
 
@@ -234,6 +205,33 @@ def _missing_message(info: _CifarInfo, root: Path, reason: str) -> str:
     )
 
 
+# The globals an official CIFAR pickle names: numpy's array reconstruction (numpy.core
+# before numpy 2, numpy._core since; _frombuffer for protocol 5), and how Python 3 spells
+# bytes in a protocol-2 pickle. Dicts, lists, str, bytes and ints need none.
+_CIFAR_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+})  # fmt: skip
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global outside :data:`_CIFAR_GLOBALS` (its text: module.name)."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the official CIFAR files hold: a pickle can call
+    any function it names, so every other name is refused before it is imported."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        with warnings.catch_warnings():  # numpy 2 warns that numpy.core was renamed
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return super().find_class(module, name)
+
+
 def _read_cifar_file(path: Path, info: _CifarInfo) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one official pickle into uint8 images [N, 3, 32, 32] and int64 labels [N]."""
     fix = f"delete the folder {path.parent} and run again to download it afresh"
@@ -241,15 +239,26 @@ def _read_cifar_file(path: Path, info: _CifarInfo) -> tuple[torch.Tensor, torch.
         raise NetslimError(f"{info.title} file {path} is missing; {fix}")
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
+            batch = _CifarUnpickler(f, encoding="latin1").load()
         # The official files were pickled by Python 2 and have str keys; accept bytes too.
         batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch[info.label_key], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
             raise ValueError(f"unexpected shapes {data.shape} and {labels.shape}")
+    except _RefusedGlobal as e:
+        raise NetslimError(
+            f"{info.title} file {path} refers to {e}, which no {info.title} file holds; refused "
+            f"to read it (unpickling it could run code); {fix}"
+        ) from None
     except Exception as e:  # truncated pickles raise all sorts of errors
         raise NetslimError(f"{info.title} file {path} is truncated or corrupt ({e}); {fix}") from e
+    bad = labels[(labels < 0) | (labels >= info.num_classes)]
+    if len(bad):
+        raise NetslimError(
+            f"{info.title} file {path} has label {bad[0]}, outside 0..{info.num_classes - 1} "
+            f"({len(bad)} such labels); {fix}"
+        )
     # Rows are channel-major RGB (1024 red, 1024 green, 1024 blue), i.e. already CHW.
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(labels)
@@ -337,11 +346,13 @@ def make_synthetic(
     Images are generated in blocks of 1000, each from its own generator seeded by
     ``(seed, split, block)``, so the first n images do not depend on how many are made.
     """
-    if n_train < 1 or n_test < 1 or not 2 <= num_classes <= _PATTERNS or seed < 0:
-        raise NetslimError(
-            f"make_synthetic needs n_train >= 1, n_test >= 1, 2 <= num_classes <= {_PATTERNS} "
-            f"and seed >= 0, got {n_train}, {n_test}, {num_classes} and {seed}"
-        )
+    # Named by the flags that set them: the command line is where most of them come from.
+    for flag, value, least in (("--train-size", n_train, 1), ("--test-size", n_test, 1),
+                               ("--seed", seed, 0)):  # fmt: skip
+        if value < least:
+            raise NetslimError(f"{flag} must be >= {least} for the synthetic data, got {value}")
+    if not 2 <= num_classes <= _PATTERNS:
+        raise NetslimError(f"the synthetic data has 2 to {_PATTERNS} classes, not {num_classes}")
     # These memory-bound ops gain nothing from threads, and on a busy CPU every threaded op
     # waits for a descheduled thread: one thread was 5x faster on a shared 2-core machine.
     threads = torch.get_num_threads()
@@ -473,134 +484,3 @@ def _inside(distance: torch.Tensor) -> torch.Tensor:
     """Pixel coverage from a signed distance to a shape's edge (negative inside), with a
     one-pixel soft edge so small shapes are not jagged."""
     return (0.5 - distance).clamp(0.0, 1.0)
-
-
-# --------------------------------------------------------------------------------------
-# Batches
-# --------------------------------------------------------------------------------------
-
-
-def normalize(
-    images: torch.Tensor,
-    mean: Sequence[float] | torch.Tensor,
-    std: Sequence[float] | torch.Tensor,
-) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` -> float32 ``(x / 255 - mean) / std`` per channel, same device.
-
-    ``mean`` and ``std`` may already be float32 tensors on the images' device, which saves
-    a host-to-device copy per batch (the batch iterators below do that).
-    """
-    mean = _channel_tensor(mean, images.device)
-    std = _channel_tensor(std, images.device)
-    return (images.float() / 255 - mean) / std
-
-
-def _channel_tensor(values: Sequence[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    # as_tensor returns a tensor that is already right as it is, without copying.
-    return torch.as_tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-
-
-def augment(
-    images: torch.Tensor, generator: torch.Generator, *, start: int = 0, total: int | None = None
-) -> torch.Tensor:
-    """Random-crop-with-padding and horizontal flip, the standard CIFAR augmentation.
-
-    Each image is zero-padded by 4 pixels on every side (black, as torchvision's ``Pad(4)``
-    does before normalisation), cropped back to 32x32 at a random offset, and mirrored
-    with probability 0.5; ``[B, 3, 32, 32]`` uint8 in, same shape and dtype out.
-
-    Random numbers come from ``generator``, which must live on the images' device (a CUDA
-    generator for CUDA images).  They are drawn in this order, one per image each: the
-    column offset ``torch.randint(0, 9)``, the row offset ``torch.randint(0, 9)``, then
-    ``torch.rand() < 0.5`` for the flip.
-
-    ``images`` may also be rows ``start:start + B`` of a batch of ``total`` images (one
-    process's share of a global batch, see :mod:`netslim.distributed`): the random numbers
-    are then drawn for all ``total`` images and the rows' own are used, so the share is
-    augmented exactly as within the whole batch.
-    """
-    _check_generator(generator, images.device)
-    device = images.device
-    batch, channels, height, width = images.shape
-    total = batch if total is None else total
-    rows_of_batch = slice(start, start + batch)
-    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
-    left = torch.randint(0, 9, (total,), generator=generator, device=device)[rows_of_batch]
-    top = torch.randint(0, 9, (total,), generator=generator, device=device)[rows_of_batch]
-    flip = (torch.rand(total, generator=generator, device=device) < 0.5)[rows_of_batch]
-
-    # Crop and flip in one gather: image b takes padded rows top[b] + i and columns
-    # left[b] + j, with j running backwards when the image is flipped.
-    i = torch.arange(height, device=device)
-    j = torch.arange(width, device=device)
-    rows = top[:, None] + i  # [B, 32]
-    cols = left[:, None] + torch.where(flip[:, None], width - 1 - j, j)  # [B, 32]
-    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
-    c = torch.arange(channels, device=device).view(1, -1, 1, 1)
-    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def train_batches(
-    data: Dataset,
-    batch_size: int,
-    generator: torch.Generator,
-    *,
-    augment_images: bool = True,
-    drop_last: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch over the training split in a random order drawn from ``generator``.
-
-    Yields ``(images, labels)``: normalised float32 ``[B, 3, 32, 32]`` (augmented if
-    ``augment_images``) and int64 ``[B]``, on the data's device.  ``generator`` must live
-    on that device too; the same generator state gives the same epoch.
-    """
-    _check_batch_size(batch_size)
-    images, labels = data.train_images, data.train_labels
-    _check_generator(generator, images.device)
-    mean, std = _channel_tensor(data.mean, images.device), _channel_tensor(data.std, images.device)
-    n = len(images)
-    order = torch.randperm(n, generator=generator, device=images.device)
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        index = order[start : start + batch_size]
-        batch = images[index]
-        if augment_images:
-            batch = augment(batch, generator)
-        yield normalize(batch, mean, std), labels[index]
-
-
-def eval_batches(
-    data: Dataset, batch_size: int, *, split: str = "test"
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The ``"test"`` or ``"train"`` split in order, normalised, without augmentation."""
-    _check_batch_size(batch_size)
-    if split == "test":
-        images, labels = data.test_images, data.test_labels
-    elif split == "train":
-        images, labels = data.train_images, data.train_labels
-    else:
-        raise NetslimError(f"unknown split {split!r}; choose 'test' or 'train'")
-    mean, std = _channel_tensor(data.mean, images.device), _channel_tensor(data.std, images.device)
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        yield normalize(batch, mean, std), labels[start : start + batch_size]
-
-
-def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
-    """How many batches one epoch over ``n`` samples yields."""
-    _check_batch_size(batch_size)
-    return n // batch_size if drop_last else -(-n // batch_size)
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise NetslimError(f"batch size must be a positive whole number, got {batch_size!r}")
-
-
-def _check_generator(generator: torch.Generator, device: torch.device) -> None:
-    # torch's own error for a mismatch is cryptic; say how to fix it.
-    if generator.device.type != device.type:
-        raise NetslimError(
-            f"the random generator is on {generator.device} but the data is on {device}; "
-            f"create it with torch.Generator(device={str(device)!r})"
-        )

@@ -12,15 +12,15 @@ validation folder may be called ``val`` or ``test`` and is the test split.
 There are two ways to feed the images to training (see :func:`open_imagefolder`):
 
 * **in memory** (:func:`load_imagefolder`): all images are decoded once into the uint8
-  :class:`~netslim.data.Dataset` that the built-in datasets use, and training runs from the
+  :class:`~netslim.batches.Dataset` that the built-in datasets use, and training runs from the
   device as fast as for CIFAR;
 * **streaming** (:class:`ImageFolderStream`): for datasets that do not fit, each batch is
   decoded by DataLoader worker processes and only this process's share of it is read (see
   :mod:`netslim.distributed`).
 
 The two give the same batches for the same seed: a stream draws the epoch's permutation
-from the same generator as :func:`netslim.data.train_batches`, and applies the same batched
-:func:`netslim.data.augment` to each decoded batch, in the main process, in the same order.
+from the same generator as :func:`netslim.batches.train_batches`, and applies the same batched
+:func:`netslim.batches.augment` to each decoded batch, in the main process, in the same order.
 """
 
 from __future__ import annotations
@@ -29,17 +29,20 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from netslim import distributed
-from netslim.data import Dataset, augment, normalize
+from netslim.batches import Dataset, augment, normalize
+from netslim.config import LOADERS, RESIZE_POLICIES
 from netslim.errors import NetslimError
 
-RESIZE_POLICIES: tuple[str, ...] = ("crop", "stretch")
-LOADERS: tuple[str, ...] = ("auto", "memory", "stream")
+if TYPE_CHECKING:
+    import PIL.Image
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 STATS_IMAGES = 500  # how many training images the mean and std are measured on
 
@@ -84,8 +87,8 @@ def scan_imagefolder(
     test_files, test_labels = _list_split(test_dir, classes, require_all=False)
     if not test_files:
         raise NetslimError(f"{test_dir} holds no images; {layout}")
-    train = _evenly_spaced(train_files, train_labels, train_size, "train_size", train_dir)
-    test = _evenly_spaced(test_files, test_labels, test_size, "test_size", test_dir)
+    train = _evenly_spaced(train_files, train_labels, train_size, "--train-size", train_dir)
+    test = _evenly_spaced(test_files, test_labels, test_size, "--test-size", test_dir)
     return Listing(classes, *train, *test)
 
 
@@ -114,7 +117,7 @@ def _evenly_spaced(
     if n is None:
         return files, labels
     if n > len(files):
-        raise NetslimError(f"{what}={n} but {where} has only {len(files)} images")
+        raise NetslimError(f"{what} {n} but {where} has only {len(files)} images")
     keep = _spaced(len(files), n)
     return [files[i] for i in keep], [labels[i] for i in keep]
 
@@ -135,7 +138,7 @@ def decode_image(path: str, image_size: int, resize: str = "crop") -> torch.Tens
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _to_rgb(image)
             width, height = image.size
             if resize == "stretch":
                 image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
@@ -150,6 +153,18 @@ def decode_image(path: str, image_size: int, resize: str = "crop") -> torch.Tens
     except (OSError, ValueError) as e:  # Pillow's errors for missing, truncated or odd files
         raise NetslimError(f"cannot read image {path} ({e}); fix or remove the file") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """``image`` as 8-bit RGB. 16-bit grey (Pillow's modes ``I;16*``, and ``I``, which older
+    Pillow gives 16-bit PNGs) is scaled from 0..65535 to 0..255: ``convert("RGB")`` would
+    clip every value above 255 to white."""
+    from PIL import Image
+
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        wide = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 class _DecodedImages(torch.utils.data.Dataset):
@@ -227,7 +242,7 @@ def load_imagefolder(
     test_size: int | None = None,
     workers: int | None = None,
 ) -> Dataset:
-    """Decode a whole image folder into an in-memory uint8 :class:`~netslim.data.Dataset`."""
+    """Decode a whole image folder into an in-memory uint8 :class:`~netslim.batches.Dataset`."""
     workers = _check_options(image_size, resize, workers)
     return _load(scan_imagefolder(root, train_size, test_size), image_size, resize, workers)
 
@@ -254,7 +269,7 @@ def _load(listing: Listing, image_size: int, resize: str, workers: int) -> Datas
 class ImageFolderStream:
     """An image folder read batch by batch from disk, for datasets larger than memory.
 
-    It offers what training needs of a :class:`~netslim.data.Dataset` (``name``,
+    It offers what training needs of a :class:`~netslim.batches.Dataset` (``name``,
     ``num_classes``, ``mean``, ``std``, the labels, ``device``, ``to``) plus its own
     :meth:`train_batches` and :meth:`eval_batches`.
     """
@@ -285,7 +300,7 @@ class ImageFolderStream:
     def train_batches(
         self, batch_size: int, generator: torch.Generator
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This process's share of one epoch, as :func:`netslim.data.train_batches` and
+        """This process's share of one epoch, as :func:`netslim.batches.train_batches` and
         :func:`netslim.distributed.shard_batches` would give it in memory."""
         n = len(self.train_files)
         order = torch.randperm(n, generator=generator, device=generator.device).cpu()
@@ -306,7 +321,7 @@ class ImageFolderStream:
     def eval_batches(
         self, batch_size: int, *, split: str = "test"
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """A split in order, normalised, without augmentation (as :func:`netslim.data.eval_batches`)."""
+        """A split in order, normalised, without augmentation (as :func:`netslim.batches.eval_batches`)."""
         if split not in ("test", "train"):
             raise NetslimError(f"unknown split {split!r}; choose 'test' or 'train'")
         files = self.test_files if split == "test" else self.train_files

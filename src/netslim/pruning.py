@@ -144,7 +144,9 @@ def _plan_at(graph: ChannelGraph, scores: dict[int, torch.Tensor], threshold: fl
 
 def _check_min_keep(min_keep: float) -> None:
     if not 0.0 <= min_keep <= 1.0:
-        raise NetslimError(f"min_keep must be a share in [0, 1], got {min_keep}")
+        raise NetslimError(
+            f"--min-keep must be a share in [0, 1] of each layer's channels, got {min_keep}"
+        )
 
 
 def _warn_floored(plan: PrunePlan, min_keep: float) -> None:
@@ -214,7 +216,7 @@ def plan_for_macs(
     if least > fraction * total:
         raise NetslimError(
             f"cannot reach {fraction:.1%} of the MACs: pruning every prunable channel down to "
-            f"the floor (min_keep={min_keep}) leaves {least / total:.1%}; lower "
+            f"the floor (--min-keep {min_keep}) leaves {least / total:.1%}; lower "
             "--min-keep or aim higher"
         )
     while lo < hi:  # smallest k whose plan is within the target

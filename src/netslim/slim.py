@@ -31,7 +31,7 @@ from netslim.pruning import check_ratio, plan_for_macs, plan_pruning
 from netslim.recalibrate import recalibrate_bn
 from netslim.stats import count_macs, count_params
 from netslim.surgery import apply_plan, channel_counts
-from netslim.train import evaluate, nonfinite_tensors
+from netslim.train import check_classes, evaluate, nonfinite_tensors
 
 
 @dataclass
@@ -161,6 +161,8 @@ def prune_model(
             f"the network holds NaN or Inf in {len(bad)} of its tensors (e.g. {bad[0]}): it comes from "
             "a diverged run, and |gamma| cannot rank its channels; prune an earlier checkpoint"
         )
+    if data is not None:
+        check_classes(model, data)
     model = model.eval()
     graph = trace_channels(model)
     if target_macs is not None:

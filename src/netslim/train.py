@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +35,7 @@ from torch import nn
 
 from netslim import distributed, runlock
 from netslim.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
+from netslim.config import TrainConfig
 from netslim.data import Dataset, eval_batches, num_batches, train_batches
 from netslim.errors import NetslimError
 from netslim.files import atomic_write_text, make_dirs, remove_temp_files
@@ -42,63 +43,6 @@ from netslim.models import VGG, num_outputs
 from netslim.sparsity import add_bn_l1_grad, bn_sparsity, gamma_quantiles
 from netslim.surgery import channel_counts
 from netslim.threads import slowdown_hint
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; saved in its checkpoints."""
-
-    arch: str = "vgg19"
-    dataset: str = "cifar10"
-    data_root: str = "data"
-    lam: float = 0.0
-    epochs: int = 160
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    seed: int = 0
-    sparsity_threshold: float = 0.01
-    precision: str = "auto"
-    device: str = "auto"
-    eval_batch_size: int = 1000
-    compile: bool = False  # torch.compile the model for training and evaluation
-    train_size: int | None = None
-    test_size: int | None = None
-    image_size: int = 32  # imagefolder datasets are resized to this
-    resize: str = "crop"  # and how: see netslim.imagefolder
-    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm over the global batch
-
-    def check(self) -> None:
-        """Raise NetslimError naming the first setting that makes no sense."""
-        # Written as `not ok` so that NaN fails too; inf is refused as well.
-        if not 0 <= self.lam < math.inf:
-            raise NetslimError(f"--lam must be >= 0 (the L1 weight on BN gammas), got {self.lam}")
-        if self.epochs < 1:
-            raise NetslimError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise NetslimError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.eval_batch_size < 1:
-            raise NetslimError(
-                f"the evaluation batch size must be at least 1, got {self.eval_batch_size}"
-            )
-        if not 0 < self.lr < math.inf:
-            raise NetslimError(f"--lr must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise NetslimError(f"--momentum must be in [0, 1), e.g. 0.9, got {self.momentum}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise NetslimError(f"--weight-decay must be >= 0, e.g. 1e-4, got {self.weight_decay}")
-        if self.precision not in PRECISIONS:
-            raise NetslimError(
-                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -143,6 +87,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_classes(model: nn.Module, data: Dataset) -> None:
+    """Raise NetslimError unless ``model`` has one output per class of ``data``: a network
+    measured or trained on data with other classes gives numbers that mean nothing."""
+    if num_outputs(model) != data.num_classes:
+        raise NetslimError(
+            f"the model has {num_outputs(model)} outputs but dataset "
+            f"{data.name} has {data.num_classes} classes; use a matching --dataset"
+        )
 
 
 def lr_at(epoch: int, base_lr: float, epochs: int) -> float:
@@ -419,11 +373,7 @@ def fit(
             f"the training set has {len(data.train_labels)} images, fewer than the "
             f"{distributed.world_size()} processes; use fewer processes or more images"
         )
-    if num_outputs(model) != data.num_classes:
-        raise NetslimError(
-            f"the model has {num_outputs(model)} outputs but dataset "
-            f"{data.name} has {data.num_classes} classes; use a matching --dataset"
-        )
+    check_classes(model, data)
     # Rank 0 alone writes the run folder, so it alone holds the folder's lock.
     with runlock.hold(out_dir) if distributed.is_main() else contextlib.nullcontext():
         if distributed.is_main():

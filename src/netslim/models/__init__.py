@@ -19,6 +19,7 @@ from typing import Callable
 
 from torch import nn
 
+from netslim.config import ARCHS
 from netslim.errors import NetslimError
 from netslim.models.densenet import DenseNet, densenet40
 from netslim.models.mobilenet import MobileNetV2, mobilenetv2
@@ -33,7 +34,6 @@ _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "resnet18": resnet18,
     "mobilenetv2": mobilenetv2,
 }
-ARCHS: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def build_model(arch: str, num_classes: int = 10) -> nn.Module:

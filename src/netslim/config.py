@@ -1,0 +1,199 @@
+"""The settings of runs and labs, and the names the command line offers, without torch.
+
+``netslim --help`` builds its parser from this module alone, so that asking for help
+or ``--version`` does not wait seconds for PyTorch to import. The modules that do the
+work (:mod:`netslim.train`, :mod:`netslim.lab`, ...) import their settings from here.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from netslim.errors import NetslimError
+
+# The networks netslim.models builds (a test checks that the two lists agree).
+ARCHS: tuple[str, ...] = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11-small", "resnet56",
+                          "resnet164", "densenet40", "resnet18", "mobilenetv2")  # fmt: skip
+DATASETS: tuple[str, ...] = ("synthetic", "cifar10", "cifar100", "imagefolder")
+RESIZE_POLICIES: tuple[str, ...] = ("crop", "stretch")  # see netslim.imagefolder
+LOADERS: tuple[str, ...] = ("auto", "memory", "stream")  # see netslim.imagefolder
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")  # see netslim.train
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved in its checkpoints."""
+
+    arch: str = "vgg19"
+    dataset: str = "cifar10"
+    data_root: str = "data"
+    lam: float = 0.0
+    epochs: int = 160
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    seed: int = 0
+    sparsity_threshold: float = 0.01
+    precision: str = "auto"
+    device: str = "auto"
+    eval_batch_size: int = 1000
+    compile: bool = False  # torch.compile the model for training and evaluation
+    train_size: int | None = None
+    test_size: int | None = None
+    image_size: int = 32  # imagefolder datasets are resized to this
+    resize: str = "crop"  # and how: see netslim.imagefolder
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm over the global batch
+
+    def check(self) -> None:
+        """Raise NetslimError naming the first setting that makes no sense."""
+        # Written as `not ok` so that NaN fails too; inf is refused as well.
+        if not 0 <= self.lam < math.inf:
+            raise NetslimError(f"--lam must be >= 0 (the L1 weight on BN gammas), got {self.lam}")
+        if self.epochs < 1:
+            raise NetslimError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise NetslimError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.eval_batch_size < 1:
+            raise NetslimError(
+                f"the evaluation batch size must be at least 1, got {self.eval_batch_size}"
+            )
+        if not 0 < self.lr < math.inf:
+            raise NetslimError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise NetslimError(f"--momentum must be in [0, 1), e.g. 0.9, got {self.momentum}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise NetslimError(f"--weight-decay must be >= 0, e.g. 1e-4, got {self.weight_decay}")
+        if self.precision not in PRECISIONS:
+            raise NetslimError(
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class LabConfig:
+    """Everything that defines a lab; saved in ``lab.json`` and compared on every re-run."""
+
+    arch: str = "vgg19"
+    dataset: str = "cifar10"
+    data_root: str = "data"
+    train_size: int | None = None
+    test_size: int | None = None
+    lams: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-2])
+    prune_lam: float = 1e-4
+    ratios: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    epochs: int = 160
+    finetune_epochs: int = 160
+    batch_size: int = 64
+    lr: float = 0.1
+    recalibrate: int = 16
+    sweep: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise NetslimError naming the first setting that makes no sense."""
+        from netslim.pruning import check_ratio  # imports torch, which --help does without
+
+        if self.arch not in ARCHS:
+            raise NetslimError(f"unknown --arch {self.arch!r}; choose one of: {', '.join(ARCHS)}")
+        if not self.lams:
+            raise NetslimError("--lams needs at least one λ, e.g. --lams 0 1e-4 1e-2")
+        if not all(x >= 0 for x in self.lams):  # also catches NaN
+            raise NetslimError(
+                f"--lams must all be >= 0 (L1 weights on BN gammas), got {self.lams}"
+            )
+        names = [lam_name(x) for x in self.lams]
+        _check_unique("--lams", names)
+        if lam_name(self.prune_lam) not in names:
+            raise NetslimError(
+                f"--prune-lam {lam_name(self.prune_lam)} is not among --lams {' '.join(names)}; "
+                "add it there or prune one of those"
+            )
+        if not self.ratios:
+            raise NetslimError("--ratios needs at least one prune ratio, e.g. --ratios 0.5 0.9")
+        for r in [*self.ratios, *self.sweep]:
+            check_ratio(r)
+        _check_unique("--ratios", [ratio_name(r) for r in self.ratios])
+        if self.finetune_epochs < 1:
+            raise NetslimError(f"--finetune-epochs must be at least 1, got {self.finetune_epochs}")
+        if self.recalibrate < 0:
+            raise NetslimError(f"--recalibrate must be >= 0 batches, got {self.recalibrate}")
+        for lam in self.lams:
+            self.train_config(lam).check()  # epochs, batch size, lr, precision
+
+    def train_config(self, lam: float) -> TrainConfig:
+        """The recipe of the sparsity training at ``lam``."""
+        return TrainConfig(
+            arch=self.arch, dataset=self.dataset, data_root=self.data_root, lam=lam,
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+            precision=self.precision, device=self.device, train_size=self.train_size,
+            test_size=self.test_size,
+        )  # fmt: skip
+
+    def finetune_config(self) -> TrainConfig:
+        """The recipe of fine-tuning: the training recipe without the L1 term."""
+        return replace(self.train_config(0.0), epochs=self.finetune_epochs)
+
+    def sweep_ratios(self) -> list[float]:
+        """The sweep ratios plus the lab's own, sorted, each once."""
+        return sorted({float(r) for r in [*self.sweep, *self.ratios]})
+
+    def command(self, out: str | Path) -> str:
+        """The ``netslim lab`` command line that reproduces this lab, every setting explicit."""
+        args = ["netslim", "lab", "--arch", self.arch, "--dataset", self.dataset,
+                "--data-root", self.data_root]  # fmt: skip
+        if self.train_size is not None:
+            args += ["--train-size", str(self.train_size)]
+        if self.test_size is not None:
+            args += ["--test-size", str(self.test_size)]
+        args += ["--lams", *map(repr, self.lams), "--prune-lam", repr(self.prune_lam)]
+        args += ["--ratios", *map(repr, self.ratios), "--sweep", *map(repr, self.sweep)]
+        args += ["--epochs", str(self.epochs), "--finetune-epochs", str(self.finetune_epochs)]
+        args += ["--batch-size", str(self.batch_size), "--lr", repr(self.lr)]
+        args += ["--recalibrate", str(self.recalibrate), "--precision", self.precision]
+        args += ["--device", self.device, "--seed", str(self.seed), "--out", str(out)]
+        return shlex.join(args)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LabConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# The demo: the lab on built-in synthetic data, small enough for a 2-core CPU in minutes.
+# Only the network, the data and the epochs differ from the lab's defaults.
+DEMO = LabConfig(
+    arch="vgg11-small", dataset="synthetic", train_size=10000, test_size=2000,
+    epochs=6, finetune_epochs=3,
+)  # fmt: skip
+
+
+def _check_unique(flag: str, names: list[str]) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise NetslimError(f"{flag} lists {', '.join(repeated)} more than once; give each once")
+
+
+def lam_name(lam: float) -> str:
+    """λ as a short folder-name and label part: 0, 1e-4, 2.5e-3, 0.5 (not 0.0001 or 1e-04)."""
+    if lam == 0:
+        return "0"
+    if abs(lam) >= 0.1:
+        return repr(float(lam))
+    mantissa, exponent = f"{lam:.15e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def ratio_name(ratio: float) -> str:
+    return repr(float(ratio))
