@@ -15,7 +15,7 @@ import pytest
 import netslim
 import netslim.lab as lab_module
 from netslim.cli import build_parser, main
-from netslim.lab import LabConfig, lam_name
+from netslim.labfolder import LabConfig, lam_name
 
 # A reduced demo: the demo's arch and data, a few seconds of work.
 TINY = ["--train-size", "256", "--test-size", "128", "--epochs", "2", "--finetune-epochs", "1",

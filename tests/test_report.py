@@ -15,7 +15,8 @@ import pytest
 import netslim
 from netslim.cli import main
 from netslim.errors import NetslimError
-from netslim.lab import LabConfig, run_lab
+from netslim.lab import run_lab
+from netslim.labfolder import LabConfig
 from netslim.report import FIGURES, render_report
 
 CONFIG = LabConfig(arch="vgg11-small", dataset="synthetic", train_size=256, test_size=128,

@@ -14,7 +14,8 @@ The three steps as a Python API::
 from netslim.checkpoint import load, read_checkpoint, save_checkpoint
 from netslim.data import load_dataset
 from netslim.errors import NetslimError
-from netslim.lab import LabConfig, run_lab
+from netslim.lab import run_lab
+from netslim.labfolder import LabConfig
 from netslim.models import ARCHS, VGG, build_model
 from netslim.pruning import global_threshold, plan_for_macs, plan_pruning
 from netslim.recalibrate import recalibrate_bn

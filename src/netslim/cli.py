@@ -20,7 +20,8 @@ from netslim.checkpoint import arch_name, model_from_checkpoint, read_checkpoint
 from netslim.data import DATASETS, Dataset, load_dataset
 from netslim.errors import NetslimError
 from netslim.imagefolder import LOADERS, RESIZE_POLICIES, check_image_size, open_imagefolder
-from netslim.lab import DEMO, LabConfig, run_lab
+from netslim.lab import DEMO, run_lab
+from netslim.labfolder import LabConfig
 from netslim.models import ARCHS, VGG, build_model, num_outputs
 from netslim.multipass import run_multipass
 from netslim.pruning import check_ratio
