@@ -207,9 +207,9 @@ def figure_finetune(res: LabResults) -> Figure:
         ax.plot(np.r_[0, epochs], np.r_[start, _column(records, "test_acc")], "s--", color="C1",
                 label="test accuracy")  # fmt: skip
         ax.plot(0, start, "*", color="C1", markersize=14, markeredgecolor="k",
-                label=f"epoch 0: {start_label}")  # fmt: skip
+                label=f"epoch 0: {start_label}, where fine-tuning starts")  # fmt: skip
         ax.plot(0, report["acc_masked"], "X", color="C3", markersize=10, markeredgecolor="k",
-                label="epoch 0: just pruned, official masking (not the start)")  # fmt: skip
+                label="epoch 0: pruned, official masking")  # fmt: skip
         ax.axhline(report["acc_unpruned"], color="k", linestyle=":",
                    label="sparse model before pruning (test)")  # fmt: skip
         ax.set_ylim(-2, 102)
@@ -219,18 +219,15 @@ def figure_finetune(res: LabResults) -> Figure:
         ax.set_xticks(ticks, [f"{t}" if t else "0\n(pruned)" for t in ticks])
         ax.set_title(f"ratio {ratio:g}: {100 * report['pruned_share']:.0f}% of channels removed")
     fig.legend(handles=axes[0].get_legend_handles_labels()[0], loc="outside lower center",
-               ncols=2, frameon=False)  # fmt: skip
+               ncols=2, frameon=False, fontsize="small")  # fmt: skip
     return fig
 
 
 def _start_accuracy(config: LabConfig, report: dict[str, Any]) -> tuple[str, float]:
     """What fine-tuning starts from (the saved pruned network) and its test accuracy."""
     if report.get("acc_recalibrated") is None:
-        return "just pruned, bias-compensated (the start)", report["acc_compensated"]
-    return (
-        f"just pruned, BN recalibrated on {config.recalibrate} batches (the start)",
-        report["acc_recalibrated"],
-    )
+        return "pruned + bias compensation", report["acc_compensated"]
+    return f"pruned + BN recalibration ({config.recalibrate} batches)", report["acc_recalibrated"]
 
 
 def figure_channels(res: LabResults) -> Figure:
@@ -405,8 +402,8 @@ def build_document(res: LabResults) -> list[Block]:
          "linear axis would squeeze into one bar at 0, while the log axis shows every "
          "distribution's shape and lets the panels be compared directly. "
          "Values below 1e-8 (exact zeros included) are counted at 1e-8. Dotted: the sparsity "
-         "threshold of figure 1; dashed: the global prune thresholds of the lab's ratios "
-         "(channels left of a line are removed)."),
+         "threshold of figure 1; dashed and dash-dotted, one colour each: the global prune "
+         "thresholds of the lab's ratios (channels left of a line are removed)."),
         ("h2", f"Pruning the λ = {lam_name(c.prune_lam)} model"),
         ("p", "Test accuracy (%) of the sparse model, right after pruning -- with the "
               "official masking (pruned γ and β zeroed), with the pruned channels' constant "
@@ -421,13 +418,18 @@ def build_document(res: LabResults) -> list[Block]:
               "networks)."),
         ("table", *size_table(res)),
         ("figure", "finetune", "Figure 3: fine-tuning the pruned networks",
-         "Per ratio: train and test accuracy after each fine-tuning epoch. Epoch 0 is the "
-         "pruned network before any fine-tuning; the dotted line is the sparse model's test "
-         "accuracy before pruning, the level fine-tuning has to recover."),
+         "Per ratio: train and test accuracy after each fine-tuning epoch. Epoch 0 (star) is "
+         "the network fine-tuning starts from, right after pruning: "
+         + ("with BN recalibration, " if c.recalibrate else "with bias compensation, ")
+         + "not the official masking's accuracy, which is marked apart (X). The dotted line "
+         "is the sparse model's test accuracy before pruning, the level fine-tuning has to "
+         "recover."),
         ("figure", "channels", "Figure 4: channels kept per layer",
          "Per ratio: channels of each channel group (a conv layer's outputs; in a residual "
-         "network, a whole residual stream) before pruning (grey) and kept (blue). One global "
-         "threshold on |γ| decides, so layers are pruned unevenly."),
+         "network, a whole residual stream), named by the BatchNorm layer that scales it, "
+         f"before pruning (grey) and kept (blue); a deep network names every k-th group (at "
+         f"most {MAX_LAYER_NAMES}). One global threshold on |γ| decides, so layers are pruned "
+         "unevenly."),
         ("figure", "sweep", "Figure 5: where pruning breaks the network",
          f"Test accuracy right after pruning the λ = {lam_name(c.prune_lam)} model at each "
          "ratio, without any fine-tuning. "
