@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRAIN_CFG
 
 import netslim
 import netslim.lab as lab_module
 from netslim.cli import build_parser, main
 from netslim.lab import DEMO
 from netslim.labfolder import LabConfig, lam_name
+from netslim.models import VGG
 
 # A reduced demo: the demo's arch and data, a few seconds of work.
 TINY = ["--train-size", "256", "--test-size", "128", "--epochs", "2", "--finetune-epochs", "1",
@@ -219,23 +221,23 @@ def test_lab_subcommands_have_help(capsys):
 
 
 def test_the_demo_prunes_a_model_sparse_enough_to_lose_nothing_at_half(tmp_path):
-    """The demo's story, on a tiny version of its pruned model's training.
+    """The demo's story, on a tiny version of the training of the model it prunes.
 
-    The same recipe (λ, lr, schedule, epochs) and as many SGD steps as the demo, on 1/8 of
-    its images in batches 1/8 as large: the L1 term moves each γ as far as in the demo.
-    Pruning at 0.5 must then remove only channels whose |γ| is below the sparsity
-    threshold (γ start at 0.5), and lose no accuracy.
+    The demo's recipe exactly (its data, λ, lr, schedule, batch size and epochs, so the L1
+    term moves every γ as far as in the demo) on a narrower VGG, a few times cheaper than
+    the demo's vgg11-small (which ends sparser: 84% of |γ| below 0.01 against about 57%).
+    Pruned at 0.5, it must lose only channels whose |γ| is below the sparsity threshold
+    0.01 (every γ starts at 0.5), and no accuracy with the official method.
     """
-    config = replace(DEMO.train_config(DEMO.prune_lam), batch_size=DEMO.batch_size // 8,
-                     train_size=DEMO.train_size // 8, test_size=500, precision="fp32",
+    config = replace(DEMO.train_config(DEMO.prune_lam), test_size=500, precision="fp32",
                      device="cpu")  # fmt: skip
     data = netslim.load_dataset(DEMO.dataset, train_size=config.train_size, test_size=500)
     torch.manual_seed(config.seed)
-    netslim.fit(config, data, netslim.build_model(DEMO.arch), tmp_path, log=lambda line: None)
+    netslim.fit(config, data, VGG(TRAIN_CFG), tmp_path, log=lambda line: None)
     model = netslim.load(tmp_path / "last.pth")
     gammas = netslim.bn_gammas(model).abs()
     _, report = netslim.prune_model(model, 0.5, data=data, recalibrate=0)
     removed = gammas[gammas <= report.threshold]
     assert len(removed) >= len(gammas) // 2
-    assert removed.max() < config.sparsity_threshold <= 0.02 * gammas.max()
-    assert report.acc_compensated >= report.acc_unpruned - 1.0
+    assert removed.max() < config.sparsity_threshold == 0.01
+    assert report.acc_unpruned > 70 and report.acc_masked >= report.acc_unpruned - 1.0
