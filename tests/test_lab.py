@@ -157,7 +157,7 @@ def test_interrupted_lab_resumes_where_it_stopped(tmp_path, monkeypatch, demo_ru
     "change, message",
     [
         (["--epochs", "3"], "epochs (2 in the lab, 3 now)"),
-        (["--lams", "0", "1e-3"], "lams ([0.0, 0.001, 0.005] in the lab, [0.0, 0.001] now)"),
+        (["--lams", "0", "5e-3"], "lams ([0.0, 0.001, 0.005] in the lab, [0.0, 0.005] now)"),
         (["--sweep", "0.2"], "sweep ([0.3, 0.7] in the lab, [0.2] now)"),
     ],
 )
