@@ -187,6 +187,7 @@ def figure_gammas(res: LabResults) -> Figure:
         ax.set_title(f"λ = {lam_name(lam)}: median |γ| = {np.median(values[lam]):.2g}")
         ax.set_xlabel("|γ| (log scale)")
         ax.set_ylabel("BN channels")
+        ax.set_ylim(0, 1.45 * ax.get_ylim()[1])  # headroom: the legend sits above the bars
         ax.legend(fontsize="small", loc="upper left")
     return fig
 
