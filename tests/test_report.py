@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import ast
 import base64
+import importlib.util
 import io
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.image
+import matplotlib.text
 import pytest
 
 import netslim
 from netslim.cli import main
+from netslim.config import LabConfig
 from netslim.errors import NetslimError
-from netslim.lab import LabConfig, run_lab
-from netslim.report import FIGURES, render_report
+from netslim.lab import run_lab
+from netslim.report import (
+    FIGURES,
+    figure_channels,
+    figure_finetune,
+    figure_gammas,
+    load_results,
+    render_report,
+)
 
 CONFIG = LabConfig(arch="vgg11-small", dataset="synthetic", train_size=256, test_size=128,
                    epochs=2, finetune_epochs=1, batch_size=128, recalibrate=2, sweep=[0.3, 0.7],
@@ -132,3 +144,88 @@ def test_report_of_an_unfinished_lab_says_what_is_missing(lab, tmp_path):
 def test_report_of_a_folder_without_a_lab_is_refused(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "holds no lab" in capsys.readouterr().err
+
+
+def figure_texts(fig) -> set[str]:
+    """Every text the figure draws: titles, axis labels, tick labels, legend entries."""
+    return {t.get_text() for t in fig.findobj(matplotlib.text.Text)}
+
+
+def labelled_lines(ax, prefix: str) -> list:
+    return [line for line in ax.get_lines() if line.get_label().startswith(prefix)]
+
+
+def test_figure_3_marks_epoch_0_as_the_recalibrated_start_not_the_official(lab):
+    res = load_results(lab)
+    fig = figure_finetune(res)
+    texts = figure_texts(fig)
+    assert "0\n(pruned)" in texts
+    start = "epoch 0: pruned + BN recalibration (2 batches), where fine-tuning starts"
+    assert start in texts and "epoch 0: pruned, official masking" in texts
+    for ax, ratio in zip(fig.axes, CONFIG.ratios):  # each marker sits at its logged accuracy
+        (star,) = labelled_lines(ax, start)
+        (official,) = labelled_lines(ax, "epoch 0: pruned, official masking")
+        assert list(star.get_xydata()[0]) == [0, res.prune[ratio]["acc_recalibrated"]]
+        assert list(official.get_xydata()[0]) == [0, res.prune[ratio]["acc_masked"]]
+    # without recalibration, fine-tuning starts from the bias-compensated network
+    plain = replace(res, config=replace(res.config, recalibrate=0),
+                    prune={r: {**p, "acc_recalibrated": None} for r, p in res.prune.items()})  # fmt: skip
+    fig = figure_finetune(plain)
+    (star,) = labelled_lines(fig.axes[0], "epoch 0: pruned + bias compensation, where")
+    assert star.get_xydata()[0][1] == res.prune[CONFIG.ratios[0]]["acc_compensated"]
+
+
+def test_figure_4_names_the_layers_and_thins_the_names_of_deep_nets(lab):
+    res = load_results(lab)
+    fig = figure_channels(res)
+    for ax, ratio in zip(fig.axes, CONFIG.ratios):
+        names = [name for name, _, _ in res.prune[ratio]["layers"]]
+        assert [t.get_text() for t in ax.get_xticklabels()] == names  # 8 groups: every one
+    assert "channel group, named by its BatchNorm layer" in figure_texts(fig)
+    # a deep net (here 130 groups, as in a ResNet-164): every 4th name, at most 40 of them
+    layers = [(f"layers.{i}.bn", 1, 4) for i in range(130)]
+    deep = replace(res, prune={r: {**p, "layers": layers} for r, p in res.prune.items()})
+    labels = [t.get_text() for t in figure_channels(deep).axes[0].get_xticklabels()]
+    assert labels == [f"layers.{i}.bn" for i in range(0, 130, 4)]
+
+
+def test_figure_2_draws_each_prune_threshold_in_its_own_style(lab):
+    res = load_results(lab)
+    ax = figure_gammas(res).axes[CONFIG.lams.index(CONFIG.prune_lam)]
+    lines = labelled_lines(ax, "prune threshold")
+    assert [line.get_label() for line in lines] == [
+        f"prune threshold, ratio {r:g}: {res.prune[r]['threshold']:.2g}" for r in CONFIG.ratios
+    ]
+    assert [line.get_xdata()[0] for line in lines] == [
+        res.prune[r]["threshold"] for r in CONFIG.ratios
+    ]
+    styles = {(line.get_color(), str(line.get_linestyle())) for line in lines}
+    assert len({c for c, _ in styles}) == len({s for _, s in styles}) == len(CONFIG.ratios)
+    assert ax.get_legend() is not None
+
+
+def netslim_imports(module: str) -> set[str]:
+    """The netslim modules ``module``'s source imports, anywhere in the file (lazy ones too)."""
+    found = set()
+    for node in ast.walk(ast.parse(Path(importlib.util.find_spec(module).origin).read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("netslim.")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("netslim"):
+            # `from netslim import distributed` names a module; `from netslim.x import y`, x
+            names = [f"netslim.{a.name}" for a in node.names] if node.module == "netslim" else []
+            found |= {
+                n for n in [node.module, *names] if importlib.util.find_spec(n) and n != "netslim"
+            }
+    return found
+
+
+def test_report_does_not_depend_on_the_lab_runner():
+    """lab runs the experiment and renders the report; report reads the folder, one way only."""
+    assert "netslim.report" in netslim_imports("netslim.lab")
+    seen, todo = set(), ["netslim.report"]
+    while todo:  # every netslim module report imports, directly or through others
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += netslim_imports(module)
+    assert "netslim.labfolder" in seen and "netslim.lab" not in seen

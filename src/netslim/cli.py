@@ -558,7 +558,8 @@ def _add_lab_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="the lab on built-in synthetic data, a few minutes on a CPU",
-        description="netslim lab with a small preset: vgg11-small on synthetic data. "
+        description="netslim lab with a small preset: vgg11-small on synthetic data, "
+        "6 + 3 epochs, λ 0, 1e-3 and 5e-3, pruning the 5e-3 model. "
         "Any lab flag overrides the preset.",
     )
     _add_lab_args(p, DEMO)

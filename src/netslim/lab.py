@@ -14,15 +14,8 @@ running the same lab again continues where an interrupted one stopped (an interr
 training run continues from its ``last.pth``). ``lab.json`` records the settings;
 a lab whose settings differ from the folder's is refused rather than mixed in.
 
-Run folder layout::
-
-    lab.json                        settings, the command, software versions
-    train/lam=<λ>/                  fit() run folders (metrics.jsonl, last.pth, ...)
-    prune/lam=<λ>-ratio=<r>.pth     pruned (and recalibrated) network
-    prune/lam=<λ>-ratio=<r>.json    its PruneReport; written last, so it marks "done"
-    sweep.json                      accuracies of the pruning sweep
-    finetune/ratio=<r>/             fit() run folders of the fine-tuning
-    report.md, report.html, figures/*.png
+The run folder's layout is defined in :mod:`netslim.labfolder`, ``LabConfig`` and ``DEMO``
+in :mod:`netslim.config`.
 """
 
 from __future__ import annotations
@@ -40,10 +33,19 @@ import torch
 
 from netslim import distributed, runlock
 from netslim.checkpoint import load, read_checkpoint, save_checkpoint
-from netslim.config import LabConfig, lam_name, ratio_name
+from netslim.config import LabConfig, lam_name
 from netslim.data import Dataset, load_dataset
 from netslim.errors import NetslimError
 from netslim.files import atomic_write_text, remove_temp_files
+from netslim.labfolder import (
+    LAB_FILE,
+    finetune_dir,
+    prune_path,
+    read_json,
+    sweep_path,
+    train_dir,
+    write_json,
+)
 from netslim.models import build_model, num_outputs
 from netslim.slim import prune_model, pruned_checkpoint
 from netslim.train import (
@@ -55,40 +57,7 @@ from netslim.train import (
     read_metrics,
 )
 
-LAB_FILE = "lab.json"
 Log = Callable[[str], None]  # where progress lines go
-
-
-# --------------------------------------------------------------------------------------
-# Run folder layout
-# --------------------------------------------------------------------------------------
-
-
-def train_dir(run: Path, lam: float) -> Path:
-    return run / "train" / f"lam={lam_name(lam)}"
-
-
-def prune_path(run: Path, lam: float, ratio: float, suffix: str) -> Path:
-    return run / "prune" / f"lam={lam_name(lam)}-ratio={ratio_name(ratio)}{suffix}"
-
-
-def finetune_dir(run: Path, ratio: float) -> Path:
-    return run / "finetune" / f"ratio={ratio_name(ratio)}"
-
-
-def sweep_path(run: Path) -> Path:
-    return run / "sweep.json"
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:  # netslim writes atomically, so this file was edited or damaged
-        raise NetslimError(f"{path} is not valid JSON ({e}); restore or delete it") from None
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------
@@ -170,17 +139,6 @@ def record_lab(
     known = info.get("software", [])
     if env not in known:  # every environment that ran a part, for the report
         write_json(out / LAB_FILE, {**info, "software": [*known, env]})
-
-
-def read_lab(run: str | Path) -> tuple[LabConfig, dict[str, Any]]:
-    """The config and the raw ``lab.json`` of a lab run folder."""
-    lab_file = Path(run) / LAB_FILE
-    if not lab_file.is_file():
-        raise NetslimError(
-            f"{run} holds no lab ({lab_file} is missing); give a folder made by netslim lab or demo"
-        )
-    info = read_json(lab_file)
-    return LabConfig.from_dict(info["config"]), info
 
 
 # --------------------------------------------------------------------------------------

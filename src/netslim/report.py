@@ -1,6 +1,6 @@
 """The lab report: five figures, three tables and how to reproduce the run.
 
-:func:`render_report` reads a lab run folder (see :mod:`netslim.lab`) -- metrics, prune
+:func:`render_report` reads a lab run folder (see :mod:`netslim.labfolder`) -- metrics, prune
 reports, the sweep, the trained checkpoints -- and writes ``figures/*.png``,
 ``report.md`` (figures beside it) and ``report.html`` (figures embedded as base64,
 so the one file opens anywhere). Nothing is trained or measured here, which is what
@@ -28,12 +28,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from netslim.checkpoint import load
+from netslim.config import LabConfig, lam_name
 from netslim.errors import NetslimError
 from netslim.files import atomic_write, atomic_write_text
-from netslim.lab import (
-    LabConfig,
+from netslim.labfolder import (
     finetune_dir,
-    lam_name,
     prune_path,
     read_json,
     read_lab,
@@ -52,7 +51,12 @@ FIGURES = {  # stable file names under figures/
     "sweep": "fig5_prune_sweep.png",
 }
 DPI = 110
+MAX_LAYER_NAMES = 40  # figure 4 names at most this many groups; deeper nets every k-th
 CLOSE = 1.0  # percentage points: "holds up" in the sweep summary means within this of unpruned
+# One colour and dash pattern per lab ratio in figure 2 (C3 dotted is the sparsity threshold):
+# two thresholds close together stay apart by pattern as well as colour.
+THRESHOLD_STYLES = (["C1", "C2", "C4", "C5", "C6"],
+                    ["--", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 1)), (0, (8, 3))])  # fmt: skip
 METHODS = (  # the three ways of pruning without training, as the prune reports name them
     ("acc_masked", "official masking"),
     ("acc_compensated", "bias compensation"),
@@ -175,61 +179,82 @@ def figure_gammas(res: LabResults) -> Figure:
                    label=f"sparsity threshold {res.sparsity_threshold:g}")  # fmt: skip
         if lam == res.config.prune_lam:
             for i, (ratio, report) in enumerate(res.prune.items()):
-                ax.axvline(report["threshold"], color=f"C{i + 1}", linestyle="--",
-                           label=f"prune threshold, ratio {ratio:g}")  # fmt: skip
+                color, style = (styles[i % len(styles)] for styles in THRESHOLD_STYLES)
+                ax.axvline(report["threshold"], color=color, linestyle=style, linewidth=1.6,
+                           label=f"prune threshold, ratio {ratio:g}: "
+                                 f"{report['threshold']:.2g}")  # fmt: skip
         ax.set_title(f"λ = {lam_name(lam)}: median |γ| = {np.median(values[lam]):.2g}")
         ax.set_xlabel("|γ| (log scale)")
         ax.set_ylabel("BN channels")
+        ax.set_ylim(0, 1.45 * ax.get_ylim()[1])  # headroom: the legend sits above the bars
         ax.legend(fontsize="small", loc="upper left")
     return fig
 
 
 def figure_finetune(res: LabResults) -> Figure:
-    """Figure 3: per ratio, fine-tuning accuracy against epoch; epoch 0 is right after pruning."""
+    """Figure 3: per ratio, fine-tuning accuracy against epoch; epoch 0 is right after pruning.
+
+    Epoch 0 is the network fine-tuning starts from (BN-recalibrated, or bias-compensated
+    without recalibration), marked apart from the official masking's accuracy there.
+    """
+    start_label, _ = _start_accuracy(res.config, next(iter(res.prune.values())))
     fig, axes = _panels(len(res.config.ratios))
     for ax, ratio in zip(axes, res.config.ratios):
         records, report = res.finetune[ratio], res.prune[ratio]
         epochs = _column(records, "epoch")
-        start = _start_accuracy(report)
+        _, start = _start_accuracy(res.config, report)
         ax.plot(epochs, _column(records, "train_acc"), "o-", color="C0", label="train accuracy")
         ax.plot(np.r_[0, epochs], np.r_[start, _column(records, "test_acc")], "s--", color="C1",
-                label="test accuracy (epoch 0: just pruned)")  # fmt: skip
+                label="test accuracy")  # fmt: skip
+        ax.plot(0, start, "*", color="C1", markersize=14, markeredgecolor="k",
+                label=f"epoch 0: {start_label}, where fine-tuning starts")  # fmt: skip
+        ax.plot(0, report["acc_masked"], "X", color="C3", markersize=10, markeredgecolor="k",
+                label="epoch 0: pruned, official masking")  # fmt: skip
         ax.axhline(report["acc_unpruned"], color="k", linestyle=":",
                    label="sparse model before pruning (test)")  # fmt: skip
         ax.set_ylim(-2, 102)
         ax.set_ylabel("accuracy (%)")
         _epoch_axis(ax)
+        ticks = [int(e) for e in ax.get_xticks() if 0 <= e <= epochs.max()]
+        ax.set_xticks(ticks, [f"{t}" if t else "0\n(pruned)" for t in ticks])
         ax.set_title(f"ratio {ratio:g}: {100 * report['pruned_share']:.0f}% of channels removed")
     fig.legend(handles=axes[0].get_legend_handles_labels()[0], loc="outside lower center",
-               ncols=3, frameon=False)  # fmt: skip
+               ncols=2, frameon=False, fontsize="small")  # fmt: skip
     return fig
 
 
-def _start_accuracy(report: dict[str, Any]) -> float:
-    """Test accuracy of the network fine-tuning starts from (the saved pruned one)."""
-    recalibrated = report.get("acc_recalibrated")
-    return report["acc_compensated"] if recalibrated is None else recalibrated
+def _start_accuracy(config: LabConfig, report: dict[str, Any]) -> tuple[str, float]:
+    """What fine-tuning starts from (the saved pruned network) and its test accuracy."""
+    if report.get("acc_recalibrated") is None:
+        return "pruned + bias compensation", report["acc_compensated"]
+    return f"pruned + BN recalibration ({config.recalibrate} batches)", report["acc_recalibrated"]
 
 
 def figure_channels(res: LabResults) -> Figure:
     """Figure 4: per ratio, channels kept in each channel group against the original count.
 
-    In a VGG a group is one conv layer's output; in a ResNet, a residual stream is one group.
+    Groups are named by the BatchNorm that scores them (in a VGG, one per conv layer; in a
+    ResNet, a residual stream is one group); deep networks show every k-th name.
     """
-    fig, axes = _panels(len(res.config.ratios), width=5.0)
+    groups = len(next(iter(res.prune.values()))["layers"])
+    fig, axes = _panels(len(res.config.ratios), width=min(max(5.0, 0.14 * groups), 14.0),
+                        height=4.2)  # fmt: skip
     for ax, ratio in zip(axes, res.config.ratios):
         report = res.prune[ratio]
+        names = [name for name, _, _ in report["layers"]]
         kept = np.array([k for _, k, _ in report["layers"]])
         total = np.array([t for _, _, t in report["layers"]])
-        x = np.arange(1, len(kept) + 1)
+        x = np.arange(len(kept))
         ax.bar(x, total, color="0.85", edgecolor="0.6", label="original")
         ax.bar(x, kept, color="C0", label="kept")
         if len(kept) <= 20:  # beyond that the numbers overlap; the bars still tell
             for xi, k in zip(x, kept):
                 ax.annotate(str(k), (xi, k), ha="center", va="bottom", fontsize=7,
                             xytext=(0, 1), textcoords="offset points")  # fmt: skip
-        ax.set_xticks(x[:: -(-len(x) // 12)])  # at most 12 tick labels
-        ax.set_xlabel("channel group (a conv layer's outputs, or a residual stream)")
+        step = -(-len(x) // MAX_LAYER_NAMES)  # every step-th name: at most MAX_LAYER_NAMES
+        ax.set_xticks(x[::step], names[::step], rotation=90, fontsize=7)
+        ax.set_xlim(-0.7, len(x) - 0.3)
+        ax.set_xlabel("channel group, named by its BatchNorm layer")
         ax.set_ylabel("channels")
         ax.set_title(f"ratio {ratio:g}: {kept.sum()} of {total.sum()} channels kept")
         ax.legend(fontsize="small", loc="upper left")
@@ -377,8 +402,8 @@ def build_document(res: LabResults) -> list[Block]:
          "linear axis would squeeze into one bar at 0, while the log axis shows every "
          "distribution's shape and lets the panels be compared directly. "
          "Values below 1e-8 (exact zeros included) are counted at 1e-8. Dotted: the sparsity "
-         "threshold of figure 1; dashed: the global prune thresholds of the lab's ratios "
-         "(channels left of a line are removed)."),
+         "threshold of figure 1; dashed and dash-dotted, one colour each: the global prune "
+         "thresholds of the lab's ratios (channels left of a line are removed)."),
         ("h2", f"Pruning the λ = {lam_name(c.prune_lam)} model"),
         ("p", "Test accuracy (%) of the sparse model, right after pruning -- with the "
               "official masking (pruned γ and β zeroed), with the pruned channels' constant "
@@ -393,13 +418,18 @@ def build_document(res: LabResults) -> list[Block]:
               "networks)."),
         ("table", *size_table(res)),
         ("figure", "finetune", "Figure 3: fine-tuning the pruned networks",
-         "Per ratio: train and test accuracy after each fine-tuning epoch. Epoch 0 is the "
-         "pruned network before any fine-tuning; the dotted line is the sparse model's test "
-         "accuracy before pruning, the level fine-tuning has to recover."),
+         "Per ratio: train and test accuracy after each fine-tuning epoch. Epoch 0 (star) is "
+         "the network fine-tuning starts from, right after pruning: "
+         + ("with BN recalibration, " if c.recalibrate else "with bias compensation, ")
+         + "not the official masking's accuracy, which is marked apart (X). The dotted line "
+         "is the sparse model's test accuracy before pruning, the level fine-tuning has to "
+         "recover."),
         ("figure", "channels", "Figure 4: channels kept per layer",
          "Per ratio: channels of each channel group (a conv layer's outputs; in a residual "
-         "network, a whole residual stream) before pruning (grey) and kept (blue). One global "
-         "threshold on |γ| decides, so layers are pruned unevenly."),
+         "network, a whole residual stream), named by the BatchNorm layer that scales it, "
+         f"before pruning (grey) and kept (blue); a deep network names every k-th group (at "
+         f"most {MAX_LAYER_NAMES}). One global threshold on |γ| decides, so layers are pruned "
+         "unevenly."),
         ("figure", "sweep", "Figure 5: where pruning breaks the network",
          f"Test accuracy right after pruning the λ = {lam_name(c.prune_lam)} model at each "
          "ratio, without any fine-tuning. "
