@@ -22,7 +22,9 @@ from netslim.errors import NetslimError
 from netslim.imagefolder import LOADERS, RESIZE_POLICIES, check_image_size, open_imagefolder
 from netslim.lab import DEMO, LabConfig, run_lab
 from netslim.models import ARCHS, VGG, build_model, num_outputs
+from netslim.models.gather import ChannelGather
 from netslim.multipass import run_multipass
+from netslim.official import save_official
 from netslim.pruning import check_ratio
 from netslim.slim import prune_model, pruned_checkpoint
 from netslim.sparsity import bn_sparsity, gamma_quantiles
@@ -250,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--sparsity-threshold", type=float, default=DEFAULTS.sparsity_threshold)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint in another format",
+        description="Write a checkpoint's network in another format. official: the paper's "
+        "{'cfg', 'state_dict'} layout, which its main.py --refine and model classes read "
+        "(VGG, and the paper's ResNet-164 and DenseNet-40 where its model can express them).",
+    )
+    p.add_argument("checkpoint", help="any checkpoint netslim reads")
+    p.add_argument("--format", required=True, choices=sorted(EXPORT_FORMATS))
+    p.add_argument("--out", required=True, help="file to write")
     _add_lab_parsers(sub)
     return parser
 
@@ -365,6 +378,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "sparsity": bn_sparsity(model, args.sparsity_threshold),
         "sparsity_threshold": args.sparsity_threshold,
         "gamma_quantiles": gamma_quantiles(model),
+        "channel_selections": sum(isinstance(m, ChannelGather) for m in model.modules()),
     }
     if "epoch" in ckpt:
         info["epoch"] = ckpt["epoch"]
@@ -382,6 +396,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     else:
         channels = info["conv_channels"]
         print(f"convs    {len(channels)} layers, {sum(channels):,} output channels in all")
+    if info["channel_selections"]:
+        print(f"select   {info['channel_selections']} channel selections (the paper's layout)")
     print(f"params   {info['params']:,}")
     print(f"MACs     {info['macs']:,} per 32x32 image")
     print(f"sparsity {100 * info['sparsity']:.1f}% of BN gammas below {args.sparsity_threshold}")
@@ -402,6 +418,19 @@ def cmd_info(args: argparse.Namespace) -> None:
         ]
         if measured:
             print("test acc right after pruning: " + ", ".join(measured))
+
+
+def _export_official(args: argparse.Namespace) -> None:
+    written = save_official(args.checkpoint, args.out)
+    print(f"wrote the paper's {{'cfg', 'state_dict'}} layout to {args.out} "
+          f"(cfg of {len(written['cfg'])} entries)")  # fmt: skip
+
+
+EXPORT_FORMATS = {"official": _export_official}
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    EXPORT_FORMATS[args.format](args)
 
 
 def _add_lab_args(p: argparse.ArgumentParser, preset: LabConfig) -> None:
@@ -508,7 +537,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "info": cmd_info,
-            "multipass": cmd_multipass,
+            "multipass": cmd_multipass, "export": cmd_export,
             "lab": cmd_lab, "demo": cmd_lab, "report": cmd_report}  # fmt: skip
 
 
