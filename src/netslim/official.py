@@ -107,8 +107,12 @@ def to_netslim(checkpoint: dict[str, Any], source: str = "checkpoint") -> dict[s
     install_gathers(model, state, source)
     kind = "train" if "epoch" in checkpoint else "pruned"
     converted = {
-        "netslim": {"arch": arch, "num_classes": num_classes, "kind": kind,
-                    "source": "the network-slimming code"},  # fmt: skip
+        "netslim": {
+            "arch": arch,
+            "num_classes": num_classes,
+            "kind": kind,
+            "source": "the network-slimming code",
+        },  # fmt: skip
         "channels": _counts(model, state, source),
         "state_dict": state,
     }
@@ -132,7 +136,9 @@ def _counts(model: nn.Module, state: StateDict, source: str) -> ChannelCounts:
     return counts
 
 
-def _selection(state_dict: StateDict, key: str, width: int, reads: int, source: str) -> torch.Tensor:
+def _selection(
+    state_dict: StateDict, key: str, width: int, reads: int, source: str
+) -> torch.Tensor:
     """The channels a ``channel_selection`` keeps (all when the file has none), checked against
     the BN width before it and the layer after it."""
     flags = state_dict.get(key, torch.ones(width))
@@ -200,7 +206,9 @@ def _densenet_to_netslim(sd: StateDict, source: str) -> StateDict:
         for i, (p, _) in enumerate(readers):
             reads = sd[p + "conv1.weight" if p else "fc.weight"].shape[1]
             index = _selection(sd, p + "select.indexes", sum(widths[: i + 1]), reads, source)
-            flags.append(torch.zeros(sum(widths[: i + 1]), dtype=torch.bool).index_fill_(0, index, True))
+            flags.append(
+                torch.zeros(sum(widths[: i + 1]), dtype=torch.bool).index_fill_(0, index, True)
+            )
         alive = torch.zeros(sum(widths), dtype=torch.bool)  # selected by some later layer
         for f in flags:
             alive[: len(f)] |= f
