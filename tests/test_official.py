@@ -203,3 +203,17 @@ def test_cli_prune_with_data_and_finetune(name, tmp_path, capsys):
     assert not torch.equal(after.fc.weight, before.fc.weight)  # it trained
     if name.startswith("resnet"):
         assert all(b.raw_shortcut for b in after.modules() if hasattr(b, "raw_shortcut"))
+
+
+def test_a_netslim_pruned_densenet_is_written_in_the_paper_layout(tmp_path):
+    """Channels netslim removed from the stream (stem, dense and transition convs) become
+    zero weights that no selection keeps: the paper's model computes the same."""
+    from test_engine import sparse_model  # half of every channel group unimportant
+
+    pruned, _ = prune_model(sparse_model("densenet40"), 0.5, compensate=False)
+    counts = channel_counts(pruned)
+    assert counts["conv1"][1] < 24 and counts["features.12.conv"][1] < 168  # stem, transition
+    written = save_official(pruned, tmp_path / "paper.pth")
+    assert len(written["cfg"]) == 39 and written["state_dict"]["conv1.weight"].shape[0] == 24
+    x = torch.randn(2, 3, 32, 32)
+    same(logits(netslim.load(tmp_path / "paper.pth"), x), logits(pruned, x))

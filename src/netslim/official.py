@@ -234,6 +234,12 @@ def official_checkpoint(model: nn.Module) -> dict[str, Any]:
     """``{'cfg', 'state_dict'}`` as the paper's vggprune.py, resprune.py or denseprune.py write
     it for ``model``, or NetslimError saying why the paper's model cannot express it."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.bias is not None:
+            raise NetslimError(
+                f"conv {name} has a bias (bias compensation adds one) and the paper's convs have "
+                "none; prune with --no-compensate to write the paper's layout"
+            )
     if isinstance(model, VGG):
         pools = model.cfg.count("M")
         if pools != 4:
@@ -242,12 +248,6 @@ def official_checkpoint(model: nn.Module) -> dict[str, Any]:
                 "the paper's model cannot express it"
             )
         return {"cfg": list(model.cfg), "state_dict": sd}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and m.bias is not None:
-            raise NetslimError(
-                f"conv {name} has a bias (bias compensation adds one) and the paper's convs have "
-                "none; prune with --no-compensate to write the paper's layout"
-            )
     if isinstance(model, PreActResNet) and len(model.layers[0]) == RESNET_BLOCKS:
         return _resnet_to_paper(model, sd)
     if isinstance(model, DenseNet) and len(model.features) == 3 * DENSE_LAYERS + 2:
