@@ -20,7 +20,7 @@ from netslim.cli import main
 from netslim.errors import NetslimError
 from netslim.models import VGG, ChannelGather
 from netslim.models.densenet import DenseLayer
-from netslim.official import save_official
+from netslim.official import official_checkpoint, save_official
 from netslim.pruning import masked_copy, plan_pruning
 from netslim.slim import prune_model, pruned_checkpoint
 from netslim.surgery import apply_plan, channel_counts
@@ -93,6 +93,13 @@ def test_netslim_prunes_the_paper_resnet_as_resprune_does(oracle):
         netslim.load(FILES / "resnet164_pruned40.pth.tar")
     )
     assert "read through a channel selection" in report.text()
+    paper = torch.load(FILES / "resnet164_pruned40.pth.tar", map_location="cpu", weights_only=True)
+    written = official_checkpoint(pruned)  # the paper's own file, but for unselected BN stats
+    assert written["cfg"] == paper["cfg"] and list(written["state_dict"]) == list(
+        paper["state_dict"]
+    )
+    for key in ("layer3.17.select.indexes", "select.indexes", "layer2.5.conv2.weight", "fc.weight"):
+        assert torch.equal(written["state_dict"][key], paper["state_dict"][key]), key
 
 
 @pytest.mark.parametrize("name", ["resnet164.pth.tar", *PRUNED])

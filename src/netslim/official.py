@@ -76,7 +76,10 @@ def install_gathers(model: nn.Module, state_dict: StateDict, source: str = "chec
             continue
         slot = key[: -len(".index")]
         parent, _, child = slot.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
+        try:
+            owner = model.get_submodule(parent) if parent else model
+        except AttributeError:
+            owner = None
         if not isinstance(getattr(owner, child, None), (nn.Identity, ChannelGather)):
             raise NetslimError(f"{source}: {key} names no channel selection of the network")
         setattr(owner, child, ChannelGather(index))
@@ -112,7 +115,7 @@ def to_netslim(checkpoint: dict[str, Any], source: str = "checkpoint") -> dict[s
             "num_classes": num_classes,
             "kind": kind,
             "source": "the network-slimming code",
-        },  # fmt: skip
+        },
         "channels": _counts(model, state, source),
         "state_dict": state,
     }
