@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomize_bn
+from torch import nn
 
 import netslim
 from netslim.cli import main
@@ -28,8 +30,9 @@ from netslim.surgery import apply_plan, channel_counts
 # shared/ lies beside the clone (CI); NETSLIM_OFFICIAL_CHECKPOINTS points elsewhere (a worktree)
 FILES = Path(os.environ.get("NETSLIM_OFFICIAL_CHECKPOINTS",
                             Path(__file__).parents[1] / ".." / "shared" / "official-checkpoints"))  # fmt: skip
-if not FILES.is_dir():
-    pytest.skip(f"the paper's checkpoints are not in {FILES.resolve()}", allow_module_level=True)
+needs_files = pytest.mark.skipif(
+    not FILES.is_dir(), reason=f"the paper's checkpoints are not in {FILES.resolve()}"
+)
 
 # file -> the key of its logits in outputs.pt
 CASES = {
@@ -68,6 +71,7 @@ def quiet_plan(model, ratio):
         return plan_pruning(model, ratio)
 
 
+@needs_files
 @pytest.mark.parametrize("name", CASES)
 def test_logits_equal_the_paper_models(name, oracle):
     model = netslim.load(FILES / name)
@@ -84,6 +88,7 @@ def test_logits_equal_the_paper_models(name, oracle):
         assert min(m.conv.out_channels for m in model.features if isinstance(m, DenseLayer)) < 12
 
 
+@needs_files
 def test_netslim_prunes_the_paper_resnet_as_resprune_does(oracle):
     """At the paper's threshold, without compensation: the same channels, the same network."""
     model = netslim.load(FILES / "resnet164.pth.tar")
@@ -102,6 +107,7 @@ def test_netslim_prunes_the_paper_resnet_as_resprune_does(oracle):
         assert torch.equal(written["state_dict"][key], paper["state_dict"][key]), key
 
 
+@needs_files
 @pytest.mark.parametrize("name", ["resnet164.pth.tar", *PRUNED])
 def test_further_pruned_equals_masked(name, oracle):
     model = randomize_bn(netslim.load(FILES / name))  # gammas spread out, as after training
@@ -117,6 +123,7 @@ def test_further_pruned_equals_masked(name, oracle):
          logits(masked_copy(model, plan.masks, zero_beta=False), x))  # fmt: skip
 
 
+@needs_files
 @pytest.mark.parametrize("name", CASES)
 def test_save_official_round_trip(name, oracle, tmp_path):
     written = save_official(FILES / name, tmp_path / "paper.pth")
@@ -152,6 +159,7 @@ def test_save_official_writes_a_vgg_as_the_paper_does(tmp_path):
     same(logits(netslim.load(tmp_path / "paper.pth"), x), logits(pruned, x))
 
 
+@needs_files
 def test_save_official_refuses_what_the_paper_cannot_express(tmp_path, capsys):
     with pytest.raises(NetslimError, match="pre-activated input, the paper's the raw input"):
         save_official(netslim.build_model("resnet164"), tmp_path / "x.pth")
@@ -172,6 +180,7 @@ def test_a_paper_network_of_another_depth_is_refused(tmp_path, capsys):
     assert code == 2 and "the paper's ResNet of depth 20; netslim reads its depth 164" in err
 
 
+@needs_files
 @pytest.mark.parametrize("name", CASES)
 def test_cli_info_prune_load(name, tmp_path, capsys, oracle):
     path, out_path = str(FILES / name), tmp_path / "pruned.pth"
@@ -193,6 +202,7 @@ def test_cli_info_prune_load(name, tmp_path, capsys, oracle):
     same(logits(netslim.load(out_path), x), logits(expected, x))
 
 
+@needs_files
 @pytest.mark.parametrize("name", PRUNED)
 def test_cli_prune_with_data_and_finetune(name, tmp_path, capsys):
     path, pruned, tuned = str(FILES / name), tmp_path / "p.pth", tmp_path / "ft"
@@ -222,5 +232,65 @@ def test_a_netslim_pruned_densenet_is_written_in_the_paper_layout(tmp_path):
     assert counts["conv1"][1] < 24 and counts["features.12.conv"][1] < 168  # stem, transition
     written = save_official(pruned, tmp_path / "paper.pth")
     assert len(written["cfg"]) == 39 and written["state_dict"]["conv1.weight"].shape[0] == 24
+    x = torch.randn(2, 3, 32, 32)
+    same(logits(netslim.load(tmp_path / "paper.pth"), x), logits(pruned, x))
+
+
+class _Selecting(nn.Module):
+    """A stream read whole by one conv and, through a selection, in part by another."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.select = ChannelGather(torch.tensor([0, 2, 3, 5, 7]))
+        self.bn1, self.conv1 = nn.BatchNorm2d(5), nn.Conv2d(5, 6, 3, padding=1, bias=False)
+        self.conv2, self.bn2 = nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        s = F.relu(self.bn0(self.conv0(x)))
+        y = self.conv1(F.relu(self.bn1(self.select(s)))) + self.conv2(s)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn2(y)), 1), 1))
+
+
+def test_the_engine_prunes_a_gathers_outputs_and_keeps_what_it_reads():
+    torch.manual_seed(0)
+    model = randomize_bn(_Selecting())
+    with torch.no_grad():
+        model.bn0.weight[:4] = 1e-3  # would go, but the selection reads the stream
+        model.bn1.weight[[1, 3]] = 1e-3  # selected channels 2 and 5 go from the selection
+    plan = quiet_plan(model, 0.3)
+    assert plan.masks["bn0"].all() and plan.masks["bn1"].tolist() == [
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert plan.graph.groups[plan.graph.norms["bn0"][0][0]].fixed.startswith("read through")
+    pruned = apply_plan(model, plan, compensate=False).eval()
+    assert pruned.select.index.tolist() == [0, 3, 7] and pruned.conv1.in_channels == 3
+    x = torch.randn(2, 3, 16, 16)
+    same(logits(pruned, x), logits(masked_copy(model, plan.masks), x))
+    report = prune_model(model, 0.3)[1]
+    assert (
+        "kept whole, read through a channel selection (the paper's layout): bn0" in report.text()
+    )
+
+
+def test_a_resnet164_of_the_paper_layout_round_trips_without_the_files(tmp_path):
+    """Built here rather than read: selections in every block, raw-input projection shortcuts."""
+    from netslim.official import install_gathers
+
+    model = netslim.build_model("resnet164")
+    stream = {"": 256}
+    for name, block in model.named_modules():
+        if hasattr(block, "raw_shortcut"):
+            stream[name + "."] = block.bn1.num_features
+    install_gathers(model, {f"{k}select.index": torch.arange(w) for k, w in stream.items()})
+    model = randomize_bn(model)
+    pruned, _ = prune_model(model, 0.4, compensate=False)
+    written = save_official(pruned, tmp_path / "paper.pth")
+    assert len(written["cfg"]) == 163
     x = torch.randn(2, 3, 32, 32)
     same(logits(netslim.load(tmp_path / "paper.pth"), x), logits(pruned, x))
