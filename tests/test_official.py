@@ -273,9 +273,7 @@ def test_the_engine_prunes_a_gathers_outputs_and_keeps_what_it_reads():
     x = torch.randn(2, 3, 16, 16)
     same(logits(pruned, x), logits(masked_copy(model, plan.masks), x))
     report = prune_model(model, 0.3)[1]
-    assert (
-        "kept whole, read through a channel selection (the paper's layout): bn0" in report.text()
-    )
+    assert "kept whole, read through a channel selection (the paper's layout): bn0" in report.text()
 
 
 def test_a_resnet164_of_the_paper_layout_round_trips_without_the_files(tmp_path):
