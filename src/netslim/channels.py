@@ -15,7 +15,12 @@ symbolically and sorts all channels into **groups**:
   through: output channel ``i`` exists only while input channel ``i`` does. Other grouped
   convs fix their input and output channels (they are never pruned);
 * flattening a ``C x H x W`` map into a linear layer repeats each channel ``H*W`` times
-  among the linear layer's input features.
+  among the linear layer's input features;
+* a channel selection (:class:`~netslim.models.gather.ChannelGather`, the paper's
+  ``channel_selection`` in its pruned ResNets and DenseNets) starts a new group of its
+  output channels, which surgery removes from its index; the channels it reads are fixed
+  (kept whole), as the paper's code keeps them, since one input channel may be selected by
+  several such layers under other gammas.
 
 Groups that reach the network's input or output, or that no BatchNorm scales, are fixed.
 Anything else -- an op or module the engine does not know, a layer called twice, a
@@ -36,6 +41,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from netslim.errors import NetslimError
+from netslim.models.gather import ChannelGather
 
 #: One stretch of a tensor's channel (or feature) dimension: ``(group id, repeat)``. Channel
 #: ``c`` of the group covers ``repeat`` consecutive entries (``H*W`` after a flatten, else 1).
@@ -108,6 +114,7 @@ class ChannelGraph:
     layers: dict[str, Layer]
     norms: dict[str, Space]  # every BatchNorm, affine or not
     input_size: tuple[int, ...]
+    gathers: dict[str, Space] = field(default_factory=dict)  # ChannelGather -> its outputs
 
     @property
     def prunable(self) -> dict[int, Group]:
@@ -122,6 +129,13 @@ class ChannelGraph:
         groups = {i: replace(g, fixed=g.fixed or reason) if g.joined else g
                   for i, g in self.groups.items()}  # fmt: skip
         return replace(self, groups=groups)
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx's tracer, with netslim's own layers (ChannelGather) kept as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, ChannelGather) or super().is_leaf_module(m, qualname)
 
 
 def _source_of(error: BaseException) -> str:
@@ -143,8 +157,9 @@ class _Tracer:
         self.layers: dict[str, Layer] = {}
         self.norms: dict[str, Space] = {}
         self.spaces: dict[fx.Node, Space | None] = {}
+        self.gathers: dict[str, Space] = {}
         try:
-            self.gm = fx.symbolic_trace(model)
+            self.gm = fx.GraphModule(model, _LeafTracer().trace(model), type(model).__name__)
         except Exception as e:
             raise NetslimError(
                 f"cannot trace {type(model).__name__} with torch.fx{_source_of(e)}: "
@@ -224,7 +239,8 @@ class _Tracer:
         for layer in self.layers.values():
             layer.inputs, layer.outputs = resolve(layer.inputs), resolve(layer.outputs)
         norms = {name: resolve(space) for name, space in self.norms.items()}
-        return ChannelGraph(dict(self.groups), self.layers, norms, self.input_size)
+        gathers = {name: resolve(space) for name, space in self.gathers.items()}
+        return ChannelGraph(dict(self.groups), self.layers, norms, self.input_size, gathers)
 
     def shape(self, node: fx.Node) -> tuple[int, ...] | None:
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
@@ -303,6 +319,11 @@ class _Tracer:
             return space
         if isinstance(module, PER_CHANNEL_MODULES):
             return space
+        if isinstance(module, ChannelGather):
+            for gid, _ in space:
+                self.fix(gid, "read through a channel selection (the paper's layout)")
+            self.gathers[name] = ((self.new_group(len(module.index), name), 1),)
+            return self.gathers[name]
         if isinstance(module, nn.Flatten):
             return self.flatten(node, node.args[0])
         raise self.unsupported(node, f"module {name} ({type(module).__name__})")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from netslim import official
 from netslim.errors import NetslimError
 from netslim.files import atomic_write
 from netslim.models import ARCHS, VGG, VGG_CFGS, CfgItem, build_model, validate_cfg
@@ -36,7 +37,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file as a dict with at least ``'state_dict'``, or raise NetslimError.
 
     Accepts netslim checkpoints, the official code's checkpoints (training and pruned,
-    with or without a DataParallel ``module.`` prefix) and bare VGG state_dicts.
+    with or without a DataParallel ``module.`` prefix) and bare VGG state_dicts. The
+    paper's ResNet-164 and DenseNet-40 files come back in netslim's form
+    (:func:`netslim.official.to_netslim`).
     """
     path = Path(path)
     if not path.is_file():
@@ -50,7 +53,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "(as netslim and the network-slimming code write)"
         )
     obj["state_dict"] = {re.sub(r"^module\.", "", k): v for k, v in obj["state_dict"].items()}
-    return obj
+    return official.to_netslim(obj, str(path))
 
 
 def _torch_load(path: Path) -> Any:
@@ -116,8 +119,10 @@ def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "checkpoint"
 
     A checkpoint naming a netslim architecture other than VGG is rebuilt from that
     architecture and its ``'channels'``; a VGG (or a file of the paper's code, which has
-    no metadata) from the cfg its state_dict implies.
+    no metadata) from the cfg its state_dict implies; the paper's ResNet-164 and
+    DenseNet-40 as :mod:`netslim.official` reads them.
     """
+    checkpoint = official.to_netslim(checkpoint, source)
     state_dict = checkpoint["state_dict"]
     arch = (checkpoint.get("netslim") or {}).get("arch")
     if arch in ARCHS and arch not in VGG_CFGS:
@@ -126,6 +131,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "checkpoint"
             raise NetslimError(f"{source}: a {arch} checkpoint needs its 'channels' entry")
         num_classes = int(checkpoint["netslim"].get("num_classes") or 0) or _classes(state_dict)
         model = resize_layers(build_model(arch, num_classes), channels, source)
+        official.install_gathers(model, state_dict, source)  # the paper's channel selections
         _load_weights(model, state_dict, source, arch)
         return model
     inferred = cfg_from_state_dict(state_dict, source)

@@ -287,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--sparsity-threshold", type=float, default=DEFAULTS.sparsity_threshold)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint in another format",
+        description="Write a checkpoint's network in another format. official: the paper's "
+        "{'cfg', 'state_dict'} layout, which its main.py --refine and model classes read "
+        "(VGG, and the paper's ResNet-164 and DenseNet-40 where its model can express them).",
+    )
+    p.add_argument("checkpoint", help="any checkpoint netslim reads")
+    p.add_argument("--format", required=True, choices=sorted(EXPORT_FORMATS))
+    p.add_argument("--out", required=True, help="file to write")
     _add_lab_parsers(sub)
     return parser
 
@@ -427,6 +438,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     from netslim.checkpoint import arch_name, model_from_checkpoint, read_checkpoint
     from netslim.models import VGG, num_outputs
+    from netslim.models.gather import ChannelGather
     from netslim.sparsity import bn_sparsity, gamma_quantiles
     from netslim.stats import count_macs, count_params
 
@@ -444,6 +456,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "sparsity": bn_sparsity(model, args.sparsity_threshold),
         "sparsity_threshold": args.sparsity_threshold,
         "gamma_quantiles": gamma_quantiles(model),
+        "channel_selections": sum(isinstance(m, ChannelGather) for m in model.modules()),
     }
     if "epoch" in ckpt:
         info["epoch"] = ckpt["epoch"]
@@ -461,6 +474,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     else:
         channels = info["conv_channels"]
         print(f"convs    {len(channels)} layers, {sum(channels):,} output channels in all")
+    if info["channel_selections"]:
+        print(f"select   {info['channel_selections']} channel selections (the paper's layout)")
     print(f"params   {info['params']:,}")
     print(f"MACs     {info['macs']:,} per 32x32 image")
     print(f"sparsity {100 * info['sparsity']:.1f}% of BN gammas below {args.sparsity_threshold}")
@@ -481,6 +496,21 @@ def cmd_info(args: argparse.Namespace) -> None:
         ]
         if measured:
             print("test acc right after pruning: " + ", ".join(measured))
+
+
+def _export_official(args: argparse.Namespace) -> None:
+    from netslim.official import save_official
+
+    written = save_official(args.checkpoint, args.out)
+    print(f"wrote the paper's {{'cfg', 'state_dict'}} layout to {args.out} "
+          f"(cfg of {len(written['cfg'])} entries)")  # fmt: skip
+
+
+EXPORT_FORMATS = {"official": _export_official}
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    EXPORT_FORMATS[args.format](args)
 
 
 def _add_lab_args(p: argparse.ArgumentParser, preset: LabConfig) -> None:
@@ -592,7 +622,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "info": cmd_info,
-            "multipass": cmd_multipass,
+            "multipass": cmd_multipass, "export": cmd_export,
             "lab": cmd_lab, "demo": cmd_lab, "report": cmd_report}  # fmt: skip
 
 

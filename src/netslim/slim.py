@@ -77,6 +77,11 @@ class PruneReport:
         )
         if self.floored:
             lines.append(f"per-layer floor kept channels alive in: {', '.join(self.floored)}")
+        for reason, labels in self.extra.get("kept_whole", {}).items():
+            shown = ", ".join(labels[:3]) + (
+                f" and {len(labels) - 3} more" if len(labels) > 3 else ""
+            )
+            lines.append(f"kept whole, {reason}: {shown}")
         lines.append(
             f"params {self.params_before:,} -> {self.params_after:,} "
             f"({100 * (1 - self.params_after / self.params_before):.1f}% fewer)"
@@ -193,6 +198,11 @@ def prune_model(
         macs_residual_kept=residual_kept,
         target_macs=target_macs,
     )
+    for group in graph.groups.values():  # layers' channels that may not go, and why
+        if group.fixed and group.producers and not group.fixed.startswith("the network's"):
+            report.extra.setdefault("kept_whole", {}).setdefault(group.fixed, []).append(
+                group.label
+            )
     if data is None:
         return pruned, report
 

@@ -194,6 +194,9 @@ def apply_plan(model: nn.Module, plan: PrunePlan, compensate: bool = True) -> nn
     for name, space in graph.norms.items():
         idx = plan.kept_of(space).nonzero().flatten().to(device)
         _copy_norm(model.get_submodule(name), pruned.get_submodule(name), idx, into_norm.get(name))
+    for name, space in graph.gathers.items():  # its inputs are fixed: only outputs go
+        kept_out = plan.kept_of(space).to(device)
+        pruned.get_submodule(name).index = model.get_submodule(name).index[kept_out].clone()
     return pruned
 
 

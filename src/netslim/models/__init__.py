@@ -22,6 +22,7 @@ from torch import nn
 from netslim.config import ARCHS
 from netslim.errors import NetslimError
 from netslim.models.densenet import DenseNet, densenet40
+from netslim.models.gather import ChannelGather
 from netslim.models.mobilenet import MobileNetV2, mobilenetv2
 from netslim.models.resnet import PreActResNet, ResNet, resnet18, resnet56, resnet164
 from netslim.models.vgg import VGG, VGG_CFGS, CfgItem, validate_cfg
@@ -52,6 +53,6 @@ def num_outputs(model: nn.Module) -> int:
 
 
 __all__ = [
-    "ARCHS", "VGG", "VGG_CFGS", "CfgItem", "DenseNet", "MobileNetV2", "PreActResNet", "ResNet",
+    "ARCHS", "VGG", "VGG_CFGS", "CfgItem", "ChannelGather", "DenseNet", "MobileNetV2", "PreActResNet", "ResNet",
     "build_model", "num_outputs", "validate_cfg",
 ]  # fmt: skip

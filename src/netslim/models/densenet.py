@@ -3,7 +3,9 @@
 Each layer is ``bn -> relu -> conv3x3`` producing ``growth`` new channels that are
 concatenated to its input; transitions are ``bn -> relu -> conv1x1 -> avg-pool 2``
 (no compression). Every channel of the concatenated map is read through the BN of each
-later layer, so each BN's gammas score the channels that layer reads.
+later layer, so each BN's gammas score the channels that layer reads. Each BN reads
+through ``select``: an identity, or the channel selection
+(:class:`~netslim.models.gather.ChannelGather`) of the paper's pruned DenseNet.
 """
 
 from __future__ import annotations
@@ -18,21 +20,23 @@ from netslim.models.init import reset_parameters
 class DenseLayer(nn.Module):
     def __init__(self, in_channels: int, growth: int):
         super().__init__()
+        self.select = nn.Identity()
         self.bn = nn.BatchNorm2d(in_channels)
         self.conv = nn.Conv2d(in_channels, growth, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, self.conv(F.relu(self.bn(x)))], dim=1)
+        return torch.cat([x, self.conv(F.relu(self.bn(self.select(x))))], dim=1)
 
 
 class Transition(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
+        self.select = nn.Identity()
         self.bn = nn.BatchNorm2d(in_channels)
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
+        return F.avg_pool2d(self.conv(F.relu(self.bn(self.select(x)))), 2)
 
 
 class DenseNet(nn.Module):
@@ -54,13 +58,14 @@ class DenseNet(nn.Module):
             if block < 2:
                 stages.append(Transition(channels, channels))
         self.features = nn.Sequential(*stages)
+        self.select = nn.Identity()
         self.bn = nn.BatchNorm2d(channels)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         reset_parameters(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.features(self.conv1(x))))
+        x = F.relu(self.bn(self.select(self.features(self.conv1(x)))))
         return self.fc(torch.flatten(self.pool(x), 1))
 
 

@@ -80,14 +80,19 @@ class PreActBottleneck(nn.Module):
     ``bn1 -> relu -> conv1 (1x1) -> bn2 -> relu -> conv2 (3x3) -> bn3 -> relu -> conv3 (1x1)``,
     added to the input. A projection shortcut reads the pre-activated input, as in that
     paper, so every layer reading the residual stream does so through a BatchNorm: each
-    stream channel is then scaled by gammas the L1 term can drive to 0.
+    stream channel is then scaled by gammas the L1 term can drive to 0. With
+    ``raw_shortcut`` it reads the raw input instead, as the network-slimming code's
+    model does (:mod:`netslim.official`). ``select`` is an identity, or the channel
+    selection (:class:`~netslim.models.gather.ChannelGather`) of a paper's pruned file.
     """
 
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, raw_shortcut: bool = False):
         super().__init__()
         out_planes = planes * self.expansion
+        self.raw_shortcut = raw_shortcut
+        self.select = nn.Identity()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -99,8 +104,11 @@ class PreActBottleneck(nn.Module):
             self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        residual = x if self.shortcut is None else self.shortcut(out)
+        out = F.relu(self.bn1(self.select(x)))
+        if self.shortcut is None:
+            residual = x
+        else:
+            residual = self.shortcut(x if self.raw_shortcut else out)
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         out = self.conv3(F.relu(self.bn3(out)))
@@ -119,13 +127,14 @@ class PreActResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         stages = [(16, n, 1), (32, n, 2), (64, n, 2)]
         self.layers, in_planes = _stages(PreActBottleneck, 16, stages)
+        self.select = nn.Identity()  # or a ChannelGather (see PreActBottleneck)
         self.bn = nn.BatchNorm2d(in_planes)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
         reset_parameters(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.layers(self.conv1(x))))
+        x = F.relu(self.bn(self.select(self.layers(self.conv1(x)))))
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
