@@ -21,7 +21,7 @@ import torch
 from conftest import TRAIN_CFG
 
 import netslim
-import netslim.cli as cli_module
+import netslim.slim as slim_module
 import netslim.train as train_module
 from netslim import runlock, threads
 from netslim.cli import main
@@ -371,7 +371,8 @@ def test_train_out_under_a_file_is_refused(tmp_path, capsys):
 def test_prune_out_that_is_a_folder_is_refused_before_the_work(trained, tmp_path, capsys,
                                                                monkeypatch):  # fmt: skip
     """prune --out FOLDER fails before pruning anything."""
-    monkeypatch.setattr(cli_module, "prune_model", lambda *a, **k: pytest.fail("pruned first"))
+    # the CLI imports prune_model from netslim.slim when the command runs
+    monkeypatch.setattr(slim_module, "prune_model", lambda *a, **k: pytest.fail("pruned first"))
     code, _, err = run(capsys, "prune", trained / "last.pth", "--ratio", "0.5", "--out", tmp_path)
     _one_line_error(code, err, "is a folder")
 
