@@ -71,13 +71,18 @@ ADD_LIKE = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add,
             torch.maximum, torch.minimum, "add", "add_", "sub", "sub_"}  # fmt: skip
 MUL_LIKE = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 DIV_LIKE = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
-REARRANGE = {
-    operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-    torch.unsqueeze, torch.cat, torch.concat, torch.stack, torch.split, torch.chunk, torch.narrow,
-    torch.unbind, torch.movedim, torch.t, torch.flip, torch.roll, torch.channel_shuffle,
-    F.pixel_shuffle, F.pixel_unshuffle, "view", "reshape", "flatten", "unflatten", "permute",
-    "transpose", "squeeze", "unsqueeze", "split", "chunk", "narrow", "unbind", "expand",
-    "expand_as", "view_as", "reshape_as", "repeat", "t", "movedim", "flip", "roll",
+#: Ops that only move entries around, replayed on the unit codes. Those that keep whole
+#: dims (a permutation, a concatenation) stay right however many channels go; the others
+#: cut or regroup a dim by sizes fixed in forward() (``x[:, :16]``, ``split``, a channel
+#: shuffle's ``view``), so they are exact only where the channels they cut are kept.
+WHOLE_DIMS = {torch.permute, torch.transpose, torch.movedim, torch.t, torch.cat, torch.concat,
+              torch.stack, torch.flip, "permute", "transpose", "movedim", "t", "flip", "expand",
+              "expand_as", "repeat"}  # fmt: skip
+REARRANGE = WHOLE_DIMS | {
+    operator.getitem, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.split,
+    torch.chunk, torch.narrow, torch.unbind, torch.channel_shuffle, F.pixel_shuffle,
+    F.pixel_unshuffle, "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "split",
+    "chunk", "narrow", "unbind", "view_as", "reshape_as",
 }  # fmt: skip
 SAME_VALUES = {"contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "to",
                "type", "type_as", "cpu", "cuda", "requires_grad_"}  # fmt: skip
@@ -222,6 +227,26 @@ def _along(codes: torch.Tensor, dim: int) -> torch.Tensor | None:
     shape = [1] * codes.dim()
     shape[dim] = -1
     return line if bool((codes == line.view(shape)).all()) else None
+
+
+def _keeps_channels(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Whether a slice or reshape leaves the channels whole: the units vary along one dim
+    before, and after it along one dim in the same order (a crop, a squeeze), or along the
+    flattened features with the channels major (``flatten(1)`` before a linear layer)."""
+    varying = [d for d in range(before.dim()) if bool((before != before.narrow(d, 0, 1)).any())]
+    if not varying:
+        return True
+    if len(varying) > 1:
+        return False
+    line = _along(before, varying[0])
+    for d in range(after.dim()):
+        out = _along(after, d)
+        if out is not None and torch.equal(out, line):
+            return True
+    out = _along(after, -1) if after.dim() else None
+    if out is None or len(out) % len(line) or varying[0] == before.dim() - 1:
+        return False
+    return torch.equal(out, line.repeat_interleave(len(out) // len(line)))
 
 
 def _spread(line: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
@@ -420,16 +445,27 @@ class _Interpreter(fx.Interpreter):
         """An op that only moves entries around: replayed on the unit codes."""
 
         def codes_of(a: fx.Node) -> Any:
-            return self.codes[a] if _is_tensorish(self.env[a]) else self.env[a]
+            if not _is_tensorish(self.env[a]):
+                return self.env[a]
+            codes = self.codes[a]  # expanded views cannot always be viewed: materialise them
+            return codes.contiguous() if isinstance(codes, torch.Tensor) else codes
 
         if node.target is operator.getitem and isinstance(self.env[node.args[0]], torch.Tensor):
             if any(_is_tensorish(self.env[a]) for a in node.all_input_nodes[1:]):
                 return self.opaque(node, value, "indexing with a tensor")
         args, kwargs = self.substitute(node, codes_of)
         try:
-            return self.call(node, args, kwargs)
+            result = self.call(node, args, kwargs)
         except Exception:  # an op that cannot run on integer codes
             return self.opaque(node, value, f"{node.op} {self.describe(node)}")
+        source = node.args[0]
+        if node.target in WHOLE_DIMS or not isinstance(self.env.get(source), torch.Tensor):
+            return result
+        units = _decode(self.codes[source])[0]
+        if not all(_keeps_channels(units, _decode(piece)[0]) for piece in _tensors(result)):
+            self.fix(units, f"{node.op} {self.describe(node)} {self.where(node)} cuts or regroups "
+                     "channels by sizes fixed in forward()")  # fmt: skip
+        return result
 
     def per_channel(self, node: fx.Node, value: Any) -> Any:
         """A function acting on each channel alone; ``f(0)`` decides what a removed
