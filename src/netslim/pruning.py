@@ -123,6 +123,8 @@ class PrunePlan:
         """Multiply-accumulates of the pruned network on one input (as :func:`count_macs`)."""
         total = 0
         for layer in self.graph.layers.values():
+            if not layer.inference:  # an auxiliary head: not part of the deployed network
+                continue
             n_in, n_out = int(self.keep[layer.inputs].sum()), int(self.keep[layer.outputs].sum())
             # a grouped conv's output channel reads in/groups inputs, however many groups go
             per_out = len(layer.inputs) // layer.groups if layer.kind == "grouped" else n_in

@@ -102,8 +102,10 @@ def _compensation(model: nn.Module, plan: PrunePlan, compensate: bool) -> dict[s
     """Layer name -> the shift to add to its output (one value per original output channel):
     what the removed input channels contribute in the reference network, where they hold
     constants (a grouped conv loses its outputs with its inputs: nothing to fold)."""
+    # (an auxiliary head that only training runs is not measured: it gets no fold)
     readers = {name: ~plan.kept_of(layer.inputs) for name, layer in plan.graph.layers.items()
-               if layer.kind != "grouped" and not bool(plan.kept_of(layer.inputs).all())}  # fmt: skip
+               if layer.kind != "grouped" and layer.inference
+               and not bool(plan.kept_of(layer.inputs).all())}  # fmt: skip
     if not readers:
         return {}
     reference = reference_network(model, plan, compensate)
