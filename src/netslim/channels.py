@@ -57,7 +57,7 @@ PER_CHANNEL_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
     F.hardtanh, F.softplus, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs,
     torch.clamp, torch.neg, F.sigmoid, F.tanh, F.dropout, F.max_pool2d, F.avg_pool2d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, operator.neg,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, F.pad, operator.neg,
 }  # fmt: skip
 PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "clamp",
                        "clamp_", "clamp_min", "clamp_max", "neg", "pow", "sqrt"}  # fmt: skip
@@ -484,7 +484,9 @@ class _Interpreter(fx.Interpreter):
         if line is None or not isinstance(value, torch.Tensor) or value.dim() < 2:
             return self.opaque(node, value, f"{node.op} {self.describe(node)}")
         if value.shape[1] != real.shape[1]:
-            return self.opaque(node, value, f"{self.describe(node)} changing the channel count")
+            return self.opaque(
+                node, value, f"{node.op} {self.describe(node)} changing the channels"
+            )
 
         def at(fill: float) -> torch.Tensor:
             probe = torch.full_like(real, fill)
