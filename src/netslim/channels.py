@@ -339,13 +339,16 @@ class _Interpreter(fx.Interpreter):
             path = last[0] if isinstance(last, tuple) else str(last)
         if node.op == "call_module":
             path = node.target
-        module = f"in {path or type(self.model).__name__}"
+        return f"in {path or type(self.model).__name__}{self.line(node)}"
+
+    def line(self, node: fx.Node) -> str:
+        """`` (file.py:line)`` of the user's code that made a node ('' when unknown)."""
         torch_dir = str(Path(torch.__file__).parent)
         for line in reversed((node.meta.get("stack_trace") or "").splitlines()):
             parts = line.strip().split(", ")
             if parts[0].startswith('File "') and torch_dir not in parts[0] and len(parts) > 1:
-                return f"{module} ({Path(parts[0][6:-1]).name}:{parts[1].replace('line ', '')})"
-        return module
+                return f" ({Path(parts[0][6:-1]).name}:{parts[1].replace('line ', '')})"
+        return ""
 
     def describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
@@ -576,11 +579,11 @@ class _Interpreter(fx.Interpreter):
             self.fix(_decode(codes)[0], f"{node.target} reads channels mixed with positions")
             return _decode(codes.movedim(dim, -1).reshape(-1, codes.shape[dim])[0])[0]
         units, off, on = _decode(line)
-        self.fix(units[off == LIVE], f"read by {node.target} where no BatchNorm scales "
-                 f"them {self.where(node)}")  # fmt: skip
+        at = f"{node.target}{self.line(node)}"
+        self.fix(units[off == LIVE], f"read by {at} where no BatchNorm scales them")
         if padded:
-            self.fix(units[off == CONST], f"a nonzero f(0) after a BatchNorm, read by {node.target}"
-                     f" through zero padding {self.where(node)}")  # fmt: skip
+            self.fix(units[off == CONST], f"a nonzero f(0) after a BatchNorm, read by {at} "
+                     "through zero padding")  # fmt: skip
         self.uncompensable.update(units[on == LIVE].tolist())
         return units
 
