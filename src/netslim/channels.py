@@ -535,7 +535,9 @@ class _Interpreter(fx.Interpreter):
         if mod_a or mod_b:
             self.fix(ua if mod_a else ub, reason)
         else:
-            for x, y in torch.unique(torch.stack([ua.flatten(), ub.flatten()]), dim=1).t().tolist():
+            n = len(self.parent)  # each pair of units once, as one key
+            for key in torch.unique(ua.flatten() * n + ub.flatten()).tolist():
+                x, y = divmod(key, n)
                 if x != y:
                     self.union(x, y)
                 self.joined.update((x, y))
