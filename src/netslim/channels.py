@@ -773,23 +773,26 @@ def trace_channels(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32
         except Exception:  # forward() traces in inference mode only: follow that
             graph = inference
         model.eval()  # the trace then runs with BatchNorm's running statistics, no dropout
-        gm = fx.GraphModule(model, graph)
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None else torch.float32
-        interpreter = _Interpreter(gm, model)
-        interpreter.inference = {n.target for n in inference.nodes if n.op == "call_module"}
-        rng_devices = [device] if device.type == "cuda" else []
-        try:
-            with torch.no_grad(), torch.random.fork_rng(rng_devices):
-                interpreter.run(torch.zeros(input_size, device=device, dtype=dtype))
-        except NetslimError:
-            raise
-        except Exception as e:
-            raise NetslimError(
-                f"{type(model).__name__} does not run on an input of shape {input_size}: "
-                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
-            ) from None
+        called = {n.target for n in inference.nodes if n.op == "call_module"}
+        for candidate in dict.fromkeys([graph, inference]):  # training's graph, if it runs
+            interpreter = _Interpreter(fx.GraphModule(model, candidate), model)
+            interpreter.inference = called
+            rng_devices = [device] if device.type == "cuda" else []
+            try:
+                with torch.no_grad(), torch.random.fork_rng(rng_devices):
+                    interpreter.run(torch.zeros(input_size, device=device, dtype=dtype))
+                break
+            except NetslimError:
+                raise
+            except Exception as e:
+                if candidate is inference:
+                    raise NetslimError(
+                        f"{type(model).__name__} does not run on an input of shape "
+                        f"{input_size}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                    ) from None
     except NetslimError:
         raise
     except Exception as e:
