@@ -267,13 +267,14 @@ def test_the_engine_prunes_a_gathers_outputs_and_keeps_what_it_reads():
         False,
         True,
     ]
-    assert plan.graph.groups[plan.graph.norms["bn0"][0][0]].fixed.startswith("read through")
+    reason = "read through the channel selection select (the paper's layout)"
+    assert plan.graph.fixed[plan.graph.norms["bn0"]].all() and reason in plan.fixed_reasons
     pruned = apply_plan(model, plan, compensate=False).eval()
     assert pruned.select.index.tolist() == [0, 3, 7] and pruned.conv1.in_channels == 3
     x = torch.randn(2, 3, 16, 16)
     same(logits(pruned, x), logits(masked_copy(model, plan.masks), x))
     report = prune_model(model, 0.3)[1]
-    assert "kept whole, read through a channel selection (the paper's layout): bn0" in report.text()
+    assert f"  - {reason}" in report.text()
 
 
 def test_a_resnet164_of_the_paper_layout_round_trips_without_the_files(tmp_path):

@@ -61,6 +61,9 @@ class PruneReport:
     # which of the networks above prune_model returned (and netslim prune saves):
     # "official masking", "bias compensation" or "BN recalibrated"
     saved: str = "bias compensation"
+    # why some BatchNorm-scaled channels were kept whatever their gamma (op, module, line)
+    fixed: list[str] = field(default_factory=list)
+    input_size: tuple[int, ...] = (1, 3, 32, 32)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,11 +80,9 @@ class PruneReport:
         )
         if self.floored:
             lines.append(f"per-layer floor kept channels alive in: {', '.join(self.floored)}")
-        for reason, labels in self.extra.get("kept_whole", {}).items():
-            shown = ", ".join(labels[:3]) + (
-                f" and {len(labels) - 3} more" if len(labels) > 3 else ""
-            )
-            lines.append(f"kept whole, {reason}: {shown}")
+        if self.fixed:
+            lines.append("kept whatever their gamma (the engine cannot prune them exactly):")
+            lines += [f"  - {reason}" for reason in self.fixed]
         lines.append(
             f"params {self.params_before:,} -> {self.params_after:,} "
             f"({100 * (1 - self.params_after / self.params_before):.1f}% fewer)"
@@ -123,6 +124,18 @@ def recalibration_batches(data: Dataset, num: int, batch_size: int = 128, seed: 
         yield x
 
 
+def check_input_size(input_size: tuple[int, ...]) -> tuple[int, ...]:
+    """``(1, C, H, W)`` from ``(C, H, W)`` or ``(1, C, H, W)``; NetslimError otherwise."""
+    size = tuple(input_size)
+    if len(size) == 3:
+        size = (1, *size)
+    if len(size) != 4 or size[0] != 1 or not all(isinstance(d, int) and d > 0 for d in size):
+        raise NetslimError(
+            f"input_size must be (C, H, W) or (1, C, H, W) with positive sizes, got {input_size}"
+        )
+    return size
+
+
 def prune_model(
     model: nn.Module,
     ratio: float | None = None,
@@ -135,6 +148,7 @@ def prune_model(
     batch_size: int = 128,
     eval_dtype: torch.dtype | None = None,
     acc_unpruned: float | None = None,
+    input_size: tuple[int, ...] = (3, 32, 32),
 ) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` at ``ratio`` (or to ``target_macs``) and report; with ``data``, also
     measure and recalibrate.
@@ -152,6 +166,8 @@ def prune_model(
         eval_dtype: autocast dtype for the accuracy measurements (None: fp32).
         acc_unpruned: the unpruned model's test accuracy, when already measured (e.g. by
             an earlier call of a sweep over ratios); measured here when None.
+        input_size: the shape of one input, ``(C, H, W)`` or ``(1, C, H, W)``: the network
+            is traced, its MACs counted and the compensation measured at this size.
 
     Returns:
         The pruned network and its :class:`PruneReport` (whose ``saved`` names which
@@ -160,6 +176,7 @@ def prune_model(
     """
     if (ratio is None) == (target_macs is None):
         raise NetslimError("give exactly one of a prune ratio and a MACs target (--target-macs)")
+    input_size = check_input_size(input_size)
     bad = nonfinite_tensors(model)
     if bad:
         raise NetslimError(
@@ -169,7 +186,7 @@ def prune_model(
     if data is not None:
         check_classes(model, data)
     model = model.eval()
-    graph = trace_channels(model)
+    graph = trace_channels(model, input_size)
     if target_macs is not None:
         plan = plan_for_macs(model, target_macs, min_keep, graph=graph)
     else:
@@ -193,16 +210,13 @@ def prune_model(
         saved="bias compensation" if compensate else "official masking",
         params_before=count_params(model),
         params_after=count_params(pruned),
-        macs_before=count_macs(model),
-        macs_after=count_macs(pruned),
+        macs_before=count_macs(model, input_size),
+        macs_after=count_macs(pruned, input_size),
         macs_residual_kept=residual_kept,
         target_macs=target_macs,
+        fixed=list(plan.fixed_reasons),
+        input_size=input_size,
     )
-    for group in graph.groups.values():  # layers' channels that may not go, and why
-        if group.fixed and group.producers and not group.fixed.startswith("the network's"):
-            report.extra.setdefault("kept_whole", {}).setdefault(group.fixed, []).append(
-                group.label
-            )
     if data is None:
         return pruned, report
 
