@@ -18,7 +18,7 @@ from netslim.lab import LabConfig, run_lab
 from netslim.models import ARCHS, VGG, build_model
 from netslim.pruning import global_threshold, plan_for_macs, plan_pruning
 from netslim.recalibrate import recalibrate_bn
-from netslim.slim import PruneReport, prune_model
+from netslim.slim import PruneReport, prune_model, save
 from netslim.sparsity import add_bn_l1_grad, bn_gammas, bn_sparsity, gamma_quantiles
 from netslim.stats import count_macs, count_params
 from netslim.surgery import apply_plan, prune
@@ -31,6 +31,6 @@ __all__ = [
     "bn_gammas", "bn_sparsity", "build_model", "count_macs", "count_params", "evaluate",
     "fit", "gamma_quantiles", "global_threshold", "load", "load_dataset", "plan_pruning",
     "plan_for_macs", "prune", "prune_model", "apply_plan", "read_checkpoint", "recalibrate_bn",
-    "save_checkpoint",
+    "save", "save_checkpoint",
 ]  # fmt: skip
 __all__ += ["LabConfig", "run_lab"]  # the whole experiment in one call

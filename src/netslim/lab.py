@@ -43,7 +43,7 @@ from netslim.checkpoint import load, read_checkpoint, save_checkpoint
 from netslim.data import Dataset, load_dataset
 from netslim.errors import NetslimError
 from netslim.files import atomic_write_text
-from netslim.models import ARCHS, build_model, num_outputs
+from netslim.models import build_model, check_arch, num_outputs
 from netslim.pruning import check_ratio
 from netslim.slim import prune_model, pruned_checkpoint
 from netslim.train import (
@@ -83,8 +83,7 @@ class LabConfig:
 
     def check(self) -> None:
         """Raise NetslimError naming the first setting that makes no sense."""
-        if self.arch not in ARCHS:
-            raise NetslimError(f"unknown --arch {self.arch!r}; choose one of: {', '.join(ARCHS)}")
+        check_arch(self.arch)
         if not self.lams:
             raise NetslimError("--lams needs at least one λ, e.g. --lams 0 1e-4 1e-2")
         if not all(x >= 0 for x in self.lams):  # also catches NaN
@@ -424,7 +423,7 @@ def run_lab(
     for lam in config.lams:
         run_dir = train_dir(out, lam)
         log(f"== sparsity training λ={lam_name(lam)}, {config.epochs} epochs: {run_dir}")
-        meta = {"arch": config.arch, "kind": "train"}
+        meta = {"arch": config.arch, "num_classes": data.num_classes, "kind": "train"}
         train_stage(config.train_config(lam), data, fresh_model, run_dir, meta, log)
 
     distributed.on_main(prune_stage, config, data, out, dtype, log)

@@ -11,15 +11,17 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from netslim.channels import trace_channels
+from netslim.checkpoint import save_checkpoint
 from netslim.data import Dataset, train_batches
 from netslim.errors import NetslimError
-from netslim.models import VGG, CfgItem
+from netslim.models import VGG, CfgItem, num_outputs
 from netslim.pruning import check_ratio, plan_for_macs, plan_pruning
 from netslim.recalibrate import recalibrate_bn
 from netslim.stats import count_macs, count_params
@@ -119,6 +121,7 @@ def prune_model(
     batch_size: int = 128,
     eval_dtype: torch.dtype | None = None,
     acc_unpruned: float | None = None,
+    input_size: tuple[int, ...] = (1, 3, 32, 32),
 ) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` at ``ratio`` (or to ``target_macs``) and report; with ``data``, also
     measure and recalibrate.
@@ -136,6 +139,8 @@ def prune_model(
         eval_dtype: autocast dtype for the accuracy measurements (None: fp32).
         acc_unpruned: the unpruned model's test accuracy, when already measured (e.g. by
             an earlier call of a sweep over ratios); measured here when None.
+        input_size: the shape of one input batch the network takes; it is traced and
+            its MACs counted at this size.
 
     Returns:
         The pruned network (recalibrated when data was given and ``recalibrate > 0``)
@@ -144,7 +149,7 @@ def prune_model(
     if (ratio is None) == (target_macs is None):
         raise NetslimError("give exactly one of a prune ratio and a MACs target (--target-macs)")
     model = model.eval()
-    graph = trace_channels(model)
+    graph = trace_channels(model, input_size)
     if target_macs is not None:
         plan = plan_for_macs(model, target_macs, min_keep, graph=graph)
     else:
@@ -167,8 +172,8 @@ def prune_model(
         compensated=compensate,
         params_before=count_params(model),
         params_after=count_params(pruned),
-        macs_before=count_macs(model),
-        macs_after=count_macs(pruned),
+        macs_before=count_macs(model, input_size),
+        macs_after=count_macs(pruned, input_size),
         macs_residual_kept=residual_kept,
         target_macs=target_macs,
     )
@@ -193,15 +198,38 @@ def prune_model(
 
 
 def pruned_checkpoint(
-    pruned: nn.Module, report: PruneReport, meta: dict[str, Any]
+    pruned: nn.Module, report: PruneReport | None, meta: dict[str, Any]
 ) -> dict[str, Any]:
     """``{'channels', 'state_dict', 'netslim'}`` (plus the official ``'cfg'`` for a VGG)."""
     state_dict = {k: v.detach().cpu().contiguous() for k, v in pruned.state_dict().items()}
-    checkpoint = {
-        "channels": channel_counts(pruned),
-        "state_dict": state_dict,
-        "netslim": {**meta, "kind": "pruned", "prune": report.to_dict()},
-    }
+    info = {**meta, "kind": "pruned", "prune": report.to_dict()} if report else dict(meta)
+    checkpoint = {"channels": channel_counts(pruned), "state_dict": state_dict, "netslim": info}
     if isinstance(pruned, VGG):
         checkpoint["cfg"] = list(pruned.cfg)
     return checkpoint
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    report: PruneReport | None = None,
+    *,
+    arch: str | None = None,
+    image_size: int = 32,
+) -> None:
+    """Save ``model`` (pruned or not) so that :func:`netslim.load` rebuilds it.
+
+    The file holds the weights and every layer's channel counts, never a pickled module.
+
+    Args:
+        model: the network, e.g. the one :func:`prune_model` returned.
+        path: the file to write (atomically).
+        report: the :class:`PruneReport` of the pruning, kept in the file's metadata.
+        arch: what ``netslim.load(path)`` builds the unpruned network from: one of
+            :data:`netslim.ARCHS` or a spec such as ``"torchvision:resnet18"`` or
+            ``"mypkg.models:build"``. Without it, load with ``netslim.load(path, builder)``.
+        image_size: the square input size the network takes (recorded for ``netslim info``
+            and later pruning).
+    """
+    meta = {"arch": arch, "num_classes": num_outputs(model), "image_size": int(image_size)}
+    save_checkpoint(pruned_checkpoint(model, report, meta), path)

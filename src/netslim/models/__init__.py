@@ -11,6 +11,9 @@ BatchNorm, which is what sparsity training and the pruning engine need:
 ``resnet18``    ImageNet's ResNet-18 with a 32x32 stem
 ``mobilenetv2`` MobileNetV2 with a 32x32 stem
 =============== ==============================================================
+
+and any network named by a spec (:mod:`netslim.models.external`): ``torchvision:NAME``,
+``timm:NAME`` or ``package.module:callable``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.models.densenet import DenseNet, densenet40
+from netslim.models.external import build_external, check_spec, is_spec
 from netslim.models.mobilenet import MobileNetV2, mobilenetv2
 from netslim.models.resnet import PreActResNet, ResNet, resnet18, resnet56, resnet164
 from netslim.models.vgg import VGG, VGG_CFGS, CfgItem, validate_cfg
@@ -34,13 +38,27 @@ _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "mobilenetv2": mobilenetv2,
 }
 ARCHS: tuple[str, ...] = tuple(_BUILDERS)
+ARCH_CHOICES = (
+    f"choose one of {', '.join(ARCHS)}, or torchvision:NAME, timm:NAME, package.module:callable"
+)
 
 
 def build_model(arch: str, num_classes: int = 10) -> nn.Module:
-    """Build the unpruned network ``arch`` (one of :data:`ARCHS`) with fresh weights."""
+    """Build the unpruned network ``arch`` with fresh weights: one of :data:`ARCHS`, or
+    ``torchvision:NAME``, ``timm:NAME``, ``package.module:callable``."""
+    if is_spec(arch):
+        return build_external(arch, num_classes)
     if arch not in _BUILDERS:
-        raise NetslimError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+        raise NetslimError(f"unknown architecture {arch!r}; {ARCH_CHOICES}")
     return _BUILDERS[arch](num_classes)
+
+
+def check_arch(arch: str) -> None:
+    """Raise NetslimError unless ``arch`` is a known name or a well-formed spec (no import)."""
+    if is_spec(arch):
+        check_spec(arch)
+    elif arch not in _BUILDERS:
+        raise NetslimError(f"unknown --arch {arch!r}; {ARCH_CHOICES}")
 
 
 def num_outputs(model: nn.Module) -> int:
@@ -53,5 +71,5 @@ def num_outputs(model: nn.Module) -> int:
 
 __all__ = [
     "ARCHS", "VGG", "VGG_CFGS", "CfgItem", "DenseNet", "MobileNetV2", "PreActResNet", "ResNet",
-    "build_model", "num_outputs", "validate_cfg",
+    "build_model", "check_arch", "is_spec", "num_outputs", "validate_cfg",
 ]  # fmt: skip
