@@ -313,6 +313,7 @@ def _new_run(args: argparse.Namespace) -> tuple[TrainConfig, Dataset, nn.Module]
     """The recipe, the data and a freshly initialised ``--arch`` (seeded by ``--seed``)."""
     config = _train_config(args, args.arch)
     config.check()
+    check_arch(args.arch, load=True)  # a missing package fails before the data loads
     data = _load_data(args)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, num_classes=data.num_classes)

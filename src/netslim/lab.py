@@ -83,7 +83,7 @@ class LabConfig:
 
     def check(self) -> None:
         """Raise NetslimError naming the first setting that makes no sense."""
-        check_arch(self.arch)
+        check_arch(self.arch, load=True)
         if not self.lams:
             raise NetslimError("--lams needs at least one λ, e.g. --lams 0 1e-4 1e-2")
         if not all(x >= 0 for x in self.lams):  # also catches NaN

@@ -24,7 +24,7 @@ from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.models.densenet import DenseNet, densenet40
-from netslim.models.external import build_external, check_spec, is_spec
+from netslim.models.external import build_external, check_spec, is_spec, resolve
 from netslim.models.mobilenet import MobileNetV2, mobilenetv2
 from netslim.models.resnet import PreActResNet, ResNet, resnet18, resnet56, resnet164
 from netslim.models.vgg import VGG, VGG_CFGS, CfgItem, validate_cfg
@@ -53,10 +53,11 @@ def build_model(arch: str, num_classes: int = 10) -> nn.Module:
     return _BUILDERS[arch](num_classes)
 
 
-def check_arch(arch: str) -> None:
-    """Raise NetslimError unless ``arch`` is a known name or a well-formed spec (no import)."""
+def check_arch(arch: str, load: bool = False) -> None:
+    """Raise NetslimError unless ``arch`` is a known name or a well-formed spec; with
+    ``load``, also import what a spec names and check that it is there."""
     if is_spec(arch):
-        check_spec(arch)
+        resolve(arch) if load else check_spec(arch)
     elif arch not in _BUILDERS:
         raise NetslimError(f"unknown --arch {arch!r}; {ARCH_CHOICES}")
 

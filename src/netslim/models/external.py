@@ -61,16 +61,33 @@ def check_spec(spec: str) -> None:
         )
 
 
-def build_external(spec: str, num_classes: int) -> nn.Module:
-    """Build the network ``spec`` names with ``num_classes`` outputs and fresh weights."""
+def resolve(spec: str) -> Callable[[int], nn.Module]:
+    """Import what ``spec`` names and check it exists; returns ``builder(num_classes)``.
+
+    Raises NetslimError naming the spec and the missing package or name.
+    """
     check_spec(spec)
     source, _, name = spec.partition(":")
     if source == "torchvision":
-        model = _torchvision(spec, name, num_classes)
-    elif source == "timm":
-        model = _timm(spec, name, num_classes)
-    else:
-        model = _call(spec, _user_builder(spec, source, name), num_classes=num_classes)
+        return _torchvision(spec, name)
+    if source == "timm":
+        return _timm(spec, name)
+    builder = _user_builder(spec, source, name)
+    return lambda num_classes: builder(num_classes=num_classes)
+
+
+def build_external(spec: str, num_classes: int) -> nn.Module:
+    """Build the network ``spec`` names with ``num_classes`` outputs and fresh weights."""
+    builder = resolve(spec)
+    try:
+        model = builder(num_classes)
+    except NetslimError:
+        raise
+    except Exception as e:  # the builder's own error (bad arguments, a bug): one line
+        detail = str(e).splitlines()[0][:200] if str(e) else ""
+        raise NetslimError(
+            f"--arch {spec}: building the model failed: {type(e).__name__}: {detail}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise NetslimError(
             f"--arch {spec} returned a {type(model).__name__}, not a torch.nn.Module"
@@ -94,22 +111,23 @@ def _unknown(spec: str, kind: str, name: str, known: list[str], listing: str) ->
     return NetslimError(f"--arch {spec}: no {kind} model {name!r}; {hint}see {listing}")
 
 
-def _torchvision(spec: str, name: str, num_classes: int) -> nn.Module:
+def _torchvision(spec: str, name: str) -> Callable[[int], nn.Module]:
     torchvision = _import_zoo(spec, "torchvision")
     known = torchvision.models.list_models(module=torchvision.models)  # classification only
     if name not in known:
         raise _unknown(spec, "torchvision classification", name, known,
                        "torchvision.models.list_models(module=torchvision.models)")  # fmt: skip
     kwargs = _TORCHVISION_KWARGS.get(name, {})
-    return _call(spec, torchvision.models.get_model, name, weights=None,
-                 num_classes=num_classes, **kwargs)  # fmt: skip
+    return lambda num_classes: torchvision.models.get_model(
+        name, weights=None, num_classes=num_classes, **kwargs
+    )
 
 
-def _timm(spec: str, name: str, num_classes: int) -> nn.Module:
+def _timm(spec: str, name: str) -> Callable[[int], nn.Module]:
     timm = _import_zoo(spec, "timm")
     if not timm.is_model(name):
         raise _unknown(spec, "timm", name, timm.list_models(), "timm.list_models()")
-    return _call(spec, timm.create_model, name, pretrained=False, num_classes=num_classes)
+    return lambda num_classes: timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
 def _user_builder(spec: str, module_name: str, attr: str) -> Callable[..., Any]:
@@ -129,16 +147,3 @@ def _user_builder(spec: str, module_name: str, attr: str) -> Callable[..., Any]:
     if not callable(builder):
         raise NetslimError(f"--arch {spec}: {module_name} has no callable named {attr!r}")
     return builder
-
-
-def _call(spec: str, builder: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a model builder; its failure (bad arguments, a bug) becomes one line naming spec."""
-    try:
-        return builder(*args, **kwargs)
-    except NetslimError:
-        raise
-    except Exception as e:
-        detail = str(e).splitlines()[0][:200] if str(e) else ""
-        raise NetslimError(
-            f"--arch {spec}: building the model failed: {type(e).__name__}: {detail}"
-        ) from None
