@@ -148,6 +148,11 @@ def prune_model(
     """
     if (ratio is None) == (target_macs is None):
         raise NetslimError("give exactly one of a prune ratio and a MACs target (--target-macs)")
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise NetslimError(
+            f"nothing to slim in {type(model).__name__}: it has no BatchNorm layer, and network "
+            "slimming removes the channels whose BatchNorm gamma is small"
+        )
     model = model.eval()
     graph = trace_channels(model, input_size)
     if target_macs is not None:
