@@ -63,7 +63,11 @@ def check_arch(arch: str, load: bool = False) -> None:
 
 
 def num_outputs(model: nn.Module) -> int:
-    """Outputs of the network: those of its last Linear layer."""
+    """Outputs of the network: its ``num_classes`` attribute (timm's models have one), else
+    those of its last Linear layer."""
+    declared = getattr(model, "num_classes", None)
+    if isinstance(declared, int) and declared > 0:
+        return declared
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise NetslimError(f"{type(model).__name__} has no Linear layer to read its classes from")
