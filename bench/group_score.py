@@ -27,11 +27,14 @@ from netslim.surgery import apply_plan
 from netslim.train import evaluate, pick_precision
 
 
-def mean_scores(model, graph) -> dict[int, torch.Tensor]:
+def mean_scores(model, graph) -> torch.Tensor:
+    """Each unit's mean |gamma| over the BatchNorm channels that scale it (fixed: +inf)."""
     bns = dict(batchnorms(model))
-    return {gid: torch.stack([bns[name].weight.detach()[off : off + g.size].abs().float()
-                              for name, off in g.members]).mean(dim=0)
-            for gid, g in graph.prunable.items()}  # fmt: skip
+    total, count = torch.zeros(graph.num_units), torch.zeros(graph.num_units)
+    for name, units in graph.norms.items():
+        total.index_add_(0, units, bns[name].weight.detach().abs().float())
+        count.index_add_(0, units, torch.ones(len(units)))
+    return (total / count.clamp(min=1)).masked_fill(graph.fixed, float("inf"))
 
 
 def main() -> None:
@@ -46,7 +49,7 @@ def main() -> None:
     data = load_dataset("cifar10", args.data_root, download=False, train_size=args.train_size)
     dtype = pick_precision("auto", torch.device("cpu"))
     graph = trace_channels(model)
-    streams = [g for g in graph.prunable if len(graph.groups[g].members) > 1]
+    streams = [g for g in graph.prunable.values() if len(g.members) > 1]
     base = count_macs(model)
     print(
         f"{'score':<6}{'ratio':>6}{'removed':>9}{'MACs kept':>11}{'acc (recal.)':>14}  streams kept"
@@ -58,7 +61,7 @@ def main() -> None:
             pruned = apply_plan(model, plan).eval()
             recalibrate_bn(pruned, recalibration_batches(data, 16, 128))
             acc = evaluate(pruned, data, dtype=dtype)[1]
-            kept = [f"{int(plan.keep[g].sum())}/{graph.groups[g].size}" for g in streams]
+            kept = [f"{int(plan.keep[g.units].sum())}/{g.size}" for g in streams]
             print(f"{name:<6}{ratio:>6}{plan.pruned_share:>9.1%}{count_macs(pruned) / base:>11.1%}"
                   f"{acc:>13.2f}%  {' '.join(kept)}", flush=True)  # fmt: skip
 

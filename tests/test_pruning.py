@@ -93,8 +93,9 @@ def test_pruned_equals_masked_without_compensation(tiny_vgg):
 
 def _only(plan: PrunePlan, layer: str) -> PrunePlan:
     """The plan with every group but the one scaled by BN ``layer`` kept whole."""
-    groups = plan.graph.groups
-    keep = {i: m if groups[i].label == layer else torch.ones_like(m) for i, m in plan.keep.items()}
+    keep = torch.ones_like(plan.keep)
+    units = plan.graph.norms[layer]
+    keep[units] = plan.keep[units]
     return dataclasses.replace(plan, keep=keep)
 
 

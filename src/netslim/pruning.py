@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from netslim.channels import ChannelGraph, Space, trace_channels
+from netslim.channels import ChannelGraph, trace_channels
 from netslim.errors import NetslimError
 from netslim.sparsity import batchnorms, bn_gammas
 
@@ -62,35 +62,54 @@ def global_threshold(gammas: torch.Tensor, ratio: float) -> float:
 
 @dataclass
 class PrunePlan:
-    """Which channels of each group survive.
+    """Which channel units survive.
 
     Attributes:
         ratio: the requested share of BatchNorm channels to remove.
         threshold: the global ``|gamma|`` threshold (scores strictly above it are kept).
-        graph: the traced channel groups of the network.
-        keep: group id -> bool tensor, True where the channel is kept (all True when fixed).
+        graph: the traced channel units and groups of the network.
+        keep: per unit, True where it is kept (always True where it is fixed).
         floored: labels of the groups whose channels the floor kept alive.
     """
 
     ratio: float
     threshold: float
     graph: ChannelGraph
-    keep: dict[int, torch.Tensor]
+    keep: torch.Tensor
     floored: list[str] = field(default_factory=list)
 
-    def kept_of(self, space: Space) -> torch.Tensor:
+    def kept_of(self, units: torch.Tensor) -> torch.Tensor:
         """Bool mask over the entries of a channel space (e.g. a BN's channels)."""
-        return torch.cat([self.keep[g].repeat_interleave(r) for g, r in space])
+        return self.keep[units]
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         """BatchNorm name -> bool mask of its kept channels."""
-        return {name: self.kept_of(space) for name, space in self.graph.norms.items()}
+        return {name: self.keep[units] for name, units in self.graph.norms.items()}
+
+    @property
+    def beta_zeroed(self) -> dict[str, torch.Tensor]:
+        """BatchNorm name -> the removed channels whose constant compensation cannot fold
+        (a gate multiplies it on its way to a layer): there it drops them as the official
+        code does, so the reference network zeroes their beta too."""
+        lost = ~self.keep & ~self.graph.compensable
+        return {name: lost[units] for name, units in self.graph.norms.items()}
+
+    @property
+    def fixed_reasons(self) -> list[str]:
+        """Why some BatchNorm-scaled channels were kept whatever their gamma."""
+        return self.graph.fixed_reasons
 
     @property
     def kept(self) -> dict[str, tuple[int, int]]:
-        """Prunable group label -> (kept, total) channels."""
-        return {g.label: (int(self.keep[i].sum()), g.size) for i, g in self.graph.prunable.items()}
+        """Prunable group label -> (kept, total) channels of its first BatchNorm."""
+        result = {}
+        for group in self.graph.prunable.values():
+            units = self.graph.norms.get(group.label)
+            if units is None:
+                units = self.graph.layers[group.label].outputs
+            result[group.label] = (int(self.keep[units].sum()), len(units))
+        return result
 
     @property
     def pruned_share(self) -> float:
@@ -104,41 +123,54 @@ class PrunePlan:
         """Multiply-accumulates of the pruned network on one input (as :func:`count_macs`)."""
         total = 0
         for layer in self.graph.layers.values():
-            n_in, n_out = (
-                int(self.kept_of(layer.inputs).sum()),
-                int(self.kept_of(layer.outputs).sum()),
-            )
-            # a depthwise conv's output channel reads one input channel, a grouped one n_in/groups
-            per_out = 1 if layer.kind == "depthwise" else n_in // layer.groups
+            n_in, n_out = int(self.keep[layer.inputs].sum()), int(self.keep[layer.outputs].sum())
+            # a grouped conv's output channel reads in/groups inputs, however many groups go
+            per_out = len(layer.inputs) // layer.groups if layer.kind == "grouped" else n_in
             total += layer.pixels * layer.kernel * n_out * per_out
         return total
 
 
-def _scores(model: nn.Module, graph: ChannelGraph) -> dict[int, torch.Tensor]:
-    """Each prunable group's channel scores: the largest |gamma| among its BatchNorms."""
+def nothing_to_prune(graph: ChannelGraph) -> NetslimError:
+    """The error for a network none of whose BatchNorm-scaled channels may be pruned."""
+    reasons = graph.fixed_reasons
+    why = (
+        f" (fixed: {'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})"
+        if reasons
+        else ""
+    )
+    return NetslimError(
+        f"nothing to slim in {graph.model_name}: no BatchNorm scales any prunable channel{why}"
+    )
+
+
+def _scores(model: nn.Module, graph: ChannelGraph) -> torch.Tensor:
+    """Each unit's score: the largest |gamma| among the BatchNorm channels that scale it
+    (+inf for a fixed unit)."""
+    if not graph.prunable:
+        raise nothing_to_prune(graph)
     bns = dict(batchnorms(model))
-    scores = {}
-    for gid, group in graph.prunable.items():
-        gammas = [bns[name].weight.detach()[off : off + group.size].abs().float().cpu()
-                  for name, off in group.members]  # fmt: skip
-        scores[gid] = torch.stack(gammas).amax(dim=0)
-    return scores
+    scores = torch.full((graph.num_units,), float("-inf"))
+    for name, units in graph.norms.items():
+        if bns[name].affine:
+            gamma = bns[name].weight.detach().abs().float().cpu()
+            scores.scatter_reduce_(0, units, gamma, "amax")
+    return scores.masked_fill(graph.fixed, float("inf"))
 
 
-def _plan_at(graph: ChannelGraph, scores: dict[int, torch.Tensor], threshold: float,
+def _plan_at(graph: ChannelGraph, scores: torch.Tensor, threshold: float,
              ratio: float, min_keep: float) -> PrunePlan:  # fmt: skip
-    keep, floored = {}, []
-    for gid, group in graph.groups.items():
-        if gid not in scores:
-            keep[gid] = torch.ones(group.size, dtype=torch.bool)
-            continue
-        mask = scores[gid] > threshold
+    keep = scores > threshold
+    floored = []
+    for group in graph.prunable.values():
         floor = max(1, math.ceil(min_keep * group.size))
-        if int(mask.sum()) < floor:
-            mask = torch.zeros_like(mask)
-            mask[torch.topk(scores[gid], floor).indices] = True
+        if int(keep[group.units].sum()) < floor:
+            best = torch.topk(scores[group.units], min(floor, group.size)).indices
+            keep[group.units[best]] = True
             floored.append(group.label)
-        keep[gid] = mask
+    for name, layer in graph.layers.items():  # every layer keeps an input
+        if len(layer.inputs) and not bool(keep[layer.inputs].any()):
+            keep[layer.inputs[scores[layer.inputs].argmax()]] = True
+            floored.append(name)
     return PrunePlan(float(ratio), threshold, graph, keep, floored)
 
 
@@ -230,18 +262,33 @@ def plan_for_macs(
 
 @torch.no_grad()
 def masked_copy(
-    model: nn.Module, masks: dict[str, torch.Tensor], zero_beta: bool = True
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    zero_beta: bool | dict[str, torch.Tensor] = True,
 ) -> nn.Module:
     """A copy of ``model`` with the pruned channels' gamma set to 0 (and beta, if ``zero_beta``).
 
     With ``zero_beta`` this is the official code's masked network, which the pruned
     network without compensation reproduces exactly; without it, the network that
-    bias compensation reproduces (away from zero-padded borders).
+    bias compensation reproduces (away from zero-padded borders). ``zero_beta`` may also
+    name, per BatchNorm, the channels whose beta to zero (see :func:`reference_network`).
     """
     masked = copy.deepcopy(model)
     for name, bn in batchnorms(masked):
+        if name not in masks or not bn.affine:
+            continue
         drop = ~masks[name].to(bn.weight.device)
         bn.weight[drop] = 0.0
-        if zero_beta:
+        if isinstance(zero_beta, dict):
+            bn.bias[zero_beta[name].to(bn.bias.device)] = 0.0
+        elif zero_beta:
             bn.bias[drop] = 0.0
     return masked
+
+
+def reference_network(model: nn.Module, plan: PrunePlan, compensate: bool) -> nn.Module:
+    """The network the pruned one computes exactly: the official masked network (gamma and
+    beta of removed channels zeroed) without compensation; with it, the gamma-zeroed one
+    (beta zeroed only where compensation cannot fold it, :attr:`PrunePlan.beta_zeroed`),
+    up to zero padding at feature-map borders."""
+    return masked_copy(model, plan.masks, plan.beta_zeroed if compensate else True).eval()

@@ -53,6 +53,9 @@ class PruneReport:
     acc_masked: float | None = None  # official: pruned gamma and beta zeroed
     acc_compensated: float | None = None
     acc_recalibrated: float | None = None
+    # why some BatchNorm-scaled channels were kept whatever their gamma (op, module, line)
+    fixed: list[str] = field(default_factory=list)
+    input_size: tuple[int, ...] = (1, 3, 32, 32)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,6 +72,9 @@ class PruneReport:
         )
         if self.floored:
             lines.append(f"per-layer floor kept channels alive in: {', '.join(self.floored)}")
+        if self.fixed:
+            lines.append("kept whatever their gamma (the engine cannot prune them exactly):")
+            lines += [f"  - {reason}" for reason in self.fixed]
         lines.append(
             f"params {self.params_before:,} -> {self.params_after:,} "
             f"({100 * (1 - self.params_after / self.params_before):.1f}% fewer)"
@@ -109,6 +115,18 @@ def recalibration_batches(data: Dataset, num: int, batch_size: int = 128, seed: 
         yield x
 
 
+def check_input_size(input_size: tuple[int, ...]) -> tuple[int, ...]:
+    """``(1, C, H, W)`` from ``(C, H, W)`` or ``(1, C, H, W)``; NetslimError otherwise."""
+    size = tuple(input_size)
+    if len(size) == 3:
+        size = (1, *size)
+    if len(size) != 4 or size[0] != 1 or not all(isinstance(d, int) and d > 0 for d in size):
+        raise NetslimError(
+            f"input_size must be (C, H, W) or (1, C, H, W) with positive sizes, got {input_size}"
+        )
+    return size
+
+
 def prune_model(
     model: nn.Module,
     ratio: float | None = None,
@@ -121,7 +139,7 @@ def prune_model(
     batch_size: int = 128,
     eval_dtype: torch.dtype | None = None,
     acc_unpruned: float | None = None,
-    input_size: tuple[int, ...] = (1, 3, 32, 32),
+    input_size: tuple[int, ...] = (3, 32, 32),
 ) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` at ``ratio`` (or to ``target_macs``) and report; with ``data``, also
     measure and recalibrate.
@@ -139,8 +157,8 @@ def prune_model(
         eval_dtype: autocast dtype for the accuracy measurements (None: fp32).
         acc_unpruned: the unpruned model's test accuracy, when already measured (e.g. by
             an earlier call of a sweep over ratios); measured here when None.
-        input_size: the shape of one input batch the network takes; it is traced and
-            its MACs counted at this size.
+        input_size: the shape of one input, ``(C, H, W)`` or ``(1, C, H, W)``: the network
+            is traced, its MACs counted and the compensation measured at this size.
 
     Returns:
         The pruned network (recalibrated when data was given and ``recalibrate > 0``)
@@ -148,10 +166,11 @@ def prune_model(
     """
     if (ratio is None) == (target_macs is None):
         raise NetslimError("give exactly one of a prune ratio and a MACs target (--target-macs)")
+    input_size = check_input_size(input_size)
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # said before tracing: a large transformer is slow to trace, and has nothing to slim
         raise NetslimError(
-            f"nothing to slim in {type(model).__name__}: it has no BatchNorm layer, and network "
-            "slimming removes the channels whose BatchNorm gamma is small"
+            f"nothing to slim in {type(model).__name__}: no BatchNorm scales any prunable channel"
         )
     model = model.eval()
     graph = trace_channels(model, input_size)
@@ -181,6 +200,8 @@ def prune_model(
         macs_after=count_macs(pruned, input_size),
         macs_residual_kept=residual_kept,
         target_macs=target_macs,
+        fixed=list(plan.fixed_reasons),
+        input_size=input_size,
     )
     if data is None:
         return pruned, report

@@ -29,7 +29,7 @@ from torch import nn
 
 from netslim.channels import Layer
 from netslim.errors import NetslimError
-from netslim.pruning import PrunePlan, masked_copy, plan_pruning
+from netslim.pruning import PrunePlan, plan_pruning, reference_network
 
 #: Module name -> ``[in, out, groups, has_bias]`` (conv), ``[in, out, has_bias]`` (linear)
 #: or ``[channels]`` (BatchNorm).
@@ -49,26 +49,34 @@ def channel_counts(model: nn.Module) -> ChannelCounts:
     return counts
 
 
-def _resized(m: nn.Module, count: list[int]) -> nn.Module:
-    """An uninitialised copy of layer ``m`` with other channel counts (same device, dtype)."""
+def _resize(m: nn.Module, count: list[int]) -> None:
+    """Give layer ``m`` other channel counts in place: fresh, uninitialised weights of the
+    new shapes (same device, dtype); its class and everything else stay (a subclass's own
+    extras, such as timm's activation in BatchNormAct2d, included)."""
     ref = next(m.parameters(), None)
     ref = ref if ref is not None else next(m.buffers())
-    like = {"device": ref.device, "dtype": ref.dtype}
+
+    def empty(*shape: int) -> nn.Parameter:
+        return nn.Parameter(ref.new_empty(shape))
+
     if isinstance(m, nn.Conv2d):
         n_in, n_out, groups, bias = count
-        new = nn.Conv2d(n_in, n_out, m.kernel_size, m.stride, m.padding, m.dilation, groups,
-                        bool(bias), m.padding_mode, **like)  # fmt: skip
+        m.in_channels, m.out_channels, m.groups = n_in, n_out, groups
+        m.weight = empty(n_out, n_in // groups, *m.kernel_size)
+        m.register_parameter("bias", empty(n_out) if bias else None)
     elif isinstance(m, nn.Linear):
         n_in, n_out, bias = count
-        new = nn.Linear(n_in, n_out, bool(bias), **like)
+        m.in_features, m.out_features = n_in, n_out
+        m.weight = empty(n_out, n_in)
+        m.register_parameter("bias", empty(n_out) if bias else None)
     else:
-        new = type(m)(count[0], m.eps, m.momentum, m.affine, m.track_running_stats, **like)
-    return new.train(m.training)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+        (n,) = count
+        m.num_features = n
+        if m.affine:
+            m.weight, m.bias = empty(n), empty(n)
+        if m.track_running_stats:
+            m.running_mean = ref.new_zeros(n)
+            m.running_var = ref.new_ones(n)
 
 
 def resize_layers(model: nn.Module, counts: ChannelCounts, source: str = "checkpoint") -> nn.Module:
@@ -86,21 +94,22 @@ def resize_layers(model: nn.Module, counts: ChannelCounts, source: str = "checkp
         if list(count) != current[name]:
             if len(count) != len(current[name]):
                 raise NetslimError(f"{source}: bad channel counts {count} for layer {name}")
-            _replace(model, name, _resized(model.get_submodule(name), list(count)))
+            _resize(model.get_submodule(name), list(count))
     return model
 
 
-def _compensation(model: nn.Module, plan: PrunePlan) -> dict[str, torch.Tensor]:
-    """Layer name -> the shift to add to its output (one value per original output channel)."""
-    # a depthwise conv loses its output channel with its input channel: nothing to fold
+def _compensation(model: nn.Module, plan: PrunePlan, compensate: bool) -> dict[str, torch.Tensor]:
+    """Layer name -> the shift to add to its output (one value per original output channel):
+    what the removed input channels contribute in the reference network, where they hold
+    constants (a grouped conv loses its outputs with its inputs: nothing to fold)."""
     readers = {name: ~plan.kept_of(layer.inputs) for name, layer in plan.graph.layers.items()
-               if layer.kind != "depthwise" and not bool(plan.kept_of(layer.inputs).all())}  # fmt: skip
+               if layer.kind != "grouped" and not bool(plan.kept_of(layer.inputs).all())}  # fmt: skip
     if not readers:
         return {}
-    zeroed = masked_copy(model, plan.masks, zero_beta=False).eval()
+    reference = reference_network(model, plan, compensate)
     seen: dict[str, torch.Tensor] = {}
     handles = [
-        zeroed.get_submodule(name).register_forward_hook(
+        reference.get_submodule(name).register_forward_hook(
             lambda m, inputs, out, name=name: seen.__setitem__(name, inputs[0].detach())
         )
         for name in readers
@@ -110,23 +119,24 @@ def _compensation(model: nn.Module, plan: PrunePlan) -> dict[str, torch.Tensor]:
     x = torch.randn((2, *plan.graph.input_size[1:]), generator=generator)
     try:
         with torch.no_grad():
-            zeroed(x.to(param.device, param.dtype))
+            reference(x.to(param.device, param.dtype))
     finally:
         for h in handles:
             h.remove()
     shifts = {}
     for name, removed in readers.items():
         weight = model.get_submodule(name).weight.detach()
-        values = seen[name][:, removed.to(seen[name].device)]  # (N, removed, H, W) or (N, removed)
-        if values.dim() == 4:
-            h, w = values.shape[2] // 2, values.shape[3] // 2
-            ref = values[0, :, h, w]
-            spread = (values - ref[None, :, None, None]).abs().amax(dim=(0, 2, 3))
-            weight = weight[:, removed.to(weight.device)].sum(dim=(2, 3))
-        else:
-            ref = values[0]
-            spread = (values - ref).abs().amax(dim=0)
+        layer = plan.graph.layers[name]
+        read = seen[name]
+        removed = removed.to(read.device)
+        if layer.kind == "linear":  # features on the last dim
+            values = read.reshape(-1, read.shape[-1])[:, removed]
             weight = weight[:, removed.to(weight.device)]
+        else:  # (N, C, H, W): positions after the channels
+            values = read.transpose(0, 1)[removed].flatten(1).t()
+            weight = weight[:, removed.to(weight.device)].sum(dim=(2, 3))
+        ref = values[0]
+        spread = (values - ref).abs().amax(dim=0)
         # Only constant inputs can be folded; anything else stays dropped as in the official code.
         constant = torch.where(spread <= 1e-5 * (1 + ref.abs()), ref, torch.zeros_like(ref))
         if bool((constant != 0).any()):
@@ -150,7 +160,7 @@ def _copy_norm(
 def _copy_layer(old: nn.Module, new: nn.Module, layer: Layer, i: torch.Tensor, o: torch.Tensor,
                 shift: torch.Tensor | None) -> None:  # fmt: skip
     weight = old.weight[o]
-    if layer.kind in ("conv", "linear"):
+    if layer.kind != "grouped":
         weight = weight[:, i]
     new.weight.copy_(weight)
     if new.bias is not None:
@@ -168,7 +178,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, compensate: bool = True) -> nn
     missing = [n for n in graph.layers if n not in dict(model.named_modules())]
     if missing:
         raise NetslimError(f"the prune plan is for another network: no layer {missing[0]}")
-    shifts = _compensation(model, plan) if compensate else {}
+    shifts = _compensation(model, plan, compensate)
     into_norm = {layer.norm: shifts.pop(name) for name, layer in graph.layers.items()
                  if name in shifts and layer.norm is not None}  # fmt: skip
     device = next(model.parameters()).device
@@ -182,8 +192,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, compensate: bool = True) -> nn
         old = counts[name]
         if layer.kind == "linear":
             counts[name] = [n_in, n_out, int(old[2] or name in shifts)]
-        else:
-            groups = n_out if layer.kind == "depthwise" else old[2]
+        else:  # a grouped conv keeps the width of each of its convolution groups
+            groups = n_in * layer.groups // len(layer.inputs) if layer.kind == "grouped" else 1
             counts[name] = [n_in, n_out, groups, int(old[3] or name in shifts)]
     for name, space in graph.norms.items():
         counts[name] = [int(plan.kept_of(space).sum())]
