@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import randomize_bn
 
 import netslim
 from netslim.cli import main
@@ -109,7 +110,7 @@ def test_pruned_own_module_loads_with_its_builder(tmp_path):
         torch.manual_seed(1)
         return torchvision.models.mobilenet_v3_small(num_classes=10)
 
-    model = builder().eval()
+    model = randomize_bn(builder())
     pruned, report = netslim.prune_model(model, 0.3, input_size=(1, 3, 64, 64))
     path = tmp_path / "pruned.pth"
     netslim.save(pruned, path, report, image_size=64)
@@ -161,3 +162,20 @@ def test_the_core_never_imports_torchvision_or_timm():
                           env={**os.environ, "PYTHONPATH": SRC}, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_prune_and_info_work_at_the_image_size_the_checkpoint_records(tmp_path, capsys):
+    """Inception-v3 cannot take 32x32: a checkpoint saved at 80 px prunes and counts at 80."""
+    torch.manual_seed(0)
+    spec = "torchvision:inception_v3"
+    model = randomize_bn(netslim.build_model(spec, 10))
+    netslim.save(model, tmp_path / "m.pth", arch=spec, image_size=80)
+    code, _, err = run(capsys, "prune", str(tmp_path / "m.pth"), "--ratio", "0.3",
+                       "--out", str(tmp_path / "p.pth"))  # fmt: skip
+    assert code == 0, err
+    pruned = netslim.load(tmp_path / "p.pth")
+    meta = torch.load(tmp_path / "p.pth", weights_only=True)["netslim"]
+    assert meta["image_size"] == 80
+    assert meta["prune"]["macs_after"] == netslim.count_macs(pruned, (1, 3, 80, 80))
+    code, out, _ = run(capsys, "info", str(tmp_path / "p.pth"))
+    assert code == 0 and "per 80x80 image" in out
