@@ -22,6 +22,7 @@ from netslim.errors import NetslimError
 from netslim.pruning import plan_pruning, reference_network
 from netslim.slim import prune_model
 from netslim.sparsity import batchnorms
+from netslim.stats import count_macs
 from netslim.surgery import apply_plan
 
 SIZE = (1, 3, 12, 12)
@@ -407,3 +408,30 @@ def test_prune_model_traces_measures_and_compensates_at_the_input_size():
     assert report.macs_after < report.macs_before and pruned.fc.in_features < 150
     with pytest.raises(NetslimError, match="input_size must be"):
         prune_model(model, 0.5, input_size=(20, 20))
+
+
+class AuxHead(nn.Module):
+    """GoogLeNet and Inception-v3: an auxiliary classifier that only training runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = conv_bn(3, 8), conv_bn(8, 6), Head(6)
+        self.aux = nn.Sequential(conv_bn(8, 4, 1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+        self.aux(torch.zeros(1, 8, 12, 12))  # materialise the lazy layer
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        aux = self.aux(x) if self.training else None
+        x = self.head(F.relu(self.b(x)))
+        return (x, aux) if self.training else x
+
+
+def test_an_auxiliary_head_of_training_is_pruned_with_the_channels_it_reads():
+    model = sparse(AuxHead())
+    plan = assert_exact(model)
+    assert not plan.graph.layers["aux.0.0"].inference and plan.graph.layers["a.0"].inference
+    pruned = apply_plan(model, plan).train()
+    assert pruned.aux[0][0].in_channels == int(plan.masks["a.1"].sum()) < 8
+    out, aux = pruned(torch.randn(2, *SIZE[1:]))
+    (out.sum() + aux.sum()).backward()
+    assert plan.macs == count_macs(pruned, SIZE)  # MACs of inference, without the head

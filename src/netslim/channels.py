@@ -57,7 +57,7 @@ PER_CHANNEL_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
     F.hardtanh, F.softplus, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs,
     torch.clamp, torch.neg, F.sigmoid, F.tanh, F.dropout, F.max_pool2d, F.avg_pool2d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, operator.neg,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, F.pad, operator.neg,
 }  # fmt: skip
 PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "clamp",
                        "clamp_", "clamp_min", "clamp_max", "neg", "pow", "sqrt"}  # fmt: skip
@@ -84,6 +84,10 @@ REARRANGE = WHOLE_DIMS | {
     F.pixel_unshuffle, "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "split",
     "chunk", "narrow", "unbind", "view_as", "reshape_as",
 }  # fmt: skip
+#: New tensors shaped like another, whose values do not come from it (drop path's mask).
+CREATES = {"new_empty", "new_zeros", "new_ones", "new_full", torch.zeros_like, torch.ones_like,
+           torch.empty_like, torch.rand_like, torch.randn_like, torch.full_like, "bernoulli_",
+           "bernoulli", torch.bernoulli}  # fmt: skip
 SAME_VALUES = {"contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "to",
                "type", "type_as", "cpu", "cuda", "requires_grad_"}  # fmt: skip
 SIZE_READS = {"size", "dim", "ndimension", "numel", "shape", "ndim", "dtype", "device",
@@ -134,6 +138,7 @@ class Layer:
     kernel: int = 1  # kernel positions (kh * kw)
     groups: int = 1
     norm: str | None = None  # the BatchNorm that alone reads its output, if any
+    inference: bool = True  # False for a layer only training runs (an auxiliary head)
 
 
 @dataclass
@@ -286,6 +291,7 @@ class _Interpreter(fx.Interpreter):
         self.norms: dict[str, torch.Tensor] = {}
         self.codes: dict[fx.Node, Any] = {}
         self.calls: dict[str, int] = {}
+        self.inference: set[str] = set()  # the modules inference mode calls
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
@@ -392,6 +398,8 @@ class _Interpreter(fx.Interpreter):
         target = node.target
         if target in SAME_VALUES:
             return self.codes[node.args[0]]
+        if target in CREATES:
+            return self.fresh(value, f"a tensor made by {self.describe(node)} {self.where(node)}")
         if target in REARRANGE:
             return self.rearrange(node, value)
         if target in ADD_LIKE or target in MUL_LIKE or target in DIV_LIKE:
@@ -476,7 +484,9 @@ class _Interpreter(fx.Interpreter):
         if line is None or not isinstance(value, torch.Tensor) or value.dim() < 2:
             return self.opaque(node, value, f"{node.op} {self.describe(node)}")
         if value.shape[1] != real.shape[1]:
-            return self.opaque(node, value, f"{self.describe(node)} changing the channel count")
+            return self.opaque(
+                node, value, f"{node.op} {self.describe(node)} changing the channels"
+            )
 
         def at(fill: float) -> torch.Tensor:
             probe = torch.full_like(real, fill)
@@ -685,8 +695,11 @@ class _Interpreter(fx.Interpreter):
         joined[compact[torch.tensor(sorted(self.joined), dtype=torch.long)]] = True
         compensable = torch.ones(count, dtype=torch.bool)
         compensable[compact[torch.tensor(sorted(self.uncompensable), dtype=torch.long)]] = False
-        layers = {name: replace(layer, inputs=compact[layer.inputs], outputs=compact[layer.outputs])
-                  for name, layer in self.layers.items()}  # fmt: skip
+        layers = {
+            name: replace(layer, inputs=compact[layer.inputs], outputs=compact[layer.outputs],
+                          inference=name in self.inference)
+            for name, layer in self.layers.items()
+        }  # fmt: skip
         norms = {name: compact[units] for name, units in self.norms.items()}
         # groups: the units written by one layer, and those tied to them
         group_of = list(range(count))
@@ -744,23 +757,26 @@ def trace_channels(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32
     if len(input_size) == 3:
         input_size = (1, *input_size)
     was_training = model.training
-    model.eval()  # drop paths and dropout trace as in inference
     try:
-        tracer = _LayerTracer()
+        # The graph of training mode holds what only training runs (an auxiliary classifier
+        # reading pruned channels); the layers of inference mode are those MACs count.
+        model.eval()
+        inference = _LayerTracer().trace(model)
+        model.train()
         try:
-            gm = fx.GraphModule(model, tracer.trace(model))
-        except Exception as e:
-            raise NetslimError(
-                f"cannot trace {type(model).__name__} with torch.fx{_source_of(e)}: "
-                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. The pruning engine "
-                "needs a forward() without control flow that depends on the input's values"
-            ) from None
+            graph = _LayerTracer().trace(model)
+        except Exception:  # forward() traces in inference mode only: follow that
+            graph = inference
+        model.eval()  # the trace then runs with BatchNorm's running statistics, no dropout
+        gm = fx.GraphModule(model, graph)
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None else torch.float32
         interpreter = _Interpreter(gm, model)
+        interpreter.inference = {n.target for n in inference.nodes if n.op == "call_module"}
+        rng_devices = [device] if device.type == "cuda" else []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.random.fork_rng(rng_devices):
                 interpreter.run(torch.zeros(input_size, device=device, dtype=dtype))
         except NetslimError:
             raise
@@ -769,6 +785,14 @@ def trace_channels(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32
                 f"{type(model).__name__} does not run on an input of shape {input_size}: "
                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
             ) from None
+    except NetslimError:
+        raise
+    except Exception as e:
+        raise NetslimError(
+            f"cannot trace {type(model).__name__} with torch.fx{_source_of(e)}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. The pruning engine "
+            "needs a forward() without control flow that depends on the input's values"
+        ) from None
     finally:
         model.train(was_training)
     return interpreter.result(input_size)

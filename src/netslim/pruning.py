@@ -7,14 +7,14 @@ The steps, each usable on its own:
    ``|gamma|`` is strictly greater. Ties at the threshold are all removed, so slightly
    more than ``ratio`` may go. ``ratio == 0`` keeps everything (the official code would
    remove the channel(s) holding the very smallest gamma, which nobody means by 0).
-2. :func:`plan_pruning` -- the keep masks of every channel group that
-   :func:`netslim.channels.trace_channels` finds. A group's channel is scored by the
-   **largest** ``|gamma|`` among the BatchNorms that scale it (in a VGG there is one; on
-   a residual stream, one per block; in a DenseNet, one per later layer), and removed
-   when that score is at or below the threshold: a channel goes only when *every*
-   gamma that scales it is unimportant, so no gamma above the threshold is ever cut.
-   A floor keeps each group from collapsing: at least ``max(1, ceil(min_keep * size))``
-   of its best channels stay (a warning names every group that hit it). In a VGG the
+2. :func:`plan_pruning` -- which channel units (see :mod:`netslim.channels`) are kept.
+   A unit is scored by the **largest** ``|gamma|`` among the BatchNorm channels that scale
+   it (in a VGG there is one; on a residual stream, one per block; in a DenseNet, one per
+   later layer), and removed when that score is at or below the threshold: a channel
+   goes only when *every* gamma that scales it is unimportant, so no gamma above the
+   threshold is ever cut. Fixed units are always kept. A floor keeps each group from
+   collapsing: at least ``max(1, ceil(min_keep * units))`` of its best units stay (a
+   warning names every group that hit it), and every layer keeps an input. In a VGG the
    masks equal those of the paper's vggprune.py wherever the floor does not bind.
    :func:`plan_for_macs` instead finds the threshold that leaves a given share of MACs.
 3. :func:`netslim.surgery.apply_plan` -- build the physically smaller network.
@@ -123,6 +123,8 @@ class PrunePlan:
         """Multiply-accumulates of the pruned network on one input (as :func:`count_macs`)."""
         total = 0
         for layer in self.graph.layers.values():
+            if not layer.inference:  # an auxiliary head: not part of the deployed network
+                continue
             n_in, n_out = int(self.keep[layer.inputs].sum()), int(self.keep[layer.outputs].sum())
             # a grouped conv's output channel reads in/groups inputs, however many groups go
             per_out = len(layer.inputs) // layer.groups if layer.kind == "grouped" else n_in

@@ -16,8 +16,16 @@ with the pruned gammas set to 0 records what each reader sees on the removed cha
 The pruned network then computes exactly what that network computes wherever the
 readers see no zero padding (1x1 convs, linear layers, and the interior of every map);
 at a padded border the zeros replace part of the constant, so there the fold is an
-approximation. Without compensation the result is exactly the official code's (pruned
-gamma *and* beta zeroed, so the dropped channels output 0).
+approximation. Where a removed channel's constant reaches a layer only multiplied by
+something that varies (a squeeze-excitation gate), nothing can be folded: there the
+channel is dropped as the official code does, and the reference network zeroes its beta
+too (:func:`~netslim.pruning.reference_network`).
+
+Without compensation the result is exactly the official code's masked network (pruned
+gamma *and* beta zeroed, so the dropped channels output 0 after their BatchNorm). A
+function with ``f(0) != 0`` after the BatchNorm (a hard-sigmoid) turns that 0 into the
+constant ``f(0)``; it is measured and folded the same way, so the equality holds there too
+(the channel tracer keeps such channels where a zero-padded conv reads them).
 """
 
 from __future__ import annotations
@@ -102,8 +110,10 @@ def _compensation(model: nn.Module, plan: PrunePlan, compensate: bool) -> dict[s
     """Layer name -> the shift to add to its output (one value per original output channel):
     what the removed input channels contribute in the reference network, where they hold
     constants (a grouped conv loses its outputs with its inputs: nothing to fold)."""
+    # (an auxiliary head that only training runs is not measured: it gets no fold)
     readers = {name: ~plan.kept_of(layer.inputs) for name, layer in plan.graph.layers.items()
-               if layer.kind != "grouped" and not bool(plan.kept_of(layer.inputs).all())}  # fmt: skip
+               if layer.kind != "grouped" and layer.inference
+               and not bool(plan.kept_of(layer.inputs).all())}  # fmt: skip
     if not readers:
         return {}
     reference = reference_network(model, plan, compensate)
