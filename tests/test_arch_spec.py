@@ -70,7 +70,7 @@ BUILDER = """
 
 
 def write_module(root: Path) -> None:
-    (root / "mypkg").mkdir()
+    (root / "mypkg").mkdir(parents=True)
     (root / "mypkg" / "__init__.py").write_text("")
     (root / "mypkg" / "mymod.py").write_text(textwrap.dedent(BUILDER))
 
