@@ -179,3 +179,11 @@ def test_prune_and_info_work_at_the_image_size_the_checkpoint_records(tmp_path, 
     assert meta["prune"]["macs_after"] == netslim.count_macs(pruned, (1, 3, 80, 80))
     code, out, _ = run(capsys, "info", str(tmp_path / "p.pth"))
     assert code == 0 and "per 80x80 image" in out
+
+
+def test_the_lab_takes_a_spec_and_checks_it_before_training(tmp_path, capsys):
+    code, _, err = run(capsys, "lab", "--arch", "torchvision:resnet19", "--dataset", "synthetic",
+                       "--out", str(tmp_path / "lab"))  # fmt: skip
+    assert code == 2 and "no torchvision classification model 'resnet19'" in err
+    assert not (tmp_path / "lab").exists()
+    netslim.LabConfig(arch="torchvision:resnet18").check()  # a good spec passes
