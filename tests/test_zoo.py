@@ -114,7 +114,7 @@ def check_slims_exactly(model: nn.Module, size: int, tmp_path, arch=None, builde
     with warnings.catch_warnings():  # a floored group is fine here
         warnings.simplefilter("ignore")
         plan = plan_pruning(model, 0.5, graph=graph)
-    assert plan.pruned_share > 0.1
+    assert plan.pruned_share > 0.05  # really pruned (some networks keep many groups whole)
     x = torch.randn(2, 3, size, size)
     pruned = apply_plan(model, plan, compensate=False).eval()
     with torch.no_grad():

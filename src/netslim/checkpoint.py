@@ -13,6 +13,7 @@ plain tensors, lists, numbers and strings, so files load with
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -156,6 +157,11 @@ def _classes(state_dict: dict[str, torch.Tensor]) -> int:
 def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
                   what: str) -> None:  # fmt: skip
     # Checkpoints from torch < 0.4 lack BN's num_batches_tracked; everything else must match.
+    if getattr(state_dict, "_metadata", None) is None:
+        # Files hold plain dicts, without the per-module format versions a state_dict
+        # carries; some modules need them (torchvision's MNASNet refuses to load without).
+        state_dict = OrderedDict(state_dict)
+        state_dict._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # a shape mismatch
