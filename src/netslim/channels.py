@@ -339,13 +339,16 @@ class _Interpreter(fx.Interpreter):
             path = last[0] if isinstance(last, tuple) else str(last)
         if node.op == "call_module":
             path = node.target
-        module = f"in {path or type(self.model).__name__}"
+        return f"in {path or type(self.model).__name__}{self.line(node)}"
+
+    def line(self, node: fx.Node) -> str:
+        """`` (file.py:line)`` of the user's code that made a node ('' when unknown)."""
         torch_dir = str(Path(torch.__file__).parent)
         for line in reversed((node.meta.get("stack_trace") or "").splitlines()):
             parts = line.strip().split(", ")
             if parts[0].startswith('File "') and torch_dir not in parts[0] and len(parts) > 1:
-                return f"{module} ({Path(parts[0][6:-1]).name}:{parts[1].replace('line ', '')})"
-        return module
+                return f" ({Path(parts[0][6:-1]).name}:{parts[1].replace('line ', '')})"
+        return ""
 
     def describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
@@ -532,7 +535,9 @@ class _Interpreter(fx.Interpreter):
         if mod_a or mod_b:
             self.fix(ua if mod_a else ub, reason)
         else:
-            for x, y in torch.unique(torch.stack([ua.flatten(), ub.flatten()]), dim=1).t().tolist():
+            n = len(self.parent)  # each pair of units once, as one key
+            for key in torch.unique(ua.flatten() * n + ub.flatten()).tolist():
+                x, y = divmod(key, n)
                 if x != y:
                     self.union(x, y)
                 self.joined.update((x, y))
@@ -576,11 +581,11 @@ class _Interpreter(fx.Interpreter):
             self.fix(_decode(codes)[0], f"{node.target} reads channels mixed with positions")
             return _decode(codes.movedim(dim, -1).reshape(-1, codes.shape[dim])[0])[0]
         units, off, on = _decode(line)
-        self.fix(units[off == LIVE], f"read by {node.target} where no BatchNorm scales "
-                 f"them {self.where(node)}")  # fmt: skip
+        at = f"{node.target}{self.line(node)}"
+        self.fix(units[off == LIVE], f"read by {at} where no BatchNorm scales them")
         if padded:
-            self.fix(units[off == CONST], f"a nonzero f(0) after a BatchNorm, read by {node.target}"
-                     f" through zero padding {self.where(node)}")  # fmt: skip
+            self.fix(units[off == CONST], f"a nonzero f(0) after a BatchNorm, read by {at} "
+                     "through zero padding")  # fmt: skip
         self.uncompensable.update(units[on == LIVE].tolist())
         return units
 
@@ -768,23 +773,26 @@ def trace_channels(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32
         except Exception:  # forward() traces in inference mode only: follow that
             graph = inference
         model.eval()  # the trace then runs with BatchNorm's running statistics, no dropout
-        gm = fx.GraphModule(model, graph)
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None else torch.float32
-        interpreter = _Interpreter(gm, model)
-        interpreter.inference = {n.target for n in inference.nodes if n.op == "call_module"}
-        rng_devices = [device] if device.type == "cuda" else []
-        try:
-            with torch.no_grad(), torch.random.fork_rng(rng_devices):
-                interpreter.run(torch.zeros(input_size, device=device, dtype=dtype))
-        except NetslimError:
-            raise
-        except Exception as e:
-            raise NetslimError(
-                f"{type(model).__name__} does not run on an input of shape {input_size}: "
-                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
-            ) from None
+        called = {n.target for n in inference.nodes if n.op == "call_module"}
+        for candidate in dict.fromkeys([graph, inference]):  # training's graph, if it runs
+            interpreter = _Interpreter(fx.GraphModule(model, candidate), model)
+            interpreter.inference = called
+            rng_devices = [device] if device.type == "cuda" else []
+            try:
+                with torch.no_grad(), torch.random.fork_rng(rng_devices):
+                    interpreter.run(torch.zeros(input_size, device=device, dtype=dtype))
+                break
+            except NetslimError:
+                raise
+            except Exception as e:
+                if candidate is inference:
+                    raise NetslimError(
+                        f"{type(model).__name__} does not run on an input of shape "
+                        f"{input_size}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                    ) from None
     except NetslimError:
         raise
     except Exception as e:
