@@ -119,13 +119,16 @@ def model_from_checkpoint(
             raise NetslimError(f"{source}: a {arch} checkpoint needs its 'channels' entry")
         _load_weights(model, state_dict, source, what)
         return model
-    if arch is None and "channels" in checkpoint:
-        raise NetslimError(
-            f"{source} holds a network saved from your own module (no architecture is "
-            "stored); load it with netslim.load(path, builder), where builder() returns the "
-            "unpruned module"
-        )
-    inferred = cfg_from_state_dict(state_dict, source)
+    try:
+        inferred = cfg_from_state_dict(state_dict, source)
+    except NetslimError:
+        if arch is None and "channels" in checkpoint:  # netslim's file, but not of a VGG
+            raise NetslimError(
+                f"{source} holds a network saved from your own module (no architecture is "
+                "stored); load it with netslim.load(path, builder), where builder() returns "
+                "the unpruned module"
+            ) from None
+        raise
     cfg = checkpoint.get("cfg")
     if cfg is not None:
         cfg = validate_cfg(list(cfg))
