@@ -4,15 +4,17 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# The CPU build of PyTorch keeps the install near 1 GB; override with e.g. TORCH=torch
-TORCH  ?= torch==2.13.0
+# torch and torchvision are pinned as a pair that imports together (torchvision's compiled
+# ops must match torch's); override both, e.g. TORCH=torch TORCHVISION=torchvision
+TORCH       ?= torch==2.14.1
+TORCHVISION ?= torchvision==0.29.1
 
 .PHONY: demo test lint bench clean
 
 $(BIN)/netslim: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q "$(TORCH)" "$(TORCHVISION)"
+	$(BIN)/python -m pip install -q -e ".[dev,zoo,export]"
 	touch $@
 
 demo: $(BIN)/netslim

@@ -29,7 +29,7 @@ _WHERE = {
     "TrainConfig": "config", "run_lab": "lab", "ARCHS": "config", "VGG": "models",
     "build_model": "models", "global_threshold": "pruning", "plan_for_macs": "pruning",
     "plan_pruning": "pruning", "recalibrate_bn": "recalibrate", "PruneReport": "slim",
-    "prune_model": "slim", "add_bn_l1_grad": "sparsity", "bn_gammas": "sparsity",
+    "prune_model": "slim", "save": "slim", "add_bn_l1_grad": "sparsity", "bn_gammas": "sparsity",
     "bn_sparsity": "sparsity", "gamma_quantiles": "sparsity", "count_macs": "stats",
     "count_params": "stats", "apply_plan": "surgery", "prune": "surgery", "evaluate": "train",
     "fit": "train",

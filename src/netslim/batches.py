@@ -39,6 +39,11 @@ class Dataset:
         """The device the images live on (and batches are made on)."""
         return self.train_images.device
 
+    @property
+    def image_size(self) -> int:
+        """The images' side in pixels (they are square)."""
+        return int(self.train_images.shape[-1])
+
     def to(self, device: torch.device | str) -> Dataset:
         """Return a copy with all four tensors moved to ``device``."""
         return replace(

@@ -15,8 +15,9 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from torch import nn
 from netslim import official
 from netslim.errors import NetslimError
 from netslim.files import atomic_write
-from netslim.models import ARCHS, VGG, VGG_CFGS, CfgItem, build_model, validate_cfg
+from netslim.models import ARCHS, VGG, VGG_CFGS, CfgItem, build_model, is_spec, validate_cfg
 from netslim.surgery import resize_layers
 
 
@@ -114,27 +115,54 @@ def cfg_from_state_dict(
     return cfg
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "checkpoint") -> nn.Module:
+def model_from_checkpoint(
+    checkpoint: dict[str, Any],
+    source: str = "checkpoint",
+    builder: Callable[[], nn.Module] | None = None,
+) -> nn.Module:
     """Rebuild the network a checkpoint describes and load its weights, checking they agree.
 
-    A checkpoint naming a netslim architecture other than VGG is rebuilt from that
-    architecture and its ``'channels'``; a VGG (or a file of the paper's code, which has
-    no metadata) from the cfg its state_dict implies; the paper's ResNet-164 and
-    DenseNet-40 as :mod:`netslim.official` reads them.
+    A checkpoint naming an architecture other than VGG (netslim's own, or a spec such as
+    ``torchvision:resnet18``) is rebuilt from that architecture and its ``'channels'``; a
+    VGG (or a file of the paper's code, which has no metadata) from the cfg its state_dict
+    implies; the paper's ResNet-164 and DenseNet-40 as :mod:`netslim.official` reads them.
+    ``builder``, a callable returning the unpruned network, replaces the stored
+    architecture: that is how a checkpoint of your own module loads.
     """
     checkpoint = official.to_netslim(checkpoint, source)
     state_dict = checkpoint["state_dict"]
-    arch = (checkpoint.get("netslim") or {}).get("arch")
-    if arch in ARCHS and arch not in VGG_CFGS:
+    meta = checkpoint.get("netslim") or {}
+    arch = meta.get("arch")
+    by_arch = bool(arch) and (is_spec(arch) or arch in ARCHS) and arch not in VGG_CFGS
+    if builder is not None or by_arch:
+        what = arch or "network its builder returns"
+        if builder is not None:
+            model = builder()
+            if not isinstance(model, nn.Module):
+                raise NetslimError(f"the builder returned a {type(model).__name__}, not a module")
+        else:
+            num_classes = int(meta.get("num_classes") or 0) or _classes(state_dict)
+            model = build_model(arch, num_classes)
         channels = checkpoint.get("channels")
-        if not isinstance(channels, dict):
+        if channels is not None:
+            if not isinstance(channels, dict):
+                raise NetslimError(f"{source}: its 'channels' entry is not a dict of layers")
+            model = resize_layers(model, channels, source)
+        elif arch is not None:
             raise NetslimError(f"{source}: a {arch} checkpoint needs its 'channels' entry")
-        num_classes = int(checkpoint["netslim"].get("num_classes") or 0) or _classes(state_dict)
-        model = resize_layers(build_model(arch, num_classes), channels, source)
         official.install_gathers(model, state_dict, source)  # the paper's channel selections
-        _load_weights(model, state_dict, source, arch)
+        _load_weights(model, state_dict, source, what)
         return model
-    inferred = cfg_from_state_dict(state_dict, source)
+    try:
+        inferred = cfg_from_state_dict(state_dict, source)
+    except NetslimError:
+        if arch is None and "channels" in checkpoint:  # netslim's file, but not of a VGG
+            raise NetslimError(
+                f"{source} holds a network saved from your own module (no architecture is "
+                "stored); load it with netslim.load(path, builder), where builder() returns "
+                "the unpruned module"
+            ) from None
+        raise
     cfg = checkpoint.get("cfg")
     if cfg is not None:
         cfg = validate_cfg(list(cfg))
@@ -149,6 +177,13 @@ def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "checkpoint"
     return model
 
 
+def image_size_of(checkpoint: dict[str, Any]) -> int:
+    """The square input size the checkpoint's network was trained or pruned at (else 32)."""
+    meta = checkpoint.get("netslim") or {}
+    size = meta.get("image_size") or (meta.get("config") or {}).get("image_size") or 32
+    return int(size)
+
+
 def _classes(state_dict: dict[str, torch.Tensor]) -> int:
     weights = [v for k, v in state_dict.items() if k.endswith(".weight") and v.dim() == 2]
     if not weights:
@@ -159,6 +194,11 @@ def _classes(state_dict: dict[str, torch.Tensor]) -> int:
 def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
                   what: str) -> None:  # fmt: skip
     # Checkpoints from torch < 0.4 lack BN's num_batches_tracked; everything else must match.
+    if getattr(state_dict, "_metadata", None) is None:
+        # Files hold plain dicts, without the per-module format versions a state_dict
+        # carries; some modules need them (torchvision's MNASNet refuses to load without).
+        state_dict = OrderedDict(state_dict)
+        state_dict._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # a shape mismatch
@@ -183,12 +223,18 @@ def arch_name(checkpoint: dict[str, Any], model: nn.Module) -> str:
     return "vgg"
 
 
-def load(path: str | Path) -> nn.Module:
+def load(path: str | Path, builder: Callable[[], nn.Module] | None = None) -> nn.Module:
     """Load any netslim or network-slimming checkpoint as a ready model (in eval mode).
 
     Pruned checkpoints are rebuilt from their architecture and channel counts, so one
     call serves every file::
 
         model = netslim.load("runs/resnet56/pruned-40.pth")
+
+    A checkpoint of your own module (saved by :func:`netslim.save` without a spec) loads
+    with ``builder``, a callable that returns the *unpruned* module; its layers are then
+    resized to the stored channel counts::
+
+        model = netslim.load("pruned.pth", lambda: torchvision.models.resnet18(num_classes=10))
     """
-    return model_from_checkpoint(read_checkpoint(path), str(path)).eval()
+    return model_from_checkpoint(read_checkpoint(path), str(path), builder).eval()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import netslim
 from netslim.config import (
+    ARCH_CHOICES,
     ARCHS,
     DATASETS,
     DEMO,
@@ -26,6 +27,8 @@ from netslim.config import (
     RESIZE_POLICIES,
     LabConfig,
     TrainConfig,
+    check_arch_name,
+    is_spec,
 )
 from netslim.errors import NetslimError
 
@@ -125,14 +128,19 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int, lam: float) -> None
     _add_threads_arg(p)
 
 
-def _add_scale_args(p: argparse.ArgumentParser, train: bool = True) -> None:
+def _add_scale_args(
+    p: argparse.ArgumentParser, train: bool = True, from_checkpoint: bool = False
+) -> None:
     """Flags for your own images (``--dataset imagefolder``) and, with ``train``, for
-    training: how to feed the images, and torchrun's ``--sync-bn``."""
+    training: how to feed the images, and torchrun's ``--sync-bn``. With
+    ``from_checkpoint``, the image size defaults to the one the checkpoint records."""
     p.add_argument(
         "--image-size",
         type=int,
-        default=DEFAULTS.image_size,
-        help="imagefolder: images are resized to this square size (default: %(default)s)",
+        default=None if from_checkpoint else DEFAULTS.image_size,
+        help="imagefolder: images are resized to this square size; the network is traced "
+        "and measured at it (default: "
+        + ("the checkpoint's, else 32)" if from_checkpoint else "%(default)s)"),
     )
     p.add_argument(
         "--resize",
@@ -173,6 +181,26 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
 
 
+def arch_type(arch: str) -> str:
+    """argparse type of ``--arch``: a netslim name or a well-formed spec (imported later)."""
+    try:
+        check_arch_name(arch)
+    except NetslimError:
+        if is_spec(arch):
+            raise argparse.ArgumentTypeError(
+                f"bad spec {arch!r}: write torchvision:NAME, timm:NAME or package.module:callable"
+            ) from None
+        raise argparse.ArgumentTypeError(f"invalid choice: {arch!r} ({ARCH_CHOICES})") from None
+    return arch
+
+
+ARCH_HELP = (
+    f"one of {', '.join(ARCHS)}, or torchvision:NAME, timm:NAME (pip install 'netslim[zoo]') "
+    "or package.module:callable, your own builder called with num_classes=N "
+    "(default: %(default)s)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="netslim",
@@ -186,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="(sparsity) training from scratch",
         description="Train a network with an L1 penalty on its BatchNorm gammas.",
     )
-    p.add_argument("--arch", default=DEFAULTS.arch, choices=ARCHS, help="default: %(default)s")
+    p.add_argument("--arch", default=DEFAULTS.arch, type=arch_type, help=ARCH_HELP)
     _add_data_args(p)
     _add_train_args(p, DEFAULTS.epochs, lam=1e-4)
     _add_scale_args(p)
@@ -237,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dataset: re-estimate BN statistics on N batches of 128 training images "
         "(0: off; default: %(default)s); with --no-compensate only measured, not saved",
     )
-    _add_scale_args(p, train=False)
+    _add_scale_args(p, train=False, from_checkpoint=True)
     _add_threads_arg(p)
 
     p = sub.add_parser(
@@ -251,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(p)
     _add_train_args(p, DEFAULTS.epochs, lam=0.0)
-    _add_scale_args(p)
+    _add_scale_args(p, from_checkpoint=True)
 
     p = sub.add_parser(
         "multipass",
@@ -260,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer-cap of any layer removed, repeat --passes times, then fine-tune. Run the same "
         "command again to continue an interrupted run.",
     )
-    p.add_argument("--arch", default=DEFAULTS.arch, choices=ARCHS, help="default: %(default)s")
+    p.add_argument("--arch", default=DEFAULTS.arch, type=arch_type, help=ARCH_HELP)
     p.add_argument("--passes", type=int, default=2, help="default: %(default)s")
     p.add_argument(
         "--ratio", type=float, default=0.5, help="share removed per pass (default: %(default)s)"
@@ -336,16 +364,23 @@ def _new_run(args: argparse.Namespace) -> tuple[TrainConfig, Dataset, nn.Module]
     import torch
 
     from netslim.imagefolder import check_image_size
-    from netslim.models import build_model
+    from netslim.models import build_model, check_arch
 
     config = _train_config(args, args.arch)
     config.check()
+    check_arch(args.arch, load=True)  # a missing package fails before the data loads
     data = _load_data(args)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, num_classes=data.num_classes)
-    if args.dataset == "imagefolder":
-        check_image_size(model, args.image_size)
+    check_image_size(model, data.image_size)
     return config, data, model
+
+
+def _meta(arch: str, model: nn.Module, image_size: int, **extra) -> dict:
+    """The metadata every checkpoint keeps: how to rebuild the network, and its input size."""
+    from netslim.models import num_outputs
+
+    return {"arch": arch, "num_classes": num_outputs(model), "image_size": image_size, **extra}
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -354,16 +389,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     check_run_folder(args.out)
     config, data, model = _new_run(args)
-    fit(
-        config, data, model, args.out, meta={"arch": args.arch, "kind": "train"}, resume=args.resume
-    )
+    meta = _meta(args.arch, model, data.image_size, kind="train")
+    fit(config, data, model, args.out, meta=meta, resume=args.resume)
     if distributed.is_main():
         print(f"done: {run_files(args.out)}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from netslim import distributed
-    from netslim.checkpoint import arch_name, model_from_checkpoint, read_checkpoint
+    from netslim.checkpoint import arch_name, image_size_of, model_from_checkpoint, read_checkpoint
     from netslim.imagefolder import check_image_size
     from netslim.train import check_run_folder, fit, run_files
 
@@ -371,14 +405,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     ckpt = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.checkpoint)
     arch = arch_name(ckpt, model)
+    args.image_size = args.image_size or image_size_of(ckpt)
     config = _train_config(args, arch)
     config.check()
     data = _load_data(args)
-    meta = {"arch": arch, "kind": "finetune", "source": str(args.checkpoint)}
+    meta = _meta(arch, model, data.image_size, kind="finetune", source=str(args.checkpoint))
     if "prune" in (ckpt.get("netslim") or {}):
         meta["prune"] = ckpt["netslim"]["prune"]
-    if args.dataset == "imagefolder":
-        check_image_size(model, args.image_size)
+    check_image_size(model, data.image_size)
     fit(config, data, model, args.out, meta=meta, resume=args.resume)
     if distributed.is_main():
         print(f"done: fine-tuned {run_files(args.out)}")
@@ -387,12 +421,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_prune(args: argparse.Namespace) -> None:
     from netslim.checkpoint import (
         arch_name,
+        image_size_of,
         model_from_checkpoint,
         read_checkpoint,
         save_checkpoint,
     )
     from netslim.imagefolder import check_image_size
-    from netslim.models import num_outputs
     from netslim.pruning import check_ratio
     from netslim.slim import check_prune_output, prune_model, pruned_checkpoint
     from netslim.train import pick_precision
@@ -403,19 +437,21 @@ def cmd_prune(args: argparse.Namespace) -> None:
     check_prune_output(args.checkpoint, args.out, args.force)
     ckpt = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.checkpoint)
+    args.image_size = args.image_size or image_size_of(ckpt)
     data = None
     if args.dataset is not None:
         data = _load_data(args)
-        if args.dataset == "imagefolder":
-            check_image_size(model, args.image_size)
+        args.image_size = data.image_size
+        check_image_size(model, args.image_size)
     elif args.train_size or args.test_size:
         raise NetslimError("--train-size/--test-size need --dataset")
     dtype = pick_precision("auto", data.train_images.device) if data is not None else None
+    size = (1, 3, args.image_size, args.image_size)
     pruned, report = prune_model(model, ratio, target_macs=args.target_macs,
                                  compensate=args.compensate, min_keep=args.min_keep, data=data,
-                                 recalibrate=args.recalibrate, eval_dtype=dtype)  # fmt: skip
-    meta = {"arch": arch_name(ckpt, model), "num_classes": num_outputs(model),
-            "source": str(args.checkpoint)}  # fmt: skip
+                                 recalibrate=args.recalibrate, eval_dtype=dtype,
+                                 input_size=size)  # fmt: skip
+    meta = _meta(arch_name(ckpt, model), model, args.image_size, source=str(args.checkpoint))
     save_checkpoint(pruned_checkpoint(pruned, report, meta), args.out)
     print(report.text())
     print(f"saved the pruned network ({report.saved}) to {args.out}")
@@ -436,7 +472,7 @@ def cmd_multipass(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from torch import nn
 
-    from netslim.checkpoint import arch_name, model_from_checkpoint, read_checkpoint
+    from netslim.checkpoint import arch_name, image_size_of, model_from_checkpoint, read_checkpoint
     from netslim.models import VGG, num_outputs
     from netslim.models.gather import ChannelGather
     from netslim.sparsity import bn_sparsity, gamma_quantiles
@@ -445,6 +481,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     ckpt = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.checkpoint)
     meta = ckpt.get("netslim") or {}
+    size = image_size_of(ckpt)
     info = {
         "arch": arch_name(ckpt, model),
         "kind": meta.get("kind", "pruned" if "epoch" not in ckpt else "train"),
@@ -452,7 +489,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         "conv_channels": [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)],
         "num_classes": num_outputs(model),
         "params": count_params(model),
-        "macs": count_macs(model),
+        "macs": count_macs(model, (1, 3, size, size)),
+        "image_size": size,
         "sparsity": bn_sparsity(model, args.sparsity_threshold),
         "sparsity_threshold": args.sparsity_threshold,
         "gamma_quantiles": gamma_quantiles(model),
@@ -477,7 +515,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     if info["channel_selections"]:
         print(f"select   {info['channel_selections']} channel selections (the paper's layout)")
     print(f"params   {info['params']:,}")
-    print(f"MACs     {info['macs']:,} per 32x32 image")
+    print(f"MACs     {info['macs']:,} per {size}x{size} image")
     print(f"sparsity {100 * info['sparsity']:.1f}% of BN gammas below {args.sparsity_threshold}")
     q = info["gamma_quantiles"]
     if q:
@@ -515,7 +553,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _add_lab_args(p: argparse.ArgumentParser, preset: LabConfig) -> None:
     """The lab's flags, with ``preset``'s values as defaults (the lab's own or the demo's)."""
-    p.add_argument("--arch", choices=ARCHS, help="default: %(default)s")
+    p.add_argument("--arch", type=arch_type, help=ARCH_HELP)
     _add_data_args(p, default=preset.dataset)
     p.add_argument(
         "--lams",

@@ -22,6 +22,41 @@ DATASETS: tuple[str, ...] = ("synthetic", "cifar10", "cifar100", "imagefolder")
 RESIZE_POLICIES: tuple[str, ...] = ("crop", "stretch")  # see netslim.imagefolder
 LOADERS: tuple[str, ...] = ("auto", "memory", "stream")  # see netslim.imagefolder
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")  # see netslim.train
+ARCH_CHOICES = (
+    f"choose one of {', '.join(ARCHS)}, or torchvision:NAME, timm:NAME, package.module:callable"
+)
+
+
+def is_spec(arch: str) -> bool:
+    """Whether ``arch`` names an external network (``source:name``, see
+    :mod:`netslim.models.external`) rather than one of netslim's own."""
+    return ":" in arch
+
+
+def check_spec(spec: str) -> None:
+    """Raise NetslimError if ``spec`` is not of the form ``torchvision:NAME``, ``timm:NAME``
+    or ``package.module:callable`` (nothing is imported)."""
+    source, _, name = spec.partition(":")
+    if not source or not name or ":" in name:
+        raise NetslimError(
+            f"bad --arch {spec!r}: write torchvision:NAME, timm:NAME or package.module:callable"
+        )
+    if source not in ("torchvision", "timm") and not all(
+        part.isidentifier() for part in [*source.split("."), name]
+    ):
+        raise NetslimError(
+            f"bad --arch {spec!r}: package.module:callable needs Python names, "
+            "e.g. mypkg.models:build"
+        )
+
+
+def check_arch_name(arch: str) -> None:
+    """Raise NetslimError unless ``arch`` is one of :data:`ARCHS` or a well-formed spec
+    (nothing is imported: :func:`netslim.models.check_arch` also imports what it names)."""
+    if is_spec(arch):
+        check_spec(arch)
+    elif arch not in ARCHS:
+        raise NetslimError(f"unknown --arch {arch!r}; {ARCH_CHOICES}")
 
 
 @dataclass
@@ -103,10 +138,11 @@ class LabConfig:
 
     def check(self) -> None:
         """Raise NetslimError naming the first setting that makes no sense."""
-        from netslim.pruning import check_ratio  # imports torch, which --help does without
+        # these import torch (and a spec's package), which --help does without
+        from netslim.models import check_arch
+        from netslim.pruning import check_ratio
 
-        if self.arch not in ARCHS:
-            raise NetslimError(f"unknown --arch {self.arch!r}; choose one of: {', '.join(ARCHS)}")
+        check_arch(self.arch, load=True)
         if not self.lams:
             raise NetslimError("--lams needs at least one λ, e.g. --lams 0 1e-4 1e-2")
         if not all(x >= 0 for x in self.lams):  # also catches NaN

@@ -282,7 +282,7 @@ def _run_stages(
     for lam in config.lams:
         run_dir = train_dir(out, lam)
         log(f"== sparsity training λ={lam_name(lam)}, {config.epochs} epochs: {run_dir}")
-        meta = {"arch": config.arch, "kind": "train"}
+        meta = {"arch": config.arch, "num_classes": data.num_classes, "kind": "train"}
         train_stage(config.train_config(lam), data, fresh_model, run_dir, meta, log)
 
     distributed.on_main(prune_stage, config, data, out, dtype, log)

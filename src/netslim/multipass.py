@@ -95,7 +95,8 @@ def _multipass(
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     dtype = pick_precision(config.precision, data.device)
-    meta = {"arch": config.arch, "num_classes": num_outputs(model)}
+    meta = {"arch": config.arch, "num_classes": num_outputs(model), "image_size": data.image_size}
+    input_size = (1, 3, data.image_size, data.image_size)
     summary: list[dict[str, Any]] = []
     reports: list[dict[str, Any]] = []  # each pass's prune report
     for k in range(1, passes + 1):
@@ -111,7 +112,8 @@ def _multipass(
         else:
             trained = load(folder / "train" / "last.pth")
             pruned, prune_report = prune_model(trained, ratio, min_keep=1.0 - layer_cap, data=data,
-                                               recalibrate=recalibrate, eval_dtype=dtype)  # fmt: skip
+                                               recalibrate=recalibrate, eval_dtype=dtype,
+                                               input_size=input_size)  # fmt: skip
             save_checkpoint(
                 pruned_checkpoint(pruned, prune_report, {**meta, "pass": k}), pruned_file
             )

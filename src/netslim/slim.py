@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from netslim.channels import trace_channels
+from netslim.checkpoint import save_checkpoint
 from netslim.data import Dataset, train_batches
 from netslim.errors import NetslimError
 from netslim.files import check_output_file
-from netslim.models import VGG, CfgItem
+from netslim.models import VGG, CfgItem, num_outputs
 from netslim.pruning import check_ratio, plan_for_macs, plan_pruning
 from netslim.recalibrate import recalibrate_bn
 from netslim.stats import count_macs, count_params
@@ -177,6 +178,11 @@ def prune_model(
     if (ratio is None) == (target_macs is None):
         raise NetslimError("give exactly one of a prune ratio and a MACs target (--target-macs)")
     input_size = check_input_size(input_size)
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # said before tracing: a large transformer is slow to trace, and has nothing to slim
+        raise NetslimError(
+            f"nothing to slim in {type(model).__name__}: no BatchNorm scales any prunable channel"
+        )
     bad = nonfinite_tensors(model)
     if bad:
         raise NetslimError(
@@ -255,15 +261,38 @@ def check_prune_output(source: str | Path, out: str | Path, force: bool = False)
 
 
 def pruned_checkpoint(
-    pruned: nn.Module, report: PruneReport, meta: dict[str, Any]
+    pruned: nn.Module, report: PruneReport | None, meta: dict[str, Any]
 ) -> dict[str, Any]:
     """``{'channels', 'state_dict', 'netslim'}`` (plus the official ``'cfg'`` for a VGG)."""
     state_dict = {k: v.detach().cpu().contiguous() for k, v in pruned.state_dict().items()}
-    checkpoint = {
-        "channels": channel_counts(pruned),
-        "state_dict": state_dict,
-        "netslim": {**meta, "kind": "pruned", "prune": report.to_dict()},
-    }
+    info = {**meta, "kind": "pruned", "prune": report.to_dict()} if report else dict(meta)
+    checkpoint = {"channels": channel_counts(pruned), "state_dict": state_dict, "netslim": info}
     if isinstance(pruned, VGG):
         checkpoint["cfg"] = list(pruned.cfg)
     return checkpoint
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    report: PruneReport | None = None,
+    *,
+    arch: str | None = None,
+    image_size: int = 32,
+) -> None:
+    """Save ``model`` (pruned or not) so that :func:`netslim.load` rebuilds it.
+
+    The file holds the weights and every layer's channel counts, never a pickled module.
+
+    Args:
+        model: the network, e.g. the one :func:`prune_model` returned.
+        path: the file to write (atomically).
+        report: the :class:`PruneReport` of the pruning, kept in the file's metadata.
+        arch: what ``netslim.load(path)`` builds the unpruned network from: one of
+            :data:`netslim.ARCHS` or a spec such as ``"torchvision:resnet18"`` or
+            ``"mypkg.models:build"``. Without it, load with ``netslim.load(path, builder)``.
+        image_size: the square input size the network takes (recorded for ``netslim info``
+            and later pruning).
+    """
+    meta = {"arch": arch, "num_classes": num_outputs(model), "image_size": int(image_size)}
+    save_checkpoint(pruned_checkpoint(model, report, meta), path)

@@ -11,6 +11,9 @@ BatchNorm, which is what sparsity training and the pruning engine need:
 ``resnet18``    ImageNet's ResNet-18 with a 32x32 stem
 ``mobilenetv2`` MobileNetV2 with a 32x32 stem
 =============== ==============================================================
+
+and any network named by a spec (:mod:`netslim.models.external`): ``torchvision:NAME``,
+``timm:NAME`` or ``package.module:callable``.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from typing import Callable
 
 from torch import nn
 
-from netslim.config import ARCHS
+from netslim.config import ARCH_CHOICES, ARCHS, check_arch_name, is_spec
 from netslim.errors import NetslimError
 from netslim.models.densenet import DenseNet, densenet40
+from netslim.models.external import build_external, resolve
 from netslim.models.gather import ChannelGather
 from netslim.models.mobilenet import MobileNetV2, mobilenetv2
 from netslim.models.resnet import PreActResNet, ResNet, resnet18, resnet56, resnet164
@@ -38,14 +42,29 @@ _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
 
 
 def build_model(arch: str, num_classes: int = 10) -> nn.Module:
-    """Build the unpruned network ``arch`` (one of :data:`ARCHS`) with fresh weights."""
+    """Build the unpruned network ``arch`` with fresh weights: one of :data:`ARCHS`, or
+    ``torchvision:NAME``, ``timm:NAME``, ``package.module:callable``."""
+    if is_spec(arch):
+        return build_external(arch, num_classes)
     if arch not in _BUILDERS:
-        raise NetslimError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+        raise NetslimError(f"unknown architecture {arch!r}; {ARCH_CHOICES}")
     return _BUILDERS[arch](num_classes)
 
 
+def check_arch(arch: str, load: bool = False) -> None:
+    """Raise NetslimError unless ``arch`` is a known name or a well-formed spec; with
+    ``load``, also import what a spec names and check that it is there."""
+    check_arch_name(arch)
+    if load and is_spec(arch):
+        resolve(arch)
+
+
 def num_outputs(model: nn.Module) -> int:
-    """Outputs of the network: those of its last Linear layer."""
+    """Outputs of the network: its ``num_classes`` attribute (timm's models have one), else
+    those of its last Linear layer."""
+    declared = getattr(model, "num_classes", None)
+    if isinstance(declared, int) and declared > 0:
+        return declared
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise NetslimError(f"{type(model).__name__} has no Linear layer to read its classes from")
@@ -53,6 +72,7 @@ def num_outputs(model: nn.Module) -> int:
 
 
 __all__ = [
-    "ARCHS", "VGG", "VGG_CFGS", "CfgItem", "ChannelGather", "DenseNet", "MobileNetV2", "PreActResNet", "ResNet",
-    "build_model", "num_outputs", "validate_cfg",
+    "ARCHS", "VGG", "VGG_CFGS", "CfgItem", "ChannelGather", "DenseNet", "MobileNetV2",
+    "PreActResNet", "ResNet", "build_model", "check_arch", "is_spec", "num_outputs",
+    "validate_cfg",
 ]  # fmt: skip

@@ -1,0 +1,128 @@
+"""Networks from torchvision, timm or your own code, named by a spec string.
+
+``--arch`` (and :func:`netslim.build_model`) take, besides netslim's own names:
+
+=============================== ==========================================================
+``torchvision:NAME``            ``torchvision.models.get_model(NAME, num_classes=...)``, a
+                                classification model (e.g. ``torchvision:resnet18``)
+``timm:NAME``                   ``timm.create_model(NAME, num_classes=...)``
+``package.module:callable``     your own builder, imported and called as
+                                ``callable(num_classes=...)``; it returns the unpruned
+                                ``nn.Module``. The current folder is searched first, then
+                                ``PYTHONPATH``.
+=============================== ==========================================================
+
+Weights are always fresh (no download). The spec is stored in every checkpoint, so a
+pruned network is rebuilt from it and its layers' channel counts. Loading a checkpoint
+made from your own module therefore imports that module, as running your code would.
+torchvision and timm are imported only here, and only when a spec names them
+(``pip install netslim[zoo]`` installs both).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import sys
+from typing import Any, Callable
+
+from torch import nn
+
+from netslim.config import check_spec
+from netslim.errors import NetslimError
+
+# torchvision builds these with auxiliary classifiers by default, which makes a training
+# forward return a tuple; netslim trains and prunes the main classifier only.
+_TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
+
+
+def resolve(spec: str) -> Callable[[int], nn.Module]:
+    """Import what ``spec`` names and check it exists; returns ``builder(num_classes)``.
+
+    Raises NetslimError naming the spec and the missing package or name.
+    """
+    check_spec(spec)
+    source, _, name = spec.partition(":")
+    if source == "torchvision":
+        return _torchvision(spec, name)
+    if source == "timm":
+        return _timm(spec, name)
+    builder = _user_builder(spec, source, name)
+    return lambda num_classes: builder(num_classes=num_classes)
+
+
+def build_external(spec: str, num_classes: int) -> nn.Module:
+    """Build the network ``spec`` names with ``num_classes`` outputs and fresh weights."""
+    builder = resolve(spec)
+    try:
+        model = builder(num_classes)
+    except NetslimError:
+        raise
+    except Exception as e:  # the builder's own error (bad arguments, a bug): one line
+        detail = str(e).splitlines()[0][:200] if str(e) else ""
+        raise NetslimError(
+            f"--arch {spec}: building the model failed: {type(e).__name__}: {detail}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise NetslimError(
+            f"--arch {spec} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def _import_zoo(spec: str, package: str) -> Any:
+    try:
+        return importlib.import_module(package)
+    except ImportError as e:
+        raise NetslimError(
+            f"--arch {spec} needs the package {package}, which does not import ({e}); "
+            "install it with: pip install 'netslim[zoo]'"
+        ) from None
+
+
+def _unknown(spec: str, kind: str, name: str, known: list[str], listing: str) -> NetslimError:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return NetslimError(f"--arch {spec}: no {kind} model {name!r}; {hint}see {listing}")
+
+
+def _torchvision(spec: str, name: str) -> Callable[[int], nn.Module]:
+    torchvision = _import_zoo(spec, "torchvision")
+    known = torchvision.models.list_models(module=torchvision.models)  # classification only
+    if name not in known:
+        raise _unknown(spec, "torchvision classification", name, known,
+                       "torchvision.models.list_models(module=torchvision.models)")  # fmt: skip
+    kwargs = _TORCHVISION_KWARGS.get(name, {})
+    return lambda num_classes: torchvision.models.get_model(
+        name, weights=None, num_classes=num_classes, **kwargs
+    )
+
+
+def _timm(spec: str, name: str) -> Callable[[int], nn.Module]:
+    timm = _import_zoo(spec, "timm")
+    if not timm.is_model(name):
+        raise _unknown(spec, "timm", name, timm.list_models(), "timm.list_models()")
+    return lambda num_classes: timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def _user_builder(spec: str, module_name: str, attr: str) -> Callable[..., Any]:
+    # Like `python -m`, look in the current folder first: `netslim` as a console script
+    # does not have it on sys.path.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise NetslimError(
+            f"--arch {spec}: cannot import {module_name} ({e}); put the folder that holds "
+            "it in the current folder or on PYTHONPATH, or install its package"
+        ) from None
+    builder = getattr(module, attr, None)
+    if not callable(builder):
+        raise NetslimError(f"--arch {spec}: {module_name} has no callable named {attr!r}")
+    return builder
