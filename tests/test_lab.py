@@ -226,7 +226,7 @@ def test_the_demo_prunes_a_model_sparse_enough_to_lose_nothing_at_half(tmp_path)
     term moves every γ as far as in the demo) on a narrower VGG, a few times cheaper than
     the demo's vgg11-small (which ends sparser: 84% of |γ| below 0.01 against about 57%).
     Pruned at 0.5, it must lose only channels whose |γ| is below the sparsity threshold
-    0.01 (every γ starts at 0.5), and no accuracy with the official method.
+    0.01 (every γ starts at 0.5), and almost no accuracy with the official method.
     """
     config = replace(DEMO.train_config(DEMO.prune_lam), test_size=500, precision="fp32",
                      device="cpu")  # fmt: skip
@@ -239,4 +239,6 @@ def test_the_demo_prunes_a_model_sparse_enough_to_lose_nothing_at_half(tmp_path)
     removed = gammas[gammas <= report.threshold]
     assert len(removed) >= len(gammas) // 2
     assert removed.max() < config.sparsity_threshold == 0.01
-    assert report.acc_unpruned > 70 and report.acc_masked >= report.acc_unpruned - 1.0
+    # within 2 points (10 of the 500 test images): a network pruned where it is not sparse
+    # falls towards chance (10%) instead
+    assert report.acc_unpruned > 70 and report.acc_masked >= report.acc_unpruned - 2.0
