@@ -14,6 +14,8 @@ The three steps as a Python API::
 from netslim.checkpoint import load, read_checkpoint, save_checkpoint
 from netslim.data import load_dataset
 from netslim.errors import NetslimError
+from netslim.export import export
+from netslim.fold import fold_bn
 from netslim.lab import LabConfig, run_lab
 from netslim.models import ARCHS, VGG, build_model
 from netslim.pruning import global_threshold, plan_for_macs, plan_pruning
@@ -34,3 +36,4 @@ __all__ = [
     "save_checkpoint",
 ]  # fmt: skip
 __all__ += ["LabConfig", "run_lab"]  # the whole experiment in one call
+__all__ += ["export", "fold_bn"]  # deployment: a file that runs without netslim

@@ -17,6 +17,7 @@ from torch import nn
 
 from netslim import distributed
 from netslim.checkpoint import arch_name, model_from_checkpoint, read_checkpoint, save_checkpoint
+from netslim.checkpoint import load as netslim_load
 from netslim.data import DATASETS, Dataset, load_dataset
 from netslim.errors import NetslimError
 from netslim.imagefolder import LOADERS, RESIZE_POLICIES, check_image_size, open_imagefolder
@@ -193,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-layer floor: share of each layer's channels always kept, at least one "
         "(default: %(default)s)",
     )
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        metavar="N",
+        help="keep a multiple of N channels in every layer (rounded up with the next-best "
+        "|gamma|), the widths fast kernels like, e.g. 8 (default: %(default)s)",
+    )
     _add_data_args(p, default=None)
     p.add_argument(
         "--recalibrate",
@@ -241,6 +250,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_train_args(p, DEFAULTS.epochs, lam=1e-4)
     _add_scale_args(p)
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as ONNX or torch.export (.pt2), checked, to run without netslim",
+        description="Export a checkpoint (pruned or not) in eval mode with BatchNorm folded, "
+        "run the written file against the PyTorch network on random batches, and keep it only "
+        "if they agree (relative difference <= 1e-4).",
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="file to write: .onnx or .pt2")
+    p.add_argument("--format", default=None, help="onnx or pt2 (default: from the --out suffix)")
+    p.add_argument(
+        "--no-fold",
+        dest="fold",
+        action="store_false",
+        help="keep BatchNorm layers instead of folding them into the conv or linear before",
+    )
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
+    p.add_argument(
+        "--image-size", type=int, default=32, help="input height and width (default: %(default)s)"
+    )
+
+    p = sub.add_parser(
+        "bench",
+        help="latency and throughput of checkpoints, side by side",
+        description="Time checkpoints on this machine, interleaved: warm-up, then the median "
+        "of repeated forward passes, in fp32 with BatchNorm folded. Speed-ups are against the "
+        "first checkpoint; efficiency is speed-up / MACs reduction.",
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    p.add_argument(
+        "--batch", default="1,64", help="batch sizes, comma-separated (default: %(default)s)"
+    )
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        help="comma-separated: torch (eager), onnxruntime (default: %(default)s)",
+    )
+    p.add_argument("--repeats", type=int, default=20, help="timed rounds (default: %(default)s)")
+    p.add_argument(
+        "--image-size", type=int, default=32, help="input height and width (default: %(default)s)"
+    )
+    p.add_argument("--device", default="cpu", help="device of the torch runtime (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     p = sub.add_parser(
         "info",
@@ -333,7 +386,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
         raise NetslimError("--train-size/--test-size need --dataset")
     dtype = pick_precision("auto", data.train_images.device) if data is not None else None
     pruned, report = prune_model(model, ratio, target_macs=args.target_macs,
-                                 compensate=args.compensate, min_keep=args.min_keep, data=data,
+                                 compensate=args.compensate, min_keep=args.min_keep,
+                                 round_to=args.round_to, data=data,
                                  recalibrate=args.recalibrate, eval_dtype=dtype)  # fmt: skip
     meta = {"arch": arch_name(ckpt, model), "num_classes": num_outputs(model),
             "source": str(args.checkpoint)}  # fmt: skip
@@ -402,6 +456,50 @@ def cmd_info(args: argparse.Namespace) -> None:
         ]
         if measured:
             print("test acc right after pruning: " + ", ".join(measured))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from netslim.export import DEFAULT_OPSET, export
+
+    model = netslim_load(args.checkpoint)
+    result = export(model, args.out, args.format, fold=args.fold,
+                    opset=args.opset or DEFAULT_OPSET, image_size=args.image_size)  # fmt: skip
+    opset = f", opset {result.opset}" if result.opset is not None else ""
+    folded = "BatchNorm folded" if result.folded else "BatchNorm kept"
+    print(
+        f"wrote {result.path} ({result.format}{opset}, {folded}); checked against PyTorch on "
+        f"batches of 1 and 7: max relative difference {result.max_rel_diff:.2g}"
+    )
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise NetslimError(
+            f"{flag} takes comma-separated whole numbers, e.g. 1,64; got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise NetslimError(f"{flag} takes numbers >= 1, e.g. 1,64; got {text!r}")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from netslim.benchmark import benchmark, format_table
+
+    batches = _int_list(args.batch, "--batch")
+    runtimes = tuple(r.strip() for r in args.runtime.split(",") if r.strip())
+    names = {}
+    for path in args.checkpoints:  # a name per file; the same file twice is timed twice
+        names[path if path not in names else f"{path} ({len(names)})"] = netslim_load(path)
+    timings = benchmark(names, batches, runtimes, repeats=args.repeats,
+                        image_size=args.image_size, device=pick_device(args.device))  # fmt: skip
+    if args.json:
+        print(json.dumps([t.to_dict() for t in timings], indent=2))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
+          f"{args.repeats} interleaved rounds; fp32, BatchNorm folded")  # fmt: skip
+    print(format_table(timings))
 
 
 def _add_lab_args(p: argparse.ArgumentParser, preset: LabConfig) -> None:
@@ -508,7 +606,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "info": cmd_info,
-            "multipass": cmd_multipass,
+            "multipass": cmd_multipass, "export": cmd_export, "bench": cmd_bench,
             "lab": cmd_lab, "demo": cmd_lab, "report": cmd_report}  # fmt: skip
 
 
