@@ -11,6 +11,7 @@ import json
 import sys
 import warnings
 from dataclasses import asdict, fields
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -489,10 +490,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     batches = _int_list(args.batch, "--batch")
     runtimes = tuple(r.strip() for r in args.runtime.split(",") if r.strip())
-    names = {}
-    for path in args.checkpoints:  # a name per file; the same file twice is timed twice
-        names[path if path not in names else f"{path} ({len(names)})"] = netslim_load(path)
-    timings = benchmark(names, batches, runtimes, repeats=args.repeats,
+    stems = [Path(p).stem for p in args.checkpoints]  # short names, unless two files share one
+    labels = (
+        stems
+        if len(set(stems)) == len(stems)
+        else [f"{i}: {p}" for i, p in enumerate(args.checkpoints)]
+    )
+    models = {label: netslim_load(path) for label, path in zip(labels, args.checkpoints)}
+    timings = benchmark(models, batches, runtimes, repeats=args.repeats,
                         image_size=args.image_size, device=pick_device(args.device))  # fmt: skip
     if args.json:
         print(json.dumps([t.to_dict() for t in timings], indent=2))
