@@ -50,11 +50,14 @@ class Format:
         suffix: the file suffix that selects this format.
         write: ``(model, example_images, opset) -> file contents``.
         load: ``file contents -> function from images to logits``, for the check.
+        foldable: whether the format takes a network with BatchNorm folded away (a
+            checkpoint layout that must keep its BatchNorms says False).
     """
 
     suffix: str
     write: Callable[[nn.Module, torch.Tensor, int], bytes]
     load: Callable[[bytes], Runner]
+    foldable: bool = True
 
 
 @dataclass
@@ -199,6 +202,7 @@ def export(
     path = Path(path)
     name = pick_format(path, format)
     spec = FORMATS[name]
+    fold = fold and spec.foldable
     _check_writable(path)
     reference = copy.deepcopy(model).float().cpu().eval()
     deployed = fold_bn(reference, (1, 3, image_size, image_size)) if fold else reference
