@@ -9,7 +9,7 @@ the paper's code does, keeping every channel joined by an addition at full width
 then lose channels evenly, unlike a sparsity-trained network, so prefer a real checkpoint.
 Latency is the median of repeated forward passes under ``torch.inference_mode`` in eval
 mode, channels_last, for each precision given, the networks timed in interleaved rounds
-by :func:`netslim.benchmark.median_latencies` (``netslim bench`` times checkpoints the
+by :func:`netslim.benchmark.time_interleaved` (``netslim bench`` times checkpoints the
 same way, also in onnxruntime). The time to prune (threshold, plan and
 surgery) is printed too.
 """
@@ -23,7 +23,7 @@ import warnings
 import torch
 
 import netslim
-from netslim.benchmark import median_latencies
+from netslim.benchmark import time_interleaved
 from netslim.models import build_model
 from netslim.pruning import plan_pruning
 from netslim.stats import count_macs
@@ -91,7 +91,7 @@ def main() -> None:
             models = {k: m.to(device, memory_format=torch.channels_last) for k, m in models.items()}
             repeats = args.repeats if batch <= 16 else max(3, args.repeats // 4)
             sync = torch.cuda.synchronize if device.type == "cuda" else None
-            seconds = median_latencies(
+            seconds = time_interleaved(
                 {k: forward(m, x, device, dtype) for k, m in models.items()}, repeats, sync=sync
             )
             for name, m in models.items():

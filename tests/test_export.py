@@ -192,9 +192,16 @@ def test_cli_export_and_bench(tmp_path, capsys):
     assert code == 2 and "unknown runtime" in err
 
 
-def test_latencies_are_timed_interleaved():
+def test_latencies_are_timed_interleaved(monkeypatch):
     calls = []
     functions = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    seconds = benchmark.median_latencies(functions, repeats=3, warmup=2)
+    seconds = benchmark.time_interleaved(functions, repeats=3, warmup=2)
     assert calls == list("aabbcc") + list("abc") * 3
     assert set(seconds) == set("abc") and all(s >= 0 for s in seconds.values())
+    fake = {"a": lambda: None}
+    for stat, expected in (("median", 2), ("min", 1)):
+        clock = iter([0, 1, 10, 15, 20, 22])  # calls of 1, 5 and 2 seconds
+        monkeypatch.setattr(benchmark.time, "perf_counter", clock.__next__)
+        assert benchmark.time_interleaved(fake, repeats=3, warmup=0, stat=stat) == {"a": expected}
+    with pytest.raises(NetslimError, match="unknown statistic 'mean'"):
+        benchmark.time_interleaved(fake, stat="mean")

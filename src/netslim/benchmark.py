@@ -1,8 +1,10 @@
 """Did it get faster? Latency and throughput of networks, timed side by side.
 
-:func:`median_latencies` is the timing loop: a few warm-up calls of every function, then
+:func:`time_interleaved` is the timing loop: a few warm-up calls of every function, then
 rounds in which each function runs once in turn, so that the machine's load at any moment
-falls on all of them alike; the median of the rounds is each one's latency.
+falls on all of them alike; the median of the rounds is each one's latency (or the
+minimum: on a machine shared with other work, calls that were preempted inflate the
+median, and the fastest call is the closest to the network's own cost).
 :func:`benchmark` applies it to networks at several batch sizes in PyTorch eager and in
 onnxruntime, both with BatchNorm folded (the deployed form), and :func:`format_table`
 prints speed-up against the first network and *efficiency*: speed-up divided by the
@@ -24,15 +26,17 @@ from netslim.fold import fold_bn
 from netslim.stats import count_macs, count_params
 
 RUNTIMES = ("torch", "onnxruntime")
+STATISTICS = {"median": statistics.median, "min": min}
 
 
-def median_latencies(
+def time_interleaved(
     functions: dict[str, Callable[[], Any]],
     repeats: int = 20,
     warmup: int = 2,
     sync: Callable[[], None] | None = None,
+    stat: str = "median",
 ) -> dict[str, float]:
-    """Median seconds per call of each function, timed in interleaved rounds.
+    """Seconds per call of each function (the ``stat`` of its timings), in interleaved rounds.
 
     Args:
         functions: name -> a function of no arguments (e.g. one forward pass).
@@ -40,9 +44,12 @@ def median_latencies(
         warmup: untimed calls of each function first (allocations, kernel selection).
         sync: called after each call before the clock stops (``torch.cuda.synchronize``
             for asynchronous devices).
+        stat: ``"median"`` or ``"min"`` of each function's timings.
     """
     if repeats < 1:
         raise NetslimError(f"repeats must be >= 1, got {repeats}")
+    if stat not in STATISTICS:
+        raise NetslimError(f"unknown statistic {stat!r}; choose one of: {', '.join(STATISTICS)}")
     for fn in functions.values():
         for _ in range(warmup):
             fn()
@@ -54,7 +61,7 @@ def median_latencies(
             if sync is not None:
                 sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: STATISTICS[stat](t) for name, t in times.items()}
 
 
 def _torch_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
@@ -86,7 +93,7 @@ class Timing:
     batch: int
     macs: int  # per image
     params: int
-    latency_ms: float  # median per batch
+    latency_ms: float  # per batch: the median (or minimum) of the timed rounds
     images_per_s: float
     speedup: float  # against the first network, same runtime and batch
     macs_reduction: float  # the first network's MACs / this one's
@@ -104,12 +111,14 @@ def benchmark(
     repeats: int = 20,
     image_size: int = 32,
     device: torch.device | str = "cpu",
+    stat: str = "median",
 ) -> list[Timing]:
     """Time every network at every batch size in every runtime, side by side.
 
     The first network is the baseline of the speed-ups. All are evaluated in fp32 with
     BatchNorm folded; ``torch`` runs eagerly under ``inference_mode`` in channels_last on
     ``device``, ``onnxruntime`` on the CPU with as many threads as PyTorch uses.
+    ``stat`` is the statistic of the timed rounds (see :func:`time_interleaved`).
     """
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown or not runtimes:
@@ -132,8 +141,8 @@ def benchmark(
             x = torch.randn(batch, *size[1:], generator=torch.Generator().manual_seed(0))
             x = x.to(device if runtime == "torch" else "cpu")
             functions = {name: make(m, x) for name, m in folded.items()}
-            seconds = median_latencies(
-                functions, repeats, sync=sync if runtime == "torch" else None
+            seconds = time_interleaved(
+                functions, repeats, sync=sync if runtime == "torch" else None, stat=stat
             )
             for name, s in seconds.items():
                 speedup, reduction = seconds[base] / s, macs[base] / macs[name]

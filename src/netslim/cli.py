@@ -291,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=int, default=20, help="timed rounds (default: %(default)s)")
     p.add_argument(
+        "--stat",
+        default="median",
+        choices=("median", "min"),
+        help="latency of a network: the median of its rounds, or the fastest (on a machine "
+        "busy with other work, where preempted calls inflate the median; default: %(default)s)",
+    )
+    p.add_argument(
         "--image-size", type=int, default=32, help="input height and width (default: %(default)s)"
     )
     p.add_argument("--device", default="cpu", help="device of the torch runtime (default: cpu)")
@@ -498,11 +505,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     )
     models = {label: netslim_load(path) for label, path in zip(labels, args.checkpoints)}
     timings = benchmark(models, batches, runtimes, repeats=args.repeats,
-                        image_size=args.image_size, device=pick_device(args.device))  # fmt: skip
+                        image_size=args.image_size, device=pick_device(args.device),
+                        stat=args.stat)  # fmt: skip
     if args.json:
         print(json.dumps([t.to_dict() for t in timings], indent=2))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.stat} of "
           f"{args.repeats} interleaved rounds; fp32, BatchNorm folded")  # fmt: skip
     print(format_table(timings))
 
