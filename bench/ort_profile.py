@@ -48,16 +48,18 @@ def main() -> None:
             events = profile(path, args.batch, args.runs, Path(tmp))
             total = sum(e["dur"] for e in events)
             by_op, by_node = collections.Counter(), collections.Counter()
-            shapes = {}
+            shapes, ops = {}, {}
             for e in events:
                 by_op[e["args"]["op_name"]] += e["dur"]
                 node = e["name"].removesuffix("_kernel_time")
+                ops[node] = e["args"]["op_name"]
                 by_node[node] += e["dur"]
                 shapes[node] = e["args"].get("output_type_shape")
             print(f"\n{path.stem}, batch {args.batch}: {total / 1000 / (args.runs + 2):.2f} ms "
                   f"per run in kernels, {len(by_node)} nodes")  # fmt: skip
             for op, t in by_op.most_common():
-                print(f"  {op:<20} {100 * t / total:5.1f}%")
+                nodes = sum(o == op for o in ops.values())
+                print(f"  {op:<20} {100 * t / total:5.1f}%  {nodes:>4} nodes")
             for node, t in by_node.most_common(args.top):
                 print(f"  {node:<40} {100 * t / total:5.1f}%  {shapes[node]}")
 
