@@ -117,6 +117,12 @@ def test_format_errors():
     assert pick_format("model.bin", "pt2") == "pt2" and pick_format("a/M.ONNX") == "onnx"
 
 
+def test_unsupported_opset_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(NetslimError, match="ONNX opset must be from 9 to 20 .*got 99"):
+        export(small("vgg"), tmp_path / "net.onnx", opset=99)
+    assert list(tmp_path.iterdir()) == [] and "Torch IR" not in capsys.readouterr().err
+
+
 def test_unwritable_path_writes_nothing(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="keep BatchNorm layers instead of folding them into the conv or linear before",
     )
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset, 9 to 20 (default: 18)")
     p.add_argument(
         "--image-size", type=int, default=32, help="input height and width (default: %(default)s)"
     )

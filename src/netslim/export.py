@@ -35,6 +35,7 @@ from netslim.files import atomic_write
 from netslim.fold import fold_bn
 
 DEFAULT_OPSET = 18  # onnxruntime >= 1.14 runs it; every op netslim's networks use is in it
+OPSETS = range(9, 21)  # what the TorchScript-based exporter writes
 TOLERANCE = 1e-4  # largest accepted relative difference, fp32
 CHECK_BATCHES = (1, 7)
 EXTRA_HINT = 'install the optional dependencies: pip install "netslim[export]"'
@@ -82,6 +83,10 @@ def _import_onnxruntime():
 
 def _onnx_write(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
     _import_onnxruntime()
+    if opset not in OPSETS:
+        raise NetslimError(
+            f"ONNX opset must be from {OPSETS[0]} to {OPSETS[-1]} (default {DEFAULT_OPSET}), got {opset}"
+        )
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter announces its deprecation
         warnings.simplefilter("ignore")
