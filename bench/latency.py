@@ -8,20 +8,22 @@ the paper's code does, keeping every channel joined by an addition at full width
 ("res. kept"). Without a checkpoint, ``--arch`` with random gammas stands in; its layers
 then lose channels evenly, unlike a sparsity-trained network, so prefer a real checkpoint.
 Latency is the median of repeated forward passes under ``torch.inference_mode`` in eval
-mode, channels_last, for each precision given. The time to prune (threshold, plan and
+mode, channels_last, for each precision given, the networks timed in interleaved rounds
+by :func:`netslim.benchmark.time_interleaved` (``netslim bench`` times checkpoints the
+same way, also in onnxruntime). The time to prune (threshold, plan and
 surgery) is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
 
 import torch
 
 import netslim
+from netslim.benchmark import time_interleaved
 from netslim.models import build_model
 from netslim.pruning import plan_pruning
 from netslim.stats import count_macs
@@ -29,17 +31,12 @@ from netslim.surgery import apply_plan
 from netslim.train import autocast, pick_device
 
 
-def median_ms(model, x, device, dtype, repeats: int) -> float:
-    times = []
-    with torch.inference_mode(), autocast(device, dtype):
-        for i in range(repeats + 2):
-            start = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:  # two warm-up passes
-                times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def forward(model, x, device, dtype):
+    def run():
+        with torch.inference_mode(), autocast(device, dtype):
+            return model(x)
+
+    return run
 
 
 def main() -> None:
@@ -91,15 +88,16 @@ def main() -> None:
             x = torch.randn(batch, 3, 32, 32, device=device).contiguous(
                 memory_format=torch.channels_last
             )
-            base = None
+            models = {k: m.to(device, memory_format=torch.channels_last) for k, m in models.items()}
+            repeats = args.repeats if batch <= 16 else max(3, args.repeats // 4)
+            sync = torch.cuda.synchronize if device.type == "cuda" else None
+            seconds = time_interleaved(
+                {k: forward(m, x, device, dtype) for k, m in models.items()}, repeats, sync=sync
+            )
             for name, m in models.items():
-                m = m.to(device, memory_format=torch.channels_last)
-                repeats = args.repeats if batch <= 16 else max(3, args.repeats // 4)
-                ms = median_ms(m, x, device, dtype, repeats)
-                base = base or ms
-                macs = count_macs(m)
+                macs, ms = count_macs(m), 1000 * seconds[name]
                 print(f"{name:<16} {macs / 1e6:>9.1f}M {base_macs / macs:>6.2f}x {precision:>5} "
-                      f"{batch:>6} {ms:>9.2f} {base / ms:>7.2f}x")  # fmt: skip
+                      f"{batch:>6} {ms:>9.2f} {seconds['unpruned'] / seconds[name]:>7.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

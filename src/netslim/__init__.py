@@ -32,7 +32,7 @@ _WHERE = {
     "prune_model": "slim", "save": "slim", "add_bn_l1_grad": "sparsity", "bn_gammas": "sparsity",
     "bn_sparsity": "sparsity", "gamma_quantiles": "sparsity", "count_macs": "stats",
     "count_params": "stats", "apply_plan": "surgery", "prune": "surgery", "evaluate": "train",
-    "fit": "train",
+    "fit": "train", "export": "export", "fold_bn": "fold",
 }  # fmt: skip
 
 __all__ = sorted(_WHERE)

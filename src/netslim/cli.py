@@ -14,6 +14,7 @@ import re
 import sys
 import warnings
 from dataclasses import asdict, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import netslim
@@ -256,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-layer floor: share of each layer's channels always kept, at least one "
         "(default: %(default)s)",
     )
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        metavar="N",
+        help="keep a multiple of N channels in every layer (rounded up with the next-best "
+        "|gamma|), the widths fast kernels like, e.g. 8 (default: %(default)s)",
+    )
     _add_data_args(p, default=None)
     p.add_argument(
         "--recalibrate",
@@ -308,6 +317,65 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scale_args(p)
 
     p = sub.add_parser(
+        "export",
+        help="write a checkpoint as ONNX, torch.export (.pt2) or the paper's layout, checked",
+        description="Export a checkpoint (pruned or not) in eval mode (BatchNorm folded for "
+        "ONNX and .pt2), run the written file against the PyTorch network on random batches, "
+        "and keep it only if they agree (relative difference <= 1e-4).",
+    )
+    p.add_argument("checkpoint", help="any checkpoint netslim reads")
+    p.add_argument("--out", required=True, help="file to write: .onnx, .pt2 or .pth.tar")
+    p.add_argument(
+        "--format",
+        default=None,
+        help="onnx, pt2, or official: the paper's {'cfg', 'state_dict'} file, which its "
+        "main.py --refine reads (default: from the --out suffix: .onnx, .pt2, .pth.tar)",
+    )
+    p.add_argument(
+        "--no-fold",
+        dest="fold",
+        action="store_false",
+        help="keep BatchNorm layers instead of folding them into the conv or linear before",
+    )
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset, 9 to 20 (default: 18)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input height and width (default: the checkpoint's, else 32)",
+    )
+
+    p = sub.add_parser(
+        "bench",
+        help="latency and throughput of checkpoints, side by side",
+        description="Time checkpoints on this machine, interleaved: warm-up, then the median "
+        "of repeated forward passes, in fp32 with BatchNorm folded. Speed-ups are against the "
+        "first checkpoint; efficiency is speed-up / MACs reduction.",
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    p.add_argument(
+        "--batch", default="1,64", help="batch sizes, comma-separated (default: %(default)s)"
+    )
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        help="comma-separated: torch (eager), onnxruntime (default: %(default)s)",
+    )
+    p.add_argument("--repeats", type=int, default=20, help="timed rounds (default: %(default)s)")
+    p.add_argument(
+        "--stat",
+        default="median",
+        choices=("median", "min"),
+        help="latency of a network: the median of its rounds, or the fastest (on a machine "
+        "busy with other work, where preempted calls inflate the median; default: %(default)s)",
+    )
+    p.add_argument(
+        "--image-size", type=int, default=32, help="input height and width (default: %(default)s)"
+    )
+    p.add_argument("--device", default="cpu", help="device of the torch runtime (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    p = sub.add_parser(
         "info",
         help="describe a checkpoint",
         description="Architecture, parameters, MACs and sparsity of a checkpoint.",
@@ -316,16 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity-threshold", type=float, default=DEFAULTS.sparsity_threshold)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    p = sub.add_parser(
-        "export",
-        help="write a checkpoint in another format",
-        description="Write a checkpoint's network in another format. official: the paper's "
-        "{'cfg', 'state_dict'} layout, which its main.py --refine and model classes read "
-        "(VGG, and the paper's ResNet-164 and DenseNet-40 where its model can express them).",
-    )
-    p.add_argument("checkpoint", help="any checkpoint netslim reads")
-    p.add_argument("--format", required=True, choices=sorted(EXPORT_FORMATS))
-    p.add_argument("--out", required=True, help="file to write")
     _add_lab_parsers(sub)
     return parser
 
@@ -448,7 +506,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     dtype = pick_precision("auto", data.train_images.device) if data is not None else None
     size = (1, 3, args.image_size, args.image_size)
     pruned, report = prune_model(model, ratio, target_macs=args.target_macs,
-                                 compensate=args.compensate, min_keep=args.min_keep, data=data,
+                                 compensate=args.compensate, min_keep=args.min_keep,
+                                 round_to=args.round_to, data=data,
                                  recalibrate=args.recalibrate, eval_dtype=dtype,
                                  input_size=size)  # fmt: skip
     meta = _meta(arch_name(ckpt, model), model, args.image_size, source=str(args.checkpoint))
@@ -536,19 +595,60 @@ def cmd_info(args: argparse.Namespace) -> None:
             print("test acc right after pruning: " + ", ".join(measured))
 
 
-def _export_official(args: argparse.Namespace) -> None:
-    from netslim.official import save_official
-
-    written = save_official(args.checkpoint, args.out)
-    print(f"wrote the paper's {{'cfg', 'state_dict'}} layout to {args.out} "
-          f"(cfg of {len(written['cfg'])} entries)")  # fmt: skip
-
-
-EXPORT_FORMATS = {"official": _export_official}
-
-
 def cmd_export(args: argparse.Namespace) -> None:
-    EXPORT_FORMATS[args.format](args)
+    from netslim.checkpoint import image_size_of, model_from_checkpoint, read_checkpoint
+    from netslim.export import DEFAULT_OPSET, export
+
+    ckpt = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.checkpoint)
+    size = args.image_size or image_size_of(ckpt)
+    result = export(model, args.out, args.format, fold=args.fold,
+                    opset=args.opset or DEFAULT_OPSET, image_size=size)  # fmt: skip
+    opset = f", opset {result.opset}" if result.opset is not None else ""
+    folded = "BatchNorm folded" if result.folded else "BatchNorm kept"
+    print(
+        f"wrote {result.path} ({result.format}{opset}, {folded}); checked against PyTorch on "
+        f"batches of 1 and 7: max relative difference {result.max_rel_diff:.2g}"
+    )
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise NetslimError(
+            f"{flag} takes comma-separated whole numbers, e.g. 1,64; got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise NetslimError(f"{flag} takes numbers >= 1, e.g. 1,64; got {text!r}")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from netslim.benchmark import benchmark, format_table
+    from netslim.checkpoint import load
+    from netslim.train import pick_device
+
+    batches = _int_list(args.batch, "--batch")
+    runtimes = tuple(r.strip() for r in args.runtime.split(",") if r.strip())
+    stems = [Path(p).stem for p in args.checkpoints]  # short names, unless two files share one
+    labels = (
+        stems
+        if len(set(stems)) == len(stems)
+        else [f"{i}: {p}" for i, p in enumerate(args.checkpoints)]
+    )
+    models = {label: load(path) for label, path in zip(labels, args.checkpoints)}
+    timings = benchmark(models, batches, runtimes, repeats=args.repeats,
+                        image_size=args.image_size, device=pick_device(args.device),
+                        stat=args.stat)  # fmt: skip
+    if args.json:
+        print(json.dumps([t.to_dict() for t in timings], indent=2))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.stat} of "
+          f"{args.repeats} interleaved rounds; fp32, BatchNorm folded")  # fmt: skip
+    print(format_table(timings))
 
 
 def _add_lab_args(p: argparse.ArgumentParser, preset: LabConfig) -> None:
@@ -660,7 +760,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "info": cmd_info,
-            "multipass": cmd_multipass, "export": cmd_export,
+            "multipass": cmd_multipass, "export": cmd_export, "bench": cmd_bench,
             "lab": cmd_lab, "demo": cmd_lab, "report": cmd_report}  # fmt: skip
 
 

@@ -17,6 +17,8 @@ The steps, each usable on its own:
    warning names every group that hit it), and every layer keeps an input. In a VGG the
    masks equal those of the paper's vggprune.py wherever the floor does not bind.
    :func:`plan_for_macs` instead finds the threshold that leaves a given share of MACs.
+   With ``round_to=N`` every prunable group then keeps a multiple of N channels
+   (:func:`round_kept`), the widths fast kernels like.
 3. :func:`netslim.surgery.apply_plan` -- build the physically smaller network.
 """
 
@@ -70,6 +72,7 @@ class PrunePlan:
         graph: the traced channel units and groups of the network.
         keep: per unit, True where it is kept (always True where it is fixed).
         floored: labels of the groups whose channels the floor kept alive.
+        round_to: every prunable group keeps a multiple of this many channels (1: any).
     """
 
     ratio: float
@@ -77,6 +80,7 @@ class PrunePlan:
     graph: ChannelGraph
     keep: torch.Tensor
     floored: list[str] = field(default_factory=list)
+    round_to: int = 1
 
     def kept_of(self, units: torch.Tensor) -> torch.Tensor:
         """Bool mask over the entries of a channel space (e.g. a BN's channels)."""
@@ -159,8 +163,32 @@ def _scores(model: nn.Module, graph: ChannelGraph) -> torch.Tensor:
     return scores.masked_fill(graph.fixed, float("inf"))
 
 
+def round_kept(keep: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``keep`` grown to a multiple of ``multiple`` channels by the next-best ``scores``.
+
+    The kept channels stay kept; the count is rounded up, but never beyond the group's
+    size, and a group of fewer than ``multiple`` channels is kept whole (no smaller
+    multiple exists). ``multiple == 1`` returns ``keep`` unchanged.
+    """
+    size, kept = keep.numel(), int(keep.sum())
+    want = size if size < multiple else min(size, math.ceil(kept / multiple) * multiple)
+    if want == kept:
+        return keep
+    priority = torch.where(keep, torch.inf, scores)  # kept channels first, then by score
+    rounded = torch.zeros_like(keep)
+    rounded[torch.topk(priority, want).indices] = True
+    return rounded
+
+
+def check_round_to(round_to: int) -> int:
+    """Return ``round_to``, or raise NetslimError unless it is an integer >= 1."""
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise NetslimError(f"--round-to must be a whole number of channels >= 1, got {round_to!r}")
+    return round_to
+
+
 def _plan_at(graph: ChannelGraph, scores: torch.Tensor, threshold: float,
-             ratio: float, min_keep: float) -> PrunePlan:  # fmt: skip
+             ratio: float, min_keep: float, round_to: int = 1) -> PrunePlan:  # fmt: skip
     keep = scores > threshold
     floored = []
     for group in graph.prunable.values():
@@ -169,11 +197,13 @@ def _plan_at(graph: ChannelGraph, scores: torch.Tensor, threshold: float,
             best = torch.topk(scores[group.units], min(floor, group.size)).indices
             keep[group.units[best]] = True
             floored.append(group.label)
+        if round_to > 1:
+            keep[group.units] = round_kept(keep[group.units], scores[group.units], round_to)
     for name, layer in graph.layers.items():  # every layer keeps an input
         if len(layer.inputs) and not bool(keep[layer.inputs].any()):
             keep[layer.inputs[scores[layer.inputs].argmax()]] = True
             floored.append(name)
-    return PrunePlan(float(ratio), threshold, graph, keep, floored)
+    return PrunePlan(float(ratio), threshold, graph, keep, floored, round_to)
 
 
 def _check_min_keep(min_keep: float) -> None:
@@ -200,6 +230,7 @@ def plan_pruning(
     *,
     graph: ChannelGraph | None = None,
     threshold: float | None = None,
+    round_to: int = 1,
 ) -> PrunePlan:
     """Decide the kept channels of every group of ``model`` (see the module docs).
 
@@ -212,28 +243,38 @@ def plan_pruning(
         graph: the model's traced channel groups, when already at hand.
         threshold: the ``|gamma|`` threshold to use instead of the one ``ratio`` gives
             (to prune another way at exactly the threshold of an earlier plan).
+        round_to: every prunable group keeps a multiple of this many channels, rounded up
+            with its next-best channels (see :func:`round_kept`).
     """
     _check_min_keep(min_keep)
+    check_round_to(round_to)
     graph = graph or trace_channels(model)
     if threshold is None:
         threshold = global_threshold(bn_gammas(model), ratio)
-    plan = _plan_at(graph, _scores(model, graph), threshold, ratio, min_keep)
+    plan = _plan_at(graph, _scores(model, graph), threshold, ratio, min_keep, round_to)
     _warn_floored(plan, min_keep)
     return plan
 
 
 def plan_for_macs(
-    model: nn.Module, fraction: float, min_keep: float = 0.01, *, graph: ChannelGraph | None = None
+    model: nn.Module,
+    fraction: float,
+    min_keep: float = 0.01,
+    *,
+    graph: ChannelGraph | None = None,
+    round_to: int = 1,
 ) -> PrunePlan:
     """The plan with the lowest threshold whose network keeps at most ``fraction`` of the MACs.
 
     The threshold is searched among the gammas themselves (by bisection: fewer MACs for
     every higher threshold), so the result lands just under the target; the plan's
-    ``ratio`` is the equivalent global ratio.
+    ``ratio`` is the equivalent global ratio. With ``round_to`` the search runs over
+    rounded plans (rounding up keeps the MACs monotone in the threshold).
     """
     if not 0.0 < fraction <= 1.0:
         raise NetslimError(f"--target-macs must be a share in (0, 1], e.g. 0.5, got {fraction}")
     _check_min_keep(min_keep)
+    check_round_to(round_to)
     graph = graph or trace_channels(model)
     scores = _scores(model, graph)
     ordered = torch.sort(bn_gammas(model).abs()).values
@@ -243,7 +284,7 @@ def plan_for_macs(
     total = unpruned.macs
 
     def plan(k: int) -> PrunePlan:
-        return _plan_at(graph, scores, ordered[k].item(), k / len(ordered), min_keep)
+        return _plan_at(graph, scores, ordered[k].item(), k / len(ordered), min_keep, round_to)
 
     lo, hi = 0, len(ordered) - 1
     least = plan(hi).macs

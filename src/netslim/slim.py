@@ -54,6 +54,10 @@ class PruneReport:
     # as the paper's code does (None for networks without residual additions)
     macs_residual_kept: int | None = None
     target_macs: float | None = None
+    # --round-to: each group's kept count before rounding up, and the MACs it would leave
+    round_to: int = 1
+    kept_unrounded: list[int] | None = None
+    macs_unrounded: int | None = None
     recalibration_images: int = 0
     acc_unpruned: float | None = None
     acc_masked: float | None = None  # official: pruned gamma and beta zeroed
@@ -75,6 +79,11 @@ class PruneReport:
         width = max([len(name) for name, _, _ in self.layers] + [14]) + 2
         lines = [f"{'channel group':<{width}}{'kept':>6} / {'total':<6}"]
         lines += [f"{name:<{width}}{kept:>6} / {total:<6}" for name, kept, total in self.layers]
+        if self.kept_unrounded is not None:
+            lines[0] += f"  before rounding to a multiple of {self.round_to}"
+            lines[1:] = [
+                f"{line}  {before:>6}" for line, before in zip(lines[1:], self.kept_unrounded)
+            ]
         lines.append(
             f"threshold |gamma| > {self.threshold:.4g}: removed {100 * self.pruned_share:.1f}% "
             f"of channels (asked {100 * self.ratio:.0f}%)"
@@ -92,6 +101,11 @@ class PruneReport:
             f"MACs   {self.macs_before:,} -> {self.macs_after:,} "
             f"({100 * (1 - self.macs_after / self.macs_before):.1f}% fewer)"
         )
+        if self.macs_unrounded is not None:
+            lines.append(
+                f"       before rounding to multiples of {self.round_to}: {self.macs_unrounded:,} "
+                f"({100 * (1 - self.macs_unrounded / self.macs_before):.1f}% fewer)"
+            )
         if self.macs_residual_kept is not None:
             lines.append(
                 f"       residual path kept at full width (the paper's code) would leave "
@@ -144,6 +158,7 @@ def prune_model(
     target_macs: float | None = None,
     compensate: bool = True,
     min_keep: float = 0.01,
+    round_to: int = 1,
     data: Dataset | None = None,
     recalibrate: int = 16,
     batch_size: int = 128,
@@ -160,6 +175,8 @@ def prune_model(
         target_macs: instead of ``ratio``, the share of the MACs to keep, in (0, 1].
         compensate: fold the pruned channels' constant output into the next layer.
         min_keep: per-group floor, as a share of each group's channels.
+        round_to: every prunable group keeps a multiple of this many channels (rounded up
+            with its next-best channels; with ``target_macs``, the target is met rounded).
         data: when given, test accuracy is measured unpruned, pruned the official way,
             with compensation and after BN recalibration.
         recalibrate: batches of training images for BN recalibration (0: none).
@@ -194,17 +211,20 @@ def prune_model(
     model = model.eval()
     graph = trace_channels(model, input_size)
     if target_macs is not None:
-        plan = plan_for_macs(model, target_macs, min_keep, graph=graph)
+        plan = plan_for_macs(model, target_macs, min_keep, graph=graph, round_to=round_to)
     else:
-        plan = plan_pruning(model, check_ratio(ratio), min_keep, graph=graph)
+        plan = plan_pruning(model, check_ratio(ratio), min_keep, graph=graph, round_to=round_to)
     pruned = apply_plan(model, plan, compensate=compensate).eval()
     kept_graph = graph.residual_kept()
-    residual_kept = None
-    if kept_graph is not None:
-        with warnings.catch_warnings():  # the floor was already reported once
-            warnings.simplefilter("ignore")
+    residual_kept = unrounded = None
+    with warnings.catch_warnings():  # the floor was already reported once
+        warnings.simplefilter("ignore")
+        if kept_graph is not None:
             residual_kept = plan_pruning(model, plan.ratio, min_keep, graph=kept_graph,
-                                         threshold=plan.threshold).macs  # fmt: skip
+                                         threshold=plan.threshold, round_to=round_to).macs  # fmt: skip
+        if round_to > 1:
+            unrounded = plan_pruning(model, plan.ratio, min_keep, graph=graph,
+                                     threshold=plan.threshold)  # fmt: skip
     report = PruneReport(
         ratio=plan.ratio,
         threshold=plan.threshold,
@@ -222,6 +242,9 @@ def prune_model(
         target_macs=target_macs,
         fixed=list(plan.fixed_reasons),
         input_size=input_size,
+        round_to=round_to,
+        kept_unrounded=[kept for kept, _ in unrounded.kept.values()] if unrounded else None,
+        macs_unrounded=unrounded.macs if unrounded else None,
     )
     if data is None:
         return pruned, report

@@ -1,0 +1,166 @@
+"""Did it get faster? Latency and throughput of networks, timed side by side.
+
+:func:`time_interleaved` is the timing loop: a few warm-up calls of every function, then
+rounds in which each function runs once in turn, so that the machine's load at any moment
+falls on all of them alike; the median of the rounds is each one's latency (or the
+minimum: on a machine shared with other work, calls that were preempted inflate the
+median, and the fastest call is the closest to the network's own cost).
+:func:`benchmark` applies it to networks at several batch sizes in PyTorch eager and in
+onnxruntime, both with BatchNorm folded (the deployed form), and :func:`format_table`
+prints speed-up against the first network and *efficiency*: speed-up divided by the
+reduction in MACs (1.0: the time fell exactly as the arithmetic did).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from netslim.errors import NetslimError
+from netslim.fold import fold_bn
+from netslim.stats import count_macs, count_params
+
+RUNTIMES = ("torch", "onnxruntime")
+STATISTICS = {"median": statistics.median, "min": min}
+
+
+def time_interleaved(
+    functions: dict[str, Callable[[], Any]],
+    repeats: int = 20,
+    warmup: int = 2,
+    sync: Callable[[], None] | None = None,
+    stat: str = "median",
+) -> dict[str, float]:
+    """Seconds per call of each function (the ``stat`` of its timings), in interleaved rounds.
+
+    Args:
+        functions: name -> a function of no arguments (e.g. one forward pass).
+        repeats: timed rounds; each function runs once per round.
+        warmup: untimed calls of each function first (allocations, kernel selection).
+        sync: called after each call before the clock stops (``torch.cuda.synchronize``
+            for asynchronous devices).
+        stat: ``"median"`` or ``"min"`` of each function's timings.
+    """
+    if repeats < 1:
+        raise NetslimError(f"repeats must be >= 1, got {repeats}")
+    if stat not in STATISTICS:
+        raise NetslimError(f"unknown statistic {stat!r}; choose one of: {', '.join(STATISTICS)}")
+    for fn in functions.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            if sync is not None:
+                sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: STATISTICS[stat](t) for name, t in times.items()}
+
+
+def _torch_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    model = model.to(x.device, memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def forward() -> Any:
+        with torch.inference_mode():
+            return model(x)
+
+    return forward
+
+
+def _onnxruntime_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    from netslim.export import DEFAULT_OPSET, FORMATS, onnx_session
+
+    contents = FORMATS["onnx"].write(model.cpu(), x[:2].cpu(), DEFAULT_OPSET)
+    session = onnx_session(contents, threads=torch.get_num_threads())
+    feed = {"images": x.cpu().numpy()}
+    return lambda: session.run(None, feed)
+
+
+@dataclass
+class Timing:
+    """One network at one batch size in one runtime."""
+
+    name: str
+    runtime: str
+    batch: int
+    macs: int  # per image
+    params: int
+    latency_ms: float  # per batch: the median (or minimum) of the timed rounds
+    images_per_s: float
+    speedup: float  # against the first network, same runtime and batch
+    macs_reduction: float  # the first network's MACs / this one's
+    efficiency: float  # speedup / macs_reduction
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def benchmark(
+    models: dict[str, nn.Module],
+    batches: tuple[int, ...] = (1, 64),
+    runtimes: tuple[str, ...] = ("torch",),
+    *,
+    repeats: int = 20,
+    image_size: int = 32,
+    device: torch.device | str = "cpu",
+    stat: str = "median",
+) -> list[Timing]:
+    """Time every network at every batch size in every runtime, side by side.
+
+    The first network is the baseline of the speed-ups. All are evaluated in fp32 with
+    BatchNorm folded; ``torch`` runs eagerly under ``inference_mode`` in channels_last on
+    ``device``, ``onnxruntime`` on the CPU with as many threads as PyTorch uses.
+    ``stat`` is the statistic of the timed rounds (see :func:`time_interleaved`).
+    """
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown or not runtimes:
+        raise NetslimError(f"unknown runtime {unknown}; choose from: {', '.join(RUNTIMES)}")
+    if not models:
+        raise NetslimError("give at least one network to benchmark")
+    if any(b < 1 for b in batches) or not batches:
+        raise NetslimError(f"batch sizes must be >= 1, got {list(batches)}")
+    device = torch.device(device)
+    size = (1, 3, image_size, image_size)
+    folded = {name: fold_bn(m.float().cpu().eval(), size) for name, m in models.items()}
+    macs = {name: count_macs(m, size) for name, m in folded.items()}
+    params = {name: count_params(m) for name, m in models.items()}
+    base = next(iter(models))
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    timings = []
+    for runtime in runtimes:
+        make = _torch_forward if runtime == "torch" else _onnxruntime_forward
+        for batch in batches:
+            x = torch.randn(batch, *size[1:], generator=torch.Generator().manual_seed(0))
+            x = x.to(device if runtime == "torch" else "cpu")
+            functions = {name: make(m, x) for name, m in folded.items()}
+            seconds = time_interleaved(
+                functions, repeats, sync=sync if runtime == "torch" else None, stat=stat
+            )
+            for name, s in seconds.items():
+                speedup, reduction = seconds[base] / s, macs[base] / macs[name]
+                timings.append(Timing(name, runtime, batch, macs[name], params[name], 1000 * s,
+                                      batch / s, speedup, reduction, speedup / reduction))  # fmt: skip
+    return timings
+
+
+def format_table(timings: list[Timing]) -> str:
+    """The timings as an aligned text table."""
+    width = max([len(t.name) for t in timings] + [7])
+    header = (f"{'network':<{width}} {'runtime':<11} {'batch':>5} {'MACs':>9} {'params':>10} "
+              f"{'ms':>9} {'images/s':>9} {'speed-up':>8} {'MACs ×':>7} {'effic.':>6}")  # fmt: skip
+    lines = [header]
+    for t in timings:
+        lines.append(
+            f"{t.name:<{width}} {t.runtime:<11} {t.batch:>5} {t.macs / 1e6:>8.1f}M "
+            f"{t.params:>10,} {t.latency_ms:>9.2f} {t.images_per_s:>9.0f} {t.speedup:>7.2f}× "
+            f"{t.macs_reduction:>6.2f}× {t.efficiency:>6.2f}"
+        )
+    return "\n".join(lines)
