@@ -31,14 +31,14 @@ import json
 import platform
 import shlex
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from netslim import distributed
+from netslim import distributed, recipes
 from netslim.checkpoint import load, read_checkpoint, save_checkpoint
 from netslim.data import Dataset, load_dataset
 from netslim.errors import NetslimError
@@ -80,6 +80,15 @@ class LabConfig:
     precision: str = "auto"
     device: str = "auto"
     seed: int = 0
+    # netslim.recipes: the training settings; epochs, batch size and lr above are resolved
+    recipe: str = "paper"
+    # early pruning of the prune_lam training (netslim.control.StableMask); None: off
+    prune_when_stable: float | None = None
+    stable_tol: float = 0.02
+    stable_epochs: int = 3
+    # λ chosen for the user (netslim.control.AutoLam): the prune_lam run starts at
+    # prune_lam and adapts λ to reach this share of sparse γ; None: off
+    target_ratio: float | None = None
 
     def check(self) -> None:
         """Raise NetslimError naming the first setting that makes no sense."""
@@ -111,17 +120,24 @@ class LabConfig:
             self.train_config(lam).check()  # epochs, batch size, lr, precision
 
     def train_config(self, lam: float) -> TrainConfig:
-        """The recipe of the sparsity training at ``lam``."""
+        """The recipe of the sparsity training at ``lam`` (early pruning: the prune_lam run's)."""
+        recipe = recipes.resolve(
+            self.recipe, {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        )
+        pruned = lam_name(lam) == lam_name(self.prune_lam)  # the run the lab prunes
+        early = self.prune_when_stable if pruned else None
+        target = self.target_ratio if pruned else None
         return TrainConfig(
             arch=self.arch, dataset=self.dataset, data_root=self.data_root, lam=lam,
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-            precision=self.precision, device=self.device, train_size=self.train_size,
-            test_size=self.test_size,
+            seed=self.seed, precision=self.precision, device=self.device,
+            train_size=self.train_size, test_size=self.test_size, recipe=self.recipe, **recipe,
+            prune_when_stable=early, stable_tol=self.stable_tol, stable_epochs=self.stable_epochs,
+            lam_auto=target is not None, target_ratio=target,
         )  # fmt: skip
 
     def finetune_config(self) -> TrainConfig:
         """The recipe of fine-tuning: the training recipe without the L1 term."""
-        return replace(self.train_config(0.0), epochs=self.finetune_epochs)
+        return recipes.finetune_of(self.train_config(0.0), self.finetune_epochs)
 
     def sweep_ratios(self) -> list[float]:
         """The sweep ratios plus the lab's own, sorted, each once."""
@@ -140,7 +156,13 @@ class LabConfig:
         args += ["--epochs", str(self.epochs), "--finetune-epochs", str(self.finetune_epochs)]
         args += ["--batch-size", str(self.batch_size), "--lr", repr(self.lr)]
         args += ["--recalibrate", str(self.recalibrate), "--precision", self.precision]
-        args += ["--device", self.device, "--seed", str(self.seed), "--out", str(out)]
+        args += ["--device", self.device, "--seed", str(self.seed), "--recipe", self.recipe]
+        if self.prune_when_stable is not None:
+            args += ["--prune-when-stable", repr(self.prune_when_stable),
+                     "--stable-tol", repr(self.stable_tol), "--stable-epochs", str(self.stable_epochs)]  # fmt: skip
+        if self.target_ratio is not None:
+            args += ["--target-ratio", repr(self.target_ratio)]
+        args += ["--out", str(out)]
         return shlex.join(args)
 
     @classmethod
@@ -265,7 +287,8 @@ def check_lab_folder(config: LabConfig, out: Path) -> dict[str, Any] | None:
             )
         return None
     info = read_json(lab_file)
-    saved = info.get("config", {})
+    # settings added since the lab was made take their defaults (what it ran with)
+    saved = {**json.loads(json.dumps(asdict(LabConfig()))), **info.get("config", {})}
     now = json.loads(json.dumps(asdict(config)))  # tuples become lists, as in the file
     changed = changed_settings(saved, now, "the lab")
     if changed:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netslim import distributed
+from netslim import control, distributed, recipes
 from netslim.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from netslim.data import Dataset, eval_batches, num_batches, train_batches
 from netslim.errors import NetslimError
@@ -65,6 +65,18 @@ class TrainConfig:
     image_size: int = 32  # imagefolder datasets are resized to this
     resize: str = "crop"  # and how: see netslim.imagefolder
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm over the global batch
+    # The recipe's settings (netslim.recipes): its name, and the values it resolved to.
+    recipe: str = "paper"
+    schedule: str = "step"
+    warmup_epochs: float = 0.0
+    nesterov: bool = False
+    label_smoothing: float = 0.0
+    # Decisions between epochs (netslim.control): λ chosen for the user, early pruning.
+    lam_auto: bool = False
+    target_ratio: float | None = None
+    prune_when_stable: float | None = None
+    stable_tol: float = 0.02
+    stable_epochs: int = 3
 
     def check(self) -> None:
         """Raise NetslimError naming the first setting that makes no sense."""
@@ -80,6 +92,8 @@ class TrainConfig:
             raise NetslimError(
                 f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
+        recipes.check_schedule(self)
+        control.check_config(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -172,8 +186,13 @@ def train_epoch(
     dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler | None = None,
     label: str = "train",
+    label_smoothing: float = 0.0,
+    lr_of_step: Callable[[int], float] | None = None,
 ) -> tuple[float, float]:
-    """One epoch of (sparsity) training; returns (mean loss, accuracy in %)."""
+    """One epoch of (sparsity) training; returns (mean loss, accuracy in %).
+
+    ``lr_of_step(step)`` (0-based), when given, sets the learning rate before each step.
+    """
     device = data.device
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -181,10 +200,13 @@ def train_epoch(
     total = 0
     progress = Progress(num_batches(len(data.train_labels), batch_size), label)
     for step, (x, y) in enumerate(_train_batches(data, batch_size, generator), start=1):
+        if lr_of_step is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_of_step(step - 1)
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             out = model(x)
-            loss = F.cross_entropy(out, y)
+            loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -291,7 +313,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     """
     device = next(model.parameters()).device
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay,
+                           weight_decay=config.weight_decay, nesterov=config.nesterov,
                            fused=True if device.type in ("cpu", "cuda") else None)  # fmt: skip
 
 
@@ -351,6 +373,7 @@ def fit(
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     history: list[dict[str, Any]] = []
     start_epoch, best_acc = 0, 0.0
+    controls = control.SparsityControl(config)  # λ of each epoch; early pruning's stop
     if resume:
         last = out / "last.pth"
         if not last.exists():
@@ -372,6 +395,7 @@ def fit(
         history = list(ckpt["netslim"]["history"])
         if scaler is not None and ckpt["netslim"].get("scaler"):
             scaler.load_state_dict(ckpt["netslim"]["scaler"])
+        controls.load_state_dict(ckpt["netslim"].get("control"))
         log(f"resuming {out} after epoch {start_epoch}/{config.epochs}")
     elif (out / "last.pth").exists():
         raise NetslimError(
@@ -389,17 +413,19 @@ def fit(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=2) + "\n")
 
+    steps = num_batches(len(data.train_labels), config.batch_size)
     for epoch in range(start_epoch, config.epochs):
-        lr = lr_at(epoch, config.lr, config.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        if controls.stopped:  # early pruning ended sparsity training in an earlier run
+            break
+        lr = recipes.lr_at_step(config, epoch, 0, steps)
         # Shuffling and augmentation depend only on (seed, epoch): resumed runs repeat them.
         generator = torch.Generator(device=device).manual_seed(config.seed * 100_003 + epoch)
         t0 = time.perf_counter()
         train_loss, train_acc = train_epoch(
-            run_model, data, optimizer, lam=config.lam, batch_size=config.batch_size,
+            run_model, data, optimizer, lam=controls.lam, batch_size=config.batch_size,
             generator=generator, dtype=dtype, scaler=scaler,
-            label=f"epoch {epoch + 1}/{config.epochs}",
+            label=f"epoch {epoch + 1}/{config.epochs}", label_smoothing=config.label_smoothing,
+            lr_of_step=lambda step, e=epoch: recipes.lr_at_step(config, e, step, steps),
         )  # fmt: skip
         train_seconds = time.perf_counter() - t0
         if not math.isfinite(train_loss):
@@ -426,6 +452,7 @@ def fit(
             "seconds": time.perf_counter() - t0,
             "images_per_s": len(data.train_labels) / train_seconds,
         }  # fmt: skip
+        controls.end_epoch(model, record)  # adds "lam" (and the mask distance)
         history.append(record)
         is_best = test_acc > best_acc
         best_acc = max(best_acc, test_acc)
@@ -436,7 +463,8 @@ def fit(
             "optimizer": optimizer.state_dict(),
             "channels": channel_counts(model),
             "netslim": {**(meta or {}), "config": asdict(config), "history": history,
-                        "scaler": scaler.state_dict() if scaler is not None else None},
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "control": controls.state_dict()},
         }  # fmt: skip
         if isinstance(model, VGG):
             checkpoint["cfg"] = list(model.cfg)  # what the paper's code reads
@@ -447,4 +475,8 @@ def fit(
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         distributed.barrier()  # no process reads the run folder before rank 0 has written it
         log(_epoch_line(record))
+        if controls.stopped:
+            log(f"the prune mask at ratio {config.prune_when_stable:g} has settled: "
+                f"sparsity training stopped after epoch {epoch + 1}")  # fmt: skip
+            break
     return history
