@@ -305,15 +305,14 @@ def test_resume_in_the_middle_of_each_stage_reproduces_the_uninterrupted_run(
 
 def test_lab_stops_the_pruned_run_early_and_plots_it(tmp_path):
     out = tmp_path / "lab"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        code = main(["demo", "--train-size", "256", "--test-size", "64", "--lams", "1e-3",
-                     "--prune-lam", "1e-3", "--ratios", "0.5", "--sweep", "--epochs", "5",
-                     "--finetune-epochs", "1", "--recalibrate", "1", "--precision", "fp32",
-                     "--device", "cpu", "--recipe", "fast", "--prune-when-stable", "0.5",
-                     "--stable-tol", "1", "--stable-epochs", "2", "--target-ratio", "0.5",
-                     "--out", str(out)])  # fmt: skip
-    assert code == 0, stdout.getvalue()
+    argv = ["demo", "--train-size", "256", "--test-size", "64", "--lams", "1e-3",
+            "--prune-lam", "1e-3", "--ratios", "0.5", "--sweep", "--epochs", "5",
+            "--finetune-epochs", "1", "--recalibrate", "1", "--precision", "fp32",
+            "--device", "cpu", "--recipe", "fast", "--prune-when-stable", "0.5",
+            "--stable-tol", "1", "--stable-epochs", "2", "--target-ratio", "0.5",
+            "--out", str(out)]  # fmt: skip
+    code, printed = _run_cli(argv)
+    assert code == 0, printed
     records = read_metrics(out / "train" / "lam=1e-3")
     assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["stopped_early"]
     assert records[-1]["lam"] > records[0]["lam"] == 1e-3
@@ -321,3 +320,14 @@ def test_lab_stops_the_pruned_run_early_and_plots_it(tmp_path):
     assert train_config["recipe"] == "fast" and train_config["batch_size"] == 256
     assert (out / "figures" / "fig6_early_pruning_and_lam.png").stat().st_size > 1000
     assert "Figure 6" in (out / "report.md").read_text()
+    # the early-stopped training counts as finished: running the lab again trains nothing
+    code, printed = _run_cli(argv)
+    assert code == 0 and "epoch " not in printed and printed.count("done already") == 4
+    assert read_metrics(out / "train" / "lam=1e-3") == records
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str]:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(argv)
+    return code, stdout.getvalue()

@@ -63,9 +63,8 @@ def train_prune_finetune(
     meta = meta or {}
     fit(config, data, model, out, meta={**meta, "kind": "train"}, resume=resume, log=log)
     report_file = out / "prune.json"
-    if not report_file.exists():
-        log(f"== pruning at ratio {config.prune_when_stable:g} into {out / 'pruned.pth'}")
-        distributed.on_main(_prune, config, data, out, recalibrate, meta, log)
+    # Every process calls on_main (it waits for rank 0), which alone checks and prunes.
+    distributed.on_main(_prune, config, data, out, recalibrate, meta, log)
     tune = finetune_of(config, finetune_epochs)
     log(f"== fine-tuning the pruned network, {finetune_epochs} epochs: {out / 'finetune'}")
     tune_meta = {**meta, "kind": "finetune", "source": str(out / "pruned.pth"),
@@ -78,6 +77,9 @@ def _prune(
     config: TrainConfig, data: Dataset, out: Path, recalibrate: int, meta: dict[str, Any],
     log: Callable[[str], None],
 ) -> None:  # fmt: skip
+    if (out / "prune.json").exists():  # written last: pruned already
+        return
+    log(f"== pruning at ratio {config.prune_when_stable:g} into {out / 'pruned.pth'}")
     model = load(out / "last.pth")
     # An image folder streamed from disk has no images in memory to measure or recalibrate on.
     measure = data if isinstance(data, Dataset) else None
