@@ -50,8 +50,10 @@ FIGURES = {  # stable file names under figures/
     "finetune": "fig3_finetuning.png",
     "channels": "fig4_channels.png",
     "sweep": "fig5_prune_sweep.png",
-    "control": "fig6_early_pruning_and_lam.png",  # only when the lab used either
 }
+# drawn only when the lab stopped its pruned run early or adapted its λ
+OPTIONAL_FIGURES = {"control": "fig6_early_pruning_and_lam.png"}
+FIGURE_FILES = {**FIGURES, **OPTIONAL_FIGURES}
 DPI = 110
 CLOSE = 1.0  # percentage points: "holds up" in the sweep summary means within this of unpruned
 METHODS = (  # the three ways of pruning without training, as the prune reports name them
@@ -484,7 +486,7 @@ def to_markdown(doc: list[Block]) -> str:
             out.append("\n".join("| " + " | ".join(line) + " |" for line in cells))
         elif kind == "figure":
             key, title, caption = rest
-            out.append(f"![{title}](figures/{FIGURES[key]})\n\n*{title}.* {caption}")
+            out.append(f"![{title}](figures/{FIGURE_FILES[key]})\n\n*{title}.* {caption}")
     return "\n\n".join(out) + "\n"
 
 
@@ -555,7 +557,7 @@ def render_report(run: str | Path) -> Path:
     figures = {key: make(res) for key, make in FIGURE_MAKERS.items()}
     images = {key: png_bytes(fig) for key, fig in figures.items() if fig is not None}
     for key, data in images.items():
-        atomic_write(res.run / "figures" / FIGURES[key], lambda f, d=data: f.write(d))
+        atomic_write(res.run / "figures" / FIGURE_FILES[key], lambda f, d=data: f.write(d))
     doc = build_document(res)
     atomic_write_text(res.run / "report.md", to_markdown(doc))
     atomic_write_text(res.run / "report.html", to_html(doc, images))
