@@ -14,10 +14,11 @@ from torch import nn
 
 import netslim
 from netslim import control, recipes
-from netslim.cli import _train_config, build_parser, main
+from netslim.cli import _lab_config, _train_config, build_parser, main
 from netslim.data import make_synthetic, train_batches
 from netslim.early import train_prune_finetune
 from netslim.errors import NetslimError
+from netslim.lab import LabConfig
 from netslim.models import VGG
 from netslim.sparsity import batchnorms
 from netslim.surgery import channel_counts
@@ -73,6 +74,23 @@ def test_cli_flags_override_the_recipe_and_config_records_the_resolved_values():
                                                      "epochs": 7}  # fmt: skip
     auto = _cli_config("--lam", "auto", "--target-ratio", "0.6")
     assert (auto.lam_auto, auto.lam, auto.target_ratio) == (True, control.LAM_START, 0.6)
+
+
+def test_finetune_multipass_and_lab_take_the_recipe_too():
+    for command in (["finetune", "p.pth"], ["multipass"]):
+        args = build_parser().parse_args([*command, "--recipe", "fast", "--out", "x",
+                                          "--weight-decay", "0"])  # fmt: skip
+        config = _train_config(args, "vgg19")
+        assert {k: getattr(config, k) for k in FAST} == {**FAST, "weight_decay": 0.0}
+    lab = _lab_config(build_parser().parse_args(["lab", "--recipe", "fast", "--lr", "0.2"]))
+    assert (lab.epochs, lab.finetune_epochs, lab.batch_size, lab.lr) == (40, 40, 256, 0.2)
+    assert {k: getattr(lab.train_config(1e-4), k) for k in FAST} == {**FAST, "lr": 0.2}
+    assert lab.finetune_config().lam == 0 and lab.finetune_config().nesterov
+    # the demo's own epochs win over the recipe's; the rest is the recipe's
+    demo = _lab_config(build_parser().parse_args(["demo", "--recipe", "fast"]))
+    assert (demo.epochs, demo.finetune_epochs, demo.batch_size) == (6, 3, 256)
+    paper = _lab_config(build_parser().parse_args(["lab"]))
+    assert paper == LabConfig()  # the paper recipe leaves the lab as it was
 
 
 @pytest.mark.parametrize(
