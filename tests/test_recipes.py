@@ -349,3 +349,24 @@ def _run_cli(argv: list[str]) -> tuple[int, str]:
     with contextlib.redirect_stdout(stdout):
         code = main(argv)
     return code, stdout.getvalue()
+
+
+def test_early_pruning_and_lam_auto_under_torchrun(tmp_path):
+    """Two gloo processes take the same decisions: one stop, one λ, identical networks."""
+    from test_distributed import TRAIN, same, state, torchrun
+
+    argv = [*TRAIN, "--epochs", "3", "--recipe", "fast", "--batch-size", "64", "--lam", "auto",
+            "--target-ratio", "0.5", "--prune-when-stable", "0.5", "--stable-tol", "1",
+            "--stable-epochs", "1", "--finetune-epochs", "1", "--recalibrate", "1",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    done = torchrun(tmp_path / "dump", *argv, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    records = read_metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["stopped_early"]
+    assert records[1]["lam"] == 2 * records[0]["lam"]
+    assert done.stdout.count("has settled") == 1 and done.stdout.count("done:") == 1
+    # both ranks fine-tuned the same pruned network to the same weights, the saved ones
+    rank0, rank1 = state(tmp_path / "dump" / "rank0.pt"), state(tmp_path / "dump" / "rank1.pt")
+    assert same(rank0, rank1) and same(rank0, state(run / "finetune" / "last.pth"))
+    assert netslim.load(run / "finetune" / "last.pth").cfg == netslim.load(run / "pruned.pth").cfg
