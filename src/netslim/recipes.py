@@ -32,9 +32,12 @@ sparsity pressure per epoch in both recipes.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netslim.errors import NetslimError
+
+if TYPE_CHECKING:  # train imports this module
+    from netslim.train import TrainConfig
 
 SCHEDULES = ("step", "linear")
 
@@ -66,7 +69,7 @@ def resolve(recipe: str, given: dict[str, Any]) -> dict[str, Any]:
     return {**RECIPES[recipe], **explicit}
 
 
-def lr_at_step(config: Any, epoch: int, step: int, steps: int) -> float:
+def lr_at_step(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
     """The learning rate of step ``step`` (0-based) of ``steps`` in epoch ``epoch`` (0-based).
 
     ``step`` schedule: the paper's, constant within an epoch (:func:`netslim.train.lr_at`).
@@ -86,7 +89,7 @@ def lr_at_step(config: Any, epoch: int, step: int, steps: int) -> float:
     return config.lr * (end - t) / (end - w)
 
 
-def check_schedule(config: Any) -> None:
+def check_schedule(config: TrainConfig) -> None:
     """Raise NetslimError for a schedule setting that makes no sense."""
     if config.schedule not in SCHEDULES:
         raise NetslimError(
@@ -100,7 +103,7 @@ def check_schedule(config: Any) -> None:
         raise NetslimError("--nesterov needs --momentum > 0")
 
 
-def finetune_of(config: Any, epochs: int) -> Any:
+def finetune_of(config: TrainConfig, epochs: int) -> TrainConfig:
     """The fine-tuning recipe of a sparsity-training ``config``: same settings, no L1 term,
     no λ controller, no early pruning, ``epochs`` epochs."""
     return replace(

@@ -10,7 +10,8 @@ Each epoch appends one record to ``metrics.jsonl`` in the run folder and writes
 ``last.pth`` and, when test accuracy improved, ``best.pth``; every file is written
 atomically. ``resume=True`` continues from ``last.pth`` and reproduces the
 uninterrupted run exactly: an epoch's shuffling and augmentation depend only on
-``(seed, epoch)``, and the learning rate only on the epoch.
+``(seed, epoch)``, the learning rate only on the epoch and step
+(:mod:`netslim.recipes`), and λ and early pruning's state are saved (:mod:`netslim.control`).
 """
 
 from __future__ import annotations
