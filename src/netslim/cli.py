@@ -32,6 +32,7 @@ from netslim.config import (
     is_spec,
 )
 from netslim.errors import NetslimError
+from netslim.recipes import RECIPES, SCHEDULES, resolve
 
 if TYPE_CHECKING:
     from torch import nn
@@ -84,27 +85,68 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_train_args(p: argparse.ArgumentParser, epochs: int, lam: float) -> None:
+def _recipe_default(key: str) -> str:
+    """Help text naming each recipe's value of a setting."""
+    values = ", ".join(f"{name} {recipe[key]}" for name, recipe in RECIPES.items())
+    return f"default: the --recipe's ({values})"
+
+
+def _lam(text: str) -> float | str:
+    return "auto" if text == "auto" else float(text)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """--recipe and the settings it decides; each flag given overrides the recipe's value."""
+    p.add_argument(
+        "--recipe",
+        default="paper",
+        choices=RECIPES,
+        help="default settings: 'paper' (Liu et al. 2017) or 'fast' (warm-up and linear "
+        "decay, Nesterov, label smoothing, batch 256); any flag below overrides one "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--epochs", type=int, help=_recipe_default("epochs"))
+    p.add_argument("--batch-size", type=int, help=_recipe_default("batch_size"))
+    p.add_argument("--lr", type=float, help="peak learning rate; " + _recipe_default("lr"))
+    p.add_argument("--momentum", type=float, help=_recipe_default("momentum"))
+    p.add_argument("--weight-decay", type=float, help=_recipe_default("weight_decay"))
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        help="'step': lr divided by 10 at 50%% and 75%% of the epochs; 'linear': warm-up, "
+        "then linear decay to 0, every step; " + _recipe_default("schedule"),
+    )
+    p.add_argument(
+        "--warmup-epochs",
+        type=float,
+        help="linear schedule: epochs of lr warm-up (at most half the epochs); "
+        + _recipe_default("warmup_epochs"),
+    )
+    p.add_argument(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        help="Nesterov momentum; " + _recipe_default("nesterov"),
+    )
+    p.add_argument("--label-smoothing", type=float, help=_recipe_default("label_smoothing"))
+
+
+def _add_train_args(p: argparse.ArgumentParser, lam: float, auto: bool = False) -> None:
     p.add_argument(
         "--lam",
-        type=float,
+        type=_lam if auto else float,
         default=lam,
-        help="L1 weight on BN gammas, e.g. 1e-4 (default: %(default)s)",
+        help="L1 weight on BN gammas, e.g. 1e-4"
+        + (", or 'auto': adapted each epoch to reach --target-ratio" if auto else "")
+        + " (default: %(default)s)",
     )
-    p.add_argument("--epochs", type=int, default=epochs, help="epochs (default: %(default)s)")
-    p.add_argument(
-        "--batch-size", type=int, default=DEFAULTS.batch_size, help="default: %(default)s"
-    )
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=DEFAULTS.lr,
-        help="initial learning rate, divided by 10 at 50%% and 75%% of the epochs (default: %(default)s)",
-    )
-    p.add_argument("--momentum", type=float, default=DEFAULTS.momentum, help="default: %(default)s")
-    p.add_argument(
-        "--weight-decay", type=float, default=DEFAULTS.weight_decay, help="default: %(default)s"
-    )
+    if auto:
+        p.add_argument(
+            "--target-ratio",
+            type=float,
+            metavar="R",
+            help="with --lam auto: the share of |gamma| that should end below --sparsity-threshold",
+        )
+    _add_recipe_args(p)
     p.add_argument(
         "--sparsity-threshold",
         type=float,
@@ -127,6 +169,49 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int, lam: float) -> None
         help="torch.compile the model (slow to start; bench/RESULTS.md says when it pays)",
     )
     _add_threads_arg(p)
+
+
+def _add_early_args(p: argparse.ArgumentParser, lab: bool = False) -> None:
+    """Early pruning: stop sparsity training once the prune mask settles (netslim.control)."""
+    p.add_argument(
+        "--prune-when-stable",
+        type=float,
+        metavar="R",
+        help="each epoch, plan pruning at ratio R; once that mask changes by at most "
+        "--stable-tol of the channels for --stable-epochs epochs in a row, stop sparsity "
+        "training, "
+        + (
+            "(the --prune-lam run only) and go on with the lab"
+            if lab
+            else "prune at R (recalibrated) and fine-tune into OUT/finetune/"
+        ),
+    )
+    p.add_argument(
+        "--stable-tol",
+        type=float,
+        default=DEFAULTS.stable_tol,
+        help="share of channels the mask may change by and count as settled (default: %(default)s)",
+    )
+    p.add_argument(
+        "--stable-epochs",
+        type=int,
+        default=DEFAULTS.stable_epochs,
+        help="epochs in a row the mask must stay settled (default: %(default)s)",
+    )
+    if lab:
+        return
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        help="with --prune-when-stable (default: the same as --epochs)",
+    )
+    p.add_argument(
+        "--recalibrate",
+        type=int,
+        default=16,
+        metavar="N",
+        help="with --prune-when-stable: BN recalibration batches of 128 (default: %(default)s)",
+    )
 
 
 def _add_scale_args(
@@ -217,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", default=DEFAULTS.arch, type=arch_type, help=ARCH_HELP)
     _add_data_args(p)
-    _add_train_args(p, DEFAULTS.epochs, lam=1e-4)
+    _add_train_args(p, lam=1e-4, auto=True)
+    _add_early_args(p)
     _add_scale_args(p)
 
     p = sub.add_parser(
@@ -287,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pruned checkpoint written by 'netslim prune' (or the paper's vggprune.py)",
     )
     _add_data_args(p)
-    _add_train_args(p, DEFAULTS.epochs, lam=0.0)
+    _add_train_args(p, lam=0.0)
     _add_scale_args(p, from_checkpoint=True)
 
     p = sub.add_parser(
@@ -308,12 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="most of one layer's channels a pass may remove (default: %(default)s)",
     )
-    p.add_argument(
-        "--finetune-epochs", type=int, default=DEFAULTS.epochs, help="default: %(default)s"
-    )
+    p.add_argument("--finetune-epochs", type=int, help="default: the same as --epochs")
     p.add_argument("--recalibrate", type=int, default=16, metavar="N", help="default: %(default)s")
     _add_data_args(p)
-    _add_train_args(p, DEFAULTS.epochs, lam=1e-4)
+    _add_train_args(p, lam=1e-4, auto=True)
     _add_scale_args(p)
 
     p = sub.add_parser(
@@ -407,13 +491,22 @@ def _load_data(args: argparse.Namespace) -> Dataset:
 
 
 def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
+    """The run's TrainConfig: the --recipe's settings, with every flag given in their place."""
+    from netslim import control
+
+    recipe = resolve(args.recipe, vars(args))
+    auto = args.lam == "auto"
     return TrainConfig(
-        arch=arch, dataset=args.dataset, data_root=args.data_root, lam=args.lam,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, seed=args.seed, sparsity_threshold=args.sparsity_threshold,
-        precision=args.precision, device=args.device, train_size=args.train_size,
-        test_size=args.test_size, compile=args.compile, image_size=args.image_size,
-        resize=args.resize, sync_bn=args.sync_bn,
+        arch=arch, dataset=args.dataset, data_root=args.data_root,
+        lam=control.LAM_START if auto else args.lam, lam_auto=auto,
+        target_ratio=getattr(args, "target_ratio", None), seed=args.seed,
+        sparsity_threshold=args.sparsity_threshold, precision=args.precision,
+        device=args.device, train_size=args.train_size, test_size=args.test_size,
+        compile=args.compile, image_size=args.image_size, resize=args.resize,
+        sync_bn=args.sync_bn, recipe=args.recipe, **recipe,
+        prune_when_stable=getattr(args, "prune_when_stable", None),
+        stable_tol=getattr(args, "stable_tol", DEFAULTS.stable_tol),
+        stable_epochs=getattr(args, "stable_epochs", DEFAULTS.stable_epochs),
     )  # fmt: skip
 
 
@@ -441,12 +534,29 @@ def _meta(arch: str, model: nn.Module, image_size: int, **extra) -> dict:
     return {"arch": arch, "num_classes": num_outputs(model), "image_size": image_size, **extra}
 
 
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from netslim import distributed
     from netslim.train import check_run_folder, fit, run_files
 
     check_run_folder(args.out)
     config, data, model = _new_run(args)
+    if config.prune_when_stable is not None:
+        from netslim.early import train_prune_finetune
+
+        if args.recalibrate < 0:
+            raise NetslimError(f"--recalibrate must be >= 0 batches, got {args.recalibrate}")
+        train_prune_finetune(config, data, model, args.out,
+                             finetune_epochs=_or(args.finetune_epochs, config.epochs),
+                             recalibrate=args.recalibrate, meta=_meta(args.arch, model, data.image_size),
+                             resume=args.resume)  # fmt: skip
+        if distributed.is_main():
+            print(f"done: sparsity training in {args.out}/, the pruned network in "
+                  f"{args.out}/pruned.pth, fine-tuned in {args.out}/finetune/")  # fmt: skip
+        return
     meta = _meta(args.arch, model, data.image_size, kind="train")
     fit(config, data, model, args.out, meta=meta, resume=args.resume)
     if distributed.is_main():
@@ -523,7 +633,7 @@ def cmd_multipass(args: argparse.Namespace) -> None:
     check_run_folder(args.out)
     config, data, model = _new_run(args)
     run_multipass(config, data, model, args.out, passes=args.passes, ratio=args.ratio,
-                  layer_cap=args.layer_cap, finetune_epochs=args.finetune_epochs,
+                  layer_cap=args.layer_cap, finetune_epochs=_or(args.finetune_epochs, config.epochs),
                   recalibrate=args.recalibrate)  # fmt: skip
     print(f"done: summary in {args.out}/summary.json")
 
@@ -683,14 +793,29 @@ def _add_lab_args(p: argparse.ArgumentParser, preset: LabConfig) -> None:
         help="extra ratios, pruned but not fine-tuned, for the accuracy-vs-ratio "
         "figure (default: %(default)s)",
     )
-    p.add_argument("--epochs", type=int, help="sparsity-training epochs (default: %(default)s)")
-    p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, help="default: %(default)s")
     p.add_argument(
-        "--lr",
+        "--recipe",
+        choices=RECIPES,
+        help="training settings of every stage, 'paper' or 'fast' (see netslim train "
+        "--help; default: %(default)s)",
+    )
+    p.add_argument(
+        "--epochs", type=int, help="sparsity-training epochs; " + _lab_default(preset, "epochs")
+    )
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        help="fine-tuning epochs; " + _lab_default(preset, "finetune_epochs"),
+    )
+    p.add_argument("--batch-size", type=int, help=_lab_default(preset, "batch_size"))
+    p.add_argument("--lr", type=float, help="peak learning rate; " + _lab_default(preset, "lr"))
+    _add_early_args(p, lab=True)
+    p.add_argument(
+        "--target-ratio",
         type=float,
-        help="initial learning rate, divided by 10 at 50%% and "
-        "75%% of the epochs (default: %(default)s)",
+        metavar="R",
+        help="λ auto for the --prune-lam run: start at --prune-lam and adapt λ each epoch "
+        "so that the share R of |gamma| ends below the sparsity threshold",
     )
     p.add_argument(
         "--recalibrate",
@@ -710,7 +835,31 @@ def _add_lab_args(p: argparse.ArgumentParser, preset: LabConfig) -> None:
         "again continues an interrupted lab there",
     )
     _add_threads_arg(p)
-    p.set_defaults(**asdict(preset))
+    # The recipe's settings stay None here: cmd_lab resolves them (see _lab_config).
+    p.set_defaults(**{**asdict(preset), **dict.fromkeys(LAB_RECIPE_KEYS)}, preset=preset)
+
+
+LAB_RECIPE_KEYS = ("epochs", "finetune_epochs", "batch_size", "lr")
+
+
+def _lab_default(preset: LabConfig, key: str) -> str:
+    if getattr(preset, key) != getattr(LabConfig(), key):  # the demo's own choice
+        return f"default: {getattr(preset, key)}"
+    return _recipe_default("epochs" if key == "finetune_epochs" else key)
+
+
+def _lab_config(args: argparse.Namespace) -> LabConfig:
+    """The lab's settings: a flag given wins, then the preset's own choice (the demo's
+    epochs), then the --recipe's value."""
+    names = {f.name for f in fields(LabConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    recipe = resolve(args.recipe, {})
+    for key in LAB_RECIPE_KEYS:
+        if values[key] is None:
+            own = getattr(args.preset, key)
+            chosen = own != getattr(LabConfig(), key)
+            values[key] = own if chosen else recipe["epochs" if key == "finetune_epochs" else key]
+    return LabConfig(**values)
 
 
 def _add_lab_parsers(sub: argparse._SubParsersAction) -> None:
@@ -745,8 +894,7 @@ def cmd_lab(args: argparse.Namespace) -> None:
     from netslim import distributed
     from netslim.lab import run_lab
 
-    names = {f.name for f in fields(LabConfig)}
-    config = LabConfig(**{k: v for k, v in vars(args).items() if k in names})
+    config = _lab_config(args)
     report = run_lab(config, args.out, download=args.download)
     if distributed.is_main():
         print(f"done: report in {report} (self-contained) and {report.with_suffix('.md')}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import shlex
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,18 @@ class TrainConfig:
     image_size: int = 32  # imagefolder datasets are resized to this
     resize: str = "crop"  # and how: see netslim.imagefolder
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm over the global batch
+    # The recipe's settings (netslim.recipes): its name, and the values it resolved to.
+    recipe: str = "paper"
+    schedule: str = "step"
+    warmup_epochs: float = 0.0
+    nesterov: bool = False
+    label_smoothing: float = 0.0
+    # Decisions between epochs (netslim.control): λ chosen for the user, early pruning.
+    lam_auto: bool = False
+    target_ratio: float | None = None
+    prune_when_stable: float | None = None
+    stable_tol: float = 0.02
+    stable_epochs: int = 3
 
     def check(self) -> None:
         """Raise NetslimError naming the first setting that makes no sense."""
@@ -107,6 +119,10 @@ class TrainConfig:
             raise NetslimError(
                 f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
+        from netslim import control, recipes  # control imports torch, which --help does without
+
+        recipes.check_schedule(self)
+        control.check_config(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -135,6 +151,15 @@ class LabConfig:
     precision: str = "auto"
     device: str = "auto"
     seed: int = 0
+    # netslim.recipes: the training settings; epochs, batch size and lr above are resolved
+    recipe: str = "paper"
+    # early pruning of the prune_lam training (netslim.control.StableMask); None: off
+    prune_when_stable: float | None = None
+    stable_tol: float = 0.02
+    stable_epochs: int = 3
+    # λ chosen for the user (netslim.control.AutoLam): the prune_lam run starts at
+    # prune_lam and adapts λ to reach this share of sparse γ; None: off
+    target_ratio: float | None = None
 
     def check(self) -> None:
         """Raise NetslimError naming the first setting that makes no sense."""
@@ -169,17 +194,28 @@ class LabConfig:
             self.train_config(lam).check()  # epochs, batch size, lr, precision
 
     def train_config(self, lam: float) -> TrainConfig:
-        """The recipe of the sparsity training at ``lam``."""
+        """The recipe of the sparsity training at ``lam`` (early pruning: the prune_lam run's)."""
+        from netslim import recipes
+
+        recipe = recipes.resolve(
+            self.recipe, {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        )
+        pruned = lam_name(lam) == lam_name(self.prune_lam)  # the run the lab prunes
+        early = self.prune_when_stable if pruned else None
+        target = self.target_ratio if pruned else None
         return TrainConfig(
             arch=self.arch, dataset=self.dataset, data_root=self.data_root, lam=lam,
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-            precision=self.precision, device=self.device, train_size=self.train_size,
-            test_size=self.test_size,
+            seed=self.seed, precision=self.precision, device=self.device,
+            train_size=self.train_size, test_size=self.test_size, recipe=self.recipe, **recipe,
+            prune_when_stable=early, stable_tol=self.stable_tol, stable_epochs=self.stable_epochs,
+            lam_auto=target is not None, target_ratio=target,
         )  # fmt: skip
 
     def finetune_config(self) -> TrainConfig:
         """The recipe of fine-tuning: the training recipe without the L1 term."""
-        return replace(self.train_config(0.0), epochs=self.finetune_epochs)
+        from netslim import recipes
+
+        return recipes.finetune_of(self.train_config(0.0), self.finetune_epochs)
 
     def sweep_ratios(self) -> list[float]:
         """The sweep ratios plus the lab's own, sorted, each once."""
@@ -198,7 +234,13 @@ class LabConfig:
         args += ["--epochs", str(self.epochs), "--finetune-epochs", str(self.finetune_epochs)]
         args += ["--batch-size", str(self.batch_size), "--lr", repr(self.lr)]
         args += ["--recalibrate", str(self.recalibrate), "--precision", self.precision]
-        args += ["--device", self.device, "--seed", str(self.seed), "--out", str(out)]
+        args += ["--device", self.device, "--seed", str(self.seed), "--recipe", self.recipe]
+        if self.prune_when_stable is not None:
+            args += ["--prune-when-stable", repr(self.prune_when_stable),
+                     "--stable-tol", repr(self.stable_tol), "--stable-epochs", str(self.stable_epochs)]  # fmt: skip
+        if self.target_ratio is not None:
+            args += ["--target-ratio", repr(self.target_ratio)]
+        args += ["--out", str(out)]
         return shlex.join(args)
 
     @classmethod

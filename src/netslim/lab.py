@@ -118,7 +118,8 @@ def check_lab_folder(config: LabConfig, out: Path) -> dict[str, Any] | None:
             )
         return None
     info = read_json(lab_file)
-    saved = info.get("config", {})
+    # settings added since the lab was made take their defaults (what it ran with)
+    saved = {**json.loads(json.dumps(asdict(LabConfig()))), **info.get("config", {})}
     now = json.loads(json.dumps(asdict(config)))  # tuples become lists, as in the file
     changed = changed_settings(saved, now, "the lab")
     if changed:
@@ -152,6 +153,15 @@ def epochs_done(run_dir: Path) -> int:
     return int(read_checkpoint(last)["epoch"]) if last.exists() else 0
 
 
+def stopped_early(run_dir: Path) -> bool:
+    """Whether early pruning ended the fit() run in ``run_dir`` (see netslim.control)."""
+    last = run_dir / "last.pth"
+    if not last.exists():
+        return False
+    state = read_checkpoint(last)["netslim"].get("control") or {}
+    return (state.get("watch") or {}).get("stopped_at") is not None
+
+
 def train_stage(
     config: TrainConfig,
     data: Dataset,
@@ -162,7 +172,7 @@ def train_stage(
 ) -> None:
     """Run ``fit`` into ``run_dir``: skip it when finished, continue it when interrupted."""
     done = epochs_done(run_dir)
-    if done >= config.epochs:
+    if done >= config.epochs or stopped_early(run_dir):
         # Stopped between last.pth and metrics.jsonl; rank 0 alone writes under torchrun.
         if len(read_metrics(run_dir)) < done and distributed.is_main():
             history = read_checkpoint(run_dir / "last.pth")["netslim"]["history"]

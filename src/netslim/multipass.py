@@ -19,7 +19,6 @@ Running the same command again continues where it stopped.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +32,7 @@ from netslim.files import atomic_write_text, remove_temp_files
 from netslim.lab import train_stage
 from netslim.models import num_outputs
 from netslim.pruning import check_ratio
+from netslim.recipes import finetune_of
 from netslim.slim import prune_model, pruned_checkpoint
 from netslim.stats import count_macs, count_params
 from netslim.train import TrainConfig, pick_precision, read_metrics
@@ -128,7 +128,7 @@ def _multipass(
             "pruned_acc": report["acc_recalibrated"] if recalibrate else report["acc_compensated"],
         })  # fmt: skip
     log(f"== fine-tuning the pass-{passes} network into {out / 'finetune'}")
-    tune = replace(config, lam=0.0, epochs=finetune_epochs)
+    tune = finetune_of(config, finetune_epochs)
     train_stage(tune, data, lambda: model, out / "finetune", {**meta, "kind": "finetune"}, log)
     history = read_metrics(out / "finetune")
     final = load(out / "finetune" / "last.pth")

@@ -50,6 +50,9 @@ FIGURES = {  # stable file names under figures/
     "channels": "fig4_channels.png",
     "sweep": "fig5_prune_sweep.png",
 }
+# drawn only when the lab stopped its pruned run early or adapted its λ
+OPTIONAL_FIGURES = {"control": "fig6_early_pruning_and_lam.png"}
+FIGURE_FILES = {**FIGURES, **OPTIONAL_FIGURES}
 DPI = 110
 MAX_LAYER_NAMES = 40  # figure 4 names at most this many groups; deeper nets every k-th
 CLOSE = 1.0  # percentage points: "holds up" in the sweep summary means within this of unpruned
@@ -88,7 +91,8 @@ def load_results(run: str | Path) -> LabResults:
 
     def metrics(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
         records = read_metrics(run_dir)
-        if len(records) < epochs or not (run_dir / "last.pth").exists():
+        stopped = bool(records) and records[-1].get("stopped_early", False)
+        if (len(records) < epochs and not stopped) or not (run_dir / "last.pth").exists():
             missing.append(f"{run_dir} ({len(records)} of {epochs} epochs)")
         return records
 
@@ -161,6 +165,37 @@ def figure_training(res: LabResults) -> Figure:
         ax.set_title(f"λ = {lam_name(lam)}")
     handles = axes[0].get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    return fig
+
+
+def _controlled(res: LabResults) -> bool:
+    """Whether the lab stopped its prune_lam training early or adapted its λ."""
+    c = res.config
+    return c.prune_when_stable is not None or c.target_ratio is not None
+
+
+def figure_control(res: LabResults) -> Figure | None:
+    """Figure 6: mask distance (early pruning) and λ per epoch of the pruned run."""
+    if not _controlled(res):
+        return None
+    records = res.train[res.config.prune_lam]
+    epochs = _column(records, "epoch")
+    fig, (left, right) = _panels(2)
+    if res.config.prune_when_stable is not None:
+        distance = [r.get("mask_distance") for r in records]
+        left.plot(epochs, [np.nan if d is None else 100 * d for d in distance], "o-", color="C0")
+        left.axhline(100 * res.config.stable_tol, color="grey", ls=":", label="--stable-tol")
+        stops = [r["epoch"] for r in records if r.get("stopped_early")]
+        if stops:
+            left.axvline(stops[0], color="C3", ls="--", label=f"stopped after epoch {stops[0]}")
+        left.legend(frameon=False)
+    left.set_ylabel("channels whose decision changed (%)")
+    left.set_title(f"Prune mask at ratio {res.config.prune_when_stable or 0:g}, epoch to epoch")
+    _epoch_axis(left)
+    right.semilogy(epochs, _column(records, "lam"), "s-", color="C2")
+    right.set_ylabel("λ")
+    right.set_title("λ used in each epoch")
+    _epoch_axis(right)
     return fig
 
 
@@ -404,6 +439,11 @@ def build_document(res: LabResults) -> list[Block]:
          "Values below 1e-8 (exact zeros included) are counted at 1e-8. Dotted: the sparsity "
          "threshold of figure 1; dashed and dash-dotted, one colour each: the global prune "
          "thresholds of the lab's ratios (channels left of a line are removed)."),
+        *([("figure", "control", "Figure 6: early pruning and λ of the pruned run",
+            "Left: the share of BN channels whose keep/remove decision at the early-pruning "
+            "ratio changed since the previous epoch; sparsity training stops once it stays at "
+            "most --stable-tol for --stable-epochs epochs in a row. Right: the λ of each "
+            "epoch (adapted by --target-ratio when set).")] if _controlled(res) else []),
         ("h2", f"Pruning the λ = {lam_name(c.prune_lam)} model"),
         ("p", "Test accuracy (%) of the sparse model, right after pruning -- with the "
               "official masking (pruned γ and β zeroed), with the pruned channels' constant "
@@ -476,7 +516,7 @@ def to_markdown(doc: list[Block]) -> str:
             out.append("\n".join("| " + " | ".join(line) + " |" for line in cells))
         elif kind == "figure":
             key, title, caption = rest
-            out.append(f"![{title}](figures/{FIGURES[key]})\n\n*{title}.* {caption}")
+            out.append(f"![{title}](figures/{FIGURE_FILES[key]})\n\n*{title}.* {caption}")
     return "\n\n".join(out) + "\n"
 
 
@@ -534,6 +574,7 @@ FIGURE_MAKERS = {
     "finetune": figure_finetune,
     "channels": figure_channels,
     "sweep": figure_sweep,
+    "control": figure_control,
 }
 
 
@@ -543,9 +584,10 @@ def render_report(run: str | Path) -> Path:
     Returns the path of ``report.html``. Raises NetslimError if the lab is not finished.
     """
     res = load_results(run)
-    images = {key: png_bytes(make(res)) for key, make in FIGURE_MAKERS.items()}
+    figures = {key: make(res) for key, make in FIGURE_MAKERS.items()}
+    images = {key: png_bytes(fig) for key, fig in figures.items() if fig is not None}
     for key, data in images.items():
-        atomic_write(res.run / "figures" / FIGURES[key], lambda f, d=data: f.write(d))
+        atomic_write(res.run / "figures" / FIGURE_FILES[key], lambda f, d=data: f.write(d))
     doc = build_document(res)
     atomic_write_text(res.run / "report.md", to_markdown(doc))
     atomic_write_text(res.run / "report.html", to_html(doc, images))

@@ -14,7 +14,9 @@ never names a best epoch that is not on disk. ``resume=True`` continues from
 augmentation depend only on ``(seed, epoch)``, and the learning rate only on the epoch.
 
 A run folder has one writer at a time (:mod:`netslim.runlock`). An epoch whose loss or
-weights are not finite stops the run before anything of it is saved.
+weights are not finite stops the run before anything of it is saved. The learning
+rate depends only on the epoch and step (:mod:`netslim.recipes`), and λ and early
+pruning's state are saved (:mod:`netslim.control`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netslim import distributed, runlock
+from netslim import control, distributed, recipes, runlock
 from netslim.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from netslim.config import TrainConfig
 from netslim.data import Dataset, eval_batches, num_batches, train_batches
@@ -147,8 +149,13 @@ def train_epoch(
     dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler | None = None,
     label: str = "train",
+    label_smoothing: float = 0.0,
+    lr_of_step: Callable[[int], float] | None = None,
 ) -> tuple[float, float]:
-    """One epoch of (sparsity) training; returns (mean loss, accuracy in %)."""
+    """One epoch of (sparsity) training; returns (mean loss, accuracy in %).
+
+    ``lr_of_step(step)`` (0-based), when given, sets the learning rate before each step.
+    """
     device = data.device
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -156,10 +163,13 @@ def train_epoch(
     total = 0
     progress = Progress(num_batches(len(data.train_labels), batch_size), label)
     for step, (x, y) in enumerate(_train_batches(data, batch_size, generator), start=1):
+        if lr_of_step is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_of_step(step - 1)
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             out = model(x)
-            loss = F.cross_entropy(out, y)
+            loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -266,7 +276,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     """
     device = next(model.parameters()).device
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay,
+                           weight_decay=config.weight_decay, nesterov=config.nesterov,
                            fused=True if device.type in ("cpu", "cuda") else None)  # fmt: skip
 
 
@@ -440,6 +450,7 @@ def _fit(
     history: list[dict[str, Any]] = []
     # Below any accuracy, so that the first epoch always writes best.pth (even at 0%).
     start_epoch, best_acc = 0, -1.0
+    controls = control.SparsityControl(config)  # λ of each epoch; early pruning's stop
     if resume:
         ckpt = _resume_state(out, config)
         model = model_from_checkpoint(ckpt, str(out / "last.pth"))
@@ -450,6 +461,7 @@ def _fit(
         history = list(ckpt["netslim"]["history"])
         if scaler is not None and ckpt["netslim"].get("scaler"):
             scaler.load_state_dict(ckpt["netslim"]["scaler"])
+        controls.load_state_dict(ckpt["netslim"].get("control"))
         if distributed.is_main():
             _repair_run_folder(out, ckpt, log)
         del ckpt
@@ -471,17 +483,19 @@ def _fit(
         atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=2) + "\n")
     hinted = False
 
+    steps = num_batches(len(data.train_labels), config.batch_size)
     for epoch in range(start_epoch, config.epochs):
-        lr = lr_at(epoch, config.lr, config.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        if controls.stopped:  # early pruning ended sparsity training in an earlier run
+            break
+        lr = recipes.lr_at_step(config, epoch, 0, steps)
         # Shuffling and augmentation depend only on (seed, epoch): resumed runs repeat them.
         generator = torch.Generator(device=device).manual_seed(config.seed * 100_003 + epoch)
         t0 = time.perf_counter()
         train_loss, train_acc = train_epoch(
-            run_model, data, optimizer, lam=config.lam, batch_size=config.batch_size,
+            run_model, data, optimizer, lam=controls.lam, batch_size=config.batch_size,
             generator=generator, dtype=dtype, scaler=scaler,
-            label=f"epoch {epoch + 1}/{config.epochs}",
+            label=f"epoch {epoch + 1}/{config.epochs}", label_smoothing=config.label_smoothing,
+            lr_of_step=lambda step, e=epoch: recipes.lr_at_step(config, e, step, steps),
         )  # fmt: skip
         train_seconds = time.perf_counter() - t0
         if not math.isfinite(train_loss):  # no use evaluating a network that blew up
@@ -504,6 +518,7 @@ def _fit(
             "seconds": time.perf_counter() - t0,
             "images_per_s": len(data.train_labels) / train_seconds,
         }  # fmt: skip
+        controls.end_epoch(model, record)  # adds "lam" (and the mask distance)
         history.append(record)
         is_best = test_acc > best_acc
         best_acc = max(best_acc, test_acc)
@@ -514,7 +529,8 @@ def _fit(
             "optimizer": optimizer.state_dict(),
             "channels": channel_counts(model),
             "netslim": {**(meta or {}), "config": asdict(config), "history": history,
-                        "scaler": scaler.state_dict() if scaler is not None else None},
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "control": controls.state_dict()},
         }  # fmt: skip
         if isinstance(model, VGG):
             checkpoint["cfg"] = list(model.cfg)  # what the paper's code reads
@@ -537,4 +553,8 @@ def _fit(
         if hint:
             log(hint)
             hinted = True
+        if controls.stopped:
+            log(f"the prune mask at ratio {config.prune_when_stable:g} has settled: "
+                f"sparsity training stopped after epoch {epoch + 1}")  # fmt: skip
+            break
     return history
