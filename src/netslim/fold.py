@@ -5,7 +5,8 @@ In eval mode a BatchNorm is the per-channel affine map
 linear layer's) output, the map folds into that layer's weights and bias, and the
 BatchNorm becomes an identity: one layer less to run, the same outputs up to rounding.
 BatchNorms with no such layer before them (the pre-activation ones of ResNet-164 and
-DenseNet-40, which read a sum or a concatenation) stay as they are.
+DenseNet-40, which read a sum or a concatenation) stay as they are, and so do subclasses of
+BatchNorm from other libraries, whose forward may do more than normalise.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import torch
 from torch import nn
 
 from netslim.channels import trace_channels
-from netslim.surgery import _replace
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 @torch.no_grad()
@@ -55,6 +60,8 @@ def fold_bn(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> n
         bn = folded.get_submodule(layer.norm)
         if bn.running_var is None:  # statistics of the batch at hand: nothing fixed to fold
             continue
+        if not type(bn).__module__.startswith("torch."):  # a subclass may add to its forward
+            continue  # (timm's BatchNormAct2d applies an activation): an identity would drop it
         _replace(folded, name, _folded(folded.get_submodule(name), bn))
         _replace(folded, layer.norm, nn.Identity())
     return folded
