@@ -97,7 +97,7 @@ def test_netslim_prunes_the_paper_resnet_as_resprune_does(oracle):
     assert channel_counts(pruned) == channel_counts(
         netslim.load(FILES / "resnet164_pruned40.pth.tar")
     )
-    assert "read through a channel selection" in report.text()
+    assert "read through the channel selection" in report.text()
     paper = torch.load(FILES / "resnet164_pruned40.pth.tar", map_location="cpu", weights_only=True)
     written = official_checkpoint(pruned)  # the paper's own file, but for unselected BN stats
     assert written["cfg"] == paper["cfg"] and list(written["state_dict"]) == list(

@@ -15,10 +15,10 @@ from torch import nn
 import netslim
 from netslim import control, recipes
 from netslim.cli import _lab_config, _train_config, build_parser, main
+from netslim.config import LabConfig
 from netslim.data import make_synthetic, train_batches
 from netslim.early import train_prune_finetune
 from netslim.errors import NetslimError
-from netslim.config import LabConfig
 from netslim.models import VGG
 from netslim.sparsity import batchnorms
 from netslim.surgery import channel_counts

@@ -299,6 +299,7 @@ class _Interpreter(fx.Interpreter):
         self.layers: dict[str, Layer] = {}
         self.norms: dict[str, torch.Tensor] = {}
         self.gathers: dict[str, torch.Tensor] = {}
+        self.selected: set[int] = set()  # units a channel selection reads (its BNs follow it)
         self.codes: dict[fx.Node, Any] = {}
         self.calls: dict[str, int] = {}
         self.inference: set[str] = set()  # the modules inference mode calls
@@ -593,6 +594,7 @@ class _Interpreter(fx.Interpreter):
             return self.opaque(node, value, f"channel selection {name} called more than once")
         reason = f"read through the channel selection {name} (the paper's layout)"
         self.fix_all(self.codes[source], reason)
+        self.selected.update(torch.unique(_decode(self.codes[source])[0]).tolist())
         self.gathers[name] = self.new_units(len(m.index), producer=name)
         return _spread(_code(self.gathers[name], LIVE, LIVE), 1, value.shape)
 
@@ -765,8 +767,9 @@ class _Interpreter(fx.Interpreter):
                               reasons[units[0]] if all_fixed else None,
                               bool(joined[unit_ids].any()))  # fmt: skip
         notable = []
+        selected = {int(compact[u]) for u in self.selected}  # scaled by BNs after a selection
         for c, reason in reasons.items():
-            if c in members and reason not in notable:
+            if (c in members or c in selected) and reason not in notable:
                 notable.append(reason)
         return ChannelGraph(groups, layers, norms, fixed, joined, compensable, notable,
                             tuple(input_size), type(self.model).__name__, gathers)  # fmt: skip
