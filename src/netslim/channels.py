@@ -592,9 +592,9 @@ class _Interpreter(fx.Interpreter):
         name, (source,) = node.target, node.all_input_nodes
         if self.calls[name] > 1:
             return self.opaque(node, value, f"channel selection {name} called more than once")
-        reason = f"read through the channel selection {name} (the paper's layout)"
-        self.fix_all(self.codes[source], reason)
-        self.selected.update(torch.unique(_decode(self.codes[source])[0]).tolist())
+        read = torch.unique(_decode(self.codes[source])[0])
+        self.fix(read, f"read through the channel selection {name} (the paper's layout)")
+        self.selected.update(read.tolist())
         self.gathers[name] = self.new_units(len(m.index), producer=name)
         return _spread(_code(self.gathers[name], LIVE, LIVE), 1, value.shape)
 

@@ -61,16 +61,22 @@ def _os_error(error: BaseException) -> OSError | None:
     return None
 
 
+def _temp_file_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in ``path``'s folder (made if missing), named as
+    :func:`remove_temp_files` recognises it: ``(open descriptor, its path)``."""
+    make_dirs(path.parent)
+    try:
+        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     if path.is_dir():
         raise NetslimError(f"cannot write {path}: it is a folder; give a file name")
-    make_dirs(path.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise write_error(path, e) from None
+    fd, tmp = _temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -112,11 +118,7 @@ def check_output_file(path: str | Path, flag: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise NetslimError(f"{flag} {path} is a folder; give the path of a file to write")
-    make_dirs(path.parent)
-    try:
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise write_error(path, e) from None
+    fd, probe = _temp_file_beside(path)
     os.close(fd)
     os.unlink(probe)
     return path
