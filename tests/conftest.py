@@ -14,6 +14,18 @@ TINY_CFG = [8, "M", 16, "M", 16, 16, "M", 24, "M", 24]  # for surgery tests
 TRAIN_CFG = [16, "M", 32, "M", 32, "M", 64, "M", 64]  # learns synthetic data to ~70% in seconds
 
 
+def tiny_config(**overrides) -> TrainConfig:
+    """A short fp32 CPU run on synthetic data (a tiny VGG passed to fit), with overrides."""
+    base = dict(arch="tiny", dataset="synthetic", lam=1e-4, epochs=3, batch_size=64,
+                precision="fp32", device="cpu")  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    """metrics.jsonl records without their wall-clock fields, to compare two runs."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in records]
+
+
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every BN random gammas, betas and running statistics, as a trained net would have."""
     g = torch.Generator().manual_seed(seed)
@@ -44,8 +56,7 @@ def trained(tmp_path_factory, tiny_data):
     out = tmp_path_factory.mktemp("trained")
     torch.manual_seed(0)
     model = VGG(TRAIN_CFG)
-    config = TrainConfig(arch="tiny", dataset="synthetic", lam=1e-3, epochs=8, batch_size=64,
-                         precision="fp32", device="cpu")  # fmt: skip
+    config = tiny_config(lam=1e-3, epochs=8)
     fit(config, tiny_data, model, out, meta={"arch": "tiny"}, log=lambda s: None)
     from netslim.checkpoint import load
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
-from conftest import TRAIN_CFG
+from conftest import TRAIN_CFG, tiny_config, without_timing
 from torch import nn
 
 import netslim
@@ -25,7 +25,6 @@ from netslim.surgery import channel_counts
 from netslim.train import TrainConfig, fit, lr_at, make_optimizer, read_metrics, train_epoch
 
 QUIET = {"log": lambda s: None}
-TIMING = ("seconds", "images_per_s")
 FAST = {"epochs": 40, "batch_size": 256, "lr": 0.4, "momentum": 0.9, "weight_decay": 5e-4,
         "schedule": "linear", "warmup_epochs": 2.0, "nesterov": True, "label_smoothing": 0.1}  # fmt: skip
 
@@ -33,16 +32,6 @@ FAST = {"epochs": 40, "batch_size": 256, "lr": 0.4, "momentum": 0.9, "weight_dec
 @pytest.fixture(scope="module")
 def small_data():
     return make_synthetic(n_train=384, n_test=128, seed=0)
-
-
-def _config(**kw) -> TrainConfig:
-    base = dict(arch="tiny", dataset="synthetic", lam=1e-4, epochs=3, batch_size=64,
-                precision="fp32", device="cpu")  # fmt: skip
-    return TrainConfig(**{**base, **kw})
-
-
-def _strip(records):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
 # --------------------------------------------------------------------------------------
@@ -113,7 +102,7 @@ def test_bad_recipe_settings_give_one_clear_line(tmp_path, capsys, argv, message
 
 
 def test_linear_schedule_by_hand_and_step_schedule_unchanged():
-    fast = _config(**{**FAST, "epochs": 10})
+    fast = tiny_config(**{**FAST, "epochs": 10})
     # t = epoch + (step + 0.5) / steps; warm-up lr * t / 2 below t = 2, then lr * (10 - t) / 8
     assert recipes.lr_at_step(fast, 0, 0, 4) == pytest.approx(0.4 * 0.125 / 2)
     assert recipes.lr_at_step(fast, 1, 3, 4) == pytest.approx(0.4 * 1.875 / 2)
@@ -123,7 +112,7 @@ def test_linear_schedule_by_hand_and_step_schedule_unchanged():
     short = replace(fast, epochs=2)
     assert recipes.lr_at_step(short, 0, 1, 2) == pytest.approx(0.4 * 0.75 / 1)
     assert recipes.lr_at_step(short, 1, 1, 2) == pytest.approx(0.4 * 0.25 / 1)
-    paper = _config(epochs=160, lr=0.1)
+    paper = tiny_config(epochs=160, lr=0.1)
     for epoch in (0, 79, 80, 120, 159):
         for step in (0, 7):
             assert recipes.lr_at_step(paper, epoch, step, 8) == lr_at(epoch, 0.1, 160)
@@ -132,7 +121,7 @@ def test_linear_schedule_by_hand_and_step_schedule_unchanged():
 def test_l1_term_under_the_fast_schedule_equals_the_documented_formula():
     """One step at epoch 3 of the fast recipe: γ moves by exactly
     ``-(1 + momentum) * lr_t * (∂CE_smoothed/∂γ + wd * γ + lam * sign(γ))`` (first Nesterov step)."""
-    config = _config(**{**FAST, "epochs": 10, "batch_size": 32, "lam": 1e-2})
+    config = tiny_config(**{**FAST, "epochs": 10, "batch_size": 32, "lam": 1e-2})
     data = make_synthetic(n_train=32, n_test=8, seed=1)  # one batch: one step
     lr_t = recipes.lr_at_step(config, 3, 0, 1)
     moved = {}
@@ -215,7 +204,7 @@ def _early(config_kw=None, **kw) -> TrainConfig:
     settings = {**FAST, "epochs": 6, "batch_size": 64, "lam_auto": True, "lam": 1e-4,
                 "target_ratio": 0.5, "prune_when_stable": 0.5, "stable_tol": 1.0,
                 "stable_epochs": 3}  # fmt: skip
-    return _config(**{**settings, **(config_kw or {}), **kw})
+    return tiny_config(**{**settings, **(config_kw or {}), **kw})
 
 
 def test_early_pruning_stops_prunes_and_fine_tunes_the_smaller_network(tmp_path, small_data):
@@ -259,7 +248,7 @@ def test_lam_controller_rules():
 
 def test_lam_auto_raises_lambda_when_sparsity_lags(tmp_path, small_data):
     torch.manual_seed(0)
-    config = _config(epochs=4, lam_auto=True, lam=1e-4, target_ratio=0.9)
+    config = tiny_config(epochs=4, lam_auto=True, lam=1e-4, target_ratio=0.9)
     records = fit(config, small_data, VGG(TRAIN_CFG), tmp_path, **QUIET)
     lams = [r["lam"] for r in records]
     assert lams[0] == 1e-4
@@ -314,7 +303,9 @@ def test_resume_in_the_middle_of_each_stage_reproduces_the_uninterrupted_run(
                          **QUIET)  # fmt: skip
     full, cut_dir = tmp_path / "full", tmp_path / "cut"
     for stage in ("", "finetune"):
-        assert _strip(read_metrics(full / stage)) == _strip(read_metrics(cut_dir / stage))
+        assert without_timing(read_metrics(full / stage)) == without_timing(
+            read_metrics(cut_dir / stage)
+        )
         a, b = _state(full / stage / "last.pth"), _state(cut_dir / stage / "last.pth")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lams = [r["lam"] for r in read_metrics(full)]

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from conftest import TRAIN_CFG
+from conftest import TRAIN_CFG, tiny_config
 
 import netslim
 import netslim.slim as slim_module
@@ -41,9 +41,7 @@ def data():
 
 
 def _config(**kw) -> TrainConfig:
-    base = dict(arch="tiny", dataset="synthetic", lam=1e-3, epochs=2, batch_size=64,
-                precision="fp32", device="cpu")  # fmt: skip
-    return TrainConfig(**{**base, **kw})
+    return tiny_config(**{"lam": 1e-3, "epochs": 2, **kw})
 
 
 def _fit(data, out, **kw):

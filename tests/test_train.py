@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TRAIN_CFG, randomize_bn
+from conftest import TRAIN_CFG, randomize_bn, tiny_config, without_timing
 from torch import nn
 
 import netslim
@@ -60,13 +60,7 @@ def test_step_schedule_milestones():
 
 
 def _config(**kw) -> TrainConfig:
-    base = dict(arch="tiny", dataset="synthetic", lam=1e-4, epochs=3, batch_size=128,
-                precision="fp32", device="cpu")  # fmt: skip
-    return TrainConfig(**{**base, **kw})
-
-
-def _strip_times(records):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in records]
+    return tiny_config(**{"batch_size": 128, **kw})
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_data):
@@ -85,8 +79,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_data):
     assert len(train_module.read_metrics(tmp_path / "cut")) == 1
     resumed = fit(_config(), tiny_data, VGG([4]), tmp_path / "cut", resume=True, **QUIET)
 
-    assert _strip_times(resumed) == _strip_times(full)
-    assert _strip_times(train_module.read_metrics(tmp_path / "cut")) == _strip_times(full)
+    assert without_timing(resumed) == without_timing(full)
+    assert without_timing(train_module.read_metrics(tmp_path / "cut")) == without_timing(full)
     a = torch.load(tmp_path / "full" / "last.pth", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
