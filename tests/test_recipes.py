@@ -235,29 +235,47 @@ def test_early_pruning_stops_prunes_and_fine_tunes_the_smaller_network(tmp_path,
 
 
 def test_lam_controller_rules():
-    auto = control.AutoLam(target_ratio=0.8, epochs=10, lam=1e-4)
-    assert auto.target(1) == pytest.approx(0.8 / 5) and auto.target(7) == 0.8
-    assert auto.update(1, sparsity=0.0, test_acc=50.0) == 2e-4  # lags the ramp: raised
-    assert auto.update(2, sparsity=0.5, test_acc=60.0) == 2e-4  # ahead (0.32): held
-    assert auto.update(3, sparsity=0.0, test_acc=54.0) == 1e-4  # 6 points below best: lowered
-    assert auto.update(4, sparsity=0.0, test_acc=56.0) == 2e-4  # within 5 points: raised
-    for epoch in range(5, 30):
-        auto.update(epoch, sparsity=0.0, test_acc=60.0)
-    assert auto.lam == control.LAM_MAX
+    # 10 epochs of 100 summed lr each; the ramp ends after epoch 5 (q's path: 0.41 down to 0.01)
+    auto = control.AutoLam(target_ratio=0.8, epoch_lr=[100.0] * 10, lam=1e-4, threshold=0.01)
+    # epoch 1 sets the path's start; feed-forward: (q - thr) / Σ lr of epochs 2-5, not capped
+    assert auto.update(1, quantile=0.41, train_acc=50.0) == pytest.approx(0.40 / 400)
+    assert auto.path(2) == pytest.approx(0.31) and auto.path(5) == pytest.approx(0.01)
+    # above the path: gain 1.5, over the 3 epochs left to the ramp's end
+    assert auto.update(2, quantile=0.35, train_acc=60.0) == pytest.approx(1.5 * 0.34 / 300)
+    # below the path: gain back to 1; the formula's 0.04 / 300 is under half the last λ
+    assert auto.update(3, quantile=0.05, train_acc=60.0) == pytest.approx(1.5 * 0.34 / 300 / 2)
+    # 6 points below the best accuracy: gain halved, whatever q
+    assert auto.update(4, quantile=0.5, train_acc=54.0) == pytest.approx(0.5 * 0.49 / 300)
+    assert auto.gain == 0.5
+    # past the ramp the path is the threshold and the horizon 3 epochs
+    assert auto.update(6, quantile=0.2, train_acc=60.0) == pytest.approx(0.75 * 0.19 / 300)
+    lam = auto.lam
+    assert auto.update(7, quantile=0.005, train_acc=60.0) == pytest.approx(lam / 2)  # held
+    for epoch in range(8, 30):  # a network that never sparsifies: gain and λ at their caps
+        auto.update(epoch, quantile=0.5, train_acc=60.0)
+    assert auto.gain == control.GAIN_MAX and auto.lam == control.LAM_MAX
 
 
 def test_lam_auto_raises_lambda_when_sparsity_lags(tmp_path, small_data):
     torch.manual_seed(0)
     config = tiny_config(epochs=4, lam_auto=True, lam=1e-4, target_ratio=0.9)
-    records = fit(config, small_data, VGG(TRAIN_CFG), tmp_path, **QUIET)
+    model = VGG(TRAIN_CFG)
+    records = fit(config, small_data, model, tmp_path, **QUIET)
     lams = [r["lam"] for r in records]
     assert lams[0] == 1e-4
-    best = float("-inf")
-    for r, next_lam in zip(records, lams[1:]):  # each decision follows the documented rule
-        assert r["sparsity"] < r["lam_target"]  # a tiny run is never sparse at 90%
-        expected = r["lam"] / 2 if r["test_acc"] < best - control.ACC_DROP else r["lam"] * 2
-        assert next_lam == pytest.approx(expected)
-        best = max(best, r["test_acc"])
+    steps = -(-len(small_data.train_labels) // config.batch_size)
+    epoch_lr = [sum(recipes.lr_at_step(config, e, s, steps) for s in range(steps))
+                for e in range(config.epochs)]  # fmt: skip
+    for r, next_lam in zip(records, lams[1:]):  # each decision follows the documented formula
+        assert r["sparsity"] < 0.9  # a tiny run is never sparse at 90%
+        last = min(r["epoch"] + control.HOLD, config.epochs)  # 3 epochs past the ramp (2)
+        pull = sum(epoch_lr[min(r["epoch"], last - 1) : last])
+        wanted = r["lam_gain"] * (r["gamma_quantile"] - config.sparsity_threshold) / pull
+        if r["epoch"] > 1:
+            wanted = min(2 * r["lam"], max(r["lam"] / 2, wanted))
+        assert next_lam == pytest.approx(min(control.LAM_MAX, wanted))
+    gammas = torch.cat([bn.weight.detach().abs() for _, bn in batchnorms(model)])
+    assert records[-1]["gamma_quantile"] == pytest.approx(torch.quantile(gammas, 0.9).item())
     assert lams[-1] > lams[0]
 
 
@@ -355,7 +373,7 @@ def test_early_pruning_and_lam_auto_under_torchrun(tmp_path):
     run = tmp_path / "run"
     records = read_metrics(run)
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["stopped_early"]
-    assert records[1]["lam"] == 2 * records[0]["lam"]
+    assert records[1]["lam"] != records[0]["lam"]  # λ auto decided (the same on both ranks)
     assert done.stdout.count("has settled") == 1 and done.stdout.count("done:") == 1
     # both ranks fine-tuned the same pruned network to the same weights, the saved ones
     rank0, rank1 = state(tmp_path / "dump" / "rank0.pt"), state(tmp_path / "dump" / "rank1.pt")

@@ -192,9 +192,18 @@ def figure_control(res: LabResults) -> Figure | None:
     left.set_ylabel("channels whose decision changed (%)")
     left.set_title(f"Prune mask at ratio {res.config.prune_when_stable or 0:g}, epoch to epoch")
     _epoch_axis(left)
-    right.semilogy(epochs, _column(records, "lam"), "s-", color="C2")
+    right.semilogy(epochs, _column(records, "lam"), "s-", color="C2", label="λ")
     right.set_ylabel("λ")
     right.set_title("λ used in each epoch")
+    if "gamma_quantile" in records[0]:  # λ auto steered a quantile of |γ|
+        twin = right.twinx()
+        twin.semilogy(epochs, _column(records, "gamma_quantile"), "o-", color="C1",
+                      label=f"{res.config.target_ratio:g}-quantile of |γ|")  # fmt: skip
+        twin.semilogy(epochs, _column(records, "gamma_quantile_path"), ":", color="C1",
+                      label="its path to the threshold")  # fmt: skip
+        twin.set_ylabel("|γ|")
+        handles = [*right.get_legend_handles_labels()[0], *twin.get_legend_handles_labels()[0]]
+        twin.legend(handles=handles, frameon=False)
     _epoch_axis(right)
     return fig
 

@@ -450,7 +450,8 @@ def _fit(
     history: list[dict[str, Any]] = []
     # Below any accuracy, so that the first epoch always writes best.pth (even at 0%).
     start_epoch, best_acc = 0, -1.0
-    controls = control.SparsityControl(config)  # λ of each epoch; early pruning's stop
+    steps = num_batches(len(data.train_labels), config.batch_size)
+    controls = control.SparsityControl(config, steps)  # λ of each epoch; early pruning's stop
     if resume:
         ckpt = _resume_state(out, config)
         model = model_from_checkpoint(ckpt, str(out / "last.pth"))
@@ -483,7 +484,6 @@ def _fit(
         atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=2) + "\n")
     hinted = False
 
-    steps = num_batches(len(data.train_labels), config.batch_size)
     for epoch in range(start_epoch, config.epochs):
         if controls.stopped:  # early pruning ended sparsity training in an earlier run
             break
