@@ -265,7 +265,7 @@ def test_lam_auto_raises_lambda_when_sparsity_lags(tmp_path, small_data):
     assert lams[0] == 1e-4
     steps = -(-len(small_data.train_labels) // config.batch_size)
     epoch_lr = [sum(recipes.lr_at_step(config, e, s, steps) for s in range(steps))
-                for e in range(config.epochs)]  # fmt: skip
+                / (1 - config.momentum) for e in range(config.epochs)]  # fmt: skip
     for r, next_lam in zip(records, lams[1:]):  # each decision follows the documented formula
         assert r["sparsity"] < 0.9  # a tiny run is never sparse at 90%
         last = min(r["epoch"] + control.HOLD, config.epochs)  # 3 epochs past the ramp (2)
