@@ -244,11 +244,11 @@ def test_lam_controller_rules():
     assert auto.update(2, quantile=0.35, train_acc=60.0) == pytest.approx(1.5 * 0.34 / 300)
     # below the path: gain back to 1; the formula's 0.04 / 300 is under half the last λ
     assert auto.update(3, quantile=0.05, train_acc=60.0) == pytest.approx(1.5 * 0.34 / 300 / 2)
-    # 6 points below the best accuracy: gain halved, whatever q
-    assert auto.update(4, quantile=0.5, train_acc=54.0) == pytest.approx(0.5 * 0.49 / 300)
-    assert auto.gain == 0.5
+    # 6 points below the best accuracy: λ halved, whatever q, and the gain kept
+    assert auto.update(4, quantile=0.5, train_acc=54.0) == pytest.approx(1.5 * 0.34 / 300 / 4)
+    assert auto.gain == control.GAIN_MIN == 1
     # past the ramp the path is the threshold and the horizon 3 epochs
-    assert auto.update(6, quantile=0.2, train_acc=60.0) == pytest.approx(0.75 * 0.19 / 300)
+    assert auto.update(6, quantile=0.1, train_acc=60.0) == pytest.approx(1.5 * 0.09 / 300)
     lam = auto.lam
     assert auto.update(7, quantile=0.005, train_acc=60.0) == pytest.approx(lam / 2)  # held
     for epoch in range(8, 30):  # a network that never sparsifies: gain and λ at their caps
@@ -266,8 +266,13 @@ def test_lam_auto_raises_lambda_when_sparsity_lags(tmp_path, small_data):
     steps = -(-len(small_data.train_labels) // config.batch_size)
     epoch_lr = [sum(recipes.lr_at_step(config, e, s, steps) for s in range(steps))
                 / (1 - config.momentum) for e in range(config.epochs)]  # fmt: skip
+    best = float("-inf")
     for r, next_lam in zip(records, lams[1:]):  # each decision follows the documented formula
         assert r["sparsity"] < 0.9  # a tiny run is never sparse at 90%
+        hurt, best = r["train_acc"] < best - control.ACC_DROP, max(best, r["train_acc"])
+        if hurt:
+            assert next_lam == pytest.approx(r["lam"] / 2)
+            continue
         last = min(r["epoch"] + control.HOLD, config.epochs)  # 3 epochs past the ramp (2)
         pull = sum(epoch_lr[min(r["epoch"], last - 1) : last])
         wanted = r["lam_gain"] * (r["gamma_quantile"] - config.sparsity_threshold) / pull

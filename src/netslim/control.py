@@ -21,9 +21,12 @@ The rule, after epoch ``e`` of ``E``, with the ramp ending at epoch ``ceil(E / 2
 2. *Correction.* The loss does push back, by an amount no formula knows, so ``gain``
    (from 1) is multiplied by ``GAIN_STEP`` when ``q`` lies above its path, the straight
    line from its first value down to ``thr`` at the ramp's end, and divided by it when
-   below; within ``[GAIN_MIN, GAIN_MAX]``.
+   below; within ``[GAIN_MIN, GAIN_MAX]``. Never below 1: the feed-forward assumes no
+   resistance, so less than it is never what the loss needs (measured: a gain that sank
+   to 0.25 while young γs shrank on their own took 9 epochs to climb back, and ``q``
+   reached ``thr`` 6 epochs after the ramp's end).
 3. *Accuracy guard.* If the epoch's training accuracy fell more than ``ACC_DROP`` points
-   below its best so far, ``gain`` is halved instead (the penalty is hurting the network).
+   below its best so far, λ is halved instead (the penalty is hurting the network).
    Training accuracy, not test accuracy: the test set must not steer training, and at
    the fast recipe's peak learning rate test accuracy swings by 10-20 points from one
    epoch to the next while training accuracy, averaged over a whole epoch, does not.
@@ -67,7 +70,7 @@ from netslim.sparsity import batchnorms, bn_gammas
 LAM_START = 1e-4
 LAM_MIN, LAM_MAX = 1e-6, 1e-2
 FACTOR = 2.0  # the most λ changes from one epoch to the next
-GAIN_STEP, GAIN_MIN, GAIN_MAX = 1.5, 0.25, 16.0
+GAIN_STEP, GAIN_MIN, GAIN_MAX = 1.5, 1.0, 16.0
 HOLD = 3  # epochs: the shortest horizon over which λ means to remove an excess of q
 ACC_DROP = 5.0  # percentage points below the best training accuracy
 RAMP = 0.5  # share of the epochs by which the target ratio should be reached
@@ -131,14 +134,15 @@ class AutoLam:
         returns the λ of the next epoch."""
         if self.start is None:
             self.start = quantile
-        if train_acc < self.best_acc - ACC_DROP:
-            self.gain /= 2
-        elif quantile > self.path(epoch):
-            self.gain *= GAIN_STEP
-        elif quantile < self.path(epoch):
-            self.gain /= GAIN_STEP
-        self.gain = min(GAIN_MAX, max(GAIN_MIN, self.gain))
+        hurt = train_acc < self.best_acc - ACC_DROP
         self.best_acc = max(self.best_acc, train_acc)
+        if hurt:
+            self.lam = max(LAM_MIN, self.lam / FACTOR)
+            return self.lam
+        if quantile > self.path(epoch):
+            self.gain = min(GAIN_MAX, self.gain * GAIN_STEP)
+        elif quantile < self.path(epoch):
+            self.gain = max(GAIN_MIN, self.gain / GAIN_STEP)
         wanted = self.gain * max(quantile - self.threshold, 0.0) / self.pull_left(epoch)
         if epoch > 1:  # the first decision replaces the λ given, which may be far off
             wanted = min(self.lam * FACTOR, max(self.lam / FACTOR, wanted))

@@ -202,6 +202,7 @@ def figure_control(res: LabResults) -> Figure | None:
         twin.semilogy(epochs, _column(records, "gamma_quantile_path"), ":", color="C1",
                       label="its path to the threshold")  # fmt: skip
         twin.set_ylabel("|γ|")
+        right.set_title("λ of each epoch, and the quantile of |γ| it steers")
         handles = [*right.get_legend_handles_labels()[0], *twin.get_legend_handles_labels()[0]]
         twin.legend(handles=handles, frameon=False)
     _epoch_axis(right)
