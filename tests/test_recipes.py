@@ -25,7 +25,7 @@ from netslim.surgery import channel_counts
 from netslim.train import TrainConfig, fit, lr_at, make_optimizer, read_metrics, train_epoch
 
 QUIET = {"log": lambda s: None}
-FAST = {"epochs": 40, "batch_size": 256, "lr": 0.4, "momentum": 0.9, "weight_decay": 5e-4,
+FAST = {"epochs": 40, "batch_size": 256, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4,
         "schedule": "linear", "warmup_epochs": 2.0, "nesterov": True, "label_smoothing": 0.1}  # fmt: skip
 
 
@@ -104,14 +104,14 @@ def test_bad_recipe_settings_give_one_clear_line(tmp_path, capsys, argv, message
 def test_linear_schedule_by_hand_and_step_schedule_unchanged():
     fast = tiny_config(**{**FAST, "epochs": 10})
     # t = epoch + (step + 0.5) / steps; warm-up lr * t / 2 below t = 2, then lr * (10 - t) / 8
-    assert recipes.lr_at_step(fast, 0, 0, 4) == pytest.approx(0.4 * 0.125 / 2)
-    assert recipes.lr_at_step(fast, 1, 3, 4) == pytest.approx(0.4 * 1.875 / 2)
-    assert recipes.lr_at_step(fast, 5, 1, 4) == pytest.approx(0.4 * (10 - 5.375) / 8)
-    assert recipes.lr_at_step(fast, 9, 3, 4) == pytest.approx(0.4 * 0.125 / 8)
+    assert recipes.lr_at_step(fast, 0, 0, 4) == pytest.approx(0.2 * 0.125 / 2)
+    assert recipes.lr_at_step(fast, 1, 3, 4) == pytest.approx(0.2 * 1.875 / 2)
+    assert recipes.lr_at_step(fast, 5, 1, 4) == pytest.approx(0.2 * (10 - 5.375) / 8)
+    assert recipes.lr_at_step(fast, 9, 3, 4) == pytest.approx(0.2 * 0.125 / 8)
     # a fine-tuning shorter than twice the warm-up warms up for half of it
     short = replace(fast, epochs=2)
-    assert recipes.lr_at_step(short, 0, 1, 2) == pytest.approx(0.4 * 0.75 / 1)
-    assert recipes.lr_at_step(short, 1, 1, 2) == pytest.approx(0.4 * 0.25 / 1)
+    assert recipes.lr_at_step(short, 0, 1, 2) == pytest.approx(0.2 * 0.75 / 1)
+    assert recipes.lr_at_step(short, 1, 1, 2) == pytest.approx(0.2 * 0.25 / 1)
     paper = tiny_config(epochs=160, lr=0.1)
     for epoch in (0, 79, 80, 120, 159):
         for step in (0, 7):

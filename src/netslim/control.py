@@ -14,17 +14,18 @@ The rule, after epoch ``e`` of ``E``, with the ramp ending at epoch ``ceil(E / 2
    ``lr_t * λ / (1 - m)`` per step (Nesterov too), so a λ of ``(q - thr) / P``, with ``P``
    the sum of ``lr_t / (1 - m)`` over the steps left before the ramp's end (at least
    ``HOLD`` epochs' worth), would bring ``q`` down to ``thr`` by then if the loss did not
-   push back. (Without the momentum factor the first λ came out 10x too large at
-   ``m = 0.9``, and ``q`` fell from 0.49 to 0.03 in one epoch.) λ for the next epoch is ``gain * max(q - thr, 0) / P``:
-   it shrinks as ``q`` nears its goal, so λ settles instead of overshooting. Past the
-   ramp it holds ``q`` at ``thr``, removing any excess over the next ``HOLD`` epochs.
+   push back. λ for the next epoch is ``gain * max(q - thr, 0) / P``: it shrinks as ``q``
+   nears its goal, so λ settles instead of overshooting. Past the ramp it holds ``q`` at
+   ``thr``, removing any excess over the next ``HOLD`` epochs. (Without the momentum
+   factor the first λ came out 10x too large at ``m = 0.9``: ``q`` fell from 0.49 to 0.03
+   in one epoch, and the network pruned at 0.5 ended 0.8 points lower at equal compute.)
 2. *Correction.* The loss does push back, by an amount no formula knows, so ``gain``
    (from 1) is multiplied by ``GAIN_STEP`` when ``q`` lies above its path, the straight
    line from its first value down to ``thr`` at the ramp's end, and divided by it when
    below; within ``[GAIN_MIN, GAIN_MAX]``. Never below 1: the feed-forward assumes no
-   resistance, so less than it is never what the loss needs (measured: a gain that sank
-   to 0.25 while young γs shrank on their own took 9 epochs to climb back, and ``q``
-   reached ``thr`` 6 epochs after the ramp's end).
+   resistance, so less than it is never what the loss needs. Even so ``q`` lags its
+   path in the last epochs of the ramp, when the network has come to rely on its
+   channels, and reaches ``thr`` a few epochs after the ramp's end (bench/RESULTS.md).
 3. *Accuracy guard.* If the epoch's training accuracy fell more than ``ACC_DROP`` points
    below its best so far, λ is halved instead (the penalty is hurting the network).
    Training accuracy, not test accuracy: the test set must not steer training, and at
