@@ -103,15 +103,16 @@ def test_bad_recipe_settings_give_one_clear_line(tmp_path, capsys, argv, message
 
 def test_linear_schedule_by_hand_and_step_schedule_unchanged():
     fast = tiny_config(**{**FAST, "epochs": 10})
+    lr = FAST["lr"]
     # t = epoch + (step + 0.5) / steps; warm-up lr * t / 2 below t = 2, then lr * (10 - t) / 8
-    assert recipes.lr_at_step(fast, 0, 0, 4) == pytest.approx(0.2 * 0.125 / 2)
-    assert recipes.lr_at_step(fast, 1, 3, 4) == pytest.approx(0.2 * 1.875 / 2)
-    assert recipes.lr_at_step(fast, 5, 1, 4) == pytest.approx(0.2 * (10 - 5.375) / 8)
-    assert recipes.lr_at_step(fast, 9, 3, 4) == pytest.approx(0.2 * 0.125 / 8)
+    assert recipes.lr_at_step(fast, 0, 0, 4) == pytest.approx(lr * 0.125 / 2)
+    assert recipes.lr_at_step(fast, 1, 3, 4) == pytest.approx(lr * 1.875 / 2)
+    assert recipes.lr_at_step(fast, 5, 1, 4) == pytest.approx(lr * (10 - 5.375) / 8)
+    assert recipes.lr_at_step(fast, 9, 3, 4) == pytest.approx(lr * 0.125 / 8)
     # a fine-tuning shorter than twice the warm-up warms up for half of it
     short = replace(fast, epochs=2)
-    assert recipes.lr_at_step(short, 0, 1, 2) == pytest.approx(0.2 * 0.75 / 1)
-    assert recipes.lr_at_step(short, 1, 1, 2) == pytest.approx(0.2 * 0.25 / 1)
+    assert recipes.lr_at_step(short, 0, 1, 2) == pytest.approx(lr * 0.75 / 1)
+    assert recipes.lr_at_step(short, 1, 1, 2) == pytest.approx(lr * 0.25 / 1)
     paper = tiny_config(epochs=160, lr=0.1)
     for epoch in (0, 79, 80, 120, 159):
         for step in (0, 7):
