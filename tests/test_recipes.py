@@ -352,7 +352,12 @@ def test_lab_stops_the_pruned_run_early_and_plots_it(tmp_path):
     train_config = json.loads((out / "train" / "lam=1e-3" / "config.json").read_text())
     assert train_config["recipe"] == "fast" and train_config["batch_size"] == 256
     assert (out / "figures" / "fig6_early_pruning_and_lam.png").stat().st_size > 1000
-    assert "Figure 6" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Figure 6" in report
+    # the text says what ran: the stop epoch from the metrics, the schedule from config.json
+    assert f"training stopped after epoch {records[-1]['epoch']}, when the prune mask" in report
+    assert f"over the first {train_config['warmup_epochs']:g} epochs" in report
+    assert "drops tenfold" not in report
     # the early-stopped training counts as finished: running the lab again trains nothing
     code, printed = _run_cli(argv)
     assert code == 0 and "epoch " not in printed and printed.count("done already") == 4

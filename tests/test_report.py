@@ -74,6 +74,8 @@ def test_every_figure_is_a_readable_png(lab):
 
 def test_markdown_shows_every_figure_beside_it(lab):
     text = (lab / "report.md").read_text()
+    # the paper recipe's step schedule, and no early stop or λ auto to tell of
+    assert "drops tenfold" in text and "stopped after epoch" not in text
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert sorted(linked) == sorted(f"figures/{name}" for name in FIGURES.values())
     assert all((lab / path).is_file() for path in linked)

@@ -74,13 +74,17 @@ class LabResults:
     run: Path
     config: LabConfig
     info: dict[str, Any]
-    sparsity_threshold: float
+    train_config: TrainConfig  # the resolved settings of the first sparsity training
     num_classes: int
     train: dict[float, list[dict[str, Any]]]  # λ -> metrics records
     gammas: dict[float, np.ndarray]  # λ -> all BN γ at the end of training
     prune: dict[float, dict[str, Any]]  # ratio -> PruneReport dict
     sweep: dict[str, Any]
     finetune: dict[float, list[dict[str, Any]]]  # ratio -> metrics records
+
+    @property
+    def sparsity_threshold(self) -> float:
+        return self.train_config.sparsity_threshold
 
 
 def load_results(run: str | Path) -> LabResults:
@@ -116,7 +120,7 @@ def load_results(run: str | Path) -> LabResults:
     first_run = read_json(train_dir(run, config.lams[0]) / "config.json")
     train_config = TrainConfig.from_dict(first_run)
     return LabResults(
-        run=run, config=config, info=info, sparsity_threshold=train_config.sparsity_threshold,
+        run=run, config=config, info=info, train_config=train_config,
         num_classes=num_outputs(next(iter(models.values()))), train=train,
         gammas={lam: bn_gammas(m).numpy() for lam, m in models.items()},
         prune=prune, sweep=sweep, finetune=finetune,
@@ -430,17 +434,17 @@ def build_document(res: LabResults) -> list[Block]:
     floored = [f"{p['ratio']:g}" for p in res.sweep["points"] if p["floored"]]
     return [
         ("h1", f"Network slimming lab: {c.arch} on {c.dataset}"),
-        ("p", f"Sparsity training at λ = {lams} ({_epochs(c.epochs)} each, same initial weights), "
-              f"pruning of the λ = {lam_name(c.prune_lam)} model at ratios {ratios}, and "
-              f"{_epochs(c.finetune_epochs)} of fine-tuning of each pruned network. "
-              f"Accuracies are in %, on the test set"
+        ("p", f"Sparsity training at λ = {lams} ({_epochs(c.epochs)} each, same initial weights, "
+              f"recipe '{c.recipe}'), pruning of the λ = {lam_name(c.prune_lam)} model at "
+              f"ratios {ratios}, and {_epochs(c.finetune_epochs)} of fine-tuning of each pruned "
+              f"network.{_control_sentence(res)} Accuracies are in %, on the test set"
               f"{f' (its first {c.test_size} images)' if c.test_size else ''}."),
         ("h2", "Sparsity training"),
         ("table", *training_table(res)),
         ("figure", "training", "Figure 1: accuracy and sparsity during sparsity training",
          f"Per λ: train and test accuracy (left axis) and the share of BN channels whose "
          f"scaling factor |γ| is below {res.sparsity_threshold:g} (right axis) after each "
-         "epoch. The learning rate drops tenfold at 50% and 75% of the epochs."),
+         f"epoch. {_schedule_sentence(res.train_config)}"),
         ("figure", "gammas", "Figure 2: BN scaling factors at the end of training",
          "Histogram of |γ| of all BN channels, on a logarithmic axis shared by all panels: a "
          "large λ pushes many γ down by orders of magnitude (to 1e-5 and below), which a "
@@ -503,6 +507,27 @@ def build_document(res: LabResults) -> list[Block]:
 
 def _epochs(n: int) -> str:
     return f"{n} epoch{'s' if n != 1 else ''}"
+
+
+def _schedule_sentence(config: TrainConfig) -> str:
+    if config.schedule == "step":
+        return "The learning rate drops tenfold at 50% and 75% of the epochs."
+    return (f"The learning rate rises linearly over the first {config.warmup_epochs:g} "
+            "epochs, then falls linearly to 0 by the last epoch set.")  # fmt: skip
+
+
+def _control_sentence(res: LabResults) -> str:
+    """How λ auto and early pruning changed the pruned run ("" when neither was on)."""
+    c = res.config
+    parts = []
+    if c.target_ratio is not None:
+        parts.append(f"λ was adapted by λ auto toward a share of "
+                     f"{c.target_ratio:g} of |γ| below {res.sparsity_threshold:g}")  # fmt: skip
+    stops = [r["epoch"] for r in res.train[c.prune_lam] if r.get("stopped_early")]
+    if stops:
+        parts.append(f"training stopped after epoch {stops[0]}, when the prune mask at ratio "
+                     f"{c.prune_when_stable:g} had settled")  # fmt: skip
+    return f" In the λ = {lam_name(c.prune_lam)} run, {' and '.join(parts)}." if parts else ""
 
 
 def _software_table(envs: list[dict[str, str]]) -> tuple[list[str], list[list[str]]]:
