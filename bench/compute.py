@@ -37,11 +37,14 @@ def stage_compute(run: Path) -> dict:
 
 
 def main(runs: list[str]) -> None:
-    stages = []
+    folders: list[Path] = []
     for run in map(Path, runs):
-        stages.append(stage_compute(run))
+        folders.append(run)
         if (run / "finetune" / "metrics.jsonl").exists():  # early pruning's second stage
-            stages.append(stage_compute(run / "finetune"))
+            folders.append(run / "finetune")
+    # a folder named as well as found (RUN RUN/finetune) counts once
+    folders = list({folder.resolve(): folder for folder in folders}.values())
+    stages = [stage_compute(folder) for folder in folders]
     for s in stages:
         print(f"{s['run']}: {s['epochs']} epochs x {s['images']} images x {s['macs']:,} MACs "
               f"= {s['compute']:.4g}, test acc {s['test_acc']:.2f}%, {s['seconds']:.0f} s")  # fmt: skip
