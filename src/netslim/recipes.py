@@ -80,17 +80,23 @@ def lr_at_step(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
     ``linear``: with ``t = epoch + (step + 0.5) / steps`` the training time in epochs (the
     middle of the step), ``lr * t / w`` during the warm-up ``t < w``, then
     ``lr * (E - t) / (E - w)`` down to nearly zero at the end of ``E = epochs``; the
-    warm-up is ``w = min(warmup_epochs, E / 2)``, so a short fine-tuning still decays.
+    warm-up is ``w =`` :func:`warmup_epochs`, at most ``E / 2``, so a short fine-tuning still
+    decays.
     """
     from netslim.train import lr_at  # train imports this module
 
     if config.schedule == "step":
         return lr_at(epoch, config.lr, config.epochs)
     end = config.epochs
-    t, w = epoch + (step + 0.5) / steps, min(config.warmup_epochs, end / 2)
+    t, w = epoch + (step + 0.5) / steps, warmup_epochs(config)
     if t < w:
         return config.lr * t / w
     return config.lr * (end - t) / (end - w)
+
+
+def warmup_epochs(config: TrainConfig) -> float:
+    """The ``linear`` schedule's warm-up in epochs: ``--warmup-epochs``, at most half the run."""
+    return min(config.warmup_epochs, config.epochs / 2)
 
 
 def check_schedule(config: TrainConfig) -> None:

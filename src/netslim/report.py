@@ -40,6 +40,7 @@ from netslim.labfolder import (
     train_dir,
 )
 from netslim.models import VGG_CFGS, num_outputs
+from netslim.recipes import warmup_epochs
 from netslim.sparsity import bn_gammas
 from netslim.train import TrainConfig, read_metrics
 
@@ -172,6 +173,11 @@ def figure_training(res: LabResults) -> Figure:
     return fig
 
 
+def _stop_epoch(records: list[dict[str, Any]]) -> int | None:
+    """The epoch after which early pruning stopped sparsity training, or None."""
+    return next((r["epoch"] for r in records if r.get("stopped_early")), None)
+
+
 def _controlled(res: LabResults) -> bool:
     """Whether the lab stopped its prune_lam training early or adapted its λ."""
     c = res.config
@@ -189,9 +195,9 @@ def figure_control(res: LabResults) -> Figure | None:
         distance = [r.get("mask_distance") for r in records]
         left.plot(epochs, [np.nan if d is None else 100 * d for d in distance], "o-", color="C0")
         left.axhline(100 * res.config.stable_tol, color="grey", ls=":", label="--stable-tol")
-        stops = [r["epoch"] for r in records if r.get("stopped_early")]
-        if stops:
-            left.axvline(stops[0], color="C3", ls="--", label=f"stopped after epoch {stops[0]}")
+        stop = _stop_epoch(records)
+        if stop is not None:
+            left.axvline(stop, color="C3", ls="--", label=f"stopped after epoch {stop}")
         left.legend(frameon=False)
     left.set_ylabel("channels whose decision changed (%)")
     left.set_title(f"Prune mask at ratio {res.config.prune_when_stable or 0:g}, epoch to epoch")
@@ -512,7 +518,7 @@ def _epochs(n: int) -> str:
 def _schedule_sentence(config: TrainConfig) -> str:
     if config.schedule == "step":
         return "The learning rate drops tenfold at 50% and 75% of the epochs."
-    return (f"The learning rate rises linearly over the first {config.warmup_epochs:g} "
+    return (f"The learning rate rises linearly over the first {warmup_epochs(config):g} "
             "epochs, then falls linearly to 0 by the last epoch set.")  # fmt: skip
 
 
@@ -523,9 +529,9 @@ def _control_sentence(res: LabResults) -> str:
     if c.target_ratio is not None:
         parts.append(f"λ was adapted by λ auto toward a share of "
                      f"{c.target_ratio:g} of |γ| below {res.sparsity_threshold:g}")  # fmt: skip
-    stops = [r["epoch"] for r in res.train[c.prune_lam] if r.get("stopped_early")]
-    if stops:
-        parts.append(f"training stopped after epoch {stops[0]}, when the prune mask at ratio "
+    stop = _stop_epoch(res.train[c.prune_lam])
+    if stop is not None:
+        parts.append(f"training stopped after epoch {stop}, when the prune mask at ratio "
                      f"{c.prune_when_stable:g} had settled")  # fmt: skip
     return f" In the λ = {lam_name(c.prune_lam)} run, {' and '.join(parts)}." if parts else ""
 
