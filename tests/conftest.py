@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from netslim.config import LabConfig
 from netslim.data import make_synthetic
 from netslim.models import VGG
 from netslim.sparsity import batchnorms
@@ -61,3 +62,20 @@ def trained(tmp_path_factory, tiny_data):
     from netslim.checkpoint import load
 
     return out, load(out / "last.pth")
+
+
+# A lab small enough for the tests (about 20 s on 2 CPUs): test_report reads it, the
+# reliability tests copy it.
+MICRO_LAB = LabConfig(arch="vgg11-small", dataset="synthetic", train_size=256, test_size=128,
+                      epochs=2, finetune_epochs=1, batch_size=128, recalibrate=2, sweep=[0.3, 0.7],
+                      precision="fp32", device="cpu")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def micro_lab(tmp_path_factory):
+    """A finished micro lab (made through the Python API); copy it before changing it."""
+    from netslim.lab import run_lab
+
+    out = tmp_path_factory.mktemp("micro_lab") / "lab"
+    run_lab(MICRO_LAB, out, log=lambda line: None)
+    return out

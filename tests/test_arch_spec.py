@@ -76,7 +76,8 @@ def write_module(root: Path) -> None:
 
 
 def test_your_own_builder_from_the_command_line(tmp_path):
-    """A module the CLI imports from PYTHONPATH: train, prune, info in fresh processes."""
+    """A module the CLI imports from PYTHONPATH: train, prune, info in fresh processes (the
+    last two told to trust the module their checkpoints name)."""
     write_module(tmp_path / "code")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(tmp_path / "code")])}
 
@@ -88,9 +89,11 @@ def test_your_own_builder_from_the_command_line(tmp_path):
 
     netslim_cli("train", "--arch", "mypkg.mymod:build", *TINY, "--epochs", "1",
                 "--out", str(tmp_path / "run"))  # fmt: skip
+    # a checkpoint naming your module is built only with your consent (issue 20)
     netslim_cli("prune", str(tmp_path / "run" / "last.pth"), "--ratio", "0.4",
-                "--out", str(tmp_path / "p.pth"))  # fmt: skip
-    info = json.loads(netslim_cli("info", str(tmp_path / "p.pth"), "--json"))
+                "--out", str(tmp_path / "p.pth"), "--trust-module", "mypkg.mymod")  # fmt: skip
+    info = json.loads(netslim_cli("info", str(tmp_path / "p.pth"), "--json",
+                                  "--trust-module", "mypkg"))  # fmt: skip
     assert info["arch"] == "mypkg.mymod:build"
     assert info["conv_channels"][0] < 16 or info["conv_channels"][1] < 24
 

@@ -15,12 +15,11 @@ from pathlib import Path
 import matplotlib.image
 import matplotlib.text
 import pytest
+from conftest import MICRO_LAB
 
 import netslim
 from netslim.cli import main
-from netslim.config import LabConfig
 from netslim.errors import NetslimError
-from netslim.lab import run_lab
 from netslim.report import (
     FIGURES,
     figure_channels,
@@ -30,18 +29,14 @@ from netslim.report import (
     render_report,
 )
 
-CONFIG = LabConfig(arch="vgg11-small", dataset="synthetic", train_size=256, test_size=128,
-                   epochs=2, finetune_epochs=1, batch_size=128, recalibrate=2, sweep=[0.3, 0.7],
-                   precision="fp32", device="cpu")  # fmt: skip
+CONFIG = MICRO_LAB
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Path:
-    """A finished micro lab (made through the Python API)."""
-    out = tmp_path_factory.mktemp("report") / "lab"
-    run_lab(CONFIG, out, log=lambda line: None)
-    return out
+def lab(micro_lab) -> Path:
+    """A finished micro lab (made through the Python API, shared with other tests)."""
+    return micro_lab
 
 
 def tables(markdown: str) -> list[list[list[str]]]:

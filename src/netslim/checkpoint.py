@@ -8,6 +8,18 @@ layer (:func:`netslim.surgery.channel_counts`): architecture name plus channel c
 rebuild any pruned network, and VGGs also carry the official ``'cfg'``. Everything is
 plain tensors, lists, numbers and strings, so files load with
 ``torch.load(..., weights_only=True)`` and no pickled module is ever executed.
+
+What a file can make netslim do when it is read:
+
+* nothing runs: the unpickler builds tensors, containers, numbers and strings only;
+* a damaged file is refused: every record of the zip archive ``torch.save`` writes is
+  checked against its CRC-32 before anything is unpickled (one flipped bit is enough);
+* it names the network to build: one of netslim's own, or a torchvision or timm model by
+  its registry name (code you installed). A file naming *your own* module
+  (``pkg.mod:build``) is refused unless the caller names that module (``trust=``, the
+  CLI's ``--trust-module``) or passes the builder: importing a module runs its code;
+* sizes come from the tensors it holds: every stored channel count must match the shape
+  of the weights it describes, so a file cannot make netslim allocate more than it holds.
 """
 
 from __future__ import annotations
@@ -15,7 +27,9 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+import zipfile
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +39,9 @@ from torch import nn
 from netslim import official
 from netslim.errors import NetslimError
 from netslim.files import atomic_write
+from netslim.limits import check_image_size
 from netslim.models import ARCHS, VGG, VGG_CFGS, CfgItem, build_model, is_spec, validate_cfg
+from netslim.models.external import trusted_spec
 from netslim.surgery import resize_layers
 
 
@@ -69,6 +85,8 @@ def _torch_load(path: Path) -> Any:
             else "the file is empty"
         )
         raise NetslimError(f"{path} is not a checkpoint written by torch.save: {what}")
+    if head.startswith(b"PK"):
+        _check_archive(path)
     try:
         with warnings.catch_warnings():  # a pickle not from torch.save: refused just below
             warnings.filterwarnings("ignore", "Detected pickle protocol")
@@ -88,6 +106,22 @@ def _torch_load(path: Path) -> Any:
         raise NetslimError(
             f"{path} is not a checkpoint written by torch.save, or it is truncated: {detail}"
         ) from None
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse a zip archive any record of which fails its CRC-32 (torch.load does not check)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise NetslimError(
+            f"{path} is not a checkpoint written by torch.save, or it is truncated: {e}"
+        ) from None
+    if bad is not None:
+        raise NetslimError(
+            f"{path} is damaged: its record {bad} fails its CRC-32 check (the file changed "
+            "after it was written); copy or download it again"
+        )
 
 
 def cfg_from_state_dict(
@@ -119,6 +153,8 @@ def model_from_checkpoint(
     checkpoint: dict[str, Any],
     source: str = "checkpoint",
     builder: Callable[[], nn.Module] | None = None,
+    *,
+    trust: str | Iterable[str] | None = None,
 ) -> nn.Module:
     """Rebuild the network a checkpoint describes and load its weights, checking they agree.
 
@@ -127,7 +163,10 @@ def model_from_checkpoint(
     VGG (or a file of the paper's code, which has no metadata) from the cfg its state_dict
     implies; the paper's ResNet-164 and DenseNet-40 as :mod:`netslim.official` reads them.
     ``builder``, a callable returning the unpruned network, replaces the stored
-    architecture: that is how a checkpoint of your own module loads.
+    architecture: that is how a checkpoint of your own module loads. A checkpoint whose
+    spec names your own module (``pkg.mod:build``) is built from it only when ``trust``
+    names that module (or a package above it): importing a module runs its code, and the
+    file, not you, chose the name.
     """
     checkpoint = official.to_netslim(checkpoint, source)
     state_dict = checkpoint["state_dict"]
@@ -136,20 +175,30 @@ def model_from_checkpoint(
     by_arch = bool(arch) and (is_spec(arch) or arch in ARCHS) and arch not in VGG_CFGS
     if builder is not None or by_arch:
         what = arch or "network its builder returns"
+        channels = checkpoint.get("channels")
+        if channels is not None:
+            if not isinstance(channels, dict):
+                raise NetslimError(f"{source}: its 'channels' entry is not a dict of layers")
+            _check_counts(channels, state_dict, source)
+        elif arch is not None:
+            raise NetslimError(f"{source}: a {arch} checkpoint needs its 'channels' entry")
         if builder is not None:
             model = builder()
             if not isinstance(model, nn.Module):
                 raise NetslimError(f"the builder returned a {type(model).__name__}, not a module")
         else:
-            num_classes = int(meta.get("num_classes") or 0) or _classes(state_dict)
-            model = build_model(arch, num_classes)
-        channels = checkpoint.get("channels")
+            if is_spec(arch) and not trusted_spec(arch, trust):
+                module = arch.partition(":")[0]
+                raise NetslimError(
+                    f"{source} was saved from the module {module} (--arch {arch}); building "
+                    f"it would import and run that module, and netslim imports a module a file "
+                    f"names only with your consent: add --trust-module {module} if you trust "
+                    f"it (in Python: netslim.load(path, trust={module!r}), or netslim.load(path, "
+                    "builder))"
+                )
+            model = build_model(arch, _num_classes(meta, state_dict, source))
         if channels is not None:
-            if not isinstance(channels, dict):
-                raise NetslimError(f"{source}: its 'channels' entry is not a dict of layers")
             model = resize_layers(model, channels, source)
-        elif arch is not None:
-            raise NetslimError(f"{source}: a {arch} checkpoint needs its 'channels' entry")
         official.install_gathers(model, state_dict, source)  # the paper's channel selections
         _load_weights(model, state_dict, source, what)
         return model
@@ -177,11 +226,66 @@ def model_from_checkpoint(
     return model
 
 
-def image_size_of(checkpoint: dict[str, Any]) -> int:
+def image_size_of(checkpoint: dict[str, Any], source: str = "checkpoint") -> int:
     """The square input size the checkpoint's network was trained or pruned at (else 32)."""
     meta = checkpoint.get("netslim") or {}
     size = meta.get("image_size") or (meta.get("config") or {}).get("image_size") or 32
-    return int(size)
+    try:
+        return check_image_size(size, "its recorded image size")
+    except NetslimError as e:
+        raise NetslimError(f"{source}: {e}; the file is damaged or was edited") from None
+
+
+def _check_counts(counts: dict[str, Any], state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse channel counts that do not match the stored weights' shapes (before anything
+    is allocated from them: a file cannot ask for layers larger than the tensors it holds)."""
+    for name, count in counts.items():
+        weight = state_dict.get(f"{name}.weight")
+        if weight is None:  # a BatchNorm without affine parameters
+            weight = state_dict.get(f"{name}.running_mean")
+        ok = isinstance(count, (list, tuple)) and all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in count
+        )
+        if ok and weight is None and len(count) == 1:
+            continue  # a BatchNorm without parameters or statistics: nothing to allocate
+        ok = ok and weight is not None
+        if ok:
+            shape = tuple(weight.shape)
+            if len(count) == 4:  # conv: in, out, groups, bias
+                n_in, n_out, groups = count[:3]
+                ok = (
+                    groups >= 1 and len(shape) >= 2 and shape[:2] == (n_out, n_in // max(groups, 1))
+                )
+                ok = ok and n_in % groups == 0
+            elif len(count) == 3:  # linear: in, out, bias
+                ok = shape == (count[1], count[0])
+            elif len(count) == 1:  # BatchNorm
+                ok = shape == (count[0],)
+            else:
+                ok = False
+        if not ok:
+            found = "no weights" if weight is None else f"weights of shape {list(weight.shape)}"
+            raise NetslimError(
+                f"{source}: the channel counts {count!r} of layer {name} do not match its "
+                f"stored {found}; the file is damaged or was edited"
+            )
+
+
+def _num_classes(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], source: str) -> int:
+    """The classes to build the network with: the metadata's, else the last linear layer's.
+
+    Bounded by the file's size: a classifier of N classes holds at least N weights.
+    """
+    stored = meta.get("num_classes")
+    if not stored:
+        return _classes(state_dict)
+    held = sum(t.numel() for t in state_dict.values() if torch.is_tensor(t))
+    if isinstance(stored, bool) or not isinstance(stored, int) or not 1 <= stored <= held:
+        raise NetslimError(
+            f"{source}: its recorded number of classes {stored!r} cannot be right for the "
+            f"{held:,} weights it holds; the file is damaged or was edited"
+        )
+    return stored
 
 
 def _classes(state_dict: dict[str, torch.Tensor]) -> int:
@@ -223,7 +327,12 @@ def arch_name(checkpoint: dict[str, Any], model: nn.Module) -> str:
     return "vgg"
 
 
-def load(path: str | Path, builder: Callable[[], nn.Module] | None = None) -> nn.Module:
+def load(
+    path: str | Path,
+    builder: Callable[[], nn.Module] | None = None,
+    *,
+    trust: str | Iterable[str] | None = None,
+) -> nn.Module:
     """Load any netslim or network-slimming checkpoint as a ready model (in eval mode).
 
     Pruned checkpoints are rebuilt from their architecture and channel counts, so one
@@ -236,5 +345,19 @@ def load(path: str | Path, builder: Callable[[], nn.Module] | None = None) -> nn
     resized to the stored channel counts::
 
         model = netslim.load("pruned.pth", lambda: torchvision.models.resnet18(num_classes=10))
+
+    A checkpoint saved with ``arch="mypkg.models:build"`` names your module; it is imported
+    only when ``trust`` names it (``trust="mypkg.models"``, or ``"mypkg"`` for the package),
+    since importing a module runs its code.
     """
-    return model_from_checkpoint(read_checkpoint(path), str(path), builder).eval()
+    return model_from_checkpoint(read_checkpoint(path), str(path), builder, trust=trust).eval()
+
+
+def stored_gammas(checkpoint: dict[str, Any]) -> torch.Tensor:
+    """All BatchNorm gammas a netslim checkpoint holds, flat, in layer order, read from its
+    tensors without building the network (as :func:`netslim.sparsity.bn_gammas` of it)."""
+    state_dict = checkpoint["state_dict"]
+    gammas = [state_dict[f"{name}.weight"].flatten().float()
+              for name, count in (checkpoint.get("channels") or {}).items()
+              if len(count) == 1 and f"{name}.weight" in state_dict]  # fmt: skip
+    return torch.cat(gammas) if gammas else torch.empty(0)

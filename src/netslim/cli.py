@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -32,6 +33,7 @@ from netslim.config import (
     is_spec,
 )
 from netslim.errors import NetslimError
+from netslim.limits import check_batch_memory, check_image_size
 from netslim.recipes import RECIPES, SCHEDULES, resolve
 
 if TYPE_CHECKING:
@@ -80,8 +82,10 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="CPU threads for PyTorch (default: OMP_NUM_THREADS if set, else the physical "
-        "cores this process may use); on a busy machine fewer run faster",
+        help="CPU threads for PyTorch, fixed: a --resume then continues the run bit for bit "
+        "(so does a set OMP_NUM_THREADS). Default: the physical cores this process may use, "
+        "tuned to the load while training: now and then a few steps are timed at that count "
+        "and each halving down to 1, and the fastest is kept",
     )
 
 
@@ -149,7 +153,7 @@ def _add_train_args(p: argparse.ArgumentParser, lam: float, auto: bool = False) 
     _add_recipe_args(p)
     p.add_argument(
         "--sparsity-threshold",
-        type=float,
+        type=threshold_type,
         default=DEFAULTS.sparsity_threshold,
         help="|gamma| below this counts as sparse in the logs (default: %(default)s)",
     )
@@ -222,7 +226,7 @@ def _add_scale_args(
     ``from_checkpoint``, the image size defaults to the one the checkpoint records."""
     p.add_argument(
         "--image-size",
-        type=int,
+        type=image_size_type,
         default=None if from_checkpoint else DEFAULTS.image_size,
         help="imagefolder: images are resized to this square size; the network is traced "
         "and measured at it (default: "
@@ -278,6 +282,37 @@ def arch_type(arch: str) -> str:
             ) from None
         raise argparse.ArgumentTypeError(f"invalid choice: {arch!r} ({ARCH_CHOICES})") from None
     return arch
+
+
+def image_size_type(text: str) -> int:
+    """argparse type of ``--image-size``: whole pixels within :mod:`netslim.limits`' bounds."""
+    try:
+        return check_image_size(int(text))
+    except (ValueError, NetslimError) as e:
+        message = str(e) if isinstance(e, NetslimError) else f"must be a whole number, got {text!r}"
+        raise argparse.ArgumentTypeError(message.replace("--image-size ", "")) from None
+
+
+def threshold_type(text: str) -> float:
+    """argparse type of ``--sparsity-threshold``: a positive, finite |gamma|."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, e.g. 0.01, got {text!r}") from None
+    if not 0 < value < math.inf:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be > 0 and finite, e.g. 0.01, got {text}")
+    return value
+
+
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="build a checkpoint saved from your own module MODULE (its --arch MODULE:fn), "
+        "importing it; netslim imports no module a file names without this (repeatable)",
+    )
 
 
 ARCH_HELP = (
@@ -362,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_scale_args(p, train=False, from_checkpoint=True)
     _add_threads_arg(p)
+    _add_trust_arg(p)
 
     p = sub.add_parser(
         "finetune",
@@ -375,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_train_args(p, lam=0.0)
     _add_scale_args(p, from_checkpoint=True)
+    _add_trust_arg(p)
 
     p = sub.add_parser(
         "multipass",
@@ -424,10 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset, 9 to 20 (default: 18)")
     p.add_argument(
         "--image-size",
-        type=int,
+        type=image_size_type,
         default=None,
         help="input height and width (default: the checkpoint's, else 32)",
     )
+    _add_trust_arg(p)
 
     p = sub.add_parser(
         "bench",
@@ -454,8 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
         "busy with other work, where preempted calls inflate the median; default: %(default)s)",
     )
     p.add_argument(
-        "--image-size", type=int, default=32, help="input height and width (default: %(default)s)"
+        "--image-size",
+        type=image_size_type,
+        default=32,
+        help="input height and width (default: %(default)s)",
     )
+    _add_trust_arg(p)
     p.add_argument("--device", default="cpu", help="device of the torch runtime (default: cpu)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
@@ -465,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Architecture, parameters, MACs and sparsity of a checkpoint.",
     )
     p.add_argument("checkpoint")
-    p.add_argument("--sparsity-threshold", type=float, default=DEFAULTS.sparsity_threshold)
+    p.add_argument("--sparsity-threshold", type=threshold_type, default=DEFAULTS.sparsity_threshold)
+    _add_trust_arg(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     _add_lab_parsers(sub)
@@ -571,9 +614,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     check_run_folder(args.out)
     ckpt = read_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt, args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
     arch = arch_name(ckpt, model)
-    args.image_size = args.image_size or image_size_of(ckpt)
+    args.image_size = args.image_size or image_size_of(ckpt, args.checkpoint)
     config = _train_config(args, arch)
     config.check()
     data = _load_data(args)
@@ -604,8 +647,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
         raise NetslimError(f"--recalibrate must be >= 0 batches, got {args.recalibrate}")
     check_prune_output(args.checkpoint, args.out, args.force)
     ckpt = read_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt, args.checkpoint)
-    args.image_size = args.image_size or image_size_of(ckpt)
+    model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
+    args.image_size = args.image_size or image_size_of(ckpt, args.checkpoint)
     data = None
     if args.dataset is not None:
         data = _load_data(args)
@@ -648,9 +691,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     from netslim.stats import count_macs, count_params
 
     ckpt = read_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt, args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
     meta = ckpt.get("netslim") or {}
-    size = image_size_of(ckpt)
+    size = image_size_of(ckpt, args.checkpoint)
     info = {
         "arch": arch_name(ckpt, model),
         "kind": meta.get("kind", "pruned" if "epoch" not in ckpt else "train"),
@@ -710,8 +753,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from netslim.export import DEFAULT_OPSET, export
 
     ckpt = read_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt, args.checkpoint)
-    size = args.image_size or image_size_of(ckpt)
+    model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
+    size = args.image_size or image_size_of(ckpt, args.checkpoint)
     result = export(model, args.out, args.format, fold=args.fold,
                     opset=args.opset or DEFAULT_OPSET, image_size=size)  # fmt: skip
     opset = f", opset {result.opset}" if result.opset is not None else ""
@@ -742,6 +785,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from netslim.train import pick_device
 
     batches = _int_list(args.batch, "--batch")
+    for batch in batches:
+        check_batch_memory(batch, args.image_size, "--batch")
     runtimes = tuple(r.strip() for r in args.runtime.split(",") if r.strip())
     stems = [Path(p).stem for p in args.checkpoints]  # short names, unless two files share one
     labels = (
@@ -749,7 +794,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if len(set(stems)) == len(stems)
         else [f"{i}: {p}" for i, p in enumerate(args.checkpoints)]
     )
-    models = {label: load(path) for label, path in zip(labels, args.checkpoints)}
+    models = {
+        label: load(path, trust=args.trust_module) for label, path in zip(labels, args.checkpoints)
+    }
     timings = benchmark(models, batches, runtimes, repeats=args.repeats,
                         image_size=args.image_size, device=pick_device(args.device),
                         stat=args.stat)  # fmt: skip
@@ -939,7 +986,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # --help and --version exit here, before torch
     from netslim import distributed
-    from netslim.threads import set_threads
+    from netslim.threads import set_threads, stop_tuning
 
     warnings.showwarning = _show_warning
     try:
@@ -967,6 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; continue with {again} (run folder {out})" if out else ""
         print(f"netslim: interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        stop_tuning()  # the tuner served this command's training, not code run after it
     return 0
 
 

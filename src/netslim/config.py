@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from netslim.errors import NetslimError
+from netslim.limits import check_image_size
 
 # The networks netslim.models builds (a test checks that the two lists agree).
 ARCHS: tuple[str, ...] = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11-small", "resnet56",
@@ -115,6 +116,11 @@ class TrainConfig:
             raise NetslimError(f"--momentum must be in [0, 1), e.g. 0.9, got {self.momentum}")
         if not 0 <= self.weight_decay < math.inf:
             raise NetslimError(f"--weight-decay must be >= 0, e.g. 1e-4, got {self.weight_decay}")
+        if not 0 < self.sparsity_threshold < math.inf:
+            raise NetslimError(
+                f"--sparsity-threshold must be > 0 and finite, e.g. 0.01, got {self.sparsity_threshold}"
+            )
+        check_image_size(self.image_size)
         if self.precision not in PRECISIONS:
             raise NetslimError(
                 f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"

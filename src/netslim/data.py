@@ -39,6 +39,7 @@ import torch
 from netslim.batches import Dataset, augment, eval_batches, normalize, num_batches, train_batches
 from netslim.config import DATASETS
 from netslim.errors import NetslimError
+from netslim.limits import check_memory
 
 DEFAULT_ROOT = Path("data")  # where CIFAR lives when no root is given (git-ignored)
 SYNTHETIC_TRAIN_SIZE = 10000
@@ -353,6 +354,9 @@ def make_synthetic(
             raise NetslimError(f"{flag} must be >= {least} for the synthetic data, got {value}")
     if not 2 <= num_classes <= _PATTERNS:
         raise NetslimError(f"the synthetic data has 2 to {_PATTERNS} classes, not {num_classes}")
+    # painting works on a whole split at once, in a few float32 tensors of its size
+    for flag, n in (("--train-size", n_train), ("--test-size", n_test)):
+        check_memory(3 * 4 * 3 * 32 * 32 * n, f"painting {n:,} synthetic images", f"lower {flag}")
     # These memory-bound ops gain nothing from threads, and on a busy CPU every threaded op
     # waits for a descheduled thread: one thread was 5x faster on a shared 2-core machine.
     threads = torch.get_num_threads()

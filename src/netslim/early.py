@@ -69,7 +69,14 @@ def train_prune_finetune(
     log(f"== fine-tuning the pruned network, {finetune_epochs} epochs: {out / 'finetune'}")
     tune_meta = {**meta, "kind": "finetune", "source": str(out / "pruned.pth"),
                  "prune": json.loads(report_file.read_text())["prune"]}  # fmt: skip
-    train_stage(tune, data, lambda: load(out / "pruned.pth"), out / "finetune", tune_meta, log)
+    train_stage(
+        tune,
+        data,
+        lambda: load(out / "pruned.pth", trust=config.arch),
+        out / "finetune",
+        tune_meta,
+        log,
+    )
     return read_metrics(out / "finetune")
 
 
@@ -80,7 +87,7 @@ def _prune(
     if (out / "prune.json").exists():  # written last: pruned already
         return
     log(f"== pruning at ratio {config.prune_when_stable:g} into {out / 'pruned.pth'}")
-    model = load(out / "last.pth")
+    model = load(out / "last.pth", trust=config.arch)
     # An image folder streamed from disk has no images in memory to measure or recalibrate on.
     measure = data if isinstance(data, Dataset) else None
     pruned, report = prune_model(model, config.prune_when_stable, data=measure,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from torch import nn
 from netslim.errors import NetslimError
 from netslim.files import atomic_write
 from netslim.fold import fold_bn
+from netslim.limits import check_image_size
+from netslim.stats import nonfinite_tensors
 
 DEFAULT_OPSET = 18  # onnxruntime >= 1.14 runs it; every op netslim's networks use is in it
 OPSETS = range(9, 21)  # what the TorchScript-based exporter writes
@@ -189,7 +192,11 @@ def max_relative_difference(run: Runner, model: nn.Module, image_size: int,
         if got.shape != expected.shape:
             return float("inf")
         scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
-        worst = max(worst, ((got - expected).abs().max() / scale).item())
+        diff = ((got - expected).abs().max() / scale).item()
+        # NaN compares false with everything, so max() would drop it: a NaN is a failure
+        worst = diff if not math.isfinite(diff) else max(worst, diff)
+        if not math.isfinite(worst):
+            return float("inf")
     return worst
 
 
@@ -215,9 +222,10 @@ def export(
         tolerance: the largest relative difference from the PyTorch network accepted.
 
     Raises:
-        NetslimError: unknown format, unwritable path, missing onnx/onnxruntime, a failed
-            export, or a file whose outputs differ from the network's by more than
-            ``tolerance`` (nothing is written then).
+        NetslimError: unknown format, unwritable path, an image size out of bounds, a
+            network holding NaN or Inf, missing onnx/onnxruntime, a failed export, or a file
+            whose outputs differ from the network's by more than ``tolerance`` or are not
+            finite (nothing is written then).
 
     Example::
 
@@ -227,6 +235,13 @@ def export(
     name = pick_format(path, format)
     spec = FORMATS[name]
     fold = fold and spec.foldable
+    check_image_size(image_size)
+    bad = nonfinite_tensors(model)
+    if bad:
+        raise NetslimError(
+            f"the network holds NaN or Inf in {len(bad)} of its tensors (e.g. {bad[0]}): its "
+            f"outputs mean nothing, so it is not exported; export an earlier checkpoint"
+        )
     _check_writable(path)
     reference = copy.deepcopy(model).float().cpu().eval()
     deployed = fold_bn(reference, (1, 3, image_size, image_size)) if fold else reference

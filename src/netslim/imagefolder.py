@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from netslim import distributed
+from netslim import distributed, limits
 from netslim.batches import Dataset, augment, normalize
 from netslim.config import LOADERS, RESIZE_POLICIES
 from netslim.errors import NetslimError
@@ -150,21 +150,50 @@ def decode_image(path: str, image_size: int, resize: str = "crop") -> torch.Tens
                 left, top = (w - image_size) // 2, (h - image_size) // 2
                 image = image.crop((left, top, left + image_size, top + image_size))
             pixels = np.asarray(image, dtype=np.uint8)
+    except Image.DecompressionBombError as e:  # a header declaring billions of pixels
+        raise NetslimError(
+            f"image {path} declares more pixels than Pillow decodes safely ({e}); it may be "
+            "a decompression bomb: shrink it or remove it"
+        ) from None
     except (OSError, ValueError) as e:  # Pillow's errors for missing, truncated or odd files
         raise NetslimError(f"cannot read image {path} ({e}); fix or remove the file") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
 
 def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """``image`` as 8-bit RGB. 16-bit grey (Pillow's modes ``I;16*``, and ``I``, which older
-    Pillow gives 16-bit PNGs) is scaled from 0..65535 to 0..255: ``convert("RGB")`` would
-    clip every value above 255 to white."""
+    """``image`` as 8-bit RGB; ``convert("RGB")`` alone would clip wide grey values to white
+    and float ones to black. Grey images wider than 8 bits are scaled to 0..255 from the
+    range of their bit depth: 16 bits (Pillow's modes ``I;16*``, and ``I`` for a 16-bit PNG
+    or TIFF) from 0..65535, 32-bit integers (mode ``I``) from 0..2**31 - 1, negative values
+    to 0. Float images (mode ``F``) are read as 0..1 when every value lies there, else as
+    0..255; any other range (or NaN) is refused, since no scale can be told from it."""
     from PIL import Image
 
-    if image.mode == "I" or image.mode.startswith("I;16"):
-        wide = np.asarray(image).astype(np.float64)
-        image = Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8))
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):
+        top = 65535 if mode != "I" or _bits_per_sample(image) == 16 else 2**31 - 1
+        wide = np.asarray(image).astype(np.float64) * (255 / top)
+        image = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8))
+    elif mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not (np.isfinite(values).all() and low >= 0 and high <= 255):
+            raise ValueError(
+                f"float pixels from {low:g} to {high:g}, neither 0..1 nor 0..255; save it as "
+                "8 or 16-bit integers"
+            )
+        scale = 255.0 if high <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))
     return image.convert("RGB")
+
+
+def _bits_per_sample(image: PIL.Image.Image) -> int | None:
+    """What a file says of its bit depth: a PNG's mode ``I`` is 16-bit, a TIFF's tag 258."""
+    if image.format == "PNG":
+        return 16
+    tags = getattr(image, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None
+    return int(bits[0] if isinstance(bits, tuple) else bits) if bits else None
 
 
 class _DecodedImages(torch.utils.data.Dataset):
@@ -206,6 +235,14 @@ def _decode_all(
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     std, mean = torch.std_mean(images.float() / 255, dim=(0, 2, 3))
+    flat = [c for c, value in zip("RGB", std.tolist()) if not value >= 1 / 255]
+    if flat:  # normalising by it would blow every pixel up (by infinity for a 0)
+        raise NetslimError(
+            f"the {len(images)} training images measured vary by less than one grey level in "
+            f"channel {', '.join(flat)} (pixel std {min(std.tolist()):.2g}): they are blank "
+            "or constant, and normalising by that std would divide by (nearly) zero; check "
+            "the images under train/"
+        )
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
@@ -216,14 +253,15 @@ def _stats_rows(n: int) -> list[int]:
 
 def _check_options(image_size: int, resize: str, workers: int | None) -> int:
     """Raise NetslimError for a bad option; return the number of workers to use."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise NetslimError(
-            f"--image-size must be a whole number of pixels >= 8, got {image_size!r}"
-        )
+    limits.check_image_size(image_size)
     if resize not in RESIZE_POLICIES:
         raise NetslimError(f"--resize must be one of {', '.join(RESIZE_POLICIES)}, got {resize!r}")
     if workers is not None and workers < 0:
         raise NetslimError(f"--workers must be >= 0 (0: decode in this process), got {workers}")
+    if workers:
+        limits.check_count(
+            workers, "--workers", limits.cpu_count(), "the CPUs this process may use"
+        )
     return default_workers() if workers is None else workers
 
 

@@ -194,7 +194,7 @@ def prune_stage(
         if report_file.exists():
             log("   done already")
             continue
-        model = load(source)
+        model = load(source, trust=config.arch)
         pruned, report = prune_model(model, ratio, data=data, recalibrate=config.recalibrate,
                                      eval_dtype=dtype)  # fmt: skip
         meta = {"arch": config.arch, "num_classes": num_outputs(model), "source": str(source)}
@@ -216,7 +216,7 @@ def sweep_stage(
     if path.exists():
         log("   done already")
         return
-    model = load(train_dir(run, config.prune_lam) / "last.pth")
+    model = load(train_dir(run, config.prune_lam) / "last.pth", trust=config.arch)
     points = []
     acc_unpruned = None  # measured by the first ratio, then reused
     for ratio in config.sweep_ratios():
@@ -304,7 +304,14 @@ def _run_stages(
         log(f"== fine-tuning ratio {ratio:g}, {config.finetune_epochs} epochs: {run_dir}")
         meta = {"arch": config.arch, "kind": "finetune", "source": str(source),
                 "prune": read_json(source.with_suffix(".json"))["prune"]}  # fmt: skip
-        train_stage(config.finetune_config(), data, lambda s=source: load(s), run_dir, meta, log)
+        train_stage(
+            config.finetune_config(),
+            data,
+            lambda s=source: load(s, trust=config.arch),
+            run_dir,
+            meta,
+            log,
+        )
 
     log("== report")
     report = distributed.on_main(render_report, out)

@@ -110,7 +110,7 @@ def _multipass(
             log(f"   pruned already: {pruned_file}")
             report = json.loads((folder / "prune.json").read_text())
         else:
-            trained = load(folder / "train" / "last.pth")
+            trained = load(folder / "train" / "last.pth", trust=config.arch)
             pruned, prune_report = prune_model(trained, ratio, min_keep=1.0 - layer_cap, data=data,
                                                recalibrate=recalibrate, eval_dtype=dtype,
                                                input_size=input_size)  # fmt: skip
@@ -120,7 +120,7 @@ def _multipass(
             report = prune_report.to_dict()
             atomic_write_text(folder / "prune.json", json.dumps(report, indent=2) + "\n")
             log(prune_report.text())
-        model = load(pruned_file)
+        model = load(pruned_file, trust=config.arch)
         reports.append(report)
         summary.append({
             "pass": k, "trained_acc": read_metrics(folder / "train")[-1]["test_acc"],
@@ -131,10 +131,10 @@ def _multipass(
     tune = finetune_of(config, finetune_epochs)
     train_stage(tune, data, lambda: model, out / "finetune", {**meta, "kind": "finetune"}, log)
     history = read_metrics(out / "finetune")
-    final = load(out / "finetune" / "last.pth")
+    final = load(out / "finetune" / "last.pth", trust=config.arch)
     summary.append({
         "pass": "finetune", "trained_acc": history[-1]["test_acc"],
-        "params": count_params(final), "macs": count_macs(final),
+        "params": count_params(final), "macs": count_macs(final, input_size),
         "params_original": reports[0]["params_before"], "macs_original": reports[0]["macs_before"],
     })  # fmt: skip
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")

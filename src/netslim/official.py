@@ -99,6 +99,8 @@ def to_netslim(checkpoint: dict[str, Any], source: str = "checkpoint") -> dict[s
     if arch is None:
         return checkpoint
     try:
+        if "cfg" in checkpoint:
+            _check_cfg(checkpoint["cfg"], state_dict, arch, source)
         if arch == "resnet164":
             state = _resnet_to_netslim(state_dict, source)
         else:
@@ -121,6 +123,39 @@ def to_netslim(checkpoint: dict[str, Any], source: str = "checkpoint") -> dict[s
     }
     converted.update({k: checkpoint[k] for k in ("epoch", "best_prec1") if k in checkpoint})
     return converted
+
+
+def _check_cfg(cfg: Any, state_dict: StateDict, arch: str, source: str) -> None:
+    """Refuse a pruned file whose ``cfg`` disagrees with its weights, as the VGG path does.
+
+    resprune.py and denseprune.py write one number per BatchNorm, in module order: the
+    channels a ``channel_selection`` after it keeps (after a ``bn1`` and the final ``bn``),
+    else the BatchNorm's own width.
+    """
+    implied = []
+    for key in state_dict:
+        if not key.endswith("running_mean"):
+            continue
+        bn = key[: -len("running_mean")].rstrip(".")
+        parent, _, last = bn.rpartition(".")
+        select = f"{parent}.select.indexes" if parent else "select.indexes"
+        if last in ("bn1", "bn") and select in state_dict:
+            implied.append(int(state_dict[select].sum()))
+        else:
+            implied.append(int(state_dict[f"{bn}.weight"].numel()))
+    if not isinstance(cfg, (list, tuple)) or list(cfg) != implied:
+        shown = list(cfg) if isinstance(cfg, (list, tuple)) else cfg
+        where = next((i for i, (a, b) in enumerate(zip(shown, implied)) if a != b), None)
+        detail = (
+            f"entry {where} is {shown[where]}, the weights say {implied[where]}"
+            if where is not None
+            else f"it has {len(shown) if isinstance(shown, list) else 'no'} entries, the "
+            f"weights imply {len(implied)}"
+        )
+        raise NetslimError(
+            f"{source}: its cfg does not match the {arch} layers in its state_dict ({detail}); "
+            "the file is inconsistent (was it edited or written by another tool?)"
+        )
 
 
 def _counts(model: nn.Module, state: StateDict, source: str) -> ChannelCounts:

@@ -154,10 +154,10 @@ def _scores(model: nn.Module, graph: ChannelGraph) -> torch.Tensor:
     (+inf for a fixed unit)."""
     if not graph.prunable:
         raise nothing_to_prune(graph)
-    bns = dict(batchnorms(model))
+    bns = dict(batchnorms(model))  # the affine ones: graph.norms holds the others too
     scores = torch.full((graph.num_units,), float("-inf"))
     for name, units in graph.norms.items():
-        if bns[name].affine:
+        if name in bns:
             gamma = bns[name].weight.detach().abs().float().cpu()
             scores.scatter_reduce_(0, units, gamma, "amax")
     return scores.masked_fill(graph.fixed, float("inf"))

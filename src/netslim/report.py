@@ -27,7 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from netslim.checkpoint import load
+from netslim.checkpoint import read_checkpoint, stored_gammas
 from netslim.config import LabConfig, lam_name
 from netslim.errors import NetslimError
 from netslim.files import atomic_write, atomic_write_text
@@ -39,9 +39,8 @@ from netslim.labfolder import (
     sweep_path,
     train_dir,
 )
-from netslim.models import VGG_CFGS, num_outputs
+from netslim.models import VGG_CFGS
 from netslim.recipes import warmup_epochs
-from netslim.sparsity import bn_gammas
 from netslim.train import TrainConfig, read_metrics
 
 FIGURES = {  # stable file names under figures/
@@ -95,7 +94,16 @@ def load_results(run: str | Path) -> LabResults:
     missing: list[str] = []
 
     def metrics(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
-        records = read_metrics(run_dir)
+        try:
+            records = read_metrics(run_dir)
+        except ValueError:  # a damaged metrics.jsonl: last.pth holds the same history
+            if not (run_dir / "last.pth").exists():
+                raise NetslimError(
+                    f"{run_dir / 'metrics.jsonl'} is damaged (not one JSON record per line) and "
+                    f"{run_dir / 'last.pth'}, which holds the same history, is missing; run the "
+                    "lab's command again to redo that stage"
+                ) from None
+            records = list(read_checkpoint(run_dir / "last.pth")["netslim"]["history"])
         stopped = bool(records) and records[-1].get("stopped_early", False)
         if (len(records) < epochs and not stopped) or not (run_dir / "last.pth").exists():
             missing.append(f"{run_dir} ({len(records)} of {epochs} epochs)")
@@ -117,13 +125,16 @@ def load_results(run: str | Path) -> LabResults:
             f"the lab in {run} is not finished: {', '.join(missing)} missing; run its command "
             f"again to complete it: {info.get('command', 'see lab.json')}"
         )
-    models = {lam: load(train_dir(run, lam) / "last.pth") for lam in config.lams}
+    # The γs are read off the tensors: the report builds no network (lab.json, which a
+    # folder from elsewhere could fill with any module name, never chooses code to import).
+    checkpoints = {lam: read_checkpoint(train_dir(run, lam) / "last.pth") for lam in config.lams}
     first_run = read_json(train_dir(run, config.lams[0]) / "config.json")
     train_config = TrainConfig.from_dict(first_run)
+    first = next(iter(checkpoints.values()))
     return LabResults(
         run=run, config=config, info=info, train_config=train_config,
-        num_classes=num_outputs(next(iter(models.values()))), train=train,
-        gammas={lam: bn_gammas(m).numpy() for lam, m in models.items()},
+        num_classes=int(first["netslim"]["num_classes"]), train=train,
+        gammas={lam: stored_gammas(c).numpy() for lam, c in checkpoints.items()},
         prune=prune, sweep=sweep, finetune=finetune,
     )  # fmt: skip
 

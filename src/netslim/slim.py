@@ -30,9 +30,9 @@ from netslim.files import check_output_file
 from netslim.models import VGG, CfgItem, num_outputs
 from netslim.pruning import check_ratio, plan_for_macs, plan_pruning
 from netslim.recalibrate import recalibrate_bn
-from netslim.stats import count_macs, count_params
+from netslim.stats import count_macs, count_params, nonfinite_tensors
 from netslim.surgery import apply_plan, channel_counts
-from netslim.train import check_classes, evaluate, nonfinite_tensors
+from netslim.train import check_classes, evaluate
 
 
 @dataclass
@@ -200,6 +200,13 @@ def prune_model(
         raise NetslimError(
             f"nothing to slim in {type(model).__name__}: no BatchNorm scales any prunable channel"
         )
+    meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise NetslimError(
+            f"the network's tensors are on the meta device (e.g. {meta[0]}): they hold no "
+            "values to rank or copy; load its weights first (model.to_empty(device='cpu'), "
+            "then load_state_dict)"
+        )
     bad = nonfinite_tensors(model)
     if bad:
         raise NetslimError(
@@ -208,7 +215,29 @@ def prune_model(
         )
     if data is not None:
         check_classes(model, data)
-    model = model.eval()
+    was_training = model.training
+    try:
+        return _prune_model(model, ratio, target_macs, compensate, min_keep, round_to, data,
+                            recalibrate, batch_size, eval_dtype, acc_unpruned, input_size)  # fmt: skip
+    finally:
+        model.train(was_training)  # the caller's model is left as it was
+
+
+def _prune_model(
+    model: nn.Module,
+    ratio: float | None,
+    target_macs: float | None,
+    compensate: bool,
+    min_keep: float,
+    round_to: int,
+    data: Dataset | None,
+    recalibrate: int,
+    batch_size: int,
+    eval_dtype: torch.dtype | None,
+    acc_unpruned: float | None,
+    input_size: tuple[int, ...],
+) -> tuple[nn.Module, PruneReport]:
+    model.eval()
     graph = trace_channels(model, input_size)
     if target_macs is not None:
         plan = plan_for_macs(model, target_macs, min_keep, graph=graph, round_to=round_to)
@@ -250,7 +279,9 @@ def prune_model(
         return pruned, report
 
     device = data.train_images.device
-    model, pruned = model.to(device), pruned.to(device)
+    if next(model.parameters()).device != device:  # measured on a copy: the caller's stays put
+        model = copy.deepcopy(model).to(device)
+    pruned = pruned.to(device)
     other = apply_plan(model, plan, compensate=not compensate).eval()
     masked, compensated = (other, pruned) if compensate else (pruned, other)
     if acc_unpruned is None:

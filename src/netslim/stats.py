@@ -43,3 +43,10 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -
         for h in handles:
             h.remove()
     return total
+
+
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and floating-point buffers of ``model`` that hold NaN or Inf."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip

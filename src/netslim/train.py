@@ -35,14 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netslim import control, distributed, recipes, runlock
+from netslim import control, distributed, recipes, runlock, threads
 from netslim.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from netslim.config import TrainConfig
 from netslim.data import Dataset, eval_batches, num_batches, train_batches
 from netslim.errors import NetslimError
 from netslim.files import atomic_write_text, make_dirs, remove_temp_files
+from netslim.limits import check_batch_memory
 from netslim.models import VGG, num_outputs
-from netslim.sparsity import add_bn_l1_grad, bn_sparsity, gamma_quantiles
+from netslim.sparsity import add_bn_l1_grad, batchnorms, bn_sparsity, gamma_quantiles
+from netslim.stats import nonfinite_tensors
 from netslim.surgery import channel_counts
 from netslim.threads import slowdown_hint
 
@@ -162,6 +164,7 @@ def train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     total = 0
     progress = Progress(num_batches(len(data.train_labels), batch_size), label)
+    tuner = threads.start_loop(device.type)  # None unless the thread count follows the load
     for step, (x, y) in enumerate(_train_batches(data, batch_size, generator), start=1):
         if lr_of_step is not None:
             for group in optimizer.param_groups:
@@ -184,6 +187,8 @@ def train_epoch(
         loss_sum += loss.detach().float() * len(y)
         correct += (out.argmax(1) == y).sum()
         total += len(y)
+        if tuner is not None:
+            tuner.step(len(y))
         progress.update(step)
     progress.close()
     loss_sum, correct, total = distributed.sum_over_ranks(loss_sum, correct, total)
@@ -289,13 +294,6 @@ def _epoch_line(r: dict[str, Any]) -> str:
     )
 
 
-def nonfinite_tensors(model: nn.Module) -> list[str]:
-    """Names of the parameters and floating-point buffers of ``model`` that hold NaN or Inf."""
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    return [name for name, t in tensors
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
-
-
 def run_files(out_dir: str | Path) -> str:
     """What a finished run folder holds, for the closing line: only files that exist."""
     out = Path(out_dir)
@@ -384,6 +382,12 @@ def fit(
             f"{distributed.world_size()} processes; use fewer processes or more images"
         )
     check_classes(model, data)
+    if not batchnorms(model):  # the L1 term, the logged sparsity and pruning need gammas
+        raise NetslimError(
+            f"nothing to slim in {type(model).__name__}: it has no BatchNorm with a scaling "
+            "factor gamma (affine=True), which sparsity training penalises and pruning ranks"
+        )
+    check_batch_memory(config.batch_size, data.image_size)
     # Rank 0 alone writes the run folder, so it alone holds the folder's lock.
     with runlock.hold(out_dir) if distributed.is_main() else contextlib.nullcontext():
         if distributed.is_main():
@@ -454,7 +458,7 @@ def _fit(
     controls = control.SparsityControl(config, steps)  # λ of each epoch; early pruning's stop
     if resume:
         ckpt = _resume_state(out, config)
-        model = model_from_checkpoint(ckpt, str(out / "last.pth"))
+        model = model_from_checkpoint(ckpt, str(out / "last.pth"), trust=config.arch)
         model = model.to(device, memory_format=torch.channels_last)
         optimizer = make_optimizer(model, config)
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -545,7 +549,7 @@ def _fit(
         log(_epoch_line(record))
         hint = (
             None
-            if device.type != "cpu" or hinted
+            if device.type != "cpu" or hinted or threads.tuner() is not None  # it adapts
             else slowdown_hint(
                 record["images_per_s"], history[0]["images_per_s"], torch.get_num_threads()
             )

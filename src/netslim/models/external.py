@@ -9,14 +9,16 @@
 ``package.module:callable``     your own builder, imported and called as
                                 ``callable(num_classes=...)``; it returns the unpruned
                                 ``nn.Module``. The current folder is searched first, then
-                                ``PYTHONPATH``.
+                                ``PYTHONPATH`` (as ``python -m`` does: you named it).
 =============================== ==========================================================
 
 Weights are always fresh (no download). The spec is stored in every checkpoint, so a
-pruned network is rebuilt from it and its layers' channel counts. Loading a checkpoint
-made from your own module therefore imports that module, as running your code would.
-torchvision and timm are imported only here, and only when a spec names them
-(``pip install netslim[zoo]`` installs both).
+pruned network is rebuilt from it and its layers' channel counts. A checkpoint whose spec
+names your own module is built only when the caller trusts that module
+(:func:`trusted_spec`): importing it runs its code, and a downloaded file could name any
+module. torchvision and timm specs are names in those libraries' registries, not
+modules, and need no consent. torchvision and timm are imported only here, and only when
+a spec names them (``pip install netslim[zoo]`` installs both).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import difflib
 import importlib
 import os
 import sys
+from collections.abc import Iterable
 from typing import Any, Callable
 
 from torch import nn
@@ -40,6 +43,21 @@ _TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {
 }
 
 
+ZOO_SOURCES = ("torchvision", "timm")  # registries of models, not modules a file names
+
+
+def trusted_spec(spec: str, trust: str | Iterable[str] | None) -> bool:
+    """Whether building ``spec`` from a file is allowed: a torchvision or timm name always;
+    your own ``pkg.mod:build`` only when ``trust`` names ``pkg.mod`` or a package above it
+    (each entry a module name, or a spec whose module is taken)."""
+    module = spec.partition(":")[0]
+    if module in ZOO_SOURCES:
+        return True
+    names = [trust] if isinstance(trust, str) else list(trust or [])
+    allowed = {name.partition(":")[0] for name in names}
+    return any(module == name or module.startswith(name + ".") for name in allowed if name)
+
+
 def resolve(spec: str) -> Callable[[int], nn.Module]:
     """Import what ``spec`` names and check it exists; returns ``builder(num_classes)``.
 
@@ -51,6 +69,7 @@ def resolve(spec: str) -> Callable[[int], nn.Module]:
         return _torchvision(spec, name)
     if source == "timm":
         return _timm(spec, name)
+    # Here the caller named the module: --arch, or a checkpoint's spec it trusts.
     builder = _user_builder(spec, source, name)
     return lambda num_classes: builder(num_classes=num_classes)
 
@@ -121,6 +140,12 @@ def _user_builder(spec: str, module_name: str, attr: str) -> Callable[..., Any]:
         raise NetslimError(
             f"--arch {spec}: cannot import {module_name} ({e}); put the folder that holds "
             "it in the current folder or on PYTHONPATH, or install its package"
+        ) from None
+    except Exception as e:  # the module's own code failed (a SyntaxError, a ValueError, ...)
+        detail = str(e).splitlines()[0][:200] if str(e) else ""
+        raise NetslimError(
+            f"--arch {spec}: importing {module_name} failed: {type(e).__name__}: {detail}; "
+            "fix the module"
         ) from None
     builder = getattr(module, attr, None)
     if not callable(builder):
