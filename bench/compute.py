@@ -19,8 +19,8 @@ from pathlib import Path
 
 from netslim.checkpoint import load
 from netslim.data import SYNTHETIC_TRAIN_SIZE
-from netslim.stats import count_macs
-from netslim.train import read_metrics
+from netslim.engine.stats import count_macs
+from netslim.train.runfolder import read_metrics
 
 FULL_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "synthetic": SYNTHETIC_TRAIN_SIZE}
 

@@ -38,12 +38,12 @@ import torch
 from torch import nn
 
 import netslim
-from netslim.channels import trace_channels
+from netslim.engine.plan import plan_pruning, reference_network
+from netslim.engine.sparsity import batchnorms
+from netslim.engine.stats import count_macs
+from netslim.engine.surgery import apply_plan
+from netslim.engine.trace import trace_channels
 from netslim.errors import NetslimError
-from netslim.pruning import plan_pruning, reference_network
-from netslim.sparsity import batchnorms
-from netslim.stats import count_macs
-from netslim.surgery import apply_plan
 
 # one model per timm family (per source module), the smallest variant
 TIMM = [

@@ -17,14 +17,15 @@ import warnings
 import torch
 
 from netslim import load, load_dataset
-from netslim.channels import trace_channels
-from netslim.pruning import _plan_at, _scores, global_threshold
-from netslim.recalibrate import recalibrate_bn
+from netslim.engine.plan import _plan_at, _unit_scores, channel_scores, global_threshold
+from netslim.engine.recalibrate import recalibrate_bn
+from netslim.engine.sparsity import batchnorms, bn_gammas
+from netslim.engine.stats import count_macs
+from netslim.engine.surgery import apply_plan
+from netslim.engine.trace import trace_channels
+from netslim.runtime.device import pick_precision
 from netslim.slim import recalibration_batches
-from netslim.sparsity import batchnorms, bn_gammas
-from netslim.stats import count_macs
-from netslim.surgery import apply_plan
-from netslim.train import evaluate, pick_precision
+from netslim.train.evaluate import evaluate
 
 
 def mean_scores(model, graph) -> torch.Tensor:
@@ -54,7 +55,7 @@ def main() -> None:
     print(
         f"{'score':<6}{'ratio':>6}{'removed':>9}{'MACs kept':>11}{'acc (recal.)':>14}  streams kept"
     )
-    for name, scores in (("max", _scores(model, graph)), ("mean", mean_scores(model, graph))):
+    for name, scores in (("max", _unit_scores(graph, channel_scores(model))), ("mean", mean_scores(model, graph))):
         for ratio in args.ratios:
             threshold = global_threshold(bn_gammas(model), ratio)
             plan = _plan_at(graph, scores, threshold, ratio, 0.01)

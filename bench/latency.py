@@ -24,11 +24,11 @@ import torch
 
 import netslim
 from netslim.benchmark import time_interleaved
+from netslim.engine.plan import plan_pruning
+from netslim.engine.stats import count_macs
+from netslim.engine.surgery import apply_plan
 from netslim.models import build_model
-from netslim.pruning import plan_pruning
-from netslim.stats import count_macs
-from netslim.surgery import apply_plan
-from netslim.train import autocast, pick_device
+from netslim.runtime.device import autocast, pick_device
 
 
 def forward(model, x, device, dtype):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import netslim
-from netslim.cli import main
+from netslim.cli.commands import main
 from netslim.slim import prune_model
 
 FILES = Path(__file__).resolve().parents[1] / ".." / "shared" / "official-checkpoints"

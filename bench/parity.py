@@ -15,9 +15,11 @@ import tempfile
 
 import torch
 
+from netslim.config import TrainConfig
 from netslim.data import load_dataset
 from netslim.models import build_model
-from netslim.train import TrainConfig, fit, pick_device, pick_precision
+from netslim.runtime.device import pick_device, pick_precision
+from netslim.train.loop import fit
 
 
 def main() -> None:

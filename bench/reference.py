@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from netslim.sparsity import add_bn_l1_grad
+from netslim.engine.sparsity import add_bn_l1_grad
 
 MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
 STD = np.array([0.2023, 0.1994, 0.2010], dtype=np.float32)

@@ -25,10 +25,12 @@ import time
 def worker(setting: str, images: int) -> None:
     import torch
 
-    from netslim import threads
+    from netslim.config import TrainConfig
     from netslim.data import load_dataset
     from netslim.models import build_model
-    from netslim.train import TrainConfig, make_optimizer, pick_precision, train_epoch
+    from netslim.runtime import threads
+    from netslim.runtime.device import pick_precision
+    from netslim.train.loop import make_optimizer, train_epoch
 
     if setting == "auto":
         threads.set_threads(None)

@@ -18,9 +18,11 @@ from dataclasses import replace
 import torch
 from reference import reference_loader, reference_train
 
+from netslim.config import TrainConfig
 from netslim.data import load_dataset
 from netslim.models import build_model
-from netslim.train import TrainConfig, make_optimizer, pick_device, pick_precision, train_epoch
+from netslim.runtime.device import pick_device, pick_precision
+from netslim.train.loop import make_optimizer, train_epoch
 
 
 def netslim_train(model, data, device, lam: float, precision: str, batch_size: int,

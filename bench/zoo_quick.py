@@ -21,12 +21,12 @@ import warnings
 import torch
 from torch import nn
 
-from netslim.channels import trace_channels
+from netslim.engine.plan import plan_pruning, reference_network
+from netslim.engine.sparsity import batchnorms
+from netslim.engine.stats import count_macs
+from netslim.engine.surgery import apply_plan
+from netslim.engine.trace import trace_channels
 from netslim.errors import NetslimError
-from netslim.pruning import plan_pruning, reference_network
-from netslim.sparsity import batchnorms
-from netslim.stats import count_macs
-from netslim.surgery import apply_plan
 
 MODELS = [
     ("torchvision:resnet18", 32), ("torchvision:resnet50", 32),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from netslim.config import LabConfig
+from netslim.config import LabConfig, TrainConfig
 from netslim.data import make_synthetic
+from netslim.engine.sparsity import batchnorms
 from netslim.models import VGG
-from netslim.sparsity import batchnorms
-from netslim.train import TrainConfig, fit
+from netslim.train.loop import fit
 
 TINY_CFG = [8, "M", 16, "M", 16, 16, "M", 24, "M", 24]  # for surgery tests
 TRAIN_CFG = [16, "M", 32, "M", 32, "M", 64, "M", 64]  # learns synthetic data to ~70% in seconds
@@ -74,7 +74,7 @@ MICRO_LAB = LabConfig(arch="vgg11-small", dataset="synthetic", train_size=256, t
 @pytest.fixture(scope="session")
 def micro_lab(tmp_path_factory):
     """A finished micro lab (made through the Python API); copy it before changing it."""
-    from netslim.lab import run_lab
+    from netslim.lab.experiment import run_lab
 
     out = tmp_path_factory.mktemp("micro_lab") / "lab"
     run_lab(MICRO_LAB, out, log=lambda line: None)

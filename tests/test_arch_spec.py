@@ -19,6 +19,8 @@ import netslim
 from netslim.cli import main
 from netslim.errors import NetslimError
 
+pytestmark = pytest.mark.slow  # not in make test-fast
+
 DATA = ["--dataset", "synthetic", "--train-size", "128", "--test-size", "64", "--device", "cpu"]
 TINY = [*DATA, "--batch-size", "64", "--precision", "fp32"]  # training flags too
 SRC = str(Path(netslim.__file__).parents[1])
@@ -159,7 +161,7 @@ def test_a_malformed_spec_is_refused_by_the_parser(capsys):
 
 
 def test_the_core_never_imports_torchvision_or_timm():
-    code = ("import sys, netslim, netslim.cli; netslim.build_model('resnet18'); "
+    code = ("import sys, netslim, netslim.cli.commands; netslim.build_model('resnet18'); "
             "print(sorted(m for m in ('torchvision', 'timm') if m in sys.modules))")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": SRC}, timeout=120)  # fmt: skip

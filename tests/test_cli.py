@@ -9,7 +9,7 @@ import torch
 
 import netslim
 from netslim.cli import main
-from netslim.train import pick_precision
+from netslim.runtime.device import pick_precision
 
 SMALL = ["--dataset", "synthetic", "--train-size", "1024", "--test-size", "256", "--device", "cpu"]
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from netslim import data as data_module
 from netslim.data import (
     DATASETS,
     Dataset,
@@ -25,6 +24,7 @@ from netslim.data import (
     num_batches,
     train_batches,
 )
+from netslim.data import cifar as data_module
 from netslim.errors import NetslimError
 
 # --------------------------------------------------------------------------------------
@@ -129,8 +129,8 @@ def test_missing_folder_without_download_says_what_to_put_where(tmp_path):
 
 
 def test_failed_download_explains_and_leaves_nothing(tmp_path, monkeypatch):
-    info = dataclasses.replace(data_module._CIFAR["cifar100"], url=(tmp_path / "gone").as_uri())
-    monkeypatch.setitem(data_module._CIFAR, "cifar100", info)
+    info = dataclasses.replace(data_module.CIFAR["cifar100"], url=(tmp_path / "gone").as_uri())
+    monkeypatch.setitem(data_module.CIFAR, "cifar100", info)
     root = tmp_path / "root"
     with pytest.raises(NetslimError, match="download failed") as error:
         load_dataset("cifar100", root)
@@ -161,8 +161,8 @@ def make_archive(source_root: Path, archive: Path, folder: str) -> str:
 
 
 def patch_source(monkeypatch, archive: Path, md5: str) -> None:
-    info = dataclasses.replace(data_module._CIFAR["cifar10"], url=archive.as_uri(), md5=md5)
-    monkeypatch.setitem(data_module._CIFAR, "cifar10", info)
+    info = dataclasses.replace(data_module.CIFAR["cifar10"], url=archive.as_uri(), md5=md5)
+    monkeypatch.setitem(data_module.CIFAR, "cifar10", info)
 
 
 def test_download_extracts_a_verified_archive(tmp_path, monkeypatch):

@@ -14,12 +14,15 @@ from test_imagefolder import write_images
 from torch import nn
 
 import netslim
-from netslim import cli, distributed
+from netslim import cli
 from netslim.data import augment, make_synthetic
+from netslim.data.imagefolder import load_imagefolder
+from netslim.engine.sparsity import add_bn_l1_grad, batchnorms
 from netslim.errors import NetslimError
-from netslim.imagefolder import load_imagefolder
 from netslim.models import VGG
-from netslim.sparsity import add_bn_l1_grad, batchnorms
+from netslim.runtime import distributed
+
+pytestmark = pytest.mark.slow  # not in make test-fast
 
 WORKER = Path(__file__).with_name("torchrun_worker.py")
 SRC = Path(netslim.__file__).resolve().parents[1]  # where `-m netslim` finds the package

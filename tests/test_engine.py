@@ -11,15 +11,15 @@ from conftest import randomize_bn
 from torch import nn
 
 import netslim
-from netslim.channels import trace_channels
 from netslim.checkpoint import save_checkpoint
+from netslim.engine.plan import masked_copy, plan_for_macs, plan_pruning
+from netslim.engine.sparsity import batchnorms
+from netslim.engine.stats import count_macs, count_params
+from netslim.engine.surgery import apply_plan
+from netslim.engine.trace import trace_channels
 from netslim.errors import NetslimError
 from netslim.models import build_model
-from netslim.pruning import masked_copy, plan_for_macs, plan_pruning
 from netslim.slim import prune_model, pruned_checkpoint
-from netslim.sparsity import batchnorms
-from netslim.stats import count_macs, count_params
-from netslim.surgery import apply_plan
 
 ARCHS = ["resnet56", "resnet164", "densenet40", "resnet18", "mobilenetv2", "vgg11-small"]
 

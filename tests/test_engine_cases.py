@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from conftest import randomize_bn
 from torch import fx, nn
 
-from netslim.channels import trace_channels
+from netslim.engine.plan import plan_pruning, reference_network
+from netslim.engine.sparsity import batchnorms
+from netslim.engine.stats import count_macs
+from netslim.engine.surgery import apply_plan
+from netslim.engine.trace import trace_channels
 from netslim.errors import NetslimError
-from netslim.pruning import plan_pruning, reference_network
 from netslim.slim import prune_model
-from netslim.sparsity import batchnorms
-from netslim.stats import count_macs
-from netslim.surgery import apply_plan
 
 SIZE = (1, 3, 12, 12)
 

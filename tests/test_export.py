@@ -17,11 +17,13 @@ import netslim
 from netslim import benchmark
 from netslim.checkpoint import save_checkpoint
 from netslim.cli import main
+from netslim.engine.plan import plan_pruning
+from netslim.engine.stats import count_macs
 from netslim.errors import NetslimError
 from netslim.export import FORMATS, export, pick_format
 from netslim.models import VGG, DenseNet, PreActResNet, ResNet, build_model
-from netslim.pruning import plan_pruning
-from netslim.stats import count_macs
+
+pytestmark = pytest.mark.slow  # not in make test-fast
 
 
 def small(arch: str) -> nn.Module:

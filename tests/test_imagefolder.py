@@ -9,17 +9,20 @@ import pytest
 import torch
 from PIL import Image
 
-from netslim import cli, distributed, imagefolder
+from netslim import cli
 from netslim.checkpoint import load
-from netslim.data import Dataset, eval_batches, load_dataset, train_batches
-from netslim.errors import NetslimError
-from netslim.imagefolder import (
+from netslim.data import Dataset, eval_batches, imagefolder, load_dataset, train_batches
+from netslim.data.imagefolder import (
     ImageFolderStream,
     decode_image,
     load_imagefolder,
     open_imagefolder,
     stream_imagefolder,
 )
+from netslim.errors import NetslimError
+from netslim.runtime import distributed
+
+pytestmark = pytest.mark.slow  # not in make test-fast
 
 CLASSES = ("cat", "dog", "emu")
 

@@ -16,10 +16,13 @@ import torch
 from conftest import TRAIN_CFG
 
 import netslim
-import netslim.lab as lab_module
-from netslim.cli import build_parser, main
+import netslim.lab.stages as lab_module
+from netslim.cli import main
+from netslim.cli.parser import build_parser
 from netslim.config import DEMO, LabConfig, lam_name
 from netslim.models import VGG
+
+pytestmark = pytest.mark.slow  # not in make test-fast
 
 # A reduced demo: the demo's arch and data, a few seconds of work.
 TINY = ["--train-size", "256", "--test-size", "128", "--epochs", "2", "--finetune-epochs", "1",

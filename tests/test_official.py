@@ -18,14 +18,15 @@ from conftest import randomize_bn
 from torch import nn
 
 import netslim
+from netslim.checkpoint import save_official
 from netslim.cli import main
+from netslim.engine.plan import masked_copy, plan_pruning
+from netslim.engine.surgery import apply_plan, channel_counts
 from netslim.errors import NetslimError
 from netslim.models import VGG, ChannelGather
 from netslim.models.densenet import DenseLayer
-from netslim.official import official_checkpoint, save_official
-from netslim.pruning import masked_copy, plan_pruning
+from netslim.official import official_checkpoint
 from netslim.slim import prune_model, pruned_checkpoint
-from netslim.surgery import apply_plan, channel_counts
 
 # shared/ lies beside the clone (CI); NETSLIM_OFFICIAL_CHECKPOINTS points elsewhere (a worktree)
 FILES = Path(os.environ.get("NETSLIM_OFFICIAL_CHECKPOINTS",
@@ -33,6 +34,8 @@ FILES = Path(os.environ.get("NETSLIM_OFFICIAL_CHECKPOINTS",
 needs_files = pytest.mark.skipif(
     not FILES.is_dir(), reason=f"the paper's checkpoints are not in {FILES.resolve()}"
 )
+
+pytestmark = pytest.mark.slow  # not in make test-fast
 
 # file -> the key of its logits in outputs.pt
 CASES = {

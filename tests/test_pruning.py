@@ -10,12 +10,12 @@ import torch
 from conftest import TINY_CFG, randomize_bn
 from torch import nn
 
+from netslim.engine.plan import PrunePlan, global_threshold, masked_copy, plan_pruning
+from netslim.engine.sparsity import batchnorms
+from netslim.engine.stats import count_macs, count_params
+from netslim.engine.surgery import apply_plan, prune
 from netslim.errors import NetslimError
 from netslim.models import VGG, build_model
-from netslim.pruning import PrunePlan, global_threshold, masked_copy, plan_pruning
-from netslim.sparsity import batchnorms
-from netslim.stats import count_macs, count_params
-from netslim.surgery import apply_plan, prune
 
 
 def official_masks(model: nn.Module, percent: float) -> list[torch.Tensor]:

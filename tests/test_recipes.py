@@ -13,16 +13,23 @@ from conftest import TRAIN_CFG, tiny_config, without_timing
 from torch import nn
 
 import netslim
-from netslim import control, recipes
-from netslim.cli import _lab_config, _train_config, build_parser, main
-from netslim.config import LabConfig
+from netslim import recipes
+from netslim.cli import main
+from netslim.cli.commands import _train_config, lab_config
+from netslim.cli.parser import build_parser
+from netslim.config import LabConfig, TrainConfig
 from netslim.data import make_synthetic, train_batches
-from netslim.early import train_prune_finetune
+from netslim.engine.sparsity import batchnorms
+from netslim.engine.surgery import channel_counts
 from netslim.errors import NetslimError
+from netslim.lab.early import train_prune_finetune
 from netslim.models import VGG
-from netslim.sparsity import batchnorms
-from netslim.surgery import channel_counts
-from netslim.train import TrainConfig, fit, lr_at, make_optimizer, read_metrics, train_epoch
+from netslim.recipes import lr_at
+from netslim.train import control
+from netslim.train.loop import fit, make_optimizer, train_epoch
+from netslim.train.runfolder import read_metrics
+
+pytestmark = pytest.mark.slow  # not in make test-fast
 
 QUIET = {"log": lambda s: None}
 FAST = {"epochs": 40, "batch_size": 256, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4,
@@ -71,14 +78,14 @@ def test_finetune_multipass_and_lab_take_the_recipe_too():
                                           "--weight-decay", "0"])  # fmt: skip
         config = _train_config(args, "vgg19")
         assert {k: getattr(config, k) for k in FAST} == {**FAST, "weight_decay": 0.0}
-    lab = _lab_config(build_parser().parse_args(["lab", "--recipe", "fast", "--lr", "0.2"]))
+    lab = lab_config(build_parser().parse_args(["lab", "--recipe", "fast", "--lr", "0.2"]))
     assert (lab.epochs, lab.finetune_epochs, lab.batch_size, lab.lr) == (40, 40, 256, 0.2)
     assert {k: getattr(lab.train_config(1e-4), k) for k in FAST} == {**FAST, "lr": 0.2}
     assert lab.finetune_config().lam == 0 and lab.finetune_config().nesterov
     # the demo's own epochs win over the recipe's; the rest is the recipe's
-    demo = _lab_config(build_parser().parse_args(["demo", "--recipe", "fast"]))
+    demo = lab_config(build_parser().parse_args(["demo", "--recipe", "fast"]))
     assert (demo.epochs, demo.finetune_epochs, demo.batch_size) == (6, 3, 256)
-    paper = _lab_config(build_parser().parse_args(["lab"]))
+    paper = lab_config(build_parser().parse_args(["lab"]))
     assert paper == LabConfig()  # the paper recipe leaves the lab as it was
 
 

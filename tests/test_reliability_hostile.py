@@ -30,11 +30,11 @@ import netslim
 from netslim import limits
 from netslim.checkpoint import read_checkpoint
 from netslim.cli import main
+from netslim.data.imagefolder import decode_image, load_imagefolder
+from netslim.engine.plan import plan_pruning, reference_network
+from netslim.engine.surgery import apply_plan
 from netslim.errors import NetslimError
 from netslim.export import max_relative_difference
-from netslim.imagefolder import decode_image, load_imagefolder
-from netslim.pruning import plan_pruning, reference_network
-from netslim.surgery import apply_plan
 
 SRC = str(Path(netslim.__file__).parents[1])
 OFFICIAL = Path(__file__).parents[1] / ".." / "shared" / "official-checkpoints"
@@ -325,10 +325,11 @@ TINY_NET = """
 """
 
 
+@pytest.mark.slow
 def test_multipass_counts_the_final_macs_at_the_run_image_size(tmp_path, monkeypatch):
     from netslim.config import TrainConfig
     from netslim.data import make_synthetic
-    from netslim.multipass import run_multipass
+    from netslim.lab.multipass import run_multipass
 
     (tmp_path / "tinynet.py").write_text(textwrap.dedent(TINY_NET))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -492,9 +493,10 @@ def test_a_builder_module_that_fails_on_import_is_one_line(tmp_path, capsys, mon
     assert code == 2 and f"importing broken failed: {kind}" in one_line(err)
 
 
+@pytest.mark.slow
 def test_report_of_a_lab_whose_metrics_were_cut_mid_line_renders(micro_lab, tmp_path, capsys):
     """The report reads the history from last.pth, as train --resume repairs it."""
-    from netslim.report import load_results
+    from netslim.lab.report import load_results
 
     lab = tmp_path / "lab"
     shutil.copytree(micro_lab, lab)

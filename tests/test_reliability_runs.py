@@ -22,13 +22,18 @@ from conftest import TRAIN_CFG, tiny_config
 
 import netslim
 import netslim.slim as slim_module
-import netslim.train as train_module
-from netslim import runlock, threads
+import netslim.train.loop as train_module
 from netslim.cli import main
+from netslim.config import TrainConfig
 from netslim.data import make_synthetic
 from netslim.errors import NetslimError
 from netslim.models import VGG
-from netslim.train import TrainConfig, fit, lr_at, pick_precision, read_metrics
+from netslim.recipes import lr_at
+from netslim.runtime import threads
+from netslim.runtime.device import pick_precision
+from netslim.train import runlock
+from netslim.train.loop import fit
+from netslim.train.runfolder import read_metrics, run_files
 
 QUIET = {"log": lambda s: None}
 DATA = ["--dataset", "synthetic", "--train-size", "128", "--test-size", "64", "--device", "cpu"]
@@ -209,9 +214,7 @@ def test_kill_between_best_and_last_never_leaves_last_claiming_a_missing_best(
     history = _fit(data, tmp_path, epochs=3, resume=True)
     best = torch.load(tmp_path / "best.pth", weights_only=True)
     assert best["epoch"] == 3 and len(history) == 3
-    assert train_module.run_files(tmp_path).startswith(
-        f"checkpoints in {tmp_path}/ (last.pth, best.pth)"
-    )
+    assert run_files(tmp_path).startswith(f"checkpoints in {tmp_path}/ (last.pth, best.pth)")
 
 
 def test_run_at_zero_accuracy_still_writes_best(tmp_path, data, monkeypatch):
@@ -605,6 +608,7 @@ def test_collapsing_throughput_prints_a_threads_hint(tmp_path, monkeypatch):
     assert threads.slowdown_hint(100.0, 200.0, 2) is None
 
 
+@pytest.mark.slow
 def test_under_torchrun_rank_0_holds_the_lock_and_names_the_holder(tmp_path):
     """A 2-process torchrun run into a folder another run holds: rank 0 stops with the
     one-line error naming the holder, and torchrun ends the run."""

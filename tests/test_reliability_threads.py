@@ -14,12 +14,13 @@ import pytest
 import torch
 from conftest import TRAIN_CFG, tiny_config
 
-from netslim import cli, threads
+from netslim.cli import commands as cli
 from netslim.cli import main
 from netslim.data import make_synthetic
 from netslim.models import VGG
-from netslim.threads import ThreadTuner
-from netslim.train import fit
+from netslim.runtime import threads
+from netslim.runtime.threads import ThreadTuner
+from netslim.train.loop import fit
 
 QUIET = {"log": lambda s: None}
 QUIET_MACHINE = {2: 1 / 853, 1: 1 / 579}  # seconds per image, measured on 2 cores
@@ -298,7 +299,7 @@ def test_no_threads_hint_while_threads_follow_the_load(tmp_path, monkeypatch):
     """The hint to lower --threads is for a fixed count; a tuner already does that."""
     import time
 
-    import netslim.train as train_module
+    import netslim.train.loop as train_module
 
     real = train_module.train_epoch
     seconds = []

@@ -10,8 +10,8 @@ from conftest import randomize_bn
 
 import netslim
 from netslim.cli import main
+from netslim.engine.plan import channel_scores, plan_for_macs, plan_pruning, round_kept
 from netslim.models import VGG, ResNet
-from netslim.pruning import plan_for_macs, plan_pruning, round_kept
 
 
 def test_round_kept_adds_the_next_best_channels():
@@ -43,7 +43,7 @@ def test_plan_keeps_multiples_of_n_and_the_top_gammas(n):
         warnings.simplefilter("ignore")
         plain = plan_pruning(model, 0.6)
         rounded = plan_pruning(model, 0.6, round_to=n)
-    scores = netslim.pruning._scores(model, plain.graph)
+    scores = netslim.engine.plan._unit_scores(plain.graph, channel_scores(model))
     assert rounded.round_to == n
     for group in plain.graph.prunable.values():
         kept, before = rounded.keep[group.units], plain.keep[group.units]

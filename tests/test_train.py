@@ -10,11 +10,14 @@ from conftest import TRAIN_CFG, randomize_bn, tiny_config, without_timing
 from torch import nn
 
 import netslim
-import netslim.train as train_module
+import netslim.train.loop as train_module
+from netslim.config import TrainConfig
+from netslim.engine.sparsity import add_bn_l1_grad, bn_sparsity, gamma_quantiles
 from netslim.errors import NetslimError
 from netslim.models import VGG
-from netslim.sparsity import add_bn_l1_grad, bn_sparsity, gamma_quantiles
-from netslim.train import TrainConfig, fit, lr_at
+from netslim.recipes import lr_at
+from netslim.train.loop import fit
+from netslim.train.runfolder import read_metrics
 
 QUIET = {"log": lambda s: None}
 
@@ -76,11 +79,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_data):
     torch.manual_seed(0)
     with pytest.raises(Interrupt):
         fit(_config(), tiny_data, VGG(TRAIN_CFG), tmp_path / "cut", log=stop_after_first_epoch)
-    assert len(train_module.read_metrics(tmp_path / "cut")) == 1
+    assert len(read_metrics(tmp_path / "cut")) == 1
     resumed = fit(_config(), tiny_data, VGG([4]), tmp_path / "cut", resume=True, **QUIET)
 
     assert without_timing(resumed) == without_timing(full)
-    assert without_timing(train_module.read_metrics(tmp_path / "cut")) == without_timing(full)
+    assert without_timing(read_metrics(tmp_path / "cut")) == without_timing(full)
     a = torch.load(tmp_path / "full" / "last.pth", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -127,7 +130,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_data, monk
     with pytest.raises(NetslimError, match=r"diverged.*epoch 2.*last\.pth \(epoch 1\)"):
         fit(_config(), tiny_data, VGG(TRAIN_CFG), tmp_path, **QUIET)
     assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 1
-    assert len(train_module.read_metrics(tmp_path)) == 1
+    assert len(read_metrics(tmp_path)) == 1
 
 
 def test_real_divergence_is_caught(tmp_path, tiny_data):

@@ -28,11 +28,13 @@ from conftest import randomize_bn
 from torch import nn
 
 import netslim
-from netslim.channels import trace_channels
+from netslim.engine.plan import plan_pruning, reference_network
+from netslim.engine.sparsity import add_bn_l1_grad, batchnorms
+from netslim.engine.surgery import apply_plan
+from netslim.engine.trace import trace_channels
 from netslim.errors import NetslimError
-from netslim.pruning import plan_pruning, reference_network
-from netslim.sparsity import add_bn_l1_grad, batchnorms
-from netslim.surgery import apply_plan
+
+pytestmark = pytest.mark.slow  # not in make test-fast
 
 TORCHVISION = torchvision.models.list_models(module=torchvision.models)
 # classification models without any BatchNorm: nothing to slim, and netslim says so

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-import netslim.train
-from netslim import cli, distributed
+from netslim import cli, recipes
+from netslim.runtime import distributed
 
 
 def main() -> int:
@@ -30,14 +30,14 @@ def main() -> int:
     distributed.wrap_model = wrap_and_remember
     if "FAIL_AT" in os.environ:
         fail_rank, fail_epoch = map(int, os.environ["FAIL_AT"].split(":"))
-        lr_at = netslim.train.lr_at
+        lr_at = recipes.lr_at
 
         def crash(epoch, base_lr, epochs):
             if rank == fail_rank and epoch == fail_epoch:
                 raise RuntimeError(f"simulated crash of rank {rank}")
             return lr_at(epoch, base_lr, epochs)
 
-        netslim.train.lr_at = crash
+        recipes.lr_at = crash  # lr_at_step looks it up on every call
     code = cli.main(argv)
     if trained:
         torch.save(trained[-1].state_dict(), dump / f"rank{rank}.pt")

@@ -26,13 +26,15 @@ __version__ = "0.1.0"
 _WHERE = {
     "load": "checkpoint", "read_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "load_dataset": "data", "NetslimError": "errors", "LabConfig": "config",
-    "TrainConfig": "config", "run_lab": "lab", "ARCHS": "config", "VGG": "models",
-    "build_model": "models", "global_threshold": "pruning", "plan_for_macs": "pruning",
-    "plan_pruning": "pruning", "recalibrate_bn": "recalibrate", "PruneReport": "slim",
-    "prune_model": "slim", "save": "slim", "add_bn_l1_grad": "sparsity", "bn_gammas": "sparsity",
-    "bn_sparsity": "sparsity", "gamma_quantiles": "sparsity", "count_macs": "stats",
-    "count_params": "stats", "apply_plan": "surgery", "prune": "surgery", "evaluate": "train",
-    "fit": "train", "export": "export", "fold_bn": "fold",
+    "TrainConfig": "config", "run_lab": "lab.experiment", "ARCHS": "config", "VGG": "models",
+    "build_model": "models", "global_threshold": "engine.plan", "plan_for_macs": "engine.plan",
+    "plan_pruning": "engine.plan", "recalibrate_bn": "engine.recalibrate", "PruneReport": "slim",
+    "prune_model": "slim", "save": "slim", "add_bn_l1_grad": "engine.sparsity",
+    "bn_gammas": "engine.sparsity", "bn_sparsity": "engine.sparsity",
+    "gamma_quantiles": "engine.sparsity", "count_macs": "engine.stats",
+    "count_params": "engine.stats", "apply_plan": "engine.surgery", "prune": "engine.surgery",
+    "evaluate": "train.evaluate", "fit": "train.loop", "export": "export",
+    "fold_bn": "engine.fold",
 }  # fmt: skip
 
 __all__ = sorted(_WHERE)
@@ -42,7 +44,7 @@ def __getattr__(name: str) -> Any:
     if name in _WHERE:
         value = getattr(importlib.import_module(f"netslim.{_WHERE[name]}"), name)
     elif not name.startswith("_") and importlib.util.find_spec(f"netslim.{name}"):
-        value = importlib.import_module(f"netslim.{name}")  # a module: netslim.train.lr_at
+        value = importlib.import_module(f"netslim.{name}")  # a module: netslim.engine
     else:
         raise AttributeError(f"module 'netslim' has no attribute {name!r}")
     globals()[name] = value  # the next lookup skips this function

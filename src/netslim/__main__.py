@@ -1,5 +1,5 @@
 import sys
 
-from netslim.cli import main
+from netslim.cli.commands import main
 
 sys.exit(main())

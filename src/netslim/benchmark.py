@@ -21,9 +21,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from netslim.engine.fold import fold_bn
+from netslim.engine.stats import count_macs, count_params
 from netslim.errors import NetslimError
-from netslim.fold import fold_bn
-from netslim.stats import count_macs, count_params
 
 RUNTIMES = ("torch", "onnxruntime")
 STATISTICS = {"median": statistics.median, "min": min}

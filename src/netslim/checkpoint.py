@@ -4,7 +4,7 @@ Training checkpoints are ``{'epoch', 'state_dict', 'best_prec1', 'optimizer'}`` 
 the official main.py writes; pruned ones are ``{'cfg', 'state_dict'}`` like its
 vggprune.py. netslim adds a ``'netslim'`` dict of metadata (architecture, how the file
 was made) and ``'channels'``, the channel counts of every conv, linear and BatchNorm
-layer (:func:`netslim.surgery.channel_counts`): architecture name plus channel counts
+layer (:func:`netslim.engine.surgery.channel_counts`): architecture name plus channel counts
 rebuild any pruned network, and VGGs also carry the official ``'cfg'``. Everything is
 plain tensors, lists, numbers and strings, so files load with
 ``torch.load(..., weights_only=True)`` and no pickled module is ever executed.
@@ -37,12 +37,24 @@ import torch
 from torch import nn
 
 from netslim import official
+from netslim.engine.sparsity import bn_sparsity, gamma_quantiles
+from netslim.engine.stats import count_macs, count_params
+from netslim.engine.surgery import resize_layers
 from netslim.errors import NetslimError
 from netslim.files import atomic_write
 from netslim.limits import check_image_size
-from netslim.models import ARCHS, VGG, VGG_CFGS, CfgItem, build_model, is_spec, validate_cfg
+from netslim.models import (
+    ARCHS,
+    VGG,
+    VGG_CFGS,
+    CfgItem,
+    ChannelGather,
+    build_model,
+    is_spec,
+    num_outputs,
+    validate_cfg,
+)
 from netslim.models.external import trusted_spec
-from netslim.surgery import resize_layers
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -355,9 +367,67 @@ def load(
 
 def stored_gammas(checkpoint: dict[str, Any]) -> torch.Tensor:
     """All BatchNorm gammas a netslim checkpoint holds, flat, in layer order, read from its
-    tensors without building the network (as :func:`netslim.sparsity.bn_gammas` of it)."""
+    tensors without building the network (as :func:`netslim.engine.sparsity.bn_gammas` of it)."""
     state_dict = checkpoint["state_dict"]
     gammas = [state_dict[f"{name}.weight"].flatten().float()
               for name, count in (checkpoint.get("channels") or {}).items()
               if len(count) == 1 and f"{name}.weight" in state_dict]  # fmt: skip
     return torch.cat(gammas) if gammas else torch.empty(0)
+
+
+def describe(
+    path: str | Path, *, sparsity_threshold: float = 0.01, trust: str | Iterable[str] | None = None
+) -> dict[str, Any]:
+    """What ``netslim info`` prints of a checkpoint, as a dict: architecture, kind, channels,
+    classes, parameters, MACs at its image size, sparsity and |gamma| quantiles, the paper's
+    channel selections, its epoch and best accuracy, and how it was pruned."""
+    checkpoint = read_checkpoint(path)
+    model = model_from_checkpoint(checkpoint, str(path), trust=trust)
+    meta = checkpoint.get("netslim") or {}
+    size = image_size_of(checkpoint, str(path))
+    info = {
+        "arch": arch_name(checkpoint, model),
+        "kind": meta.get("kind", "pruned" if "epoch" not in checkpoint else "train"),
+        "cfg": model.cfg if isinstance(model, VGG) else None,
+        "conv_channels": [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)],
+        "num_classes": num_outputs(model),
+        "params": count_params(model),
+        "macs": count_macs(model, (1, 3, size, size)),
+        "image_size": size,
+        "sparsity": bn_sparsity(model, sparsity_threshold),
+        "sparsity_threshold": sparsity_threshold,
+        "gamma_quantiles": gamma_quantiles(model),
+        "channel_selections": sum(isinstance(m, ChannelGather) for m in model.modules()),
+    }
+    if "epoch" in checkpoint:
+        info["epoch"] = checkpoint["epoch"]
+    if "best_prec1" in checkpoint:
+        info["best_test_acc"] = 100.0 * float(checkpoint["best_prec1"])
+    if "prune" in meta:
+        keys = ("ratio", "pruned_share", "acc_unpruned", "acc_masked", "acc_compensated",
+                "acc_recalibrated")  # fmt: skip
+        info["prune"] = {k: meta["prune"][k] for k in keys if k in meta["prune"]}
+    return info
+
+
+def save_official(checkpoint_or_model: str | Path | dict[str, Any] | nn.Module,
+                  path: str | Path) -> dict[str, Any]:  # fmt: skip
+    """Write the paper's ``{'cfg', 'state_dict'}`` layout of a network to ``path`` (atomically).
+
+    Args:
+        checkpoint_or_model: a checkpoint file, a checkpoint dict or a model.
+        path: the file to write; the paper's ``main.py --refine`` and its model classes
+            (``vgg(cfg=...)``, ``resnet(depth=164, cfg=...)``, ``densenet(depth=40, cfg=...)``)
+            read it.
+
+    Returns the written dict. Raises NetslimError, saying why, for a network the paper's
+    model cannot express (netslim's own resnet164 layout, a conv with a bias, ...).
+    """
+    model = checkpoint_or_model
+    if isinstance(model, (str, Path)):
+        model = model_from_checkpoint(read_checkpoint(model), str(model))
+    elif isinstance(model, dict):
+        model = model_from_checkpoint(model)
+    written = official.official_checkpoint(model)
+    save_checkpoint(written, path)
+    return written

@@ -2,7 +2,7 @@
 
 ``netslim --help`` builds its parser from this module alone, so that asking for help
 or ``--version`` does not wait seconds for PyTorch to import. The modules that do the
-work (:mod:`netslim.train`, :mod:`netslim.lab`, ...) import their settings from here.
+work (:mod:`netslim.train.loop`, :mod:`netslim.lab.experiment`, ...) import their settings from here.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from netslim import recipes
 from netslim.errors import NetslimError
 from netslim.limits import check_image_size
 
@@ -20,9 +21,9 @@ from netslim.limits import check_image_size
 ARCHS: tuple[str, ...] = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11-small", "resnet56",
                           "resnet164", "densenet40", "resnet18", "mobilenetv2")  # fmt: skip
 DATASETS: tuple[str, ...] = ("synthetic", "cifar10", "cifar100", "imagefolder")
-RESIZE_POLICIES: tuple[str, ...] = ("crop", "stretch")  # see netslim.imagefolder
-LOADERS: tuple[str, ...] = ("auto", "memory", "stream")  # see netslim.imagefolder
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")  # see netslim.train
+RESIZE_POLICIES: tuple[str, ...] = ("crop", "stretch")  # see netslim.data.imagefolder
+LOADERS: tuple[str, ...] = ("auto", "memory", "stream")  # see netslim.data.imagefolder
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")  # see netslim.train.loop
 ARCH_CHOICES = (
     f"choose one of {', '.join(ARCHS)}, or torchvision:NAME, timm:NAME, package.module:callable"
 )
@@ -60,6 +61,23 @@ def check_arch_name(arch: str) -> None:
         raise NetslimError(f"unknown --arch {arch!r}; {ARCH_CHOICES}")
 
 
+def check_ratio(ratio: float) -> float:
+    """Return ``ratio`` as a float, or raise NetslimError unless ``0 <= ratio < 1``."""
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise NetslimError(f"prune ratio must be a number in [0, 1), got {ratio!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise NetslimError(
+            f"prune ratio must be in [0, 1) (the share of channels to remove, e.g. 0.7), got {ratio}"
+        )
+    return value
+
+
+# λ auto's first epoch (netslim.train.control): the paper's λ, until the controller decides.
+LAM_START = 1e-4
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in its checkpoints."""
@@ -82,7 +100,7 @@ class TrainConfig:
     train_size: int | None = None
     test_size: int | None = None
     image_size: int = 32  # imagefolder datasets are resized to this
-    resize: str = "crop"  # and how: see netslim.imagefolder
+    resize: str = "crop"  # and how: see netslim.data.imagefolder
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm over the global batch
     # The recipe's settings (netslim.recipes): its name, and the values it resolved to.
     recipe: str = "paper"
@@ -90,7 +108,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     nesterov: bool = False
     label_smoothing: float = 0.0
-    # Decisions between epochs (netslim.control): λ chosen for the user, early pruning.
+    # Decisions between epochs (netslim.train.control): λ chosen for the user, early pruning.
     lam_auto: bool = False
     target_ratio: float | None = None
     prune_when_stable: float | None = None
@@ -125,10 +143,28 @@ class TrainConfig:
             raise NetslimError(
                 f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
-        from netslim import control, recipes  # control imports torch, which --help does without
-
         recipes.check_schedule(self)
-        control.check_config(self)
+        self._check_control()
+
+    def _check_control(self) -> None:
+        """λ auto and early pruning (netslim.train.control): settings that make no sense."""
+        if self.lam_auto:
+            if self.target_ratio is None or not 0 < self.target_ratio < 1:
+                raise NetslimError(
+                    "--lam auto needs --target-ratio R with 0 < R < 1 (the share of |γ| that "
+                    f"should fall below the sparsity threshold), got {self.target_ratio}"
+                )
+        elif self.target_ratio is not None:
+            raise NetslimError(
+                "--target-ratio is the goal of --lam auto; add --lam auto or drop it"
+            )
+        if self.prune_when_stable is not None:
+            if check_ratio(self.prune_when_stable) == 0:
+                raise NetslimError("--prune-when-stable needs a ratio above 0, e.g. 0.5")
+            if not 0 <= self.stable_tol <= 1:
+                raise NetslimError(f"--stable-tol must be a share in [0, 1], got {self.stable_tol}")
+            if self.stable_epochs < 1:
+                raise NetslimError(f"--stable-epochs must be at least 1, got {self.stable_epochs}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -159,21 +195,17 @@ class LabConfig:
     seed: int = 0
     # netslim.recipes: the training settings; epochs, batch size and lr above are resolved
     recipe: str = "paper"
-    # early pruning of the prune_lam training (netslim.control.StableMask); None: off
+    # early pruning of the prune_lam training (netslim.train.control.StableMask); None: off
     prune_when_stable: float | None = None
     stable_tol: float = 0.02
     stable_epochs: int = 3
-    # λ chosen for the user (netslim.control.AutoLam): the prune_lam run starts at
+    # λ chosen for the user (netslim.train.control.AutoLam): the prune_lam run starts at
     # prune_lam and adapts λ to reach this share of sparse γ; None: off
     target_ratio: float | None = None
 
     def check(self) -> None:
         """Raise NetslimError naming the first setting that makes no sense."""
-        # these import torch (and a spec's package), which --help does without
-        from netslim.models import check_arch
-        from netslim.pruning import check_ratio
-
-        check_arch(self.arch, load=True)
+        check_arch_name(self.arch)  # names only: run_lab imports what a spec names
         if not self.lams:
             raise NetslimError("--lams needs at least one λ, e.g. --lams 0 1e-4 1e-2")
         if not all(x >= 0 for x in self.lams):  # also catches NaN
@@ -201,8 +233,6 @@ class LabConfig:
 
     def train_config(self, lam: float) -> TrainConfig:
         """The recipe of the sparsity training at ``lam`` (early pruning: the prune_lam run's)."""
-        from netslim import recipes
-
         recipe = recipes.resolve(
             self.recipe, {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
         )
@@ -219,8 +249,6 @@ class LabConfig:
 
     def finetune_config(self) -> TrainConfig:
         """The recipe of fine-tuning: the training recipe without the L1 term."""
-        from netslim import recipes
-
         return recipes.finetune_of(self.train_config(0.0), self.finetune_epochs)
 
     def sweep_ratios(self) -> list[float]:

@@ -10,11 +10,11 @@ Three formats, picked by the file's suffix or by name:
 * ``pt2`` (``.pt2``): a ``torch.export`` program, loaded by ``torch.export.load(path)``
   and run by ``.module()(images)``; the batch dimension is free.
 * ``official`` (``.pth.tar``): the paper's own ``{'cfg', 'state_dict'}`` checkpoint, which
-  its ``main.py --refine`` and model classes read (:func:`netslim.official.save_official`;
+  its ``main.py --refine`` and model classes read (:func:`netslim.checkpoint.save_official`;
   BatchNorm is kept, as the paper's models have it). Checked by reading it back.
 
 The network is exported in eval mode in fp32 on the CPU, with every BatchNorm folded into
-the layer before it where there is one (:func:`netslim.fold.fold_bn`). The file is made in
+the layer before it where there is one (:func:`netslim.engine.fold.fold_bn`). The file is made in
 memory, **checked** -- loaded by its own runtime and compared with the PyTorch network on
 random batches of 1 and 7 images -- and only then written (atomically), so a path holds
 a checked file or nothing new.
@@ -34,11 +34,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from netslim.engine.fold import fold_bn
+from netslim.engine.stats import nonfinite_tensors
 from netslim.errors import NetslimError
 from netslim.files import atomic_write
-from netslim.fold import fold_bn
 from netslim.limits import check_image_size
-from netslim.stats import nonfinite_tensors
 
 DEFAULT_OPSET = 18  # onnxruntime >= 1.14 runs it; every op netslim's networks use is in it
 OPSETS = range(9, 21)  # what the TorchScript-based exporter writes

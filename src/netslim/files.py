@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import tempfile
@@ -133,3 +134,8 @@ def _umask() -> int:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path: str | Path, obj: object) -> None:
+    """Write ``obj`` as indented JSON (one trailing newline) to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -18,22 +18,22 @@ channels marked 1. :func:`to_netslim` turns such a file into netslim's checkpoin
   not go with its gammas; the gathers keep the stream whole, exactly as the paper's code
   does. A ``resnet164`` that holds gathers is this layout (:func:`install_gathers`).
 
-:func:`save_official` writes the paper's ``{'cfg', 'state_dict'}`` back out for a VGG, and
-for these two networks where the paper's model can express them.
+:func:`official_checkpoint` makes the paper's ``{'cfg', 'state_dict'}`` back out of a VGG, and
+of these two networks where the paper's model can express them
+(:func:`netslim.checkpoint.save_official` writes it).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from netslim.engine.surgery import ChannelCounts, channel_counts
 from netslim.errors import NetslimError
 from netslim.models import VGG, ChannelGather, DenseNet, PreActResNet, build_model
 from netslim.models.resnet import PreActBottleneck
-from netslim.surgery import ChannelCounts, channel_counts
 
 RESNET_BLOCKS = 18  # per stage: depth 164 = 9 * 18 + 2
 DENSE_LAYERS, GROWTH = 12, 12  # per block: depth 40 = 3 * 12 + 4
@@ -407,28 +407,3 @@ def _paper_order(sd: StateDict) -> StateDict:
                 if sub in ("bn1", "select", "conv1") else 0)  # fmt: skip
 
     return {k: sd[k] for k in sorted(sd, key=rank)}
-
-
-def save_official(checkpoint_or_model: str | Path | dict[str, Any] | nn.Module,
-                  path: str | Path) -> dict[str, Any]:  # fmt: skip
-    """Write the paper's ``{'cfg', 'state_dict'}`` layout of a network to ``path`` (atomically).
-
-    Args:
-        checkpoint_or_model: a checkpoint file, a checkpoint dict or a model.
-        path: the file to write; the paper's ``main.py --refine`` and its model classes
-            (``vgg(cfg=...)``, ``resnet(depth=164, cfg=...)``, ``densenet(depth=40, cfg=...)``)
-            read it.
-
-    Returns the written dict. Raises NetslimError, saying why, for a network the paper's
-    model cannot express (netslim's own resnet164 layout, a conv with a bias, ...).
-    """
-    from netslim.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
-
-    model = checkpoint_or_model
-    if isinstance(model, (str, Path)):
-        model = model_from_checkpoint(read_checkpoint(model), str(model))
-    elif isinstance(model, dict):
-        model = model_from_checkpoint(model)
-    written = official_checkpoint(model)
-    save_checkpoint(written, path)
-    return written

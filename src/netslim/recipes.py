@@ -22,7 +22,7 @@ airbench; Goyal et al. 2017 for the scaling rule), for 40 epochs instead of 160:
   logits), weight decay 5e-4 (the usual value for short CIFAR schedules).
 
 The L1 term under any schedule. The sub-gradient ``lam * sign(gamma)`` is added to each
-γ's gradient before the optimizer step (see :mod:`netslim.sparsity`), so it passes
+γ's gradient before the optimizer step (see :mod:`netslim.engine.sparsity`), so it passes
 through the same lr, momentum (Nesterov included) and step as the loss gradient: the
 optimizer minimises ``CE_smoothed + lam * sum|γ| + wd/2 * |w|^2`` whatever the recipe,
 and the L1 displacement of one step is ``lr_t * lam * sign(γ)`` before momentum (at the
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from netslim.errors import NetslimError
 
-if TYPE_CHECKING:  # train imports this module
+if TYPE_CHECKING:  # config imports this module
     from netslim.config import TrainConfig
 
 SCHEDULES = ("step", "linear")
@@ -76,15 +76,13 @@ def resolve(recipe: str, given: dict[str, Any]) -> dict[str, Any]:
 def lr_at_step(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
     """The learning rate of step ``step`` (0-based) of ``steps`` in epoch ``epoch`` (0-based).
 
-    ``step`` schedule: the paper's, constant within an epoch (:func:`netslim.train.lr_at`).
+    ``step`` schedule: the paper's, constant within an epoch (:func:`lr_at`).
     ``linear``: with ``t = epoch + (step + 0.5) / steps`` the training time in epochs (the
     middle of the step), ``lr * t / w`` during the warm-up ``t < w``, then
     ``lr * (E - t) / (E - w)`` down to nearly zero at the end of ``E = epochs``; the
     warm-up is ``w =`` :func:`warmup_epochs`, at most ``E / 2``, so a short fine-tuning still
     decays.
     """
-    from netslim.train import lr_at  # train imports this module
-
     if config.schedule == "step":
         return lr_at(epoch, config.lr, config.epochs)
     end = config.epochs
@@ -92,6 +90,19 @@ def lr_at_step(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
     if t < w:
         return config.lr * t / w
     return config.lr * (end - t) / (end - w)
+
+
+def lr_at(epoch: int, base_lr: float, epochs: int) -> float:
+    """The paper's step schedule: the learning rate of 0-based ``epoch`` of ``epochs``.
+
+    Divided by 10 from the first epoch at or past 50% of the run and again at 75%, compared
+    as floats (``epoch >= epochs * 0.5``): the milestones are ``ceil(epochs / 2)`` and
+    ``ceil(3 * epochs / 4)``, so no run decays before its first epoch has run (1 epoch
+    stays at ``base_lr``; 2 epochs decay once, in the second). The paper's main.py decays
+    when ``epoch in [epochs * 0.5, epochs * 0.75]``: the same where those are whole
+    numbers (160 epochs: 80 and 120), never where they are not (3 epochs: 1.5, 2.25).
+    """
+    return base_lr * 0.1 ** sum(epoch >= epochs * share for share in (0.5, 0.75))
 
 
 def warmup_epochs(config: TrainConfig) -> float:

@@ -1,7 +1,7 @@
 """Pruning as a user runs it: plan, surgery, compensation, recalibration, and a report.
 
-:func:`prune_model` ties :mod:`netslim.pruning`, :mod:`netslim.surgery` and
-:mod:`netslim.recalibrate` together and measures each step. It returns the network with
+:func:`prune_model` ties :mod:`netslim.engine.plan`, :mod:`netslim.engine.surgery` and
+:mod:`netslim.engine.recalibrate` together and measures each step. It returns the network with
 bias compensation (and, given data, BN recalibration), or with ``compensate=False``
 exactly the official code's network: pruned by the same threshold, nothing folded in,
 BN statistics untouched (given data, the other two are still measured, on copies).
@@ -22,17 +22,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from netslim.channels import trace_channels
 from netslim.checkpoint import save_checkpoint
-from netslim.data import Dataset, train_batches
+from netslim.config import check_ratio
+from netslim.data.batches import ImageData
+from netslim.engine.graph import ChannelGraph
+from netslim.engine.plan import Ignore, Importance, ignore_layers, plan_for_macs, plan_pruning
+from netslim.engine.recalibrate import recalibrate_bn
+from netslim.engine.stats import count_macs, count_params, nonfinite_tensors
+from netslim.engine.surgery import apply_plan, channel_counts
+from netslim.engine.trace import trace_channels
 from netslim.errors import NetslimError
 from netslim.files import check_output_file
 from netslim.models import VGG, CfgItem, num_outputs
-from netslim.pruning import check_ratio, plan_for_macs, plan_pruning
-from netslim.recalibrate import recalibrate_bn
-from netslim.stats import count_macs, count_params, nonfinite_tensors
-from netslim.surgery import apply_plan, channel_counts
-from netslim.train import check_classes, evaluate
+from netslim.train.evaluate import check_classes, evaluate
 
 
 @dataclass
@@ -124,7 +126,7 @@ class PruneReport:
         return "\n".join(lines)
 
 
-def recalibration_batches(data: Dataset, num: int, batch_size: int = 128, seed: int = 0):
+def recalibration_batches(data: ImageData, num: int, batch_size: int = 128, seed: int = 0):
     """``num`` random batches of unlabeled training images, augmented as in training.
 
     The running statistics being replaced were learned on augmented images (padded, cropped,
@@ -132,8 +134,8 @@ def recalibration_batches(data: Dataset, num: int, batch_size: int = 128, seed: 
     the network's behaviour. Measured on a sparsity-trained VGG-11 on CIFAR-10
     (bench/RESULTS.md): 1.5 to 1.8 points more test accuracy than un-augmented images.
     """
-    generator = torch.Generator(device=data.train_images.device).manual_seed(seed)
-    for i, (x, _) in enumerate(train_batches(data, batch_size, generator)):
+    generator = torch.Generator(device=data.device).manual_seed(seed)
+    for i, (x, _) in enumerate(data.train_batches(batch_size, generator, shard=False)):
         if i >= num:
             break
         yield x
@@ -159,12 +161,14 @@ def prune_model(
     compensate: bool = True,
     min_keep: float = 0.01,
     round_to: int = 1,
-    data: Dataset | None = None,
+    data: ImageData | None = None,
     recalibrate: int = 16,
     batch_size: int = 128,
     eval_dtype: torch.dtype | None = None,
     acc_unpruned: float | None = None,
     input_size: tuple[int, ...] = (3, 32, 32),
+    ignore: Ignore | None = None,
+    importance: Importance | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` at ``ratio`` (or to ``target_macs``) and report; with ``data``, also
     measure and recalibrate.
@@ -186,6 +190,10 @@ def prune_model(
             an earlier call of a sweep over ratios); measured here when None.
         input_size: the shape of one input, ``(C, H, W)`` or ``(1, C, H, W)``: the network
             is traced, its MACs counted and the compensation measured at this size.
+        ignore: layers to leave unpruned: module names, modules or module classes (a
+            module's whole subtree is left; :func:`netslim.engine.plan.ignore_layers`).
+        importance: a score per BatchNorm channel in place of ``|gamma|``, as
+            ``importance(name, bn) -> tensor`` (:func:`netslim.engine.plan.channel_scores`).
 
     Returns:
         The pruned network and its :class:`PruneReport` (whose ``saved`` names which
@@ -217,20 +225,24 @@ def prune_model(
         check_classes(model, data)
     was_training = model.training
     try:
-        return _prune_model(model, ratio, target_macs, compensate, min_keep, round_to, data,
-                            recalibrate, batch_size, eval_dtype, acc_unpruned, input_size)  # fmt: skip
+        graph = ignore_layers(model, trace_channels(model, input_size), ignore)
+        return _prune_model(model, graph, ratio, target_macs, compensate, min_keep, round_to,
+                            importance, data, recalibrate, batch_size, eval_dtype, acc_unpruned,
+                            input_size)  # fmt: skip
     finally:
         model.train(was_training)  # the caller's model is left as it was
 
 
 def _prune_model(
     model: nn.Module,
+    graph: ChannelGraph,
     ratio: float | None,
     target_macs: float | None,
     compensate: bool,
     min_keep: float,
     round_to: int,
-    data: Dataset | None,
+    importance: Importance | None,
+    data: ImageData | None,
     recalibrate: int,
     batch_size: int,
     eval_dtype: torch.dtype | None,
@@ -238,11 +250,12 @@ def _prune_model(
     input_size: tuple[int, ...],
 ) -> tuple[nn.Module, PruneReport]:
     model.eval()
-    graph = trace_channels(model, input_size)
     if target_macs is not None:
-        plan = plan_for_macs(model, target_macs, min_keep, graph=graph, round_to=round_to)
+        plan = plan_for_macs(model, target_macs, min_keep, graph=graph, round_to=round_to,
+                             importance=importance)  # fmt: skip
     else:
-        plan = plan_pruning(model, check_ratio(ratio), min_keep, graph=graph, round_to=round_to)
+        plan = plan_pruning(model, check_ratio(ratio), min_keep, graph=graph, round_to=round_to,
+                            importance=importance)  # fmt: skip
     pruned = apply_plan(model, plan, compensate=compensate).eval()
     kept_graph = graph.residual_kept()
     residual_kept = unrounded = None
@@ -250,10 +263,11 @@ def _prune_model(
         warnings.simplefilter("ignore")
         if kept_graph is not None:
             residual_kept = plan_pruning(model, plan.ratio, min_keep, graph=kept_graph,
-                                         threshold=plan.threshold, round_to=round_to).macs  # fmt: skip
+                                         threshold=plan.threshold, round_to=round_to,
+                                         importance=importance).macs  # fmt: skip
         if round_to > 1:
             unrounded = plan_pruning(model, plan.ratio, min_keep, graph=graph,
-                                     threshold=plan.threshold)  # fmt: skip
+                                     threshold=plan.threshold, importance=importance)  # fmt: skip
     report = PruneReport(
         ratio=plan.ratio,
         threshold=plan.threshold,
@@ -278,7 +292,7 @@ def _prune_model(
     if data is None:
         return pruned, report
 
-    device = data.train_images.device
+    device = data.device
     if next(model.parameters()).device != device:  # measured on a copy: the caller's stays put
         model = copy.deepcopy(model).to(device)
     pruned = pruned.to(device)

@@ -18,29 +18,28 @@ Running the same command again continues where it stopped.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from netslim import runlock
-from netslim.checkpoint import load, save_checkpoint
-from netslim.data import Dataset
+from netslim.checkpoint import load
+from netslim.config import TrainConfig, check_ratio
+from netslim.data.batches import ImageData
+from netslim.engine.stats import count_macs, count_params
 from netslim.errors import NetslimError
-from netslim.files import atomic_write_text, remove_temp_files
-from netslim.lab import train_stage
+from netslim.files import remove_temp_files, write_json
+from netslim.lab.stages import Log, prune_stage, train_stage
 from netslim.models import num_outputs
-from netslim.pruning import check_ratio
 from netslim.recipes import finetune_of
-from netslim.slim import prune_model, pruned_checkpoint
-from netslim.stats import count_macs, count_params
-from netslim.train import TrainConfig, pick_precision, read_metrics
+from netslim.runtime.device import pick_precision
+from netslim.train import runlock
+from netslim.train.runfolder import read_metrics
 
 
 def run_multipass(
     config: TrainConfig,
-    data: Dataset,
+    data: ImageData,
     model: nn.Module,
     out: str | Path,
     *,
@@ -49,7 +48,7 @@ def run_multipass(
     layer_cap: float = 0.5,
     finetune_epochs: int,
     recalibrate: int = 16,
-    log: Callable[[str], None] = print,
+    log: Log = print,
 ) -> list[dict[str, Any]]:
     """Run ``passes`` rounds of sparsity training and pruning, then fine-tune (see module docs).
 
@@ -84,7 +83,7 @@ def run_multipass(
 
 def _multipass(
     config: TrainConfig,
-    data: Dataset,
+    data: ImageData,
     model: nn.Module,
     out: Path,
     passes: int,
@@ -92,7 +91,7 @@ def _multipass(
     layer_cap: float,
     finetune_epochs: int,
     recalibrate: int,
-    log: Callable[[str], None],
+    log: Log,
 ) -> list[dict[str, Any]]:
     dtype = pick_precision(config.precision, data.device)
     meta = {"arch": config.arch, "num_classes": num_outputs(model), "image_size": data.image_size}
@@ -106,20 +105,12 @@ def _multipass(
         train_stage(config, data, lambda m=current: m, folder / "train",
                     {**meta, "kind": "train", "pass": k}, log)  # fmt: skip
         pruned_file = folder / "pruned.pth"
-        if pruned_file.exists():
-            log(f"   pruned already: {pruned_file}")
-            report = json.loads((folder / "prune.json").read_text())
-        else:
-            trained = load(folder / "train" / "last.pth", trust=config.arch)
-            pruned, prune_report = prune_model(trained, ratio, min_keep=1.0 - layer_cap, data=data,
-                                               recalibrate=recalibrate, eval_dtype=dtype,
-                                               input_size=input_size)  # fmt: skip
-            save_checkpoint(
-                pruned_checkpoint(pruned, prune_report, {**meta, "pass": k}), pruned_file
-            )
-            report = prune_report.to_dict()
-            atomic_write_text(folder / "prune.json", json.dumps(report, indent=2) + "\n")
-            log(prune_report.text())
+        log(f"== pass {k}/{passes}: pruning at ratio {ratio:g} into {pruned_file}")
+        report = prune_stage(folder / "train" / "last.pth", pruned_file, folder / "prune.json",
+                             ratio, data=data, meta={**meta, "pass": k}, trust=config.arch,
+                             log=log, layout=lambda info, report: report,
+                             min_keep=1.0 - layer_cap, recalibrate=recalibrate,
+                             eval_dtype=dtype, input_size=input_size)  # fmt: skip
         model = load(pruned_file, trust=config.arch)
         reports.append(report)
         summary.append({
@@ -137,7 +128,7 @@ def _multipass(
         "params": count_params(final), "macs": count_macs(final, input_size),
         "params_original": reports[0]["params_before"], "macs_original": reports[0]["macs_before"],
     })  # fmt: skip
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     for r in summary:
         log(f"pass {r['pass']}: test acc {r['trained_acc']:.2f}%  params {r['params']:,}  "
             f"MACs {r['macs']:,}")  # fmt: skip

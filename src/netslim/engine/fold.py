@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-from netslim.channels import trace_channels
+from netslim.engine.trace import trace_channels
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -43,7 +43,7 @@ def fold_bn(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> n
     """A copy of ``model`` in eval mode with every foldable BatchNorm folded into its layer.
 
     A BatchNorm folds when it is the only reader of a conv's or linear layer's output
-    (found by :func:`netslim.channels.trace_channels` on an input of ``input_size``) and
+    (found by :func:`netslim.engine.trace.trace_channels` on an input of ``input_size``) and
     keeps running statistics; it is then replaced by ``nn.Identity``. The copy gives the
     same outputs as ``model.eval()`` up to float rounding (the folding is computed in
     float64). ``model`` itself is left unchanged.

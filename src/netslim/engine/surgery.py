@@ -1,4 +1,4 @@
-"""Building the physically smaller network a :class:`~netslim.pruning.PrunePlan` describes.
+"""Building the physically smaller network a :class:`~netslim.engine.plan.PrunePlan` describes.
 
 :func:`apply_plan` copies the model and replaces every conv, linear and BatchNorm layer
 by a smaller one holding only the kept channels' weights. The module tree, its names
@@ -19,7 +19,7 @@ at a padded border the zeros replace part of the constant, so there the fold is 
 approximation. Where a removed channel's constant reaches a layer only multiplied by
 something that varies (a squeeze-excitation gate), nothing can be folded: there the
 channel is dropped as the official code does, and the reference network zeroes its beta
-too (:func:`~netslim.pruning.reference_network`).
+too (:func:`~netslim.engine.plan.reference_network`).
 
 Without compensation the result is exactly the official code's masked network (pruned
 gamma *and* beta zeroed, so the dropped channels output 0 after their BatchNorm). A
@@ -35,9 +35,9 @@ import copy
 import torch
 from torch import nn
 
-from netslim.channels import Layer
+from netslim.engine.graph import Layer
+from netslim.engine.plan import PrunePlan, plan_pruning, reference_network
 from netslim.errors import NetslimError
-from netslim.pruning import PrunePlan, plan_pruning, reference_network
 
 #: Module name -> ``[in, out, groups, has_bias]`` (conv), ``[in, out, has_bias]`` (linear)
 #: or ``[channels]`` (BatchNorm).

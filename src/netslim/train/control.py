@@ -42,7 +42,7 @@ The first epoch runs at the λ given (``LAM_START``, the paper's 1e-4, by defaul
 
 :class:`StableMask` (``--prune-when-stable R``) follows the Early-Bird idea (You et al.,
 ICLR 2020): after each epoch it plans pruning at ratio R on the current network
-(:func:`netslim.pruning.plan_pruning`, no surgery) and measures the *mask distance*, the
+(:func:`netslim.engine.plan.plan_pruning`, no surgery) and measures the *mask distance*, the
 share of BatchNorm channels whose keep/remove decision differs from the previous
 epoch's. When that distance is at most ``tol`` for ``epochs`` epochs in a row, the mask
 has settled and sparsity training stops.
@@ -62,38 +62,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from netslim.channels import ChannelGraph, trace_channels
-from netslim.errors import NetslimError
-from netslim.pruning import check_ratio, plan_pruning
+from netslim.config import LAM_START
+from netslim.engine.graph import ChannelGraph
+from netslim.engine.plan import plan_pruning
+from netslim.engine.sparsity import batchnorms, bn_gammas
+from netslim.engine.trace import trace_channels
 from netslim.recipes import lr_at_step
-from netslim.sparsity import batchnorms, bn_gammas
 
-LAM_START = 1e-4
 LAM_MIN, LAM_MAX = 1e-6, 1e-2
 FACTOR = 2.0  # the most λ changes from one epoch to the next
 GAIN_STEP, GAIN_MIN, GAIN_MAX = 1.5, 1.0, 16.0
 HOLD = 3  # epochs: the shortest horizon over which λ means to remove an excess of q
 ACC_DROP = 5.0  # percentage points below the best training accuracy
 RAMP = 0.5  # share of the epochs by which the target ratio should be reached
-
-
-def check_config(config: Any) -> None:
-    """Raise NetslimError for λ-controller or early-pruning settings that make no sense."""
-    if config.lam_auto:
-        if config.target_ratio is None or not 0 < config.target_ratio < 1:
-            raise NetslimError(
-                "--lam auto needs --target-ratio R with 0 < R < 1 (the share of |γ| that "
-                f"should fall below the sparsity threshold), got {config.target_ratio}"
-            )
-    elif config.target_ratio is not None:
-        raise NetslimError("--target-ratio is the goal of --lam auto; add --lam auto or drop it")
-    if config.prune_when_stable is not None:
-        if check_ratio(config.prune_when_stable) == 0:
-            raise NetslimError("--prune-when-stable needs a ratio above 0, e.g. 0.5")
-        if not 0 <= config.stable_tol <= 1:
-            raise NetslimError(f"--stable-tol must be a share in [0, 1], got {config.stable_tol}")
-        if config.stable_epochs < 1:
-            raise NetslimError(f"--stable-epochs must be at least 1, got {config.stable_epochs}")
 
 
 class AutoLam:

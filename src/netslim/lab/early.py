@@ -1,7 +1,7 @@
 """Early pruning in one run: sparsity training until the mask settles, pruning, fine-tuning.
 
 ``netslim train --prune-when-stable R`` runs :func:`train_prune_finetune`. Sparsity
-training stops once the removal mask at ratio R has settled (:class:`netslim.control.
+training stops once the removal mask at ratio R has settled (:class:`netslim.train.control.
 StableMask`), or after its last epoch if it never does; the network is then pruned at R
 (with bias compensation and BN recalibration, :func:`netslim.slim.prune_model`) and the
 smaller network is fine-tuned with the same recipe minus the L1 term. The run folder::
@@ -15,27 +15,27 @@ Each stage whose files are complete is skipped on ``--resume``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from netslim import distributed
-from netslim.checkpoint import load, save_checkpoint
-from netslim.data import Dataset
+from netslim.checkpoint import load
+from netslim.config import TrainConfig
+from netslim.data.batches import ImageData
 from netslim.errors import NetslimError
-from netslim.files import atomic_write_text
-from netslim.lab import train_stage
-from netslim.models import num_outputs
+from netslim.lab.folder import read_json
+from netslim.lab.stages import Log, prune_stage, train_stage
 from netslim.recipes import finetune_of
-from netslim.slim import prune_model, pruned_checkpoint
-from netslim.train import TrainConfig, fit, pick_precision, read_metrics
+from netslim.runtime import distributed
+from netslim.runtime.device import pick_precision
+from netslim.train.loop import fit
+from netslim.train.runfolder import read_metrics
 
 
 def train_prune_finetune(
     config: TrainConfig,
-    data: Dataset,
+    data: ImageData,
     model: nn.Module,
     out: str | Path,
     *,
@@ -43,7 +43,7 @@ def train_prune_finetune(
     recalibrate: int = 16,
     meta: dict[str, Any] | None = None,
     resume: bool = False,
-    log: Callable[[str], None] = print,
+    log: Log = print,
 ) -> list[dict[str, Any]]:
     """Run the three stages (see the module docs); returns the fine-tuning's metrics records.
 
@@ -62,13 +62,16 @@ def train_prune_finetune(
     out = Path(out)
     meta = meta or {}
     fit(config, data, model, out, meta={**meta, "kind": "train"}, resume=resume, log=log)
-    report_file = out / "prune.json"
-    # Every process calls on_main (it waits for rank 0), which alone checks and prunes.
-    distributed.on_main(_prune, config, data, out, recalibrate, meta, log)
+    log(f"== pruning at ratio {config.prune_when_stable:g} into {out / 'pruned.pth'}")
+    # Every process calls on_main (it waits for rank 0), which alone prunes.
+    distributed.on_main(prune_stage, out / "last.pth", out / "pruned.pth", out / "prune.json",
+                        config.prune_when_stable, data=data, meta=meta, trust=config.arch,
+                        log=log, recalibrate=recalibrate,
+                        eval_dtype=pick_precision(config.precision, data.device))  # fmt: skip
     tune = finetune_of(config, finetune_epochs)
     log(f"== fine-tuning the pruned network, {finetune_epochs} epochs: {out / 'finetune'}")
     tune_meta = {**meta, "kind": "finetune", "source": str(out / "pruned.pth"),
-                 "prune": json.loads(report_file.read_text())["prune"]}  # fmt: skip
+                 "prune": read_json(out / "prune.json")["prune"]}  # fmt: skip
     train_stage(
         tune,
         data,
@@ -78,25 +81,3 @@ def train_prune_finetune(
         log,
     )
     return read_metrics(out / "finetune")
-
-
-def _prune(
-    config: TrainConfig, data: Dataset, out: Path, recalibrate: int, meta: dict[str, Any],
-    log: Callable[[str], None],
-) -> None:  # fmt: skip
-    if (out / "prune.json").exists():  # written last: pruned already
-        return
-    log(f"== pruning at ratio {config.prune_when_stable:g} into {out / 'pruned.pth'}")
-    model = load(out / "last.pth", trust=config.arch)
-    # An image folder streamed from disk has no images in memory to measure or recalibrate on.
-    measure = data if isinstance(data, Dataset) else None
-    pruned, report = prune_model(model, config.prune_when_stable, data=measure,
-                                 recalibrate=recalibrate,
-                                 eval_dtype=pick_precision(config.precision, data.device))  # fmt: skip
-    info = {**meta, "num_classes": num_outputs(model), "source": str(out / "last.pth")}
-    save_checkpoint(pruned_checkpoint(pruned, report, info), out / "pruned.pth")
-    # Written last: its presence marks the stage done.
-    atomic_write_text(
-        out / "prune.json", json.dumps({**info, "prune": report.to_dict()}, indent=2) + "\n"
-    )
-    log(report.text())

@@ -7,7 +7,7 @@ The steps, each usable on its own:
    ``|gamma|`` is strictly greater. Ties at the threshold are all removed, so slightly
    more than ``ratio`` may go. ``ratio == 0`` keeps everything (the official code would
    remove the channel(s) holding the very smallest gamma, which nobody means by 0).
-2. :func:`plan_pruning` -- which channel units (see :mod:`netslim.channels`) are kept.
+2. :func:`plan_pruning` -- which channel units (see :mod:`netslim.engine.ops`) are kept.
    A unit is scored by the **largest** ``|gamma|`` among the BatchNorm channels that scale
    it (in a VGG there is one; on a residual stream, one per block; in a DenseNet, one per
    later layer), and removed when that score is at or below the threshold: a channel
@@ -19,7 +19,15 @@ The steps, each usable on its own:
    :func:`plan_for_macs` instead finds the threshold that leaves a given share of MACs.
    With ``round_to=N`` every prunable group then keeps a multiple of N channels
    (:func:`round_kept`), the widths fast kernels like.
-3. :func:`netslim.surgery.apply_plan` -- build the physically smaller network.
+3. :func:`netslim.engine.surgery.apply_plan` -- build the physically smaller network.
+
+Two knobs for your own networks: ``ignore=`` leaves layers (or whole modules, or every
+module of a class) unpruned, and ``importance=`` replaces ``|gamma|`` by your own score
+per BatchNorm channel (e.g. gamma times the next layer's weight norms); both are listed
+in the prune report. With neither, everything is exactly the paper's rule::
+
+    plan = plan_pruning(model, 0.5, ignore=["head"],
+                        importance=lambda name, bn: bn.weight.detach().abs() * bn.running_var.sqrt())
 """
 
 from __future__ import annotations
@@ -27,27 +35,18 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Union
 
 import torch
 from torch import nn
 
-from netslim.channels import ChannelGraph, trace_channels
+from netslim.config import check_ratio
+from netslim.engine.graph import ChannelGraph
+from netslim.engine.sparsity import batchnorms
+from netslim.engine.trace import trace_channels
 from netslim.errors import NetslimError
-from netslim.sparsity import batchnorms, bn_gammas
-
-
-def check_ratio(ratio: float) -> float:
-    """Return ``ratio`` as a float, or raise NetslimError unless ``0 <= ratio < 1``."""
-    try:
-        value = float(ratio)
-    except (TypeError, ValueError):
-        raise NetslimError(f"prune ratio must be a number in [0, 1), got {ratio!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise NetslimError(
-            f"prune ratio must be in [0, 1) (the share of channels to remove, e.g. 0.7), got {ratio}"
-        )
-    return value
 
 
 def global_threshold(gammas: torch.Tensor, ratio: float) -> float:
@@ -149,18 +148,90 @@ def nothing_to_prune(graph: ChannelGraph) -> NetslimError:
     )
 
 
-def _scores(model: nn.Module, graph: ChannelGraph) -> torch.Tensor:
-    """Each unit's score: the largest |gamma| among the BatchNorm channels that scale it
+#: ``importance(name, bn) -> one score per channel of BatchNorm ``bn``: how much it matters.
+Importance = Callable[[str, nn.Module], torch.Tensor]
+#: What :func:`plan_pruning`'s ``ignore`` takes: module names, modules, or module classes.
+Ignore = Iterable[Union[str, nn.Module, type]]
+
+
+def gamma_importance(name: str, bn: nn.Module) -> torch.Tensor:
+    """The paper's importance of a channel: ``|gamma|``, its BatchNorm scaling factor."""
+    return bn.weight.detach().abs()
+
+
+def channel_scores(
+    model: nn.Module, importance: Importance | None = None
+) -> dict[str, torch.Tensor]:
+    """Every affine BatchNorm's channel scores (float32, CPU), by name in definition order:
+    ``importance(name, bn)`` (default :func:`gamma_importance`), checked to give one finite,
+    non-negative score per channel."""
+    importance = importance or gamma_importance
+    scores = {}
+    for name, bn in batchnorms(model):
+        score = importance(name, bn)
+        if not isinstance(score, torch.Tensor) or score.shape != (bn.num_features,):
+            shape = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+            raise NetslimError(
+                f"importance({name!r}, bn) must return one score per channel, a tensor of "
+                f"shape ({bn.num_features},); it returned {shape}"
+            )
+        score = score.detach().float().cpu()
+        if not bool(torch.isfinite(score).all()) or bool((score < 0).any()):
+            raise NetslimError(f"importance({name!r}, bn) returned negative or non-finite scores")
+        scores[name] = score
+    return scores
+
+
+def _unit_scores(graph: ChannelGraph, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each unit's score: the largest channel score among the BatchNorms that scale it
     (+inf for a fixed unit)."""
     if not graph.prunable:
         raise nothing_to_prune(graph)
-    bns = dict(batchnorms(model))  # the affine ones: graph.norms holds the others too
-    scores = torch.full((graph.num_units,), float("-inf"))
-    for name, units in graph.norms.items():
-        if name in bns:
-            gamma = bns[name].weight.detach().abs().float().cpu()
-            scores.scatter_reduce_(0, units, gamma, "amax")
-    return scores.masked_fill(graph.fixed, float("inf"))
+    units = torch.full((graph.num_units,), float("-inf"))
+    for name, space in graph.norms.items():
+        if name in scores:  # the affine ones: graph.norms holds the others too
+            units.scatter_reduce_(0, space, scores[name], "amax")
+    return units.masked_fill(graph.fixed, float("inf"))
+
+
+def ignore_layers(model: nn.Module, graph: ChannelGraph, ignore: Ignore | None) -> ChannelGraph:
+    """``graph`` with the channels of the ignored layers fixed (kept whatever their score):
+    the outputs of every conv, linear, BatchNorm and channel selection that an entry of
+    ``ignore`` names, or that lies inside a module it names (a whole head, say), or whose
+    class it names. The prune report lists each, with the reason."""
+    if not ignore:
+        return graph
+    named = dict(model.named_modules())
+    prefixes: list[str] = []
+    for entry in ignore:
+        if isinstance(entry, str):
+            if entry not in named:
+                raise NetslimError(f"ignore: {type(model).__name__} has no module named {entry!r}")
+            prefixes.append(entry)
+        elif isinstance(entry, type):
+            prefixes += [n for n, m in named.items() if isinstance(m, entry) and n]
+        elif isinstance(entry, nn.Module):
+            found = [n for n, m in named.items() if m is entry]
+            if not found:
+                raise NetslimError(
+                    f"ignore: a {type(entry).__name__} that is not part of the model"
+                )
+            prefixes += found
+        else:
+            raise NetslimError(f"ignore takes module names, modules or classes, not {entry!r}")
+    spaces = {**{n: layer.outputs for n, layer in graph.layers.items()}, **graph.norms,
+              **graph.gathers}  # fmt: skip
+    fixed, reasons = graph.fixed.clone(), list(graph.fixed_reasons)
+    for name, units in spaces.items():
+        owner = next(
+            (p for p in prefixes if p == "" or name == p or name.startswith(p + ".")), None
+        )
+        if owner is not None:
+            fixed[units] = True
+            reason = f"excluded by ignore= ({owner or 'the whole model'})"
+            if reason not in reasons:
+                reasons.append(reason)
+    return replace(graph, fixed=fixed, fixed_reasons=reasons)
 
 
 def round_kept(keep: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -231,6 +302,8 @@ def plan_pruning(
     graph: ChannelGraph | None = None,
     threshold: float | None = None,
     round_to: int = 1,
+    ignore: Ignore | None = None,
+    importance: Importance | None = None,
 ) -> PrunePlan:
     """Decide the kept channels of every group of ``model`` (see the module docs).
 
@@ -245,15 +318,24 @@ def plan_pruning(
             (to prune another way at exactly the threshold of an earlier plan).
         round_to: every prunable group keeps a multiple of this many channels, rounded up
             with its next-best channels (see :func:`round_kept`).
+        ignore: layers to leave whole (:func:`ignore_layers`): module names, modules, or
+            module classes; a module's whole subtree is left.
+        importance: scores channels instead of ``|gamma|`` (:data:`Importance`; see
+            :func:`channel_scores`); the global threshold is then taken over these scores.
     """
     _check_min_keep(min_keep)
     check_round_to(round_to)
-    graph = graph or trace_channels(model)
+    graph = ignore_layers(model, graph or trace_channels(model), ignore)
+    scores = channel_scores(model, importance)
     if threshold is None:
-        threshold = global_threshold(bn_gammas(model), ratio)
-    plan = _plan_at(graph, _scores(model, graph), threshold, ratio, min_keep, round_to)
+        threshold = global_threshold(_all(scores), ratio)
+    plan = _plan_at(graph, _unit_scores(graph, scores), threshold, ratio, min_keep, round_to)
     _warn_floored(plan, min_keep)
     return plan
+
+
+def _all(scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat(list(scores.values())) if scores else torch.empty(0)
 
 
 def plan_for_macs(
@@ -263,21 +345,25 @@ def plan_for_macs(
     *,
     graph: ChannelGraph | None = None,
     round_to: int = 1,
+    ignore: Ignore | None = None,
+    importance: Importance | None = None,
 ) -> PrunePlan:
     """The plan with the lowest threshold whose network keeps at most ``fraction`` of the MACs.
 
     The threshold is searched among the gammas themselves (by bisection: fewer MACs for
     every higher threshold), so the result lands just under the target; the plan's
     ``ratio`` is the equivalent global ratio. With ``round_to`` the search runs over
-    rounded plans (rounding up keeps the MACs monotone in the threshold).
+    rounded plans (rounding up keeps the MACs monotone in the threshold). ``ignore`` and
+    ``importance`` as for :func:`plan_pruning`.
     """
     if not 0.0 < fraction <= 1.0:
         raise NetslimError(f"--target-macs must be a share in (0, 1], e.g. 0.5, got {fraction}")
     _check_min_keep(min_keep)
     check_round_to(round_to)
-    graph = graph or trace_channels(model)
-    scores = _scores(model, graph)
-    ordered = torch.sort(bn_gammas(model).abs()).values
+    graph = ignore_layers(model, graph or trace_channels(model), ignore)
+    by_bn = channel_scores(model, importance)
+    scores = _unit_scores(graph, by_bn)
+    ordered = torch.sort(_all(by_bn)).values
     unpruned = _plan_at(graph, scores, float("-inf"), 0.0, min_keep)
     if fraction >= 1.0:
         return unpruned

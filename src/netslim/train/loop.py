@@ -13,21 +13,19 @@ never names a best epoch that is not on disk. ``resume=True`` continues from
 ``last.pth`` and reproduces the uninterrupted run exactly: an epoch's shuffling and
 augmentation depend only on ``(seed, epoch)``, and the learning rate only on the epoch.
 
-A run folder has one writer at a time (:mod:`netslim.runlock`). An epoch whose loss or
+A run folder has one writer at a time (:mod:`netslim.train.runlock`). An epoch whose loss or
 weights are not finite stops the run before anything of it is saved. The learning
 rate depends only on the epoch and step (:mod:`netslim.recipes`), and λ and early
-pruning's state are saved (:mod:`netslim.control`).
+pruning's state are saved (:mod:`netslim.train.control`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,85 +33,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netslim import control, distributed, recipes, runlock, threads
-from netslim.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
+from netslim import recipes
+from netslim.checkpoint import model_from_checkpoint, save_checkpoint
 from netslim.config import TrainConfig
-from netslim.data import Dataset, eval_batches, num_batches, train_batches
+from netslim.data.batches import ImageData, num_batches
+from netslim.engine.sparsity import add_bn_l1_grad, batchnorms, bn_sparsity, gamma_quantiles
+from netslim.engine.stats import nonfinite_tensors
+from netslim.engine.surgery import channel_counts
 from netslim.errors import NetslimError
-from netslim.files import atomic_write_text, make_dirs, remove_temp_files
+from netslim.files import make_dirs, remove_temp_files, write_json
 from netslim.limits import check_batch_memory
-from netslim.models import VGG, num_outputs
-from netslim.sparsity import add_bn_l1_grad, batchnorms, bn_sparsity, gamma_quantiles
-from netslim.stats import nonfinite_tensors
-from netslim.surgery import channel_counts
-from netslim.threads import slowdown_hint
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``'auto'`` picks CUDA, then Apple MPS, then the CPU; any torch device name works too."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise NetslimError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NetslimError(
-            "--device cuda was asked for but no CUDA GPU is available; use --device cpu"
-        )
-    return device
-
-
-def pick_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
-
-    ``auto`` is bf16 where it is fast and safe (CUDA GPUs with bf16, CPUs with AVX512-BF16
-    or AMX), fp32 elsewhere. BatchNorm runs in fp32 under autocast either way.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def check_classes(model: nn.Module, data: Dataset) -> None:
-    """Raise NetslimError unless ``model`` has one output per class of ``data``: a network
-    measured or trained on data with other classes gives numbers that mean nothing."""
-    if num_outputs(model) != data.num_classes:
-        raise NetslimError(
-            f"the model has {num_outputs(model)} outputs but dataset "
-            f"{data.name} has {data.num_classes} classes; use a matching --dataset"
-        )
-
-
-def lr_at(epoch: int, base_lr: float, epochs: int) -> float:
-    """The paper's step schedule: the learning rate of 0-based ``epoch`` of ``epochs``.
-
-    Divided by 10 from the first epoch at or past 50% of the run and again at 75%, compared
-    as floats (``epoch >= epochs * 0.5``): the milestones are ``ceil(epochs / 2)`` and
-    ``ceil(3 * epochs / 4)``, so no run decays before its first epoch has run (1 epoch
-    stays at ``base_lr``; 2 epochs decay once, in the second). The paper's main.py decays
-    when ``epoch in [epochs * 0.5, epochs * 0.75]``: the same where those are whole
-    numbers (160 epochs: 80 and 120), never where they are not (3 epochs: 1.5, 2.25).
-    """
-    return base_lr * 0.1 ** sum(epoch >= epochs * share for share in (0.5, 0.75))
+from netslim.models import VGG
+from netslim.runtime import distributed, threads
+from netslim.runtime.device import autocast, pick_precision
+from netslim.train import control, runlock
+from netslim.train.evaluate import check_classes, evaluate
+from netslim.train.runfolder import (
+    check_run_folder,
+    repair_run_folder,
+    resume_state,
+    write_metrics,
+)
 
 
 class Progress:
@@ -142,7 +82,7 @@ class Progress:
 
 def train_epoch(
     model: nn.Module,
-    data: Dataset,
+    data: ImageData,
     optimizer: torch.optim.Optimizer,
     *,
     lam: float,
@@ -165,7 +105,7 @@ def train_epoch(
     total = 0
     progress = Progress(num_batches(len(data.train_labels), batch_size), label)
     tuner = threads.start_loop(device.type)  # None unless the thread count follows the load
-    for step, (x, y) in enumerate(_train_batches(data, batch_size, generator), start=1):
+    for step, (x, y) in enumerate(data.train_batches(batch_size, generator), start=1):
         if lr_of_step is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_of_step(step - 1)
@@ -195,19 +135,7 @@ def train_epoch(
     return loss_sum / total, 100.0 * correct / total
 
 
-def _train_batches(
-    data: Dataset, batch_size: int, generator: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This process's share of one epoch's batches (all of them in a single process).
-
-    ``data`` is a Dataset in memory or an ImageFolderStream (see :mod:`netslim.imagefolder`).
-    """
-    if isinstance(data, Dataset):
-        return distributed.shard_batches(train_batches(data, batch_size, generator))
-    return data.train_batches(batch_size, generator)  # a stream reads only its own share
-
-
-def _test_shard(data: Dataset) -> Dataset:
+def _test_shard(data: ImageData) -> ImageData:
     """``data`` with only this process's contiguous block of the test split."""
     start, stop = distributed.shard_range(len(data.test_labels))
     if stop == start:
@@ -215,62 +143,7 @@ def _test_shard(data: Dataset) -> Dataset:
             f"the test split has {len(data.test_labels)} images, fewer than the "
             f"{distributed.world_size()} processes; use more test images or fewer processes"
         )
-    if isinstance(data, Dataset):
-        return replace(data, test_images=data.test_images[start:stop],
-                       test_labels=data.test_labels[start:stop])  # fmt: skip
     return data.test_shard(start, stop)
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    data: Dataset,
-    batch_size: int = 1000,
-    dtype: torch.dtype | None = None,
-    split: str = "test",
-) -> tuple[float, float]:
-    """Mean loss and accuracy (%) of ``model`` on a split of ``data``, in eval mode."""
-    device = data.device
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    total = 0
-    batches = (
-        eval_batches(data, batch_size, split=split)
-        if isinstance(data, Dataset)
-        else data.eval_batches(batch_size, split=split)
-    )
-    for x, y in batches:
-        with autocast(device, dtype):
-            out = model(x.contiguous(memory_format=torch.channels_last))
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-        total += len(y)
-    model.train(was_training)
-    return loss_sum.item() / total, 100.0 * correct.item() / total
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch records of a run folder's ``metrics.jsonl`` (empty if there is none)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def changed_settings(
-    saved: dict[str, Any], now: dict[str, Any], where: str, ignore: tuple[str, ...] = ("device",)
-) -> list[str]:
-    """Each setting of ``now`` that differs from ``saved``, as ``"lr (0.1 in the run, 0.5 now)"``.
-
-    Settings in ``ignore`` may change freely (where a run executes does not change its result).
-    """
-    return [
-        f"{key} ({saved.get(key)!r} in {where}, {value!r} now)"
-        for key, value in now.items()
-        if key not in ignore and saved.get(key) != value
-    ]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -292,34 +165,6 @@ def _epoch_line(r: dict[str, Any]) -> str:
         f"test loss {r['test_loss']:.3f} acc {r['test_acc']:5.1f}%  "
         f"sparsity {100 * r['sparsity']:5.1f}%  {r['seconds']:.1f}s ({r['images_per_s']:.0f} img/s)"
     )
-
-
-def run_files(out_dir: str | Path) -> str:
-    """What a finished run folder holds, for the closing line: only files that exist."""
-    out = Path(out_dir)
-    checkpoints = [name for name in ("last.pth", "best.pth") if (out / name).is_file()]
-    text = (
-        f"checkpoints in {out}/ ({', '.join(checkpoints)})"
-        if checkpoints
-        else f"no checkpoint in {out}/"
-    )
-    if (out / "metrics.jsonl").is_file():
-        text += f", metrics in {out / 'metrics.jsonl'}"
-    return text
-
-
-def check_run_folder(out_dir: str | Path) -> None:
-    """Refuse, before any work, a run folder that is a file or lies under a file."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NetslimError(f"--out {out} is a file; a run needs a folder (choose another --out)")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise NetslimError(
-                    f"--out {out} lies under {parent}, which is a file; choose another --out"
-                )
-            break
 
 
 def _diverged(epoch: int, config: TrainConfig, out: Path, problems: list[str]) -> NetslimError:
@@ -344,7 +189,7 @@ def _divergence(model: nn.Module, train_loss: float, test_loss: float | None) ->
 
 def fit(
     config: TrainConfig,
-    data: Dataset,
+    data: ImageData,
     model: nn.Module,
     out_dir: str | Path,
     *,
@@ -357,11 +202,11 @@ def fit(
     Args:
         config: the recipe (epochs, lr, lam, ...).
         data: the dataset, already on the training device (or an image folder streamed
-            from disk, :class:`netslim.imagefolder.ImageFolderStream`).
+            from disk, :class:`netslim.data.imagefolder.ImageFolderStream`).
         model: the network to train (moved to the data's device); replaced by the one
             in ``last.pth`` when resuming.
         out_dir: run folder for ``metrics.jsonl``, ``last.pth`` and ``best.pth``; locked
-            against other writers for the run (:mod:`netslim.runlock`).
+            against other writers for the run (:mod:`netslim.train.runlock`).
         meta: extra metadata stored in the checkpoints (e.g. ``{'arch': 'vgg19'}``).
         resume: continue from ``out_dir/last.pth`` instead of starting anew.
         log: where the per-epoch lines go.
@@ -395,51 +240,9 @@ def fit(
         return _fit(config, data, model, Path(out_dir), meta, resume, distributed.main_log(log))
 
 
-def _resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
-    """The checkpoint ``out/last.pth`` to continue, checked to be a netslim run of ``config``."""
-    last = out / "last.pth"
-    if not last.exists():
-        raise NetslimError(f"cannot resume: {last} does not exist; start the run without --resume")
-    ckpt = read_checkpoint(last)
-    meta = ckpt.get("netslim")
-    if not (isinstance(meta, dict) and "config" in meta and "history" in meta
-            and "optimizer" in ckpt and "epoch" in ckpt):  # fmt: skip
-        raise NetslimError(
-            f"cannot resume {out}: {last} was not written by netslim train or finetune (it holds "
-            "no run settings or history, e.g. a checkpoint of the paper's main.py); to train "
-            f"from its weights use netslim finetune {last} --out NEW_FOLDER"
-        )
-    saved = asdict(TrainConfig.from_dict(meta["config"]))
-    changed = changed_settings(saved, asdict(config), "the run", ignore=("device", "compile"))
-    if changed:
-        raise NetslimError(
-            f"cannot resume {out}: settings differ from the run's: {', '.join(changed)}; "
-            "resume with the original settings (see its config.json)"
-        )
-    return ckpt
-
-
-def _repair_run_folder(out: Path, ckpt: dict[str, Any], log: Callable[[str], None]) -> None:
-    """Put back what a resumed run's folder lost (rank 0): its metrics.jsonl and best.pth."""
-    history = ckpt["netslim"]["history"]
-    try:
-        logged = read_metrics(out)
-    except ValueError:  # a damaged metrics.jsonl: the checkpoint's history is the truth
-        logged = None
-    if logged != history:
-        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-    if history and not (out / "best.pth").exists():
-        earlier = max((r["test_acc"] for r in history[:-1]), default=-1.0)
-        if history[-1]["test_acc"] > earlier:
-            save_checkpoint(ckpt, out / "best.pth")  # the last epoch is the best one
-        else:
-            log(f"note: {out / 'best.pth'} is missing and its epoch is lost; the next epoch "
-                "that beats it writes a new one")  # fmt: skip
-
-
 def _fit(
     config: TrainConfig,
-    data: Dataset,
+    data: ImageData,
     model: nn.Module,
     out: Path,
     meta: dict[str, Any] | None,
@@ -457,7 +260,7 @@ def _fit(
     steps = num_batches(len(data.train_labels), config.batch_size)
     controls = control.SparsityControl(config, steps)  # λ of each epoch; early pruning's stop
     if resume:
-        ckpt = _resume_state(out, config)
+        ckpt = resume_state(out, config)
         model = model_from_checkpoint(ckpt, str(out / "last.pth"), trust=config.arch)
         model = model.to(device, memory_format=torch.channels_last)
         optimizer = make_optimizer(model, config)
@@ -468,7 +271,7 @@ def _fit(
             scaler.load_state_dict(ckpt["netslim"]["scaler"])
         controls.load_state_dict(ckpt["netslim"].get("control"))
         if distributed.is_main():
-            _repair_run_folder(out, ckpt, log)
+            repair_run_folder(out, ckpt, log)
         del ckpt
         log(f"resuming {out} after epoch {start_epoch}/{config.epochs}")
     elif (out / "last.pth").exists():
@@ -485,7 +288,7 @@ def _fit(
     test_shard = _test_shard(data)
     if distributed.is_main():
         make_dirs(out)
-        atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+        write_json(out / "config.json", asdict(config))
     hinted = False
 
     for epoch in range(start_epoch, config.epochs):
@@ -544,13 +347,13 @@ def _fit(
             if is_best:
                 save_checkpoint(checkpoint, out / "best.pth")
             save_checkpoint(checkpoint, out / "last.pth")
-            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            write_metrics(out, history)
         distributed.barrier()  # no process reads the run folder before rank 0 has written it
         log(_epoch_line(record))
         hint = (
             None
             if device.type != "cpu" or hinted or threads.tuner() is not None  # it adapts
-            else slowdown_hint(
+            else threads.slowdown_hint(
                 record["images_per_s"], history[0]["images_per_s"], torch.get_num_threads()
             )
         )

@@ -1,6 +1,6 @@
 """A lab's run folder: its settings (``lab.json``) and where each stage's files are.
 
-:mod:`netslim.lab` writes a lab into such a folder and :mod:`netslim.report` reads it; both
+:mod:`netslim.lab.experiment` writes a lab into such a folder and :mod:`netslim.lab.report` reads it; both
 take the layout from here (and the settings, :class:`LabConfig`, from :mod:`netslim.config`), so the report never needs the code that runs
 the lab. The layout::
 
@@ -21,7 +21,6 @@ from typing import Any
 
 from netslim.config import LabConfig, lam_name, ratio_name
 from netslim.errors import NetslimError
-from netslim.files import atomic_write_text
 
 LAB_FILE = "lab.json"
 
@@ -47,10 +46,6 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except ValueError as e:  # netslim writes atomically, so this file was edited or damaged
         raise NetslimError(f"{path} is not valid JSON ({e}); restore or delete it") from None
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_lab(run: str | Path) -> tuple[LabConfig, dict[str, Any]]:

@@ -1,6 +1,6 @@
 """The lab report: five figures, three tables and how to reproduce the run.
 
-:func:`render_report` reads a lab run folder (see :mod:`netslim.labfolder`) -- metrics, prune
+:func:`render_report` reads a lab run folder (see :mod:`netslim.lab.folder`) -- metrics, prune
 reports, the sweep, the trained checkpoints -- and writes ``figures/*.png``,
 ``report.md`` (figures beside it) and ``report.html`` (figures embedded as base64,
 so the one file opens anywhere). Nothing is trained or measured here, which is what
@@ -28,10 +28,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from netslim.checkpoint import read_checkpoint, stored_gammas
-from netslim.config import LabConfig, lam_name
+from netslim.config import LabConfig, TrainConfig, lam_name
 from netslim.errors import NetslimError
 from netslim.files import atomic_write, atomic_write_text
-from netslim.labfolder import (
+from netslim.lab.folder import (
     finetune_dir,
     prune_path,
     read_json,
@@ -41,7 +41,7 @@ from netslim.labfolder import (
 )
 from netslim.models import VGG_CFGS
 from netslim.recipes import warmup_epochs
-from netslim.train import TrainConfig, read_metrics
+from netslim.train.runfolder import read_metrics
 
 FIGURES = {  # stable file names under figures/
     "training": "fig1_training.png",

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from netslim.sparsity import BN_TYPES
+from netslim.engine.sparsity import BN_TYPES
 
 
 @torch.no_grad()

@@ -4,17 +4,54 @@ with batched tensor ops.
 There is no DataLoader and no per-sample PIL transform: each batch is gathered by index,
 padded, cropped and flipped with batched tensor ops, then normalised to float32.  This is
 the approach of Keller Jordan's airbench loader, and on a GPU it makes data loading
-essentially free. :mod:`netslim.data` and :mod:`netslim.imagefolder` make the datasets.
+essentially free. :mod:`netslim.data` and :mod:`netslim.data.imagefolder` make the datasets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
 from netslim.errors import NetslimError
+from netslim.runtime import distributed
+
+
+class ImageData(Protocol):
+    """What training, evaluation, pruning and recalibration need of a data set, in memory
+    (:class:`Dataset`) or streamed from disk (:class:`netslim.data.imagefolder.ImageFolderStream`):
+    nobody asks which it is."""
+
+    name: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_labels: torch.Tensor
+    test_labels: torch.Tensor
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    def to(self, device: torch.device | str) -> ImageData: ...
+
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator, *, shard: bool = True
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of augmented, normalised training batches in the order ``generator``
+        draws; with ``shard``, this process's share of each under torchrun."""
+
+    def eval_batches(
+        self, batch_size: int, *, split: str = "test"
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``"test"`` or ``"train"`` split in order, normalised, not augmented."""
+
+    def test_shard(self, start: int, stop: int) -> ImageData:
+        """The same data with only test images ``start:stop`` (one process's block)."""
 
 
 @dataclass
@@ -53,6 +90,25 @@ class Dataset:
             test_images=self.test_images.to(device),
             test_labels=self.test_labels.to(device),
         )
+
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator, *, shard: bool = True
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch (:func:`train_batches`); with ``shard``, this process's slice of each
+        batch (:func:`netslim.runtime.distributed.shard_batches`)."""
+        batches = train_batches(self, batch_size, generator)
+        return distributed.shard_batches(batches) if shard else batches
+
+    def eval_batches(
+        self, batch_size: int, *, split: str = "test"
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A split in order (:func:`eval_batches`)."""
+        return eval_batches(self, batch_size, split=split)
+
+    def test_shard(self, start: int, stop: int) -> Dataset:
+        """A copy with only test images ``start:stop``."""
+        return replace(self, test_images=self.test_images[start:stop],
+                       test_labels=self.test_labels[start:stop])  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -95,7 +151,7 @@ def augment(
     ``torch.rand() < 0.5`` for the flip.
 
     ``images`` may also be rows ``start:start + B`` of a batch of ``total`` images (one
-    process's share of a global batch, see :mod:`netslim.distributed`): the random numbers
+    process's share of a global batch, see :mod:`netslim.runtime.distributed`): the random numbers
     are then drawn for all ``total`` images and the rows' own are used, so the share is
     augmented exactly as within the whole batch.
     """

@@ -12,15 +12,15 @@ validation folder may be called ``val`` or ``test`` and is the test split.
 There are two ways to feed the images to training (see :func:`open_imagefolder`):
 
 * **in memory** (:func:`load_imagefolder`): all images are decoded once into the uint8
-  :class:`~netslim.batches.Dataset` that the built-in datasets use, and training runs from the
+  :class:`~netslim.data.batches.Dataset` that the built-in datasets use, and training runs from the
   device as fast as for CIFAR;
 * **streaming** (:class:`ImageFolderStream`): for datasets that do not fit, each batch is
   decoded by DataLoader worker processes and only this process's share of it is read (see
-  :mod:`netslim.distributed`).
+  :mod:`netslim.runtime.distributed`).
 
 The two give the same batches for the same seed: a stream draws the epoch's permutation
-from the same generator as :func:`netslim.batches.train_batches`, and applies the same batched
-:func:`netslim.batches.augment` to each decoded batch, in the main process, in the same order.
+from the same generator as :func:`netslim.data.batches.train_batches`, and applies the same batched
+:func:`netslim.data.batches.augment` to each decoded batch, in the main process, in the same order.
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from netslim import distributed, limits
-from netslim.batches import Dataset, augment, normalize
+from netslim import limits
 from netslim.config import LOADERS, RESIZE_POLICIES
+from netslim.data.batches import Dataset, augment, normalize
 from netslim.errors import NetslimError
+from netslim.runtime import distributed
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -280,7 +281,7 @@ def load_imagefolder(
     test_size: int | None = None,
     workers: int | None = None,
 ) -> Dataset:
-    """Decode a whole image folder into an in-memory uint8 :class:`~netslim.batches.Dataset`."""
+    """Decode a whole image folder into an in-memory uint8 :class:`~netslim.data.batches.Dataset`."""
     workers = _check_options(image_size, resize, workers)
     return _load(scan_imagefolder(root, train_size, test_size), image_size, resize, workers)
 
@@ -307,7 +308,7 @@ def _load(listing: Listing, image_size: int, resize: str, workers: int) -> Datas
 class ImageFolderStream:
     """An image folder read batch by batch from disk, for datasets larger than memory.
 
-    It offers what training needs of a :class:`~netslim.batches.Dataset` (``name``,
+    It offers what training needs of a :class:`~netslim.data.batches.Dataset` (``name``,
     ``num_classes``, ``mean``, ``std``, the labels, ``device``, ``to``) plus its own
     :meth:`train_batches` and :meth:`eval_batches`.
     """
@@ -336,19 +337,20 @@ class ImageFolderStream:
         )
 
     def train_batches(
-        self, batch_size: int, generator: torch.Generator
+        self, batch_size: int, generator: torch.Generator, *, shard: bool = True
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This process's share of one epoch, as :func:`netslim.batches.train_batches` and
-        :func:`netslim.distributed.shard_batches` would give it in memory."""
+        """One epoch's augmented batches, decoded from disk: with ``shard``, only this
+        process's share of each (as :meth:`netslim.data.batches.Dataset.train_batches` gives
+        it in memory, the images of the other shares never read), else whole batches."""
         n = len(self.train_files)
         order = torch.randperm(n, generator=generator, device=generator.device).cpu()
-        world = distributed.world_size()
+        world = distributed.world_size() if shard else 1
         shares = []  # (this process's indices, its first row in the batch, the batch's size)
         for first in range(0, n, batch_size):
             batch = order[first : first + batch_size]
             if world > 1 and len(batch) < world:
                 continue  # as shard_batches: a process with no images could not run BatchNorm
-            start, stop = distributed.shard_range(len(batch))
+            start, stop = distributed.shard_range(len(batch)) if shard else (0, len(batch))
             shares.append((batch[start:stop].tolist(), start, len(batch)))
         images = _DecodedImages(self.train_files, self.train_labels, self.image_size, self.resize)
         batches = _decoded_batches(images, [s[0] for s in shares], self.workers, self.device)
@@ -359,7 +361,7 @@ class ImageFolderStream:
     def eval_batches(
         self, batch_size: int, *, split: str = "test"
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """A split in order, normalised, without augmentation (as :func:`netslim.batches.eval_batches`)."""
+        """A split in order, normalised, without augmentation (as :func:`netslim.data.batches.eval_batches`)."""
         if split not in ("test", "train"):
             raise NetslimError(f"unknown split {split!r}; choose 'test' or 'train'")
         files = self.test_files if split == "test" else self.train_files

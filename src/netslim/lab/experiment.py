@@ -7,14 +7,14 @@
    (official masking, bias compensation, BN recalibration);
 3. a sweep over ``sweep`` ratios, pruned and measured but never trained (figure 5);
 4. fine-tuning of each pruned model;
-5. the report (:mod:`netslim.report`).
+5. the report (:mod:`netslim.lab.report`).
 
 Every stage leaves files behind, and a stage whose files are complete is skipped, so
 running the same lab again continues where an interrupted one stopped (an interrupted
 training run continues from its ``last.pth``). ``lab.json`` records the settings;
 a lab whose settings differ from the folder's is refused rather than mixed in.
 
-The run folder's layout is defined in :mod:`netslim.labfolder`, ``LabConfig`` and ``DEMO``
+The run folder's layout is defined in :mod:`netslim.lab.folder`, ``LabConfig`` and ``DEMO``
 in :mod:`netslim.config`.
 """
 
@@ -27,38 +27,24 @@ import warnings
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from netslim import distributed, runlock
-from netslim.checkpoint import load, read_checkpoint, save_checkpoint
+from netslim.checkpoint import load
 from netslim.config import LabConfig, lam_name
-from netslim.data import Dataset, load_dataset
+from netslim.data import load_dataset
+from netslim.data.batches import ImageData
 from netslim.errors import NetslimError
-from netslim.files import atomic_write_text, remove_temp_files
-from netslim.labfolder import (
-    LAB_FILE,
-    finetune_dir,
-    prune_path,
-    read_json,
-    sweep_path,
-    train_dir,
-    write_json,
-)
-from netslim.models import build_model, num_outputs
-from netslim.slim import prune_model, pruned_checkpoint
-from netslim.train import (
-    TrainConfig,
-    changed_settings,
-    fit,
-    pick_device,
-    pick_precision,
-    read_metrics,
-)
-
-Log = Callable[[str], None]  # where progress lines go
-
+from netslim.files import remove_temp_files, write_json
+from netslim.lab.folder import LAB_FILE, finetune_dir, prune_path, read_json, sweep_path, train_dir
+from netslim.lab.stages import Log, prune_stage, train_stage
+from netslim.models import build_model, check_arch
+from netslim.runtime import distributed
+from netslim.runtime.device import pick_device, pick_precision
+from netslim.slim import prune_model
+from netslim.train import runlock
+from netslim.train.runfolder import changed_settings
 
 # --------------------------------------------------------------------------------------
 # lab.json: the settings, checked on every run
@@ -147,60 +133,19 @@ def record_lab(
 # --------------------------------------------------------------------------------------
 
 
-def epochs_done(run_dir: Path) -> int:
-    """How many epochs the fit() run in ``run_dir`` has finished (0: none saved)."""
-    last = run_dir / "last.pth"
-    return int(read_checkpoint(last)["epoch"]) if last.exists() else 0
-
-
-def stopped_early(run_dir: Path) -> bool:
-    """Whether early pruning ended the fit() run in ``run_dir`` (see netslim.control)."""
-    last = run_dir / "last.pth"
-    if not last.exists():
-        return False
-    state = read_checkpoint(last)["netslim"].get("control") or {}
-    return (state.get("watch") or {}).get("stopped_at") is not None
-
-
-def train_stage(
-    config: TrainConfig,
-    data: Dataset,
-    make_model: Callable[[], torch.nn.Module],
-    run_dir: Path,
-    meta: dict[str, Any],
-    log: Log,
-) -> None:
-    """Run ``fit`` into ``run_dir``: skip it when finished, continue it when interrupted."""
-    done = epochs_done(run_dir)
-    if done >= config.epochs or stopped_early(run_dir):
-        # Stopped between last.pth and metrics.jsonl; rank 0 alone writes under torchrun.
-        if len(read_metrics(run_dir)) < done and distributed.is_main():
-            history = read_checkpoint(run_dir / "last.pth")["netslim"]["history"]
-            lines = "".join(json.dumps(record) + "\n" for record in history)
-            atomic_write_text(run_dir / "metrics.jsonl", lines)
-        log(f"   done already ({done} epochs): {run_dir}")
-        return
-    fit(config, data, make_model(), run_dir, meta=meta, resume=done > 0, log=log)
-
-
-def prune_stage(
-    config: LabConfig, data: Dataset, run: Path, dtype: torch.dtype | None, log: Log
+def _prune_ratios(
+    config: LabConfig, data: ImageData, run: Path, dtype: torch.dtype | None, log: Log
 ) -> None:
     """Prune the ``prune_lam`` model at each lab ratio; save the network and its report."""
     source = train_dir(run, config.prune_lam) / "last.pth"
     for ratio in config.ratios:
-        report_file = prune_path(run, config.prune_lam, ratio, ".json")
-        log(f"== pruning λ={lam_name(config.prune_lam)} at ratio {ratio:g}: {report_file}")
-        if report_file.exists():
-            log("   done already")
-            continue
-        model = load(source, trust=config.arch)
-        pruned, report = prune_model(model, ratio, data=data, recalibrate=config.recalibrate,
-                                     eval_dtype=dtype)  # fmt: skip
-        meta = {"arch": config.arch, "num_classes": num_outputs(model), "source": str(source)}
-        save_checkpoint(pruned_checkpoint(pruned, report, meta), report_file.with_suffix(".pth"))
-        write_json(report_file, {**meta, "lam": config.prune_lam, "prune": report.to_dict()})
-        log(report.text())
+        record = prune_path(run, config.prune_lam, ratio, ".json")
+        log(f"== pruning λ={lam_name(config.prune_lam)} at ratio {ratio:g}: {record}")
+        prune_stage(source, record.with_suffix(".pth"), record, ratio, data=data,
+                    meta={"arch": config.arch}, trust=config.arch, log=log,
+                    layout=lambda info, report: {**info, "lam": config.prune_lam, "prune": report},
+                    recalibrate=config.recalibrate,
+                    eval_dtype=dtype)  # fmt: skip
 
 
 SWEEP_KEYS = ("ratio", "threshold", "pruned_share", "floored", "params_after", "macs_after",
@@ -208,7 +153,7 @@ SWEEP_KEYS = ("ratio", "threshold", "pruned_share", "floored", "params_after", "
 
 
 def sweep_stage(
-    config: LabConfig, data: Dataset, run: Path, dtype: torch.dtype | None, log: Log
+    config: LabConfig, data: ImageData, run: Path, dtype: torch.dtype | None, log: Log
 ) -> None:
     """Prune at every sweep ratio without training and record the three accuracies."""
     path = sweep_path(run)
@@ -252,6 +197,7 @@ def run_lab(
         log: where progress lines go.
     """
     config.check()
+    check_arch(config.arch, load=True)  # a missing package fails before anything is written
     out = Path(out)
     device = pick_device(distributed.local_device(config.device))
     dtype = pick_precision(config.precision, device)
@@ -273,7 +219,7 @@ def run_lab(
 
 def _run_stages(
     config: LabConfig,
-    data: Dataset,
+    data: ImageData,
     out: Path,
     device: torch.device,
     dtype: torch.dtype | None,
@@ -281,7 +227,7 @@ def _run_stages(
     log: Log,
 ) -> Path:
     # Imported here: the report needs matplotlib, which every other command can do without.
-    from netslim.report import render_report
+    from netslim.lab.report import render_report
 
     distributed.on_main(record_lab, config, out, info, environment(device, dtype))
 
@@ -295,7 +241,7 @@ def _run_stages(
         meta = {"arch": config.arch, "num_classes": data.num_classes, "kind": "train"}
         train_stage(config.train_config(lam), data, fresh_model, run_dir, meta, log)
 
-    distributed.on_main(prune_stage, config, data, out, dtype, log)
+    distributed.on_main(_prune_ratios, config, data, out, dtype, log)
     distributed.on_main(sweep_stage, config, data, out, dtype, log)
 
     for ratio in config.ratios:

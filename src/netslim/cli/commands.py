@@ -1,0 +1,391 @@
+"""The ``netslim`` commands: each a thin layer over the library, run on what
+:mod:`netslim.cli.parser` parsed; bad input ends with one line ``netslim: error: ...`` and
+exit status 2, never a stack trace.
+
+Each command imports torch and the modules that do the work when it runs, so that
+``netslim --help`` and ``--version`` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import warnings
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from netslim.cli.parser import DEFAULTS, LAB_RECIPE_KEYS, build_parser
+from netslim.config import LAM_START, LabConfig, TrainConfig
+from netslim.errors import NetslimError
+from netslim.limits import check_batch_memory
+from netslim.recipes import resolve
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from netslim.data.batches import ImageData
+
+
+def _load_data(args: argparse.Namespace) -> ImageData:
+    """The data set the command's flags name, on the device they name."""
+    from netslim.data import open_dataset
+    from netslim.runtime import distributed
+    from netslim.runtime.device import pick_device
+
+    return open_dataset(
+        args.dataset, args.data_root, device=pick_device(distributed.local_device(args.device)),
+        seed=args.seed, download=args.download, train_size=args.train_size,
+        test_size=args.test_size, image_size=args.image_size, resize=args.resize,
+        loader=getattr(args, "loader", "memory"), workers=getattr(args, "workers", None),
+    )  # fmt: skip
+
+
+def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
+    """The run's TrainConfig: the --recipe's settings, with every flag given in their place."""
+    recipe = resolve(args.recipe, vars(args))
+    auto = args.lam == "auto"
+    return TrainConfig(
+        arch=arch, dataset=args.dataset, data_root=args.data_root,
+        lam=LAM_START if auto else args.lam, lam_auto=auto,
+        target_ratio=getattr(args, "target_ratio", None), seed=args.seed,
+        sparsity_threshold=args.sparsity_threshold, precision=args.precision,
+        device=args.device, train_size=args.train_size, test_size=args.test_size,
+        compile=args.compile, image_size=args.image_size, resize=args.resize,
+        sync_bn=args.sync_bn, recipe=args.recipe, **recipe,
+        prune_when_stable=getattr(args, "prune_when_stable", None),
+        stable_tol=getattr(args, "stable_tol", DEFAULTS.stable_tol),
+        stable_epochs=getattr(args, "stable_epochs", DEFAULTS.stable_epochs),
+    )  # fmt: skip
+
+
+def _new_run(args: argparse.Namespace) -> tuple[TrainConfig, ImageData, nn.Module]:
+    """The recipe, the data and a freshly initialised ``--arch`` (seeded by ``--seed``)."""
+    import torch
+
+    from netslim.data.imagefolder import check_image_size
+    from netslim.models import build_model, check_arch
+
+    config = _train_config(args, args.arch)
+    config.check()
+    check_arch(args.arch, load=True)  # a missing package fails before the data loads
+    data = _load_data(args)
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, num_classes=data.num_classes)
+    check_image_size(model, data.image_size)
+    return config, data, model
+
+
+def _meta(arch: str, model: nn.Module, image_size: int, **extra) -> dict:
+    """The metadata every checkpoint keeps: how to rebuild the network, and its input size."""
+    from netslim.models import num_outputs
+
+    return {"arch": arch, "num_classes": num_outputs(model), "image_size": image_size, **extra}
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from netslim.runtime import distributed
+    from netslim.train.loop import fit
+    from netslim.train.runfolder import check_run_folder, run_files
+
+    check_run_folder(args.out)
+    config, data, model = _new_run(args)
+    if config.prune_when_stable is not None:
+        from netslim.lab.early import train_prune_finetune
+
+        if args.recalibrate < 0:
+            raise NetslimError(f"--recalibrate must be >= 0 batches, got {args.recalibrate}")
+        train_prune_finetune(config, data, model, args.out,
+                             finetune_epochs=_or(args.finetune_epochs, config.epochs),
+                             recalibrate=args.recalibrate, meta=_meta(args.arch, model, data.image_size),
+                             resume=args.resume)  # fmt: skip
+        if distributed.is_main():
+            print(f"done: sparsity training in {args.out}/, the pruned network in "
+                  f"{args.out}/pruned.pth, fine-tuned in {args.out}/finetune/")  # fmt: skip
+        return
+    meta = _meta(args.arch, model, data.image_size, kind="train")
+    fit(config, data, model, args.out, meta=meta, resume=args.resume)
+    if distributed.is_main():
+        print(f"done: {run_files(args.out)}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from netslim.checkpoint import arch_name, image_size_of, model_from_checkpoint, read_checkpoint
+    from netslim.data.imagefolder import check_image_size
+    from netslim.runtime import distributed
+    from netslim.train.loop import fit
+    from netslim.train.runfolder import check_run_folder, run_files
+
+    check_run_folder(args.out)
+    ckpt = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
+    arch = arch_name(ckpt, model)
+    args.image_size = args.image_size or image_size_of(ckpt, args.checkpoint)
+    config = _train_config(args, arch)
+    config.check()
+    data = _load_data(args)
+    meta = _meta(arch, model, data.image_size, kind="finetune", source=str(args.checkpoint))
+    if "prune" in (ckpt.get("netslim") or {}):
+        meta["prune"] = ckpt["netslim"]["prune"]
+    check_image_size(model, data.image_size)
+    fit(config, data, model, args.out, meta=meta, resume=args.resume)
+    if distributed.is_main():
+        print(f"done: fine-tuned {run_files(args.out)}")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from netslim.checkpoint import (
+        arch_name,
+        image_size_of,
+        model_from_checkpoint,
+        read_checkpoint,
+        save_checkpoint,
+    )
+    from netslim.config import check_ratio
+    from netslim.data.imagefolder import check_image_size
+    from netslim.runtime.device import pick_precision
+    from netslim.slim import check_prune_output, prune_model, pruned_checkpoint
+
+    ratio = check_ratio(args.ratio) if args.ratio is not None else None
+    if args.recalibrate < 0:
+        raise NetslimError(f"--recalibrate must be >= 0 batches, got {args.recalibrate}")
+    check_prune_output(args.checkpoint, args.out, args.force)
+    ckpt = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
+    args.image_size = args.image_size or image_size_of(ckpt, args.checkpoint)
+    data = None
+    if args.dataset is not None:
+        data = _load_data(args)
+        args.image_size = data.image_size
+        check_image_size(model, args.image_size)
+    elif args.train_size or args.test_size:
+        raise NetslimError("--train-size/--test-size need --dataset")
+    dtype = pick_precision("auto", data.device) if data is not None else None
+    size = (1, 3, args.image_size, args.image_size)
+    pruned, report = prune_model(model, ratio, target_macs=args.target_macs,
+                                 compensate=args.compensate, min_keep=args.min_keep,
+                                 round_to=args.round_to, data=data,
+                                 recalibrate=args.recalibrate, eval_dtype=dtype,
+                                 input_size=size, ignore=args.ignore)  # fmt: skip
+    meta = _meta(arch_name(ckpt, model), model, args.image_size, source=str(args.checkpoint))
+    save_checkpoint(pruned_checkpoint(pruned, report, meta), args.out)
+    print(report.text())
+    print(f"saved the pruned network ({report.saved}) to {args.out}")
+
+
+def cmd_multipass(args: argparse.Namespace) -> None:
+    from netslim.lab.multipass import run_multipass
+    from netslim.train.runfolder import check_run_folder
+
+    check_run_folder(args.out)
+    config, data, model = _new_run(args)
+    run_multipass(config, data, model, args.out, passes=args.passes, ratio=args.ratio,
+                  layer_cap=args.layer_cap, finetune_epochs=_or(args.finetune_epochs, config.epochs),
+                  recalibrate=args.recalibrate)  # fmt: skip
+    print(f"done: summary in {args.out}/summary.json")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from netslim.checkpoint import describe
+
+    info = describe(args.checkpoint, sparsity_threshold=args.sparsity_threshold,
+                    trust=args.trust_module)  # fmt: skip
+    size = info["image_size"]
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{args.checkpoint}: {info['arch']} ({info['kind']}), {info['num_classes']} classes")
+    if info["cfg"] is not None:
+        print(f"cfg      {info['cfg']}")
+    else:
+        channels = info["conv_channels"]
+        print(f"convs    {len(channels)} layers, {sum(channels):,} output channels in all")
+    if info["channel_selections"]:
+        print(f"select   {info['channel_selections']} channel selections (the paper's layout)")
+    print(f"params   {info['params']:,}")
+    print(f"MACs     {info['macs']:,} per {size}x{size} image")
+    print(f"sparsity {100 * info['sparsity']:.1f}% of BN gammas below {args.sparsity_threshold}")
+    q = info["gamma_quantiles"]
+    if q:
+        print("|gamma|  " + "  ".join(f"{k} {v:.3g}" for k, v in q.items()))
+    if "epoch" in info:
+        print(f"epoch    {info['epoch']}, best test accuracy {info.get('best_test_acc', 0):.2f}%")
+    prune = info.get("prune")
+    if prune:
+        print(
+            f"pruned   ratio {prune['ratio']}, {100 * prune['pruned_share']:.1f}% of channels removed"
+        )
+        steps = [("unpruned", "acc_unpruned"), ("official masking", "acc_masked"),
+                 ("bias compensation", "acc_compensated"), ("BN recalibrated", "acc_recalibrated")]  # fmt: skip
+        measured = [
+            f"{name} {prune[key]:.2f}%" for name, key in steps if prune.get(key) is not None
+        ]
+        if measured:
+            print("test acc right after pruning: " + ", ".join(measured))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from netslim.checkpoint import image_size_of, model_from_checkpoint, read_checkpoint
+    from netslim.export import DEFAULT_OPSET, export
+
+    ckpt = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
+    size = args.image_size or image_size_of(ckpt, args.checkpoint)
+    result = export(model, args.out, args.format, fold=args.fold,
+                    opset=args.opset or DEFAULT_OPSET, image_size=size)  # fmt: skip
+    opset = f", opset {result.opset}" if result.opset is not None else ""
+    folded = "BatchNorm folded" if result.folded else "BatchNorm kept"
+    print(
+        f"wrote {result.path} ({result.format}{opset}, {folded}); checked against PyTorch on "
+        f"batches of 1 and 7: max relative difference {result.max_rel_diff:.2g}"
+    )
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise NetslimError(
+            f"{flag} takes comma-separated whole numbers, e.g. 1,64; got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise NetslimError(f"{flag} takes numbers >= 1, e.g. 1,64; got {text!r}")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from netslim.benchmark import benchmark, format_table
+    from netslim.checkpoint import load
+    from netslim.runtime.device import pick_device
+
+    batches = _int_list(args.batch, "--batch")
+    for batch in batches:
+        check_batch_memory(batch, args.image_size, "--batch")
+    runtimes = tuple(r.strip() for r in args.runtime.split(",") if r.strip())
+    stems = [Path(p).stem for p in args.checkpoints]  # short names, unless two files share one
+    labels = (
+        stems
+        if len(set(stems)) == len(stems)
+        else [f"{i}: {p}" for i, p in enumerate(args.checkpoints)]
+    )
+    models = {
+        label: load(path, trust=args.trust_module) for label, path in zip(labels, args.checkpoints)
+    }
+    timings = benchmark(models, batches, runtimes, repeats=args.repeats,
+                        image_size=args.image_size, device=pick_device(args.device),
+                        stat=args.stat)  # fmt: skip
+    if args.json:
+        print(json.dumps([t.to_dict() for t in timings], indent=2))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.stat} of "
+          f"{args.repeats} interleaved rounds; fp32, BatchNorm folded")  # fmt: skip
+    print(format_table(timings))
+
+
+def lab_config(args: argparse.Namespace) -> LabConfig:
+    """The lab's settings: a flag given wins, then the preset's own choice (the demo's
+    epochs), then the --recipe's value."""
+    names = {f.name for f in fields(LabConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    recipe = resolve(args.recipe, {})
+    for key in LAB_RECIPE_KEYS:
+        if values[key] is None:
+            own = getattr(args.preset, key)
+            chosen = own != getattr(LabConfig(), key)
+            values[key] = own if chosen else recipe["epochs" if key == "finetune_epochs" else key]
+    return LabConfig(**values)
+
+
+def cmd_lab(args: argparse.Namespace) -> None:
+    from netslim.lab.experiment import run_lab
+    from netslim.runtime import distributed
+
+    config = lab_config(args)
+    report = run_lab(config, args.out, download=args.download)
+    if distributed.is_main():
+        print(f"done: report in {report} (self-contained) and {report.with_suffix('.md')}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from netslim.lab.report import render_report  # imports matplotlib, which other commands skip
+
+    report = render_report(args.run_dir)
+    print(f"wrote {report} and {report.with_suffix('.md')}")
+
+
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "info": cmd_info,
+            "multipass": cmd_multipass, "export": cmd_export, "bench": cmd_bench,
+            "lab": cmd_lab, "demo": cmd_lab, "report": cmd_report}  # fmt: skip
+
+
+def check_torchrun_command(command: str) -> None:
+    """Under torchrun only training makes sense; refuse the other commands clearly."""
+    from netslim.runtime import distributed
+
+    if distributed.launched_by_torchrun() and command not in ("train", "finetune", "lab", "demo"):
+        raise NetslimError(
+            f"netslim {command} does not run under torchrun (only train, finetune, lab and "
+            f"demo are distributed); run it as a single process: netslim {command} ..."
+        )
+
+
+def _silence_stdout() -> None:
+    """Send what is left to print to /dev/null, so that exiting does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # stdout is not a real file (e.g. captured by a test)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"netslim: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help and --version exit here, before torch
+    from netslim.runtime import distributed
+    from netslim.runtime.threads import set_threads, stop_tuning
+
+    warnings.showwarning = _show_warning
+    try:
+        check_torchrun_command(args.command)
+        if hasattr(args, "threads"):
+            set_threads(args.threads)
+        with distributed.session(getattr(args, "device", "auto")):
+            COMMANDS[args.command](args)
+    except BrokenPipeError:  # e.g. `netslim train ... | head -1`: the reader has gone
+        _silence_stdout()
+        return 141  # what a shell reports for a command ended by SIGPIPE
+    except NetslimError as e:
+        where = (
+            f" (rank {distributed.rank_from_env()})" if distributed.launched_by_torchrun() else ""
+        )
+        print(f"netslim: error{where}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        again = (
+            "the same command"
+            if args.command in ("lab", "demo")
+            else "the same command plus --resume"
+        )
+        hint = f"; continue with {again} (run folder {out})" if out else ""
+        print(f"netslim: interrupted{hint}", file=sys.stderr)
+        return 130
+    finally:
+        stop_tuning()  # the tuner served this command's training, not code run after it
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

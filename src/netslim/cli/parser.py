@@ -1,0 +1,445 @@
+"""The ``netslim`` command line: every flag declared once, and the commands that take them.
+
+Torch-free (it imports only :mod:`netslim.config`, :mod:`netslim.recipes`,
+:mod:`netslim.limits` and :mod:`netslim.errors`), so that ``netslim --help`` and
+``--version`` answer at once. :data:`FLAGS` declares each flag's names, type and help
+once; a command takes a flag with :func:`add`, overriding at most its default, help or
+requiredness (``--image-size`` defaults to 32 when training, to the checkpoint's when
+pruning). :mod:`netslim.cli.commands` runs what the parser returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import asdict
+from typing import Any
+
+import netslim
+from netslim.config import (
+    ARCH_CHOICES,
+    ARCHS,
+    DATASETS,
+    DEMO,
+    LOADERS,
+    PRECISIONS,
+    RESIZE_POLICIES,
+    LabConfig,
+    TrainConfig,
+    check_arch_name,
+    is_spec,
+)
+from netslim.errors import NetslimError
+from netslim.limits import check_image_size
+from netslim.recipes import RECIPES, SCHEDULES
+
+DEFAULTS = TrainConfig()
+LAB_RECIPE_KEYS = ("epochs", "finetune_epochs", "batch_size", "lr")  # resolved by the command
+
+
+# -- argument types -----------------------------------------------------------------------
+
+
+def arch_type(arch: str) -> str:
+    """argparse type of ``--arch``: a netslim name or a well-formed spec (imported later)."""
+    try:
+        check_arch_name(arch)
+    except NetslimError:
+        if is_spec(arch):
+            raise argparse.ArgumentTypeError(
+                f"bad spec {arch!r}: write torchvision:NAME, timm:NAME or package.module:callable"
+            ) from None
+        raise argparse.ArgumentTypeError(f"invalid choice: {arch!r} ({ARCH_CHOICES})") from None
+    return arch
+
+
+def image_size_type(text: str) -> int:
+    """argparse type of ``--image-size``: whole pixels within :mod:`netslim.limits`' bounds."""
+    try:
+        return check_image_size(int(text))
+    except (ValueError, NetslimError) as e:
+        message = str(e) if isinstance(e, NetslimError) else f"must be a whole number, got {text!r}"
+        raise argparse.ArgumentTypeError(message.replace("--image-size ", "")) from None
+
+
+def threshold_type(text: str) -> float:
+    """argparse type of ``--sparsity-threshold``: a positive, finite |gamma|."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, e.g. 0.01, got {text!r}") from None
+    if not 0 < value < math.inf:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be > 0 and finite, e.g. 0.01, got {text}")
+    return value
+
+
+def lam_type(text: str) -> float | str:
+    """argparse type of ``--lam`` where λ auto is offered: a number or ``auto``."""
+    return "auto" if text == "auto" else float(text)
+
+
+def recipe_default(key: str) -> str:
+    """Help text naming each recipe's value of a setting."""
+    values = ", ".join(f"{name} {recipe[key]}" for name, recipe in RECIPES.items())
+    return f"default: the --recipe's ({values})"
+
+
+def lab_default(preset: LabConfig, key: str) -> str:
+    """Help text of a lab setting: the preset's own value (the demo's), else the recipe's."""
+    if getattr(preset, key) != getattr(LabConfig(), key):
+        return f"default: {getattr(preset, key)}"
+    return recipe_default("epochs" if key == "finetune_epochs" else key)
+
+
+ARCH_HELP = (
+    f"one of {', '.join(ARCHS)}, or torchvision:NAME, timm:NAME (pip install 'netslim[zoo]') "
+    "or package.module:callable, your own builder called with num_classes=N "
+    "(default: %(default)s)"
+)
+PRECISION_HELP = "auto: bf16 where fast and safe (CUDA, CPUs with AVX512-BF16), else fp32"
+
+# -- every flag, once -----------------------------------------------------------------------
+
+
+def _flag(*names: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    return names, kwargs
+
+
+FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    # what to train: the network and the data
+    "arch": _flag("--arch", type=arch_type, default=DEFAULTS.arch, help=ARCH_HELP),
+    "dataset": _flag("--dataset", choices=DATASETS, default="cifar10",
+                     help="dataset (default: %(default)s); 'synthetic' is built in and needs no files"),
+    "data_root": _flag("--data-root", default=DEFAULTS.data_root,
+                       help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default: %(default)s)"),
+    "download": _flag("--no-download", dest="download", action="store_false",
+                      help="never download CIFAR; fail if it is not under --data-root"),
+    "train_size": _flag("--train-size", type=int, default=None,
+                        help="use only the first N training images"),
+    "test_size": _flag("--test-size", type=int, default=None, help="use only the first N test images"),
+    "device": _flag("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps"),
+    "seed": _flag("--seed", type=int, default=DEFAULTS.seed, help="random seed (default: %(default)s)"),
+    "image_size": _flag("--image-size", type=image_size_type, default=DEFAULTS.image_size,
+                        help="imagefolder: images are resized to this square size; the network is "
+                        "traced and measured at it (default: %(default)s)"),
+    "resize": _flag("--resize", choices=RESIZE_POLICIES, default=DEFAULTS.resize,
+                    help="imagefolder: 'crop' scales the shorter side and cuts the centre square, "
+                    "'stretch' ignores the aspect ratio (default: %(default)s)"),
+    "loader": _flag("--loader", choices=LOADERS, default="auto",
+                    help="imagefolder: 'memory' decodes all images once, 'stream' decodes each "
+                    "batch in DataLoader workers; auto: memory if it fits (default: %(default)s)"),
+    "workers": _flag("--workers", type=int, default=None,
+                     help="imagefolder: image-decoding processes (default: CPUs per process, at most 8)"),
+    # the recipe: --recipe sets defaults, each flag overrides one (None: the recipe's)
+    "recipe": _flag("--recipe", choices=RECIPES, default="paper",
+                    help="default settings: 'paper' (Liu et al. 2017) or 'fast' (warm-up and linear "
+                    "decay, Nesterov, label smoothing, batch 256); any flag below overrides one "
+                    "(default: %(default)s)"),
+    "epochs": _flag("--epochs", type=int, help=recipe_default("epochs")),
+    "batch_size": _flag("--batch-size", type=int, help=recipe_default("batch_size")),
+    "lr": _flag("--lr", type=float, help="peak learning rate; " + recipe_default("lr")),
+    "momentum": _flag("--momentum", type=float, help=recipe_default("momentum")),
+    "weight_decay": _flag("--weight-decay", type=float, help=recipe_default("weight_decay")),
+    "schedule": _flag("--schedule", choices=SCHEDULES,
+                      help="'step': lr divided by 10 at 50%% and 75%% of the epochs; 'linear': "
+                      "warm-up, then linear decay to 0, every step; " + recipe_default("schedule")),
+    "warmup_epochs": _flag("--warmup-epochs", type=float,
+                           help="linear schedule: epochs of lr warm-up (at most half the epochs); "
+                           + recipe_default("warmup_epochs")),
+    "nesterov": _flag("--nesterov", action=argparse.BooleanOptionalAction,
+                      help="Nesterov momentum; " + recipe_default("nesterov")),
+    "label_smoothing": _flag("--label-smoothing", type=float, help=recipe_default("label_smoothing")),
+    # sparsity training
+    "lam": _flag("--lam", type=float, help="L1 weight on BN gammas, e.g. 1e-4 (default: %(default)s)"),
+    "target_ratio": _flag("--target-ratio", type=float, metavar="R",
+                          help="with --lam auto: the share of |gamma| that should end below "
+                          "--sparsity-threshold"),
+    "sparsity_threshold": _flag("--sparsity-threshold", type=threshold_type,
+                                default=DEFAULTS.sparsity_threshold,
+                                help="|gamma| below this counts as sparse in the logs (default: %(default)s)"),
+    "precision": _flag("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP),
+    "out": _flag("--out", required=True, help="run folder for metrics.jsonl, last.pth and best.pth"),
+    "resume": _flag("--resume", action="store_true", help="continue the run in --out from last.pth"),
+    "compile": _flag("--compile", action="store_true",
+                     help="torch.compile the model (slow to start; bench/RESULTS.md says when it pays)"),
+    "sync_bn": _flag("--sync-bn", action="store_true",
+                     help="under torchrun on GPUs: BatchNorm statistics over the global batch"),
+    "threads": _flag("--threads", type=int, default=None, metavar="N",
+                     help="CPU threads for PyTorch, fixed: a --resume then continues the run bit "
+                     "for bit (so does a set OMP_NUM_THREADS). Default: the physical cores this "
+                     "process may use, tuned to the load while training (see the README)"),
+    # early pruning (netslim.train.control)
+    "prune_when_stable": _flag("--prune-when-stable", type=float, metavar="R",
+                               help="each epoch, plan pruning at ratio R; once that mask changes "
+                               "by at most --stable-tol of the channels for --stable-epochs epochs "
+                               "in a row, stop sparsity training, prune at R (recalibrated) and "
+                               "fine-tune into OUT/finetune/"),
+    "stable_tol": _flag("--stable-tol", type=float, default=DEFAULTS.stable_tol,
+                        help="share of channels the mask may change by and count as settled "
+                        "(default: %(default)s)"),
+    "stable_epochs": _flag("--stable-epochs", type=int, default=DEFAULTS.stable_epochs,
+                           help="epochs in a row the mask must stay settled (default: %(default)s)"),
+    "finetune_epochs": _flag("--finetune-epochs", type=int,
+                             help="with --prune-when-stable (default: the same as --epochs)"),
+    "recalibrate": _flag("--recalibrate", type=int, default=16, metavar="N",
+                         help="BN recalibration batches of 128 training images after pruning "
+                         "(0: off; default: %(default)s)"),
+    # pruning
+    "ratio": _flag("--ratio", type=float, help="share of BN channels (gammas) to remove, in [0, 1)"),
+    "target_macs": _flag("--target-macs", type=float, metavar="F",
+                         help="instead of --ratio: find the threshold that leaves the share F of the MACs"),
+    "min_keep": _flag("--min-keep", type=float, default=0.01,
+                      help="per-layer floor: share of each layer's channels always kept, at least "
+                      "one (default: %(default)s)"),
+    "round_to": _flag("--round-to", type=int, default=1, metavar="N",
+                      help="keep a multiple of N channels in every layer (rounded up with the "
+                      "next-best |gamma|), the widths fast kernels like, e.g. 8 (default: %(default)s)"),
+    "ignore": _flag("--ignore", action="append", default=[], metavar="MODULE",
+                    help="leave this module unpruned (its name in the network, e.g. fc or "
+                    "layer4.1; a module's whole subtree; repeatable)"),
+    "trust_module": _flag("--trust-module", action="append", default=[], metavar="MODULE",
+                          help="build a checkpoint saved from your own module MODULE (its --arch "
+                          "MODULE:fn), importing it; netslim imports no module a file names "
+                          "without this (repeatable)"),
+    # reading and writing
+    "json": _flag("--json", action="store_true", help="print machine-readable JSON"),
+}  # fmt: skip
+
+DATA = ("dataset", "data_root", "download", "train_size", "test_size", "device", "seed")
+RECIPE = ("recipe", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule",
+          "warmup_epochs", "nesterov", "label_smoothing")  # fmt: skip
+FROM_CHECKPOINT = "the checkpoint's, else 32"
+
+
+def add(p: argparse.ArgumentParser, *keys: str, **overrides: dict[str, Any]) -> None:
+    """Add the flags ``keys`` of :data:`FLAGS` to ``p``; ``overrides[key]`` changes one's
+    default, help or requiredness for this command."""
+    for key in keys:
+        names, kwargs = FLAGS[key]
+        p.add_argument(*names, **{**kwargs, **overrides.get(key, {})})
+
+
+def _add_training(p: argparse.ArgumentParser, lam: float, auto: bool) -> None:
+    """The flags of a training run (train, finetune, multipass)."""
+    add(p, *DATA)
+    if auto:
+        add(p, "lam", "target_ratio", lam=dict(
+            type=lam_type, default=lam, help="L1 weight on BN gammas, e.g. 1e-4, or 'auto': "
+            "adapted each epoch to reach --target-ratio (default: %(default)s)"))  # fmt: skip
+    else:
+        add(p, "lam", lam=dict(default=lam))
+    add(p, *RECIPE, "sparsity_threshold", "precision", "out", "resume", "compile", "threads")
+
+
+def _add_images(p: argparse.ArgumentParser, train: bool, checkpoint: bool) -> None:
+    """Your own images: size and resizing; for training also how they are fed."""
+    size = {"default": None, "help": FLAGS["image_size"][1]["help"].replace(
+        "%(default)s", FROM_CHECKPOINT)} if checkpoint else {}  # fmt: skip
+    add(p, "image_size", "resize", image_size=size)
+    if train:
+        add(p, "loader", "workers", "sync_bn")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with numbers like ``-1e-4`` read as values: its own pattern for negative
+    numbers has no exponent, so ``--lam -1e-4`` ended in "expected one argument" instead
+    of the range check's message (no netslim flag looks like a number)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command (see ``netslim COMMAND --help``)."""
+    parser = _Parser(
+        prog="netslim",
+        description="Network slimming: sparsity training, channel pruning and fine-tuning of CNNs.",
+    )
+    parser.add_argument("--version", action="version", version=f"netslim {netslim.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="(sparsity) training from scratch",
+                       description="Train a network with an L1 penalty on its BatchNorm gammas.")  # fmt: skip
+    add(p, "arch")
+    _add_training(p, lam=1e-4, auto=True)
+    add(p, "prune_when_stable", "stable_tol", "stable_epochs", "finetune_epochs", "recalibrate",
+        recalibrate=dict(help="with --prune-when-stable: BN recalibration batches of 128 "
+                         "(default: %(default)s)"))  # fmt: skip
+    _add_images(p, train=True, checkpoint=False)
+
+    p = sub.add_parser(
+        "prune", help="prune channels of a trained checkpoint",
+        description="Remove the share RATIO of all channels with the smallest |gamma| and save "
+        "the physically smaller network.",
+    )  # fmt: skip
+    p.add_argument("checkpoint", help="trained checkpoint (netslim's or the paper's code's)")
+    add(p.add_mutually_exclusive_group(required=True), "ratio", "target_macs")
+    add(p, "out", out=dict(help="path of the pruned checkpoint to write"))
+    p.add_argument("--force", action="store_true",
+                   help="allow --out to be the input checkpoint itself (it is replaced)")  # fmt: skip
+    p.add_argument("--no-compensate", dest="compensate", action="store_false",
+                   help="save exactly the official code's network: no bias compensation and no "
+                   "BN recalibration (with --dataset the report still measures both, on copies)")  # fmt: skip
+    add(p, "min_keep", "round_to", "ignore", *DATA, "recalibrate", dataset=dict(default=None),
+        recalibrate=dict(help="with --dataset: re-estimate BN statistics on N batches of 128 "
+                         "training images (0: off; default: %(default)s); with --no-compensate "
+                         "only measured, not saved"))  # fmt: skip
+    _add_images(p, train=False, checkpoint=True)
+    add(p, "threads", "trust_module")
+
+    p = sub.add_parser("finetune", help="fine-tune a pruned checkpoint",
+                       description="Fine-tune a pruned network with the training recipe.")  # fmt: skip
+    p.add_argument("checkpoint",
+                   help="pruned checkpoint written by 'netslim prune' (or the paper's vggprune.py)")  # fmt: skip
+    _add_training(p, lam=0.0, auto=False)
+    _add_images(p, train=True, checkpoint=True)
+    add(p, "trust_module")
+
+    p = sub.add_parser(
+        "multipass", help="several rounds of sparsity training and pruning, then fine-tuning",
+        description="The paper's multi-pass scheme: sparsity-train, prune --ratio with at most "
+        "--layer-cap of any layer removed, repeat --passes times, then fine-tune. Run the same "
+        "command again to continue an interrupted run.",
+    )  # fmt: skip
+    add(p, "arch")
+    p.add_argument("--passes", type=int, default=2, help="default: %(default)s")
+    add(p, "ratio", ratio=dict(default=0.5, help="share removed per pass (default: %(default)s)"))
+    p.add_argument("--layer-cap", type=float, default=0.5,
+                   help="most of one layer's channels a pass may remove (default: %(default)s)")  # fmt: skip
+    add(p, "finetune_epochs", "recalibrate",
+        finetune_epochs=dict(help="default: the same as --epochs"),
+        recalibrate=dict(help="default: %(default)s"))  # fmt: skip
+    _add_training(p, lam=1e-4, auto=True)
+    _add_images(p, train=True, checkpoint=False)
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as ONNX, torch.export (.pt2) or the paper's layout, checked",
+        description="Export a checkpoint (pruned or not) in eval mode (BatchNorm folded for "
+        "ONNX and .pt2), run the written file against the PyTorch network on random batches, "
+        "and keep it only if they agree (relative difference <= 1e-4).",
+    )
+    p.add_argument("checkpoint", help="any checkpoint netslim reads")
+    add(p, "out", out=dict(help="file to write: .onnx, .pt2 or .pth.tar"))
+    p.add_argument("--format", default=None,
+                   help="onnx, pt2, or official: the paper's {'cfg', 'state_dict'} file, which its "
+                   "main.py --refine reads (default: from the --out suffix: .onnx, .pt2, .pth.tar)")  # fmt: skip
+    p.add_argument("--no-fold", dest="fold", action="store_false",
+                   help="keep BatchNorm layers instead of folding them into the conv or linear before")  # fmt: skip
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset, 9 to 20 (default: 18)")
+    add(p, "image_size", "trust_module",
+        image_size=dict(default=None, help=f"input height and width (default: {FROM_CHECKPOINT})"))  # fmt: skip
+
+    p = sub.add_parser(
+        "bench", help="latency and throughput of checkpoints, side by side",
+        description="Time checkpoints on this machine, interleaved: warm-up, then the median of "
+        "repeated forward passes, in fp32 with BatchNorm folded. Speed-ups are against the first "
+        "checkpoint; efficiency is speed-up / MACs reduction.",
+    )  # fmt: skip
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    p.add_argument(
+        "--batch", default="1,64", help="batch sizes, comma-separated (default: %(default)s)"
+    )
+    p.add_argument("--runtime", default="torch",
+                   help="comma-separated: torch (eager), onnxruntime (default: %(default)s)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=20, help="timed rounds (default: %(default)s)")
+    p.add_argument("--stat", default="median", choices=("median", "min"),
+                   help="latency of a network: the median of its rounds, or the fastest (on a "
+                   "machine busy with other work, where preempted calls inflate the median; "
+                   "default: %(default)s)")  # fmt: skip
+    add(p, "image_size", "trust_module", "device", "json",
+        image_size=dict(help="input height and width (default: %(default)s)"),
+        device=dict(default="cpu", help="device of the torch runtime (default: cpu)"))  # fmt: skip
+
+    p = sub.add_parser("info", help="describe a checkpoint",
+                       description="Architecture, parameters, MACs and sparsity of a checkpoint.")  # fmt: skip
+    p.add_argument("checkpoint")
+    add(p, "sparsity_threshold", "trust_module", "json", sparsity_threshold=dict(help=None))
+
+    for name, preset, out, help_, description in (
+        ("lab", LabConfig(), "runs/lab",
+         "the whole experiment: sparsity training, pruning, fine-tuning, report",
+         "Sparsity-train at each --lams, prune the --prune-lam model at each --ratios (three "
+         "ways), fine-tune, and write report.md and report.html with figures into --out. "
+         "Resumable: run the same command again to continue."),
+        ("demo", DEMO, "runs/demo", "the lab on built-in synthetic data, a few minutes on a CPU",
+         "netslim lab with a small preset: vgg11-small on synthetic data, 6 + 3 epochs, λ 0, "
+         "1e-3 and 5e-3, pruning the 5e-3 model. Any lab flag overrides the preset."),
+    ):  # fmt: skip
+        _add_lab(sub.add_parser(name, help=help_, description=description), preset, out)
+
+    p = sub.add_parser(
+        "report", help="re-render the report of a lab run folder",
+        description="Write report.md, report.html and figures/ from a finished lab's logged "
+        "metrics and checkpoints, without training.",
+    )  # fmt: skip
+    p.add_argument("run_dir", help="run folder of netslim lab or netslim demo")
+    return parser
+
+
+def _add_lab(p: argparse.ArgumentParser, preset: LabConfig, out: str) -> None:
+    """The lab's flags, with ``preset``'s values as defaults (the lab's own or the demo's)."""
+    add(p, "arch", *DATA, arch=dict(default=None), dataset=dict(default=preset.dataset))
+    p.add_argument(
+        "--lams",
+        type=float,
+        nargs="+",
+        metavar="λ",
+        help="L1 weights on BN gammas, one sparsity training each (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prune-lam",
+        type=float,
+        metavar="λ",
+        help="which of --lams to prune and fine-tune (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        metavar="R",
+        help="prune ratios to prune at and fine-tune (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        metavar="R",
+        help="extra ratios, pruned but not fine-tuned, for the accuracy-vs-ratio "
+        "figure (default: %(default)s)",
+    )
+    add(
+        p,
+        "recipe",
+        "epochs",
+        "finetune_epochs",
+        "batch_size",
+        "lr",
+        recipe=dict(
+            default=None,
+            help="training settings of every stage, 'paper' or 'fast' (see "
+            "netslim train --help; default: %(default)s)",
+        ),
+        epochs=dict(help="sparsity-training epochs; " + lab_default(preset, "epochs")),
+        finetune_epochs=dict(help="fine-tuning epochs; " + lab_default(preset, "finetune_epochs")),
+        batch_size=dict(help=lab_default(preset, "batch_size")),
+        lr=dict(help="peak learning rate; " + lab_default(preset, "lr")),
+    )
+    add(p, "prune_when_stable", "stable_tol", "stable_epochs", "target_ratio", "recalibrate",
+        "precision", "out", "threads",
+        prune_when_stable=dict(help="each epoch, plan pruning at ratio R; once that mask changes "
+                               "by at most --stable-tol of the channels for --stable-epochs epochs "
+                               "in a row, stop sparsity training, (the --prune-lam run only) and "
+                               "go on with the lab"),
+        target_ratio=dict(help="λ auto for the --prune-lam run: start at --prune-lam and adapt λ "
+                          "each epoch so that the share R of |gamma| ends below the sparsity "
+                          "threshold"),
+        recalibrate=dict(default=None, help="re-estimate BN statistics after pruning on N batches "
+                         "of 128 training images (0: off; default: %(default)s)"),
+        precision=dict(default=None),
+        out=dict(required=False, help="run folder (default: %(default)s); running the same "
+                 "command again continues an interrupted lab there"))  # fmt: skip
+    # The recipe's settings stay None here: the command resolves them (commands.lab_config).
+    p.set_defaults(**{**asdict(preset), **dict.fromkeys(LAB_RECIPE_KEYS)}, preset=preset, out=out)
