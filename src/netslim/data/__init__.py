@@ -137,5 +137,3 @@ def _first(x: torch.Tensor, n: int | None, what: str, name: str) -> torch.Tensor
             f"{what} {n} but {name} has only {len(x)} such images; pass at most {len(x)}"
         )
     return x[:n]
-
-
