@@ -55,7 +55,10 @@ def main() -> None:
     print(
         f"{'score':<6}{'ratio':>6}{'removed':>9}{'MACs kept':>11}{'acc (recal.)':>14}  streams kept"
     )
-    for name, scores in (("max", _unit_scores(graph, channel_scores(model))), ("mean", mean_scores(model, graph))):
+    for name, scores in (
+        ("max", _unit_scores(graph, channel_scores(model))),
+        ("mean", mean_scores(model, graph)),
+    ):
         for ratio in args.ratios:
             threshold = global_threshold(bn_gammas(model), ratio)
             plan = _plan_at(graph, scores, threshold, ratio, 0.01)

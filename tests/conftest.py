@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -10,6 +13,9 @@ from netslim.data import make_synthetic
 from netslim.engine.sparsity import batchnorms
 from netslim.models import VGG
 from netslim.train.loop import fit
+
+# Ultralytics keeps its settings here during the tests, not in the home folder.
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="netslim-ultralytics-"))
 
 TINY_CFG = [8, "M", 16, "M", 16, 16, "M", 24, "M", 24]  # for surgery tests
 TRAIN_CFG = [16, "M", 32, "M", 32, "M", 64, "M", 64]  # learns synthetic data to ~70% in seconds
@@ -38,6 +44,29 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             bn.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
             bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
     return model.eval()
+
+
+def make_sparse(model: torch.nn.Module, input_size=(1, 3, 32, 32), share: float = 0.5,
+                seed: int = 0):  # fmt: skip
+    """``model`` with random BN statistics, and a random ``share`` of each channel group's
+    units made unimportant in *all* the BNs that scale them, as sparsity training would;
+    returns the model (in eval mode) and its channel graph."""
+    from netslim.engine import trace_channels
+
+    model = randomize_bn(model, seed)
+    bns = dict(batchnorms(model))
+    g = torch.Generator().manual_seed(seed)
+    graph = trace_channels(model, input_size)
+    weak = torch.zeros(graph.num_units, dtype=torch.bool)
+    for group in graph.prunable.values():
+        weak[group.units[torch.randperm(group.size, generator=g)[: int(share * group.size)]]] = True
+    with torch.no_grad():
+        for name, units in graph.norms.items():
+            if name in bns:  # the affine ones
+                bns[name].weight.abs_().add_(0.1)
+                small = weak[units]
+                bns[name].weight[small] = 1e-3 * torch.rand(int(small.sum()), generator=g)
+    return model.eval(), graph
 
 
 @pytest.fixture

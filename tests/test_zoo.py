@@ -24,14 +24,13 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import randomize_bn
+from conftest import make_sparse
 from torch import nn
 
 import netslim
 from netslim.engine.plan import plan_pruning, reference_network
 from netslim.engine.sparsity import add_bn_l1_grad, batchnorms
 from netslim.engine.surgery import apply_plan
-from netslim.engine.trace import trace_channels
 from netslim.errors import NetslimError
 
 pytestmark = pytest.mark.slow  # not in make test-fast
@@ -57,26 +56,6 @@ TIMM = [
 INPUT_SIZE = {"inception_v3": 75, "maxvit_t": 224}
 # models the engine refuses (or cannot yet prune exactly): the exact one-line error
 EXPECTED_REFUSALS: dict[str, str] = {}
-
-
-def make_sparse(model: nn.Module, size: int, seed: int = 0):
-    """Random BN statistics and a random half of each group's units unimportant in every
-    BatchNorm that scales them; returns the model and its channel graph."""
-    model = randomize_bn(model, seed)
-    graph = trace_channels(model, (1, 3, size, size))
-    g = torch.Generator().manual_seed(seed)
-    weak = torch.zeros(graph.num_units, dtype=torch.bool)
-    for group in graph.prunable.values():
-        weak[group.units[torch.randperm(group.size, generator=g)[: group.size // 2]]] = True
-    bns = dict(batchnorms(model))
-    with torch.no_grad():
-        for name, units in graph.norms.items():
-            bn = bns[name]
-            if bn.affine:
-                bn.weight.abs_().add_(0.1)
-                small = weak[units]
-                bn.weight[small] = 1e-3 * torch.rand(int(small.sum()), generator=g)
-    return model.eval(), graph
 
 
 def circular(model: nn.Module) -> nn.Module:
@@ -112,7 +91,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def check_slims_exactly(model: nn.Module, size: int, tmp_path, arch=None, builder=None) -> None:
     torch.manual_seed(0)
     size = wrappable_size(model, size)
-    model, graph = make_sparse(model, size)
+    model, graph = make_sparse(model, (1, 3, size, size))
     with warnings.catch_warnings():  # a floored group is fine here
         warnings.simplefilter("ignore")
         plan = plan_pruning(model, 0.5, graph=graph)

@@ -54,7 +54,7 @@ from netslim.models import (
     num_outputs,
     validate_cfg,
 )
-from netslim.models.external import trusted_spec
+from netslim.models.external import build_ultralytics, trusted_spec
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -208,7 +208,12 @@ def model_from_checkpoint(
                     f"it (in Python: netslim.load(path, trust={module!r}), or netslim.load(path, "
                     "builder))"
                 )
-            model = build_model(arch, _num_classes(meta, state_dict, source))
+            classes = _num_classes(meta, state_dict, source)
+            stored = meta.get("yaml")  # an Ultralytics model's own YAML: rebuilt as it was
+            if arch.startswith("ultralytics:") and isinstance(stored, dict):
+                model = build_ultralytics(stored, classes)
+            else:
+                model = build_model(arch, classes)
         if channels is not None:
             model = resize_layers(model, channels, source)
         official.install_gathers(model, state_dict, source)  # the paper's channel selections

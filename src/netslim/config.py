@@ -36,13 +36,15 @@ def is_spec(arch: str) -> bool:
 
 
 def check_spec(spec: str) -> None:
-    """Raise NetslimError if ``spec`` is not of the form ``torchvision:NAME``, ``timm:NAME``
-    or ``package.module:callable`` (nothing is imported)."""
+    """Raise NetslimError if ``spec`` is not of the form ``torchvision:NAME``, ``timm:NAME``,
+    ``ultralytics:NAME.yaml`` or ``package.module:callable`` (nothing is imported)."""
     source, _, name = spec.partition(":")
     if not source or not name or ":" in name:
         raise NetslimError(
             f"bad --arch {spec!r}: write torchvision:NAME, timm:NAME or package.module:callable"
         )
+    if source == "ultralytics":
+        return  # a model YAML's name: a file name, not a Python one
     if source not in ("torchvision", "timm") and not all(
         part.isidentifier() for part in [*source.split("."), name]
     ):

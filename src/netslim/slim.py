@@ -70,6 +70,8 @@ class PruneReport:
     saved: str = "bias compensation"
     # why some BatchNorm-scaled channels were kept whatever their gamma (op, module, line)
     fixed: list[str] = field(default_factory=list)
+    # where the forward pass read tensor values (control flow, masks, NMS): exact on that path
+    value_reads: list[str] = field(default_factory=list)
     input_size: tuple[int, ...] = (1, 3, 32, 32)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -95,6 +97,12 @@ class PruneReport:
         if self.fixed:
             lines.append("kept whatever their gamma (the engine cannot prune them exactly):")
             lines += [f"  - {reason}" for reason in self.fixed]
+        if self.value_reads:
+            shown = ", ".join(self.value_reads[:3]) + (", ..." if len(self.value_reads) > 3 else "")
+            lines.append(
+                f"the forward pass read tensor values ({shown}): the pruned network is exact "
+                "on the path traced; an input taking another path was not traced"
+            )
         lines.append(
             f"params {self.params_before:,} -> {self.params_after:,} "
             f"({100 * (1 - self.params_after / self.params_before):.1f}% fewer)"
@@ -284,6 +292,7 @@ def _prune_model(
         macs_residual_kept=residual_kept,
         target_macs=target_macs,
         fixed=list(plan.fixed_reasons),
+        value_reads=list(graph.value_reads),
         input_size=input_size,
         round_to=round_to,
         kept_unrounded=[kept for kept, _ in unrounded.kept.values()] if unrounded else None,
@@ -357,10 +366,13 @@ def save(
         path: the file to write (atomically).
         report: the :class:`PruneReport` of the pruning, kept in the file's metadata.
         arch: what ``netslim.load(path)`` builds the unpruned network from: one of
-            :data:`netslim.ARCHS` or a spec such as ``"torchvision:resnet18"`` or
+            :data:`netslim.ARCHS` or a spec such as ``"torchvision:resnet18"``,
+            ``"ultralytics:yolov8n.yaml"`` (the model's own YAML is stored too) or
             ``"mypkg.models:build"``. Without it, load with ``netslim.load(path, builder)``.
         image_size: the square input size the network takes (recorded for ``netslim info``
             and later pruning).
     """
     meta = {"arch": arch, "num_classes": num_outputs(model), "image_size": int(image_size)}
+    if arch and arch.startswith("ultralytics:") and isinstance(getattr(model, "yaml", None), dict):
+        meta["yaml"] = model.yaml  # what it was built from, so that it rebuilds without the file
     save_checkpoint(pruned_checkpoint(model, report, meta), path)

@@ -156,7 +156,8 @@ def decode_image(path: str, image_size: int, resize: str = "crop") -> torch.Tens
             f"image {path} declares more pixels than Pillow decodes safely ({e}); it may be "
             "a decompression bomb: shrink it or remove it"
         ) from None
-    except (OSError, ValueError) as e:  # Pillow's errors for missing, truncated or odd files
+    except Exception as e:  # Pillow's errors for missing, truncated or odd files, or a
+        # plugin's (Ultralytics, once imported, patches Image.open to try more formats)
         raise NetslimError(f"cannot read image {path} ({e}); fix or remove the file") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 

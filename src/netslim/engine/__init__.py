@@ -6,7 +6,7 @@ netslim.config and netslim.models.gather, nothing higher):
 =============== ============================================================================
 ``graph``       units, groups, layers: the :class:`~.graph.ChannelGraph` everything reads
 ``ops``         what each op does to channels, and the registry of your own layers
-``trace``       runs the forward pass (torch.fx) and replays it on unit codes
+``trace``       runs the forward pass, recording each op, and replays it on unit codes
 ``sparsity``    the L1 term on BatchNorm gammas, and how sparse they are
 ``plan``        the global threshold, floors, ``--target-macs``, ``--round-to``, ``ignore``,
                 ``importance``

@@ -80,6 +80,10 @@ class ChannelGraph:
         fixed_reasons: why BatchNorm-scaled channels were fixed (op, module, source line).
         input_size: the input shape the graph was traced at.
         gathers: channel selection name -> the unit of each of its output channels.
+        ties: sets of channel pieces (the unit of each channel) that must keep as many
+            channels each: the pieces of a ``chunk`` (:meth:`~netslim.engine.ops.Replay.chunk_tie`).
+        value_reads: where the forward pass read values of tensors computed from the
+            input as Python numbers: on other inputs it may take another path.
     """
 
     groups: dict[int, Group]
@@ -92,6 +96,8 @@ class ChannelGraph:
     input_size: tuple[int, ...]
     model_name: str = "the model"
     gathers: dict[str, torch.Tensor] = field(default_factory=dict)
+    ties: list[list[torch.Tensor]] = field(default_factory=list)
+    value_reads: list[str] = field(default_factory=list)
 
     @property
     def num_units(self) -> int:
@@ -200,6 +206,7 @@ class Units:
         self.gathers: dict[str, torch.Tensor] = {}
         self.selected: set[int] = set()  # units a channel selection reads (its BNs follow it)
         self.inference: set[str] = set()  # the modules inference mode calls
+        self.ties: list[list[torch.Tensor]] = []  # pieces keeping as many channels each
 
     def new_units(self, n: int, producer: str | None = None, fixed: str | None = None):
         start = len(self.parent)
@@ -303,5 +310,6 @@ class Units:
         for c, reason in reasons.items():
             if (c in members or c in selected) and reason not in notable:
                 notable.append(reason)
+        ties = [[compact[piece] for piece in tie] for tie in self.ties]
         return ChannelGraph(groups, layers, norms, fixed, joined, compensable, notable,
-                            tuple(input_size), self.model_name, gathers)  # fmt: skip
+                            tuple(input_size), self.model_name, gathers, ties)  # fmt: skip

@@ -111,9 +111,15 @@ CREATES = {"new_empty", "new_zeros", "new_ones", "new_full", torch.zeros_like, t
            torch.empty_like, torch.rand_like, torch.randn_like, torch.full_like, "bernoulli_",
            "bernoulli", torch.bernoulli}  # fmt: skip
 SAME_VALUES = {"contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "to",
-               "type", "type_as", "cpu", "cuda", "requires_grad_"}  # fmt: skip
+               "type", "type_as", "cpu", "cuda", "requires_grad_", "data"}  # fmt: skip
+#: What a tensor is, not what it holds: reading these is no dependence on its values.
 SIZE_READS = {"size", "dim", "ndimension", "numel", "shape", "ndim", "dtype", "device",
-              "is_cuda", "is_contiguous", torch.numel, getattr, len}  # fmt: skip
+              "is_cuda", "is_contiguous", torch.numel, getattr, len, "__len__", "requires_grad",
+              "is_leaf", "grad_fn", "layout", "is_floating_point", "is_complex", "element_size",
+              "get_device", "stride", "storage_offset", "nbytes", "itemsize", "is_sparse",
+              "is_quantized", "is_meta", "names", "is_mps"}  # fmt: skip
+#: ``chunk(n)``: equal pieces, which stay equal when every piece keeps as many channels.
+CHUNKS = {"chunk", torch.chunk}
 REARRANGE_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
                      nn.PixelUnshuffle)  # fmt: skip
 LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -178,7 +184,7 @@ def opaque_module(module: Any) -> bool:
 def per_channel_function(target: Any) -> bool:
     """Whether a function or method (by name) acts on each channel alone."""
     return (
-        _hashable(target)
+        hashable(target)
         and (
             target in PER_CHANNEL_FUNCTIONS
             or target in PER_CHANNEL_METHODS
@@ -188,10 +194,10 @@ def per_channel_function(target: Any) -> bool:
 
 
 def opaque_function(target: Any) -> bool:
-    return _hashable(target) and target in _OPAQUE
+    return hashable(target) and target in _OPAQUE
 
 
-def _hashable(target: Any) -> bool:
+def hashable(target: Any) -> bool:
     try:
         hash(target)
     except TypeError:
@@ -206,13 +212,14 @@ def _hashable(target: Any) -> bool:
 class Call:
     """One op of the forward pass, as a tracer recorded it for :class:`Replay`.
 
-    Values are referred to by *keys* (whatever the tracer uses: torch.fx nodes, say): the
+    Values are referred to by *keys* (the tracer makes one per value of the pass): the
     tensors among ``args``/``kwargs`` appear as their keys, and ``Replay.env[key]`` is the
     real value, ``Replay.codes[key]`` its codes.
 
     Attributes:
         op: ``"call_module"``, ``"call_function"``, ``"call_method"``, ``"placeholder"``
-            (the input), ``"get_attr"`` (a tensor read outside its module) or ``"output"``.
+            (the input), ``"get_attr"`` (a tensor read outside its module), ``"constant"``
+            (a tensor no op of the pass made) or ``"output"``.
         target: the module's name, the function, or the method's name.
         args, kwargs: the arguments, with keys in place of traced values.
         inputs: the keys among them, in order, each once.
@@ -291,9 +298,13 @@ class Replay:
             if not is_tensorish(value):
                 return None
             return self.fresh(value, f"tensor {call.target} read outside its module")
+        if call.op == "constant":  # not made by an op of the pass (a cached attribute)
+            return self.fresh(value, f"a tensor made outside the traced ops {call.where}")
         inputs = [a for a in call.inputs if is_tensorish(self.env[a])]
         if not is_tensorish(value):
             return self.visit_value(call, inputs)
+        if any(t.numel() == 0 for t in tensors([value, *(self.env[a] for a in inputs)])):
+            return self.opaque(call, value, f"{call.op} {call.describe} of an empty tensor")
         if call.op == "call_module":
             return self.visit_module(call, call.module, value)
         target = call.target
@@ -324,7 +335,8 @@ class Replay:
         if value.dim() >= 2:
             units = self.units.new_units(value.shape[1], fixed=reason)
             return spread(code(units, LIVE, LIVE), 1, value.shape)
-        return code(self.units.new_units(1, fixed=reason), LIVE, LIVE).expand(value.shape)
+        one = code(self.units.new_units(1, fixed=reason), LIVE, LIVE)
+        return one.reshape([1] * value.dim()).expand(value.shape)
 
     def opaque(self, call: Call, value: Any, what: str) -> Any:
         """An op the engine cannot follow: fix what it reads, and its outputs are new."""
@@ -368,10 +380,28 @@ class Replay:
         if call.target in WHOLE_DIMS or not isinstance(self.env.get(source), torch.Tensor):
             return result
         units = decode(self.codes[source])[0]
+        if call.target in CHUNKS and self.chunk_tie(call, units, result):
+            return result
         if not all(keeps_channels(units, decode(piece)[0]) for piece in tensors(result)):
             self.units.fix(units, f"{call.op} {call.describe} {call.where} cuts or regroups "
                      "channels by sizes fixed in forward()")  # fmt: skip
         return result
+
+    def chunk_tie(self, call: Call, units: torch.Tensor, pieces: Any) -> bool:
+        """``chunk(n)`` of the channels into equal pieces (YOLO's C2f): each piece keeps its
+        own channels, and every piece as many as the others (a tie), since ``chunk`` of the
+        pruned tensor cuts it into equal pieces again. False where that does not hold (not
+        the channel dim, unequal pieces, a unit spanning channels): then the pieces are cut
+        by sizes fixed in forward()."""
+        dim = call.kwargs.get("dim", call.args[2] if len(call.args) > 2 else 0)
+        line = along(units, 1) if units.dim() >= 2 else None
+        if not isinstance(dim, int) or units.dim() < 2 or dim % units.dim() != 1 or line is None:
+            return False
+        sizes = [piece.shape[1] for piece in tensors(pieces)]
+        if len(sizes) < 2 or len(set(sizes)) != 1 or len(torch.unique(line)) != len(line):
+            return False
+        self.units.ties.append(list(line.split(sizes)))
+        return True
 
     def per_channel(self, call: Call, value: Any) -> Any:
         """A function acting on each channel alone; ``f(0)`` decides what a removed

@@ -270,11 +270,32 @@ def _plan_at(graph: ChannelGraph, scores: torch.Tensor, threshold: float,
             floored.append(group.label)
         if round_to > 1:
             keep[group.units] = round_kept(keep[group.units], scores[group.units], round_to)
+    _keep_ties(graph, scores, keep, round_to)
     for name, layer in graph.layers.items():  # every layer keeps an input
         if len(layer.inputs) and not bool(keep[layer.inputs].any()):
             keep[layer.inputs[scores[layer.inputs].argmax()]] = True
             floored.append(name)
     return PrunePlan(float(ratio), threshold, graph, keep, floored, round_to)
+
+
+def _keep_ties(
+    graph: ChannelGraph, scores: torch.Tensor, keep: torch.Tensor, round_to: int
+) -> None:
+    """Make the pieces of every tie keep as many channels each (in place): each piece short
+    of the most any keeps (rounded up to ``round_to``) keeps its next-best channels."""
+    for _ in range(len(graph.ties) + 1):  # a unit in two ties may need a second round
+        changed = False
+        for tie in graph.ties:
+            want = max(int(keep[piece].sum()) for piece in tie)
+            want = min(min(len(p) for p in tie), math.ceil(want / round_to) * round_to)
+            for piece in tie:
+                short = want - int(keep[piece].sum())
+                if short > 0:
+                    priority = torch.where(keep[piece], -torch.inf, scores[piece])
+                    keep[piece[torch.topk(priority, short).indices]] = True
+                    changed = True
+        if not changed:
+            return
 
 
 def _check_min_keep(min_keep: float) -> None:

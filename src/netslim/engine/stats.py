@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from netslim.models import model_inputs
+
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (trainable tensors, not BN running statistics)."""
@@ -37,7 +39,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -
     was_training = model.training
     try:
         model.eval()
-        model(torch.zeros(input_size, device=param.device, dtype=param.dtype))
+        model(*model_inputs(model, torch.zeros(input_size, device=param.device, dtype=param.dtype)))
     finally:
         model.train(was_training)
         for h in handles:

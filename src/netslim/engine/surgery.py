@@ -38,6 +38,7 @@ from torch import nn
 from netslim.engine.graph import Layer
 from netslim.engine.plan import PrunePlan, plan_pruning, reference_network
 from netslim.errors import NetslimError
+from netslim.models import model_inputs
 
 #: Module name -> ``[in, out, groups, has_bias]`` (conv), ``[in, out, has_bias]`` (linear)
 #: or ``[channels]`` (BatchNorm).
@@ -129,7 +130,7 @@ def _compensation(model: nn.Module, plan: PrunePlan, compensate: bool) -> dict[s
     x = torch.randn((2, *plan.graph.input_size[1:]), generator=generator)
     try:
         with torch.no_grad():
-            reference(x.to(param.device, param.dtype))
+            reference(*model_inputs(reference, x.to(param.device, param.dtype)))
     finally:
         for h in handles:
             h.remove()

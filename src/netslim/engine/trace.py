@@ -1,171 +1,415 @@
-"""Tracing a network with torch.fx: the forward pass as a graph of ops, replayed on unit codes.
+"""Tracing a network by running it: every op of the forward pass as it actually runs.
 
-:func:`trace_channels` is the engine's entry point: it records the ops of ``forward`` and
-hands each to :class:`netslim.engine.ops.Replay`, which sorts the channels into units and
-groups (:class:`netslim.engine.graph.ChannelGraph`). torch.fx traces symbolically, so a
-forward pass whose control flow depends on the input's values cannot be traced: that is
-a one-line error naming the source line.
+:func:`trace_channels` is the engine's entry point. It runs ``forward`` once on a real
+example input and records every op it performs -- torch functions, tensor methods and
+operators through a :class:`~torch.overrides.TorchFunctionMode`, layers through global
+module hooks -- handing each to :class:`netslim.engine.ops.Replay`, which sorts the
+channels into units and groups (:class:`netslim.engine.graph.ChannelGraph`). Because the
+network really runs, any Python works: loops over lists of feature maps, branches on
+shapes, ``*args``, generators, tuple, list and dict outputs, nested.
+
+Layers are recorded whole, not looked into: every conv, linear and BatchNorm (subclasses
+too), netslim's channel selections, the modules the registry names, and the modules of
+``torch.nn`` itself (an activation, a pooling layer), as torch.fx would keep them.
+
+What the trace cannot see is what the example input did not make the network do. A
+forward pass that reads tensor *values* as Python numbers (``if x.sum() > 0``, ``.item()``,
+a boolean mask) may take another path on other inputs: the channels whose values it read
+are kept, and the graph lists where it read them (``value_reads``), so the prune report can
+say that the pruned network is exact on the path traced.
 """
 
 from __future__ import annotations
 
+import operator
+import os
+import sys
 import traceback
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import fx, nn
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from netslim.engine.graph import ChannelGraph
-from netslim.engine.ops import LAYER_TYPES, Call, Replay, registered_module
+from netslim.engine.graph import ChannelGraph, tensors
+from netslim.engine.ops import LAYER_TYPES, Call, Replay, hashable, registered_module
 from netslim.errors import NetslimError
+from netslim.models import model_inputs
 from netslim.models.gather import ChannelGather
+
+_TORCH_DIR = str(Path(torch.__file__).parent) + os.sep  # a folder: not torchvision's
+_ENGINE_DIR = str(Path(__file__).parent) + os.sep
+
+# Tensor operators as the functions the rules know (``x + y`` -> operator.add); the
+# reflected ones (``2 * x``) swap their operands back.
+_OPERATORS = {
+    "__add__": operator.add, "__iadd__": operator.iadd, "__radd__": operator.add,
+    "__sub__": operator.sub, "__isub__": operator.isub, "__rsub__": operator.sub,
+    "__mul__": operator.mul, "__imul__": operator.imul, "__rmul__": operator.mul,
+    "__truediv__": operator.truediv, "__itruediv__": operator.itruediv,
+    "__rtruediv__": operator.truediv, "__neg__": operator.neg, "__getitem__": operator.getitem,
+}  # fmt: skip
+_REFLECTED = {"__radd__", "__rsub__", "__rmul__", "__rtruediv__"}
+# Reading a tensor's values as Python numbers: the path may depend on them.
+_VALUE_READS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy",
+                "__iter__", "__array__", "__format__", "__repr__"}  # fmt: skip
+# Ops whose result's shape depends on the values (a mask, the boxes NMS keeps).
+_VALUE_SHAPED = {"nonzero", "masked_select", "unique", "argwhere", "nonzero_static",
+                 torch.nonzero, torch.masked_select, torch.unique, torch.argwhere}  # fmt: skip
 
 
 def _source_of(error: BaseException) -> str:
-    """The innermost frame of the traceback outside torch: where the user's code failed."""
-    torch_dir = str(Path(torch.__file__).parent)
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if torch_dir not in f.filename]
+    """The innermost frame of the traceback outside torch and this engine: where the
+    network's code failed."""
+    frames = [
+        f
+        for f in traceback.extract_tb(error.__traceback__)
+        if _TORCH_DIR not in f.filename and _ENGINE_DIR not in f.filename
+    ]
     if not frames:
         return ""
     f = frames[-1]
     return f" (at {Path(f.filename).name}:{f.lineno}, in {f.name}: {f.line})"
 
 
-class _LayerTracer(fx.Tracer):
-    """torch.fx's tracer, keeping every conv, linear and BatchNorm (subclasses too),
-    netslim's channel selections and the modules the registry names whole."""
+def is_layer(module: nn.Module) -> bool:
+    """Whether the engine records ``module`` as one op instead of looking into it."""
+    if isinstance(module, (*LAYER_TYPES, ChannelGather)) or registered_module(module):
+        return True
+    home = type(module).__module__
+    return home.startswith(("torch.nn.", "torch.ao.nn.")) and not isinstance(module, nn.Sequential)
 
-    def __init__(self) -> None:
+
+class _Key:
+    """Names one value of the forward pass for the replay (compared by identity)."""
+
+    __slots__ = ()
+
+
+def _user_line() -> tuple[str, int] | None:
+    """The innermost frame of the running code outside torch and this engine."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if _TORCH_DIR not in name and _ENGINE_DIR not in name:
+            return Path(name).name, frame.f_lineno
+        frame = frame.f_back
+    return None
+
+
+def _classify(func: Callable) -> tuple[str, Any, bool]:
+    """``(op, target, reflected)`` of a function the mode saw, as the rules name ops: a
+    tensor method by its name, an operator as its ``operator`` function, a property read
+    (``x.shape``) by the property's name, anything else as the function itself."""
+    name = getattr(func, "__name__", "")
+    owner = getattr(func, "__qualname__", "").split(".")[0]
+    if name == "__get__":  # a property of the tensor, e.g. x.shape or x.T
+        return "call_method", getattr(getattr(func, "__self__", None), "__name__", name), False
+    if owner in ("Tensor", "TensorBase", "_TensorBase"):
+        if name in _OPERATORS:
+            return "call_function", _OPERATORS[name], name in _REFLECTED
+        return "call_method", name, False
+    return "call_function", func, False
+
+
+class _Tracer(TorchFunctionMode):
+    """Records the forward pass: ops through the torch-function mode, layers through the
+    global module hooks; hands each to the replay."""
+
+    def __init__(self, model: nn.Module, replay: Replay, calls: Counter):
         super().__init__()
-        self.record_stack_traces = True
+        self.replay, self.calls = replay, calls
+        self.names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        self.held = {id(t): n for n, t in [*model.named_parameters(remove_duplicate=False),
+                                           *model.named_buffers(remove_duplicate=False)]}  # fmt: skip
+        self.keys: dict[int, _Key] = {}  # id of a tensor of the pass -> its key
+        self.depends: set[_Key] = set()  # values computed from the input
+        self.value_reads: list[str] = []  # where the pass read the input's values as numbers
+        self.inside: nn.Module | None = None  # the layer running now (its ops are its own)
+        self.paused = False  # the replay itself runs ops: not part of the pass
+        self.stack: list[str] = []  # names of the modules running, outermost first
 
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (
-            isinstance(m, (*LAYER_TYPES, ChannelGather))
-            or registered_module(m)
-            or super().is_leaf_module(m, qualname)
-        )
+    # -- values and keys -------------------------------------------------------------------
+    def key_of(self, value: torch.Tensor) -> _Key:
+        """The key of a tensor the ops read; a tensor the pass did not make (a parameter
+        read outside its module, a constant) gets one as the fx tracer's get_attr."""
+        key = self.keys.get(id(value))
+        if key is None or self.replay.env.get(key) is not value:
+            name = self.held.get(id(value))
+            op, what = ("get_attr", name) if name else ("constant", "a tensor made outside the ops")
+            line = _user_line()
+            key = self.register(value, Call(op, what, (), {}, [], rerun=lambda r: value,
+                                            locate=lambda: self.where(line)))  # fmt: skip
+        return key
 
+    def keyed(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self.key_of(obj)
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.keyed(o) for o in obj) if not _namedtuple(obj) else obj
+        if isinstance(obj, dict):
+            return {k: self.keyed(v) for k, v in obj.items()}
+        return obj
 
-class _FxReplay(fx.Interpreter):
-    """Runs a traced graph on a real input, handing every node to ``replay`` as a Call."""
+    def real(self, obj: Any, replace: Callable[[_Key], Any]) -> Any:
+        if isinstance(obj, _Key):
+            return replace(obj)
+        if isinstance(obj, (list, tuple)) and not _namedtuple(obj):
+            return type(obj)(self.real(o, replace) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self.real(v, replace) for k, v in obj.items()}
+        return obj
 
-    def __init__(self, gm: fx.GraphModule, model: nn.Module, replay: Replay):
-        super().__init__(gm, garbage_collect_values=False)
-        self.model, self.replay = model, replay
-        self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    def register(self, value: Any, call: Call) -> _Key:
+        """Replay ``call`` (whose result is ``value``) under a new key; a tuple or list of
+        tensors also gives each of its tensors a key of its own, with its part of the codes."""
+        key = _Key()
+        self.paused = True
+        try:
+            self.replay.step(key, call, value)
+        finally:
+            self.paused = False
+        if call.op == "placeholder" or any(k in self.depends for k in call.inputs):
+            self.depends.add(key)
+        self._name(value, self.replay.codes.get(key), key in self.depends, key)
+        return key
 
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        self.replay.step(n, self.to_call(n), value)
+    def _name(self, value: Any, codes: Any, depends: bool, key: _Key) -> None:
+        if isinstance(value, torch.Tensor):
+            self.keys[id(value)] = key
+        elif isinstance(value, (list, tuple)):
+            parts = codes if isinstance(codes, (list, tuple)) else [None] * len(value)
+            for part, part_codes in zip(value, parts):
+                if isinstance(part, torch.Tensor) and part_codes is not None:
+                    sub = _Key()
+                    self.replay.env[sub], self.replay.codes[sub] = part, part_codes
+                    self.keys[id(part)] = sub
+                    if depends:
+                        self.depends.add(sub)
+
+    def where(self, line: tuple[str, int] | None) -> tuple[str, str]:
+        at = f" ({line[0]}:{line[1]})" if line else ""
+        path = self.stack[-1] if self.stack else ""
+        return f"in {path or self.replay.units.model_name}{at}", at
+
+    # -- recording ---------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        value = func(*args, **kwargs)
+        if self.paused or self.inside is not None:
+            return value
+        op, target, reflected = _classify(func)
+        ordered = (args[1], args[0], *args[2:]) if reflected and len(args) >= 2 else args
+        keyed_args, keyed_kwargs = self.keyed(tuple(ordered)), self.keyed(kwargs)
+        inputs = list(dict.fromkeys(k for k in _flat(keyed_args, keyed_kwargs)))
+        if any(k in self.depends for k in inputs) and _reads_values(func, op, target, args):
+            self.value_reads.append(
+                f"{getattr(func, '__name__', target)} {self.where(_user_line())[0]}"
+            )
+        line = _user_line()
+
+        def rerun(replace: Callable[[_Key], Any], a=keyed_args, k=keyed_kwargs) -> Any:
+            real_args = self.real(a, replace)
+            if reflected and len(real_args) >= 2:
+                real_args = (real_args[1], real_args[0], *real_args[2:])
+            return func(*real_args, **self.real(k, replace))
+
+        call = Call(op, target, keyed_args, keyed_kwargs, inputs, rerun,
+                    describe=target if isinstance(target, str) else getattr(target, "__name__", str(target)),
+                    locate=lambda: self.where(line))  # fmt: skip
+        self.register(value, call)
         return value
 
-    def to_call(self, node: fx.Node) -> Call:
-        module = self.module.get_submodule(node.target) if node.op == "call_module" else None
-        return Call(
-            op=node.op, target=node.target, args=node.args, kwargs=node.kwargs,
-            inputs=list(node.all_input_nodes), rerun=lambda replace: self.rerun(node, replace),
-            module=module, calls=self.calls[node.target] if module is not None else 1,
-            describe=type(module).__name__ if module is not None else getattr(
-                node.target, "__name__", str(node.target)),
-            locate=lambda: (self.where(node), self.line(node)),
+    def before(self, module: nn.Module, args: tuple) -> None:
+        if self.paused or self.inside is not None:
+            return
+        name = self.names.get(id(module), "")
+        self.stack.append(name)
+        if is_layer(module):
+            self.inside = module
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, value: Any) -> None:
+        if self.paused or (self.inside is not None and self.inside is not module):
+            return
+        name = self.stack.pop() if self.stack else ""
+        if self.inside is not module:
+            return  # a container: its ops were recorded one by one
+        self.inside = None
+        keyed_args, keyed_kwargs = self.keyed(tuple(args)), self.keyed(dict(kwargs))
+        line = _user_line()
+        call = Call(
+            "call_module", name, keyed_args, keyed_kwargs,
+            list(dict.fromkeys(_flat(keyed_args, keyed_kwargs))),
+            rerun=lambda replace, a=keyed_args, k=keyed_kwargs: module(
+                *self.real(a, replace), **self.real(k, replace)),
+            module=module, calls=self.calls[id(module)], describe=type(module).__name__,
+            locate=lambda: (f"in {name}{self.where(line)[1]}", self.where(line)[1]),
         )  # fmt: skip
-
-    def rerun(self, node: fx.Node, replace: Callable[[fx.Node], Any]) -> Any:
-        """``node``'s op again, each input node replaced by ``replace(node)``."""
-        args = fx.node.map_arg(node.args, replace)
-        kwargs = fx.node.map_arg(node.kwargs, replace)
-        if node.op == "call_module":
-            return self.module.get_submodule(node.target)(*args, **kwargs)
-        if node.op == "call_method":
-            self_arg, *rest = args
-            return getattr(self_arg, node.target)(*rest, **kwargs)
-        return node.target(*args, **kwargs)
-
-    def where(self, node: fx.Node) -> str:
-        """The user's module and source line of a node."""
-        stack = node.meta.get("nn_module_stack") or {}
-        path = ""
-        if stack:
-            last = list(stack.values())[-1]
-            path = last[0] if isinstance(last, tuple) else str(last)
-        if node.op == "call_module":
-            path = node.target
-        return f"in {path or type(self.model).__name__}{self.line(node)}"
-
-    def line(self, node: fx.Node) -> str:
-        """`` (file.py:line)`` of the user's code that made a node ('' when unknown)."""
-        torch_dir = str(Path(torch.__file__).parent)
-        for line in reversed((node.meta.get("stack_trace") or "").splitlines()):
-            parts = line.strip().split(", ")
-            if parts[0].startswith('File "') and torch_dir not in parts[0] and len(parts) > 1:
-                return f" ({Path(parts[0][6:-1]).name}:{parts[1].replace('line ', '')})"
-        return ""
+        self.register(value, call)
 
 
-def trace_channels(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> ChannelGraph:
-    """Trace ``model`` and sort its channels into units and groups (see the module docs).
+def _reads_values(func: Callable, op: str, target: Any, args: tuple) -> bool:
+    """Whether the path after this op may depend on tensor values: a value read as a
+    Python number, an op whose result's shape depends on values (a mask, NMS: custom
+    ``torch.ops`` included), indexing with a tensor."""
+    if (
+        (op == "call_method" and target in _VALUE_READS)
+        or hashable(target)
+        and target in _VALUE_SHAPED
+    ):
+        return True
+    if isinstance(func, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        return True
+    return target is operator.getitem and any(
+        isinstance(a, torch.Tensor) for a in tensors(args[1:])
+    )
 
-    The network is traced with torch.fx, keeping every conv, linear and BatchNorm layer (and
-    every module the registry of :mod:`netslim.engine.ops` names) whole, and the graph is
-    run once on zeros of ``input_size``, each node handed to a
-    :class:`~netslim.engine.ops.Replay`. The graph of training mode is replayed when it
-    traces (it holds what only training runs, an auxiliary head, say), with every module in
-    eval mode; the layers of inference mode are marked as those the MACs count.
+
+def _namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(obj, "_fields")
+
+
+def _flat(*objs: Any) -> list[_Key]:
+    found: list[_Key] = []
+    for obj in objs:
+        if isinstance(obj, _Key):
+            found.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            found += _flat(*obj)
+        elif isinstance(obj, dict):
+            found += _flat(*obj.values())
+    return found
+
+
+def _run_counting(model: nn.Module, inputs: tuple) -> Counter:
+    """Run ``model`` on ``inputs`` and count the calls of each layer (by id)."""
+    calls: Counter = Counter()
+    depth = []
+
+    def before(module, args):
+        if not depth and is_layer(module):
+            calls[id(module)] += 1
+            depth.append(module)
+        elif depth:
+            depth.append(module)
+
+    def after(module, args, value):
+        if depth:
+            depth.pop()
+
+    with ExitStack() as stack:
+        stack.enter_context(_global_hooks(before, after))
+        model(*inputs)
+    return calls
+
+
+class _global_hooks:
+    """Module hooks on every module, for the duration of a ``with`` (``after`` gets the
+    call's keyword arguments too with ``with_kwargs``)."""
+
+    def __init__(self, before: Callable, after: Callable, with_kwargs: bool = False):
+        self.before, self.after, self.with_kwargs = before, after, with_kwargs
+
+    def __enter__(self):
+        hooks = torch.nn.modules.module
+        self.handles = [
+            hooks.register_module_forward_pre_hook(self.before),
+            hooks.register_module_forward_hook(self.after, with_kwargs=self.with_kwargs),
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return False
+
+
+def _modes(model: nn.Module, training: bool) -> dict[nn.Module, bool]:
+    """Set ``model`` up for a trace and return every module's mode to restore: with
+    ``training``, the containers in training mode (their Python takes the training path,
+    an auxiliary head included) and the layers in eval mode (BatchNorm's running statistics,
+    no dropout); else everything in eval mode."""
+    before = {m: m.training for m in model.modules()}
+    model.train(training)
+    for m in model.modules():
+        if is_layer(m):
+            m.eval()
+    return before
+
+
+def trace_channels(
+    model: nn.Module,
+    input_size: tuple[int, ...] = (1, 3, 32, 32),
+    *,
+    inputs: tuple | None = None,
+) -> ChannelGraph:
+    """Trace ``model`` by running it and sort its channels into units and groups.
+
+    The forward pass runs twice more: once in eval mode, to learn which layers inference
+    uses (those the MACs count), and once to count each layer's calls. The traced pass runs
+    with the containers in training mode and every layer in eval mode, so that a layer only
+    training uses (an auxiliary head reading pruned channels) is seen; a network that cannot
+    run so (a torchvision detector wants targets in training) is traced in eval mode.
 
     Args:
-        model: the network; it is not modified.
-        input_size: the shape of one input batch, ``(N, C, H, W)`` (or ``(C, H, W)``).
+        model: the network; it is not modified (its modes are restored).
+        input_size: the shape of one input batch, ``(N, C, H, W)`` (or ``(C, H, W)``); the
+            example input is zeros of it.
+        inputs: the arguments to call ``model`` with instead, e.g. ``([image],)``; by default
+            :func:`netslim.models.model_inputs` of the zeros (a list of images for a
+            torchvision detector).
 
     Raises:
-        NetslimError: when the forward pass cannot be traced, or does not run on that input.
+        NetslimError: when the forward pass does not run on that input.
     """
     input_size = tuple(input_size)
     if len(input_size) == 3:
         input_size = (1, *input_size)
-    was_training = model.training
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    if inputs is None:
+        inputs = model_inputs(model, torch.zeros(input_size, device=device, dtype=dtype))
+    rng = [device] if device.type == "cuda" else []
+    modes = {m: m.training for m in model.modules()}
     try:
-        # The graph of training mode holds what only training runs (an auxiliary classifier
-        # reading pruned channels); the layers of inference mode are those MACs count.
-        model.eval()
-        inference = _LayerTracer().trace(model)
-        model.train()
-        try:
-            graph = _LayerTracer().trace(model)
-        except Exception:  # forward() traces in inference mode only: follow that
-            graph = inference
-        model.eval()  # the trace then runs with BatchNorm's running statistics, no dropout
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None else torch.float32
-        called = {n.target for n in inference.nodes if n.op == "call_module"}
-        for candidate in dict.fromkeys([graph, inference]):  # training's graph, if it runs
-            replay = Replay(type(model).__name__)
-            replay.units.inference = called
-            interpreter = _FxReplay(fx.GraphModule(model, candidate), model, replay)
-            rng_devices = [device] if device.type == "cuda" else []
-            try:
-                with torch.no_grad(), torch.random.fork_rng(rng_devices):
-                    interpreter.run(torch.zeros(input_size, device=device, dtype=dtype))
+        with torch.no_grad(), torch.random.fork_rng(rng):
+            _modes(model, training=False)
+            names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+            inference = {names[i] for i in _run_counting(model, inputs)}
+            graph = None
+            for training in (True, False):
+                _modes(model, training)
+                try:
+                    calls = _run_counting(model, inputs)
+                except Exception:
+                    if training:
+                        continue  # this network runs in eval mode only: follow that
+                    raise
+                replay = Replay(type(model).__name__)
+                replay.units.inference = inference
+                tracer = _Tracer(model, replay, calls)
+                for x in tensors(inputs):
+                    tracer.register(x, Call("placeholder", "input", (), {}, [], rerun=None))
+                with _global_hooks(tracer.before, tracer.after, with_kwargs=True), tracer:
+                    output = model(*inputs)
+                keys = [tracer.key_of(t) for t in tensors(output)]
+                tracer.register(None, Call("output", "output", tuple(keys), {}, keys, rerun=None))
+                graph = replay.finish(input_size)
+                graph.value_reads = list(dict.fromkeys(tracer.value_reads))
                 break
-            except NetslimError:
-                raise
-            except Exception as e:
-                if candidate is inference:
-                    raise NetslimError(
-                        f"{type(model).__name__} does not run on an input of shape "
-                        f"{input_size}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                    ) from None
     except NetslimError:
         raise
     except Exception as e:
+        detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise NetslimError(
-            f"cannot trace {type(model).__name__} with torch.fx{_source_of(e)}: "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. The pruning engine "
-            "needs a forward() without control flow that depends on the input's values"
+            f"{type(model).__name__} does not run on an input of shape {input_size}"
+            f"{_source_of(e)}: {detail}"
         ) from None
     finally:
-        model.train(was_training)
-    return replay.finish(input_size)
+        for m, training in modes.items():
+            m.training = training
+    return graph

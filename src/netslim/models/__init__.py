@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from netslim.config import ARCH_CHOICES, ARCHS, check_arch_name, is_spec
@@ -59,20 +60,52 @@ def check_arch(arch: str, load: bool = False) -> None:
         resolve(arch)
 
 
+def model_inputs(model: nn.Module, images: torch.Tensor) -> tuple:
+    """The arguments to call ``model`` with on a batch of ``images`` (N, C, H, W): the batch
+    itself, or for a torchvision detector (which takes a list of C x H x W images) the list."""
+    if type(model).__module__.startswith("torchvision.models.detection"):
+        return (list(images),)
+    return (images,)
+
+
+# Where detectors and segmenters keep their number of classes (torchvision's, Ultralytics').
+_CLASSES_AT = ("nc", "yaml.nc", "roi_heads.box_predictor.cls_score.out_features",
+               "head.classification_head.num_classes", "head.classification_head.num_columns",
+               "classifier.4.out_channels",
+               "classifier.low_classifier.out_channels")  # fmt: skip
+
+
 def num_outputs(model: nn.Module) -> int:
-    """Outputs of the network: its ``num_classes`` attribute (timm's models have one), else
-    those of its last Linear layer."""
-    declared = getattr(model, "num_classes", None)
-    if isinstance(declared, int) and declared > 0:
-        return declared
+    """The classes of the network: its ``num_classes`` attribute (timm's models have one),
+    where a torchvision detector or segmenter or an Ultralytics model keeps it, else the
+    outputs of its last Linear layer."""
+    for path in ("num_classes", *_CLASSES_AT):
+        value: object = model
+        for part in path.split("."):
+            value = _part(value, part)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise NetslimError(f"{type(model).__name__} has no Linear layer to read its classes from")
     return linears[-1].out_features
 
 
+def _child(module: object, index: str) -> object:
+    try:
+        return module[int(index)]  # type: ignore[index]
+    except (TypeError, IndexError, KeyError):
+        return None
+
+
+def _part(value: object, part: str) -> object:
+    if isinstance(value, dict):
+        return value.get(part)
+    return _child(value, part) if part.isdigit() else getattr(value, part, None)
+
+
 __all__ = [
     "ARCHS", "VGG", "VGG_CFGS", "CfgItem", "ChannelGather", "DenseNet", "MobileNetV2",
-    "PreActResNet", "ResNet", "build_model", "check_arch", "is_spec", "num_outputs",
+    "PreActResNet", "ResNet", "build_model", "check_arch", "is_spec", "model_inputs", "num_outputs",
     "validate_cfg",
 ]  # fmt: skip

@@ -4,7 +4,8 @@
 
 =============================== ==========================================================
 ``torchvision:NAME``            ``torchvision.models.get_model(NAME, num_classes=...)``, a
-                                classification model (e.g. ``torchvision:resnet18``)
+                                classification, detection or segmentation model (e.g.
+                                ``torchvision:resnet18``, ``torchvision:retinanet_resnet50_fpn``)
 ``timm:NAME``                   ``timm.create_model(NAME, num_classes=...)``
 ``package.module:callable``     your own builder, imported and called as
                                 ``callable(num_classes=...)``; it returns the unpruned
@@ -43,7 +44,7 @@ _TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {
 }
 
 
-ZOO_SOURCES = ("torchvision", "timm")  # registries of models, not modules a file names
+ZOO_SOURCES = ("torchvision", "timm", "ultralytics")  # model registries, not modules a file names
 
 
 def trusted_spec(spec: str, trust: str | Iterable[str] | None) -> bool:
@@ -69,6 +70,8 @@ def resolve(spec: str) -> Callable[[int], nn.Module]:
         return _torchvision(spec, name)
     if source == "timm":
         return _timm(spec, name)
+    if source == "ultralytics":
+        return _ultralytics(spec, name)
     # Here the caller named the module: --arch, or a checkpoint's spec it trusts.
     builder = _user_builder(spec, source, name)
     return lambda num_classes: builder(num_classes=num_classes)
@@ -94,6 +97,8 @@ def build_external(spec: str, num_classes: int) -> nn.Module:
 
 
 def _import_zoo(spec: str, package: str) -> Any:
+    if package == "ultralytics":
+        offline_ultralytics()
     try:
         return importlib.import_module(package)
     except ImportError as e:
@@ -101,6 +106,15 @@ def _import_zoo(spec: str, package: str) -> Any:
             f"--arch {spec} needs the package {package}, which does not import ({e}); "
             "install it with: pip install 'netslim[zoo]'"
         ) from None
+
+
+def offline_ultralytics() -> None:
+    """Before Ultralytics is imported: no downloads (weights, fonts, data sets), no online
+    checks and no pip installs, unless the user's environment says otherwise (YOLO_OFFLINE,
+    YOLO_AUTOINSTALL). Its import otherwise probes the network, which a machine without
+    internet answers only by timing out."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
 
 
 def _unknown(spec: str, kind: str, name: str, known: list[str], listing: str) -> NetslimError:
@@ -111,14 +125,72 @@ def _unknown(spec: str, kind: str, name: str, known: list[str], listing: str) ->
 
 def _torchvision(spec: str, name: str) -> Callable[[int], nn.Module]:
     torchvision = _import_zoo(spec, "torchvision")
-    known = torchvision.models.list_models(module=torchvision.models)  # classification only
-    if name not in known:
-        raise _unknown(spec, "torchvision classification", name, known,
-                       "torchvision.models.list_models(module=torchvision.models)")  # fmt: skip
-    kwargs = _TORCHVISION_KWARGS.get(name, {})
-    return lambda num_classes: torchvision.models.get_model(
+    models = torchvision.models
+    classify = models.list_models(module=models)
+    dense = models.list_models(module=models.detection) + models.list_models(
+        module=models.segmentation
+    )  # detectors and segmenters: no pretrained backbone either
+    if name not in classify + dense:
+        raise _unknown(spec, "torchvision classification", name, classify + dense,
+                       "torchvision.models.list_models() (detection and segmentation names "
+                       "work too)")  # fmt: skip
+    kwargs = dict(_TORCHVISION_KWARGS.get(name, {}))
+    if name in dense:
+        kwargs["weights_backbone"] = None
+    return lambda num_classes: models.get_model(
         name, weights=None, num_classes=num_classes, **kwargs
     )
+
+
+def _ultralytics(spec: str, name: str) -> Callable[[int], nn.Module]:
+    """An Ultralytics model from a model YAML shipped with Ultralytics (``yolov8n.yaml``,
+    ``yolo11n-seg.yaml``), fresh weights: ``DetectionModel``, ``SegmentationModel``, ... as
+    the YAML's task says."""
+    _import_zoo(spec, "ultralytics")
+    if not name.endswith((".yaml", ".yml")):
+        raise NetslimError(
+            f"--arch {spec}: name an Ultralytics model YAML, e.g. ultralytics:yolov8n.yaml "
+            "(a .pt file is a trained model: see netslim's Ultralytics integration)"
+        )
+    return lambda num_classes: build_ultralytics(name, num_classes)
+
+
+def build_ultralytics(cfg: str | dict, num_classes: int | None = None) -> nn.Module:
+    """The Ultralytics model a YAML name (or the dict a model's ``.yaml`` holds) describes,
+    with ``num_classes`` classes (None: the YAML's). Ultralytics' YAML names only its own
+    modules and literals, so building one runs no code a file chose."""
+    import contextlib
+    import io
+    import logging
+
+    offline_ultralytics()
+    try:
+        from ultralytics.nn import tasks
+    except ImportError as e:
+        raise NetslimError(
+            f"this network needs the package ultralytics ({e}); install it with: "
+            "pip install 'netslim[yolo]'"
+        ) from None
+    classes = {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel,
+               "classify": tasks.ClassificationModel, "pose": tasks.PoseModel,
+               "obb": tasks.OBBModel}  # fmt: skip
+    quiet = logging.getLogger("ultralytics")
+    level = quiet.level
+    try:
+        quiet.setLevel(logging.ERROR)  # "Overriding model.yaml nc=80 with nc=5" is no news
+        config = tasks.yaml_model_load(cfg) if isinstance(cfg, str) else cfg
+        with contextlib.redirect_stdout(io.StringIO()):
+            return classes[tasks.guess_model_task(config)](
+                cfg=config, nc=num_classes, verbose=False
+            )
+    except NetslimError:
+        raise
+    except Exception as e:  # an unknown YAML name, a malformed dict: Ultralytics' own words
+        detail = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        name = cfg if isinstance(cfg, str) else "the stored model YAML"
+        raise NetslimError(f"cannot build the Ultralytics model {name}: {detail}") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def _timm(spec: str, name: str) -> Callable[[int], nn.Module]:
