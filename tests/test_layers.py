@@ -28,7 +28,7 @@ LAYERS = [
     ("files", ["netslim.checkpoint", "netslim.official"]),
     ("train", ["netslim.train"]),
     ("prune, export, time", ["netslim.slim", "netslim.export", "netslim.benchmark"]),
-    ("experiments", ["netslim.lab"]),
+    ("experiments", ["netslim.lab", "netslim.yolo"]),
     ("command line", ["netslim.cli", "netslim.__main__"]),
 ]  # fmt: skip
 TORCH_FREE = ["netslim.config", "netslim.cli.parser"]

@@ -24,6 +24,7 @@ from torch import nn
 from netslim.engine.fold import fold_bn
 from netslim.engine.stats import count_macs, count_params
 from netslim.errors import NetslimError
+from netslim.models.external import for_deployment
 
 RUNTIMES = ("torch", "onnxruntime")
 STATISTICS = {"median": statistics.median, "min": min}
@@ -129,7 +130,8 @@ def benchmark(
         raise NetslimError(f"batch sizes must be >= 1, got {list(batches)}")
     device = torch.device(device)
     size = (1, 3, image_size, image_size)
-    folded = {name: fold_bn(m.float().cpu().eval(), size) for name, m in models.items()}
+    folded = {name: for_deployment(fold_bn(m.float().cpu().eval(), size))
+              for name, m in models.items()}  # fmt: skip
     macs = {name: count_macs(m, size) for name, m in folded.items()}
     params = {name: count_params(m) for name, m in models.items()}
     base = next(iter(models))

@@ -107,6 +107,12 @@ def _torch_load(path: Path) -> Any:
         # PyTorch's own text advises loading with weights_only=False, which runs the file's
         # code; the refusal's reason is the error it wraps.
         inner = str(e.__context__ or "").strip().rstrip(".")
+        if "ultralytics." in inner or "ultralytics." in str(e):
+            raise NetslimError(
+                f"{path} is an Ultralytics checkpoint (pickled modules), not netslim's: use the "
+                "YOLO commands (netslim yolo prune|finetune|val), which read it without running "
+                "its code"
+            ) from None
         reason = inner if inner and "weights_only" not in inner else "it holds other objects"
         raise NetslimError(
             f"{path} is not a checkpoint written by torch.save of tensors and plain values "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import shlex
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -314,3 +314,43 @@ def lam_name(lam: float) -> str:
 
 def ratio_name(ratio: float) -> str:
     return repr(float(ratio))
+
+
+@dataclass
+class YoloLab:
+    """What a YOLO lab runs (the folder's ``lab.json``)."""
+
+    model: str  # an Ultralytics YAML (fresh weights) or a .pt
+    data: str
+    lams: list[float] = field(default_factory=lambda: [0.0, 5e-3, 2e-2])
+    prune_lam: float | None = None  # the run pruned and fine-tuned; None: the largest λ
+    ratios: list[float] = field(default_factory=lambda: [0.3, 0.5])
+    sweep: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9])
+    epochs: int = 100
+    finetune_epochs: int = 50
+    imgsz: int = 640
+    batch: int = 16
+    recalibrate: int = 16
+    device: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # Ultralytics' key=value, passed on
+    command: str = ""  # how it was started, for the report
+
+    def __post_init__(self) -> None:
+        if not self.lams:
+            raise NetslimError("--lams needs at least one λ")
+        if self.prune_lam is None:
+            self.prune_lam = max(self.lams)
+        if self.prune_lam not in self.lams:
+            raise NetslimError(f"--prune-lam {self.prune_lam:g} is not one of --lams")
+        for r in [*self.ratios, *self.sweep]:
+            if not 0 < r < 1:
+                raise NetslimError(f"a pruning ratio must be in (0, 1), got {r}")
+
+    def all_ratios(self) -> list[float]:
+        return sorted({*self.ratios, *self.sweep})
+
+    def same_experiment(self, other: YoloLab) -> bool:
+        """Whether ``other`` runs the same steps (the command line it came from aside)."""
+        mine, theirs = asdict(self), asdict(other)
+        mine.pop("command"), theirs.pop("command")
+        return mine == theirs

@@ -39,6 +39,7 @@ from netslim.engine.stats import nonfinite_tensors
 from netslim.errors import NetslimError
 from netslim.files import atomic_write
 from netslim.limits import check_image_size
+from netslim.models.external import for_deployment
 
 DEFAULT_OPSET = 18  # onnxruntime >= 1.14 runs it; every op netslim's networks use is in it
 OPSETS = range(9, 21)  # what the TorchScript-based exporter writes
@@ -93,13 +94,29 @@ def _onnx_write(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
         raise NetslimError(
             f"ONNX opset must be from {OPSETS[0]} to {OPSETS[-1]} (default {DEFAULT_OPSET}), got {opset}"
         )
+    with torch.no_grad():
+        count = len(output_tensors(model(example)))
+    # one output is "logits" (a classifier); several (a YOLO segmenter's boxes and masks) are
+    # output0, output1, ... as Ultralytics' own export names them
+    names = ["logits"] if count == 1 else [f"output{i}" for i in range(count)]
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter announces its deprecation
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+                          input_names=["images"], output_names=names,
+                          dynamic_axes={name: {0: "batch"} for name in ["images", *names]})  # fmt: skip
     return buffer.getvalue()
+
+
+def output_tensors(output) -> list[torch.Tensor]:
+    """The tensors of a network's output, in order: a tensor, or nested tuples, lists, dicts."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in output_tensors(item)]
+    return []
 
 
 def onnx_session(contents: bytes | str | Path, threads: int | None = None):
@@ -114,7 +131,7 @@ def onnx_session(contents: bytes | str | Path, threads: int | None = None):
 
 def _onnx_load(contents: bytes) -> Runner:
     session = onnx_session(contents)
-    return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    return lambda x: [torch.from_numpy(a) for a in session.run(None, {"images": x.numpy()})]
 
 
 def _pt2_write(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
@@ -183,20 +200,24 @@ def _check_writable(path: Path) -> None:
 @torch.no_grad()
 def max_relative_difference(run: Runner, model: nn.Module, image_size: int,
                             batches: tuple[int, ...] = CHECK_BATCHES, seed: int = 0) -> float:  # fmt: skip
-    """``max |run(x) - model(x)| / max |model(x)|`` over random batches of the given sizes."""
+    """``max |run(x) - model(x)| / max |model(x)|`` over random batches of the given sizes.
+
+    A network with several outputs (a segmenter's boxes and masks) is compared output by output.
+    """
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
     for batch in batches:
         x = torch.randn(batch, 3, image_size, image_size, generator=generator)
-        expected, got = model(x), run(x)
-        if got.shape != expected.shape:
+        expected, got = output_tensors(model(x)), output_tensors(run(x))
+        if [t.shape for t in got] != [t.shape for t in expected] or not expected:
             return float("inf")
-        scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
-        diff = ((got - expected).abs().max() / scale).item()
-        # NaN compares false with everything, so max() would drop it: a NaN is a failure
-        worst = diff if not math.isfinite(diff) else max(worst, diff)
-        if not math.isfinite(worst):
-            return float("inf")
+        for want, have in zip(expected, got):
+            scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
+            diff = ((have - want).abs().max() / scale).item()
+            # NaN compares false with everything, so max() would drop it: a NaN is a failure
+            worst = diff if not math.isfinite(diff) else max(worst, diff)
+            if not math.isfinite(worst):
+                return float("inf")
     return worst
 
 
@@ -243,7 +264,7 @@ def export(
             f"outputs mean nothing, so it is not exported; export an earlier checkpoint"
         )
     _check_writable(path)
-    reference = copy.deepcopy(model).float().cpu().eval()
+    reference = for_deployment(copy.deepcopy(model).float().cpu().eval())
     deployed = fold_bn(reference, (1, 3, image_size, image_size)) if fold else reference
     example = torch.randn(2, 3, image_size, image_size)  # batch 2: the exporters keep N free
     try:

@@ -12,13 +12,14 @@ import argparse
 import io
 import json
 import os
+import shlex
 import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from netslim.cli.parser import DEFAULTS, LAB_RECIPE_KEYS, build_parser
+from netslim.cli.parser import DEFAULTS, LAB_RECIPE_KEYS, parse
 from netslim.config import LAM_START, LabConfig, TrainConfig
 from netslim.errors import NetslimError
 from netslim.limits import check_batch_memory
@@ -235,9 +236,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     from netslim.checkpoint import image_size_of, model_from_checkpoint, read_checkpoint
     from netslim.export import DEFAULT_OPSET, export
 
-    ckpt = read_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
-    size = args.image_size or image_size_of(ckpt, args.checkpoint)
+    if str(args.checkpoint).endswith(".pt"):  # an Ultralytics file: its model, read safely
+        model, size = _ultralytics_model(args.checkpoint), args.image_size or 640
+    else:
+        ckpt = read_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
+        size = args.image_size or image_size_of(ckpt, args.checkpoint)
     result = export(model, args.out, args.format, fold=args.fold,
                     opset=args.opset or DEFAULT_OPSET, image_size=size)  # fmt: skip
     opset = f", opset {result.opset}" if result.opset is not None else ""
@@ -277,9 +281,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if len(set(stems)) == len(stems)
         else [f"{i}: {p}" for i, p in enumerate(args.checkpoints)]
     )
-    models = {
-        label: load(path, trust=args.trust_module) for label, path in zip(labels, args.checkpoints)
-    }
+    models = {label: _ultralytics_model(path) if str(path).endswith(".pt")
+              else load(path, trust=args.trust_module)
+              for label, path in zip(labels, args.checkpoints)}  # fmt: skip
     timings = benchmark(models, batches, runtimes, repeats=args.repeats,
                         image_size=args.image_size, device=pick_device(args.device),
                         stat=args.stat)  # fmt: skip
@@ -322,9 +326,96 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {report} and {report.with_suffix('.md')}")
 
 
+def _ultralytics_model(path: str):
+    """The model of an Ultralytics .pt file, read without running its code."""
+    try:
+        from netslim.yolo.files import read_model
+    except ImportError as e:
+        raise NetslimError(
+            f"{path} is an Ultralytics checkpoint; reading it needs Ultralytics ({e}): "
+            "pip install 'netslim[yolo]'"
+        ) from None
+    return read_model(path)
+
+
+def _ultralytics_device(device: str) -> str | None:
+    """netslim's --device as Ultralytics names devices (None: let it choose)."""
+    if device == "auto":
+        return None
+    if device.startswith("cuda"):
+        return device.partition(":")[2] or "0"
+    return device
+
+
+def _passed_through(settings: list[str]) -> dict:
+    """``key=value`` settings, valued as Ultralytics' own command line values them."""
+    from netslim.models.external import offline_ultralytics
+
+    offline_ultralytics()
+    from ultralytics.cfg import smart_value
+
+    return {key: smart_value(value) for key, _, value in (s.partition("=") for s in settings)}
+
+
+def cmd_yolo(args: argparse.Namespace) -> None:
+    try:
+        from netslim.yolo import files, prune, train
+    except ImportError as e:
+        raise NetslimError(
+            f"netslim yolo needs Ultralytics ({e}); install it with: pip install 'netslim[yolo]'"
+        ) from None
+    device = _ultralytics_device(args.device)
+    run = {"imgsz": args.image_size, "batch": args.batch_size}
+    if device is not None:
+        run["device"] = device
+    step = args.yolo_command
+    if step == "train":
+        model = args.model
+        if model.endswith(".pt") and not args.resume:
+            model = files.read_model(model, trust_pickle=args.trust_pickle)
+        out = train.train(model, args.data, args.out, lam=args.lam, epochs=args.epochs,
+                          resume=args.resume, sparsity_threshold=args.sparsity_threshold,
+                          **{**run, **_passed_through(args.settings)})  # fmt: skip
+        print(
+            f"done: {out}/weights/last.pt, best.pt; gamma sparsity per epoch in {out}/{train.SPARSITY_LOG}"
+        )
+    elif step == "prune":
+        prune.prune(args.checkpoint, args.out, ratio=args.ratio, target_macs=args.target_macs,
+                    data=args.data, imgsz=args.image_size, batch=args.batch_size,
+                    recalibrate=args.recalibrate, compensate=args.compensate,
+                    round_to=args.round_to, min_keep=args.min_keep, device=device or "cpu",
+                    trust_pickle=args.trust_pickle)  # fmt: skip
+    elif step == "finetune":
+        out = train.finetune(args.checkpoint, args.data, args.out, epochs=args.epochs,
+                             resume=args.resume, trust_pickle=args.trust_pickle,
+                             **{**run, **_passed_through(args.settings)})  # fmt: skip
+        print(f"done: {out}/weights/best.pt (ultralytics.YOLO loads it) and {out}/finetuned.pth")
+    elif step == "lab":
+        from netslim.config import YoloLab
+        from netslim.yolo.lab import run_lab
+
+        lab = YoloLab(model=args.model, data=str(Path(args.data).resolve()), lams=args.lams,
+                      prune_lam=args.prune_lam, ratios=args.ratios, sweep=args.sweep,
+                      epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                      imgsz=args.image_size, batch=args.batch_size, recalibrate=args.recalibrate,
+                      device=device, settings=_passed_through(args.settings),
+                      command=shlex.join(["netslim", *args.argv]))  # fmt: skip
+        print(f"report: {run_lab(lab, args.out)}")
+    elif step == "report":
+        from netslim.yolo.report import render_report
+
+        print(f"report: {render_report(args.folder)}")
+    else:  # val
+        model = files.read_yolo(args.checkpoint, trust_pickle=args.trust_pickle)
+        metrics = prune.validate(model, args.data, imgsz=args.image_size, batch=args.batch_size,
+                                 device=device or "cpu")  # fmt: skip
+        print(json.dumps(metrics, indent=2) if args.json else
+              "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))  # fmt: skip
+
+
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "info": cmd_info,
             "multipass": cmd_multipass, "export": cmd_export, "bench": cmd_bench,
-            "lab": cmd_lab, "demo": cmd_lab, "report": cmd_report}  # fmt: skip
+            "lab": cmd_lab, "demo": cmd_lab, "report": cmd_report, "yolo": cmd_yolo}  # fmt: skip
 
 
 def check_torchrun_command(command: str) -> None:
@@ -352,7 +443,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # --help and --version exit here, before torch
+    args = parse(argv)  # --help and --version exit here, before torch
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     from netslim.runtime import distributed
     from netslim.runtime.threads import set_threads, stop_tuning
 

@@ -27,6 +27,7 @@ from netslim.config import (
     RESIZE_POLICIES,
     LabConfig,
     TrainConfig,
+    YoloLab,
     check_arch_name,
     is_spec,
 )
@@ -185,6 +186,16 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "recalibrate": _flag("--recalibrate", type=int, default=16, metavar="N",
                          help="BN recalibration batches of 128 training images after pruning "
                          "(0: off; default: %(default)s)"),
+    # the lab
+    "lams": _flag("--lams", type=float, nargs="+", metavar="λ",
+                  help="L1 weights on BN gammas, one sparsity training each (default: %(default)s)"),
+    "prune_lam": _flag("--prune-lam", type=float, metavar="λ",
+                       help="which of --lams to prune and fine-tune (default: %(default)s)"),
+    "ratios": _flag("--ratios", type=float, nargs="+", metavar="R",
+                    help="prune ratios to prune at and fine-tune (default: %(default)s)"),
+    "sweep": _flag("--sweep", type=float, nargs="*", metavar="R",
+                   help="extra ratios, pruned but not fine-tuned, for the accuracy-vs-ratio "
+                   "figure (default: %(default)s)"),
     # pruning
     "ratio": _flag("--ratio", type=float, help="share of BN channels (gammas) to remove, in [0, 1)"),
     "target_macs": _flag("--target-macs", type=float, metavar="F",
@@ -376,40 +387,141 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics and checkpoints, without training.",
     )  # fmt: skip
     p.add_argument("run_dir", help="run folder of netslim lab or netslim demo")
+    _add_yolo(sub)
     return parser
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; Ultralytics' ``key=value`` settings may stand anywhere in it.
+
+    argparse gives all positionals at once, so ``yolo finetune P.pth --epochs 3 lr0=0.01`` would
+    leave ``lr0=0.01`` unparsed: such leftovers join ``settings`` where the step has them.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "settings", None) is None or any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        try:
+            args.settings += [_settings_type(a) for a in extra]
+        except argparse.ArgumentTypeError as e:
+            parser.error(str(e))
+    return args
+
+
+def _settings_type(text: str) -> str:
+    """argparse type of an Ultralytics ``key=value`` setting passed through."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"an Ultralytics setting is key=value (e.g. lr0=0.01), got {text!r}"
+        )
+    return text
+
+
+RUN_HELP = "the run folder: Ultralytics' weights/, results.csv, and netslim's sparsity.jsonl"
+YOLO_SETTINGS = ("Ultralytics training settings passed through as they are, e.g. lr0=0.01 "
+                 "mosaic=0.5 workers=4 amp=False (see Ultralytics' docs)")  # fmt: skip
+
+
+def _add_yolo(sub: argparse._SubParsersAction) -> None:
+    """``netslim yolo STEP``: the same steps for an Ultralytics YOLO, through its trainer."""
+    p = sub.add_parser(
+        "yolo", help="slim an Ultralytics YOLO: sparsity training, pruning, fine-tuning, lab",
+        description="Network slimming of Ultralytics YOLO detectors and segmenters, trained and "
+        "validated by Ultralytics' own trainer and validator (pip install 'netslim[yolo]').",
+    )  # fmt: skip
+    steps = p.add_subparsers(dest="yolo_command", required=True, metavar="STEP")
+    common = dict(device=dict(help="auto, cpu, cuda, cuda:N (default: %(default)s)"),
+                  image_size=dict(default=640, help="input size (Ultralytics' imgsz; default: %(default)s)"),
+                  batch_size=dict(default=16, help="images per batch (default: %(default)s)"))  # fmt: skip
+
+    t = steps.add_parser("train", help="(sparsity) training through Ultralytics' trainer",
+                         description="Train a YOLO with an L1 penalty on its BatchNorm gammas, "
+                         "by Ultralytics' own trainer (AMP, EMA, DDP, its augmentation).")  # fmt: skip
+    t.add_argument("--model", required=True,
+                   help="an Ultralytics model YAML (yolov8n.yaml, yolo11n-seg.yaml: fresh weights) "
+                   "or a trained .pt (read without running its code)")  # fmt: skip
+    t.add_argument("--data", required=True, help="an Ultralytics data.yaml")
+    add(t, "lam", "epochs", "image_size", "batch_size", "device", "sparsity_threshold", "out",
+        "resume", lam=dict(default=1e-3, help="L1 weight on BN gammas, per optimizer step "
+                           "(default: %(default)s; 0: plain training)"),
+        epochs=dict(default=100, help="default: %(default)s"), out=dict(help=RUN_HELP), **common)  # fmt: skip
+    _add_pickle(t)
+    t.add_argument(
+        "settings", nargs="*", type=_settings_type, metavar="KEY=VALUE", help=YOLO_SETTINGS
+    )
+
+    q = steps.add_parser("prune", help="prune a YOLO, mAP measured right after three ways",
+                         description="Prune a trained YOLO (.pt or netslim .pth) and measure mAP "
+                         "with Ultralytics' validator: unpruned, official, compensated, recalibrated.")  # fmt: skip
+    q.add_argument("checkpoint", help="an Ultralytics .pt or a netslim .pth of a YOLO")
+    add(q.add_mutually_exclusive_group(required=True), "ratio", "target_macs")
+    q.add_argument(
+        "--data", help="an Ultralytics data.yaml: measure mAP and recalibrate (optional)"
+    )
+    add(q, "out", "image_size", "batch_size", "device", "recalibrate", "round_to", "min_keep",
+        out=dict(help="the pruned checkpoint NAME.pth to write (NAME.pt beside it)"),
+        recalibrate=dict(help="BN recalibration batches of --batch-size training images, "
+                         "Ultralytics' augmentation included (0: off; default: %(default)s)"),
+        **common)  # fmt: skip
+    q.add_argument("--no-compensate", dest="compensate", action="store_false",
+                   help="save the official network: no bias compensation, no recalibration")  # fmt: skip
+    _add_pickle(q)
+
+    f = steps.add_parser("finetune", help="fine-tune a pruned YOLO with Ultralytics' trainer",
+                         description="Fine-tune a pruned YOLO, keeping its pruned widths (never "
+                         "rebuilt from its YAML); OUT/weights/best.pt loads with ultralytics.YOLO.")  # fmt: skip
+    f.add_argument("checkpoint", help="the pruned .pth (or .pt) 'netslim yolo prune' wrote")
+    f.add_argument("--data", required=True, help="an Ultralytics data.yaml")
+    add(f, "epochs", "image_size", "batch_size", "device", "out", "resume",
+        epochs=dict(default=100, help="default: %(default)s"), out=dict(help=RUN_HELP), **common)  # fmt: skip
+    _add_pickle(f)
+    f.add_argument(
+        "settings", nargs="*", type=_settings_type, metavar="KEY=VALUE", help=YOLO_SETTINGS
+    )
+
+    lab = YoloLab(model="", data="")  # its defaults
+    b = steps.add_parser("lab", help="the seed lab's experiment for a YOLO, with its report",
+                         description="λ sweep, pruning at --ratios and --sweep (mAP right after, "
+                         "three ways), fine-tuning, and the report in mAP; run the same command "
+                         "again to continue a stopped lab. Put KEY=VALUE settings before flags "
+                         "that take lists (--lams, --ratios, --sweep).")  # fmt: skip
+    b.add_argument("--model", required=True, help="an Ultralytics model YAML or a trained .pt")
+    b.add_argument("--data", required=True, help="an Ultralytics data.yaml")
+    add(b, "lams", "prune_lam", "ratios", "sweep", "epochs", "finetune_epochs", "image_size",
+        "batch_size", "device", "recalibrate", "out", **common,
+        lams=dict(default=lab.lams), prune_lam=dict(help="which of --lams to prune and fine-tune "
+                                                    "(default: the largest)"),
+        ratios=dict(default=lab.ratios), sweep=dict(default=lab.sweep),
+        epochs=dict(default=lab.epochs, help="sparsity-training epochs (default: %(default)s)"),
+        finetune_epochs=dict(default=lab.finetune_epochs, help="default: %(default)s"),
+        recalibrate=dict(help="BN recalibration batches of --batch-size training images "
+                         "(0: off; default: %(default)s)"),
+        out=dict(help="the lab folder; the same command again continues a stopped lab"))  # fmt: skip
+    b.add_argument(
+        "settings", nargs="*", type=_settings_type, metavar="KEY=VALUE", help=YOLO_SETTINGS
+    )
+    r = steps.add_parser("report", help="(re)write a finished YOLO lab's report")
+    r.add_argument("folder", help="the lab folder (its lab.json)")
+
+    v = steps.add_parser("val", help="mAP of a YOLO checkpoint by Ultralytics' validator")
+    v.add_argument("checkpoint", help="an Ultralytics .pt or a netslim .pth of a YOLO")
+    v.add_argument("--data", required=True, help="an Ultralytics data.yaml")
+    add(v, "image_size", "batch_size", "device", "json", **common)
+    _add_pickle(v)
+
+
+def _add_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read an Ultralytics .pt naming code outside Ultralytics' and torch's layers "
+                   "with the full unpickler, which runs that code: only for files you trust")  # fmt: skip
 
 
 def _add_lab(p: argparse.ArgumentParser, preset: LabConfig, out: str) -> None:
     """The lab's flags, with ``preset``'s values as defaults (the lab's own or the demo's)."""
     add(p, "arch", *DATA, arch=dict(default=None), dataset=dict(default=preset.dataset))
-    p.add_argument(
-        "--lams",
-        type=float,
-        nargs="+",
-        metavar="λ",
-        help="L1 weights on BN gammas, one sparsity training each (default: %(default)s)",
-    )
-    p.add_argument(
-        "--prune-lam",
-        type=float,
-        metavar="λ",
-        help="which of --lams to prune and fine-tune (default: %(default)s)",
-    )
-    p.add_argument(
-        "--ratios",
-        type=float,
-        nargs="+",
-        metavar="R",
-        help="prune ratios to prune at and fine-tune (default: %(default)s)",
-    )
-    p.add_argument(
-        "--sweep",
-        type=float,
-        nargs="*",
-        metavar="R",
-        help="extra ratios, pruned but not fine-tuned, for the accuracy-vs-ratio "
-        "figure (default: %(default)s)",
-    )
+    add(p, "lams", "prune_lam", "ratios", "sweep")
     add(
         p,
         "recipe",

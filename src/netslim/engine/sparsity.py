@@ -64,3 +64,18 @@ def gamma_quantiles(model: nn.Module) -> dict[str, float]:
         return {}
     values = torch.quantile(gammas, torch.tensor(QUANTILES))
     return {f"q{int(q * 100)}": v.item() for q, v in zip(QUANTILES, values)}
+
+
+def gamma_histogram(model: nn.Module, low: int = -6, high: int = 1, per_decade: int = 10) -> dict:
+    """Counts of ``|gamma|`` in log-spaced bins from ``10**low`` to ``10**high``, for the logs.
+
+    Returns ``{"log10_edges": [low, high, per_decade], "counts": [...]}`` (``(high - low) *
+    per_decade`` bins); values below the first edge (exact zeros too) count in the first
+    bin and values above the last in the last, so the counts add up to every gamma.
+    """
+    gammas = bn_gammas(model).abs().double()
+    bins = (high - low) * per_decade
+    where = (torch.log10(gammas.clamp_min(10.0**low)) - low) * per_decade
+    index = where.floor().long().clamp(0, bins - 1)
+    counts = torch.bincount(index, minlength=bins)
+    return {"log10_edges": [low, high, per_decade], "counts": counts.tolist()}

@@ -39,6 +39,7 @@ from netslim.engine.graph import Layer
 from netslim.engine.plan import PrunePlan, plan_pruning, reference_network
 from netslim.errors import NetslimError
 from netslim.models import model_inputs
+from netslim.models.external import after_resize
 
 #: Module name -> ``[in, out, groups, has_bias]`` (conv), ``[in, out, has_bias]`` (linear)
 #: or ``[channels]`` (BatchNorm).
@@ -104,7 +105,7 @@ def resize_layers(model: nn.Module, counts: ChannelCounts, source: str = "checkp
             if len(count) != len(current[name]):
                 raise NetslimError(f"{source}: bad channel counts {count} for layer {name}")
             _resize(model.get_submodule(name), list(count))
-    return model
+    return after_resize(model)
 
 
 def _compensation(model: nn.Module, plan: PrunePlan, compensate: bool) -> dict[str, torch.Tensor]:

@@ -552,7 +552,8 @@ def _software_table(envs: list[dict[str, str]]) -> tuple[list[str], list[list[st
     return keys, [[env.get(k, "") for k in keys] for env in envs]
 
 
-def to_markdown(doc: list[Block]) -> str:
+def to_markdown(doc: list[Block], files: dict[str, str] = FIGURE_FILES) -> str:
+    """The document as Markdown; figure ``key`` is the image ``figures/files[key]``."""
     out: list[str] = []
     for kind, *rest in doc:
         if kind in ("h1", "h2"):
@@ -568,7 +569,7 @@ def to_markdown(doc: list[Block]) -> str:
             out.append("\n".join("| " + " | ".join(line) + " |" for line in cells))
         elif kind == "figure":
             key, title, caption = rest
-            out.append(f"![{title}](figures/{FIGURE_FILES[key]})\n\n*{title}.* {caption}")
+            out.append(f"![{title}](figures/{files[key]})\n\n*{title}.* {caption}")
     return "\n\n".join(out) + "\n"
 
 

@@ -1,0 +1,38 @@
+"""Where a YOLO lab (:mod:`netslim.yolo.lab`) keeps what it makes, for the lab and its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from netslim.config import YoloLab
+from netslim.errors import NetslimError
+
+LAB_FILE = "lab.json"
+
+
+def run_name(lam: float) -> str:
+    return f"lam{lam:g}"
+
+
+def pruned_name(lam: float, ratio: float) -> str:
+    return f"{run_name(lam)}-p{round(ratio * 100)}"
+
+
+def train_dir(out: Path, lam: float) -> Path:
+    return out / run_name(lam)
+
+
+def pruned_path(out: Path, lam: float, ratio: float) -> Path:
+    return out / "pruned" / f"{pruned_name(lam, ratio)}.pth"
+
+
+def finetune_dir(out: Path, lam: float, ratio: float) -> Path:
+    return out / f"ft-{pruned_name(lam, ratio)}"
+
+
+def read_lab(out: str | Path) -> YoloLab:
+    path = Path(out) / LAB_FILE
+    if not path.is_file():
+        raise NetslimError(f"{out} holds no YOLO lab ({LAB_FILE} is missing)")
+    return YoloLab(**json.loads(path.read_text()))

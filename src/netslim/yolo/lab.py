@@ -1,0 +1,101 @@
+"""The seed lab's experiment for a YOLO: λ sweep, pruning, a no-fine-tune sweep, fine-tuning.
+
+:func:`run_lab` runs, through Ultralytics' trainer and validator, in the folder ``out``:
+
+1. one sparsity-training run per λ (``lam0`` is plain training, the baseline):
+   ``out/lam{λ}/`` (Ultralytics' run folder, with netslim's ``sparsity.jsonl``);
+2. each run's best network (``best.pth``, in fp32) pruned at every ratio of ``ratios`` and ``sweep``, mAP measured
+   right after pruning the three ways (:func:`netslim.yolo.prune.prune`):
+   ``out/pruned/lam{λ}-p{ratio%}.pth`` and ``.json``;
+3. the ``ratios`` of the ``prune_lam`` run fine-tuned: ``out/ft-lam{λ}-p{ratio%}/``;
+4. the report (:mod:`netslim.yolo.report`): ``out/report.md`` and ``out/report.html``.
+
+Every step whose result exists is skipped and an interrupted training run resumes, so
+running the same command again continues a stopped lab; ``out/lab.json`` holds the
+settings, and a folder holding another lab's is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from netslim.config import YoloLab
+from netslim.errors import NetslimError
+from netslim.files import write_json
+from netslim.yolo import prune as yolo_prune
+from netslim.yolo import train as yolo_train
+from netslim.yolo.files import read_checkpoint, read_model
+from netslim.yolo.folder import LAB_FILE, finetune_dir, pruned_path, read_lab, train_dir
+
+
+def finished(run: Path) -> bool:
+    """Whether the training run in ``run`` ran to its end: netslim marked it so, or
+    Ultralytics stripped its last.pt (epoch -1), which it does once a run is over."""
+    info = run / yolo_train.RUN_FILE
+    if info.is_file() and json.loads(info.read_text()).get("finished"):
+        return True
+    last = run / "weights" / "last.pt"
+    return last.is_file() and read_checkpoint(last).get("epoch") == -1
+
+
+def _run_once(
+    run: Path, done: bool, start: Callable[[bool], Any], log: Callable[[str], None]
+) -> None:
+    """``start(resume)`` unless the run is ``done``; resuming when it had begun."""
+    if done:
+        return
+    resume = (run / "weights" / "last.pt").is_file()
+    log(f"{'resuming' if resume else 'starting'} {run}")
+    start(resume)
+
+
+def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Run (or continue) ``lab`` in ``out``; returns the report's path."""
+    from netslim.yolo.report import render_report
+
+    out = Path(out)
+    if (out / LAB_FILE).is_file():
+        before = read_lab(out)
+        if not before.same_experiment(lab):
+            raise NetslimError(
+                f"{out} holds another YOLO lab (see its {LAB_FILE}); give a new --out, or the "
+                "same settings to continue it"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / LAB_FILE, asdict(lab))
+    data = Path(lab.data)
+    yolo_train.check_data(data)
+
+    options: dict[str, Any] = {"imgsz": lab.imgsz, "batch": lab.batch, **lab.settings}
+    if lab.device is not None:
+        options["device"] = lab.device
+
+    # a .pt is read here, without running its code (Ultralytics' own loader would unpickle it)
+    model = read_model(lab.model) if lab.model.endswith(".pt") else lab.model
+    for lam in lab.lams:
+        run = train_dir(out, lam)
+        _run_once(run, finished(run), lambda resume, lam=lam, run=run: yolo_train.train(
+            model, data, run, lam=lam, epochs=lab.epochs, resume=resume, **options), log)  # fmt: skip
+    for lam in lab.lams:
+        weights = train_dir(out, lam) / "weights"
+        fp32 = weights / yolo_train.BEST_FP32  # best.pt's network before Ultralytics' fp16
+        best = fp32 if fp32.is_file() else weights / "best.pt"
+        for ratio in lab.all_ratios():
+            target = pruned_path(out, lam, ratio)
+            if not target.with_suffix(".json").is_file():
+                log(f"pruning {best} at {ratio:g} into {target}")
+                yolo_prune.prune(best, target, ratio=ratio, data=data, imgsz=lab.imgsz,
+                                 batch=lab.batch, recalibrate=lab.recalibrate,
+                                 device=lab.device or "cpu", log=log)  # fmt: skip
+    for ratio in lab.ratios:
+        source, run = (
+            pruned_path(out, lab.prune_lam, ratio),
+            finetune_dir(out, lab.prune_lam, ratio),
+        )
+        _run_once(run, (run / "finetuned.pth").is_file(), lambda resume, source=source, run=run:
+                  yolo_train.finetune(source, data, run, epochs=lab.finetune_epochs,
+                                      resume=resume, **options), log)  # fmt: skip
+    return render_report(out)

@@ -1,0 +1,303 @@
+"""The report of a YOLO lab (:mod:`netslim.yolo.lab`): the seed lab's figures, in mAP.
+
+:func:`render_report` reads the lab folder -- ``sparsity.jsonl`` of every run, the prune
+reports, the trained ``best.pt`` files -- and writes ``figures/*.png``, ``report.md`` and
+``report.html``, with the blocks and writers of the classifier report
+(:mod:`netslim.lab.report`). Nothing is trained or measured here.
+
+"mAP" is Ultralytics' mAP50-95 on the data set's val split: of the boxes for a detector,
+of the masks for a segmenter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from netslim.config import YoloLab
+from netslim.engine.sparsity import bn_gammas
+from netslim.errors import NetslimError
+from netslim.files import atomic_write, atomic_write_text
+from netslim.lab.report import Block, _epoch_axis, _panels, png_bytes, to_html, to_markdown
+from netslim.yolo.files import read_model
+from netslim.yolo.folder import finetune_dir, pruned_path, read_lab, train_dir
+from netslim.yolo.train import read_sparsity
+
+FIGURES = {
+    "training": "fig1_training.png",
+    "gammas": "fig2_gamma_histograms.png",
+    "sweep": "fig3_prune_sweep.png",
+    "finetune": "fig4_finetuning.png",
+}
+METHODS = (("official", "official (threshold and copy)"),
+           ("compensated", "bias compensation"),
+           ("recalibrated", "BN recalibration"))  # fmt: skip
+
+
+@dataclass
+class YoloResults:
+    """What the report shows, read from a finished YOLO lab folder."""
+
+    out: Path
+    lab: YoloLab
+    metric: str  # the prune reports' name of the mAP shown: "mAP50-95" or "mask mAP50-95"
+    key: str  # Ultralytics' name of it in results.csv and sparsity.jsonl
+    train: dict[float, list[dict[str, Any]]]  # λ -> per-epoch records
+    gammas: dict[float, np.ndarray]  # λ -> |γ| of best.pt
+    prune: dict[tuple[float, float], dict[str, Any]]  # (λ, ratio) -> prune report
+    finetune: dict[float, list[dict[str, Any]]]  # ratio -> per-epoch records of prune_lam
+
+
+def load_results(out: str | Path) -> YoloResults:
+    out = Path(out)
+    lab = read_lab(out)
+    train, gammas, prune, finetune = {}, {}, {}, {}
+    for lam in lab.lams:
+        best = train_dir(out, lam) / "weights" / "best.pt"
+        if not best.is_file():
+            raise NetslimError(f"the lab in {out} is not finished: {best} is missing")
+        train[lam] = read_sparsity(train_dir(out, lam))
+        gammas[lam] = bn_gammas(read_model(best)).abs().numpy()
+        for ratio in lab.all_ratios():
+            report = pruned_path(out, lam, ratio).with_suffix(".json")
+            if not report.is_file():
+                raise NetslimError(f"the lab in {out} is not finished: {report} is missing")
+            prune[lam, ratio] = json.loads(report.read_text())["prune"]
+    for ratio in lab.ratios:
+        finetune[ratio] = read_sparsity(finetune_dir(out, lab.prune_lam, ratio))
+    first = next(iter(prune.values()))["extra"]["map"]["unpruned"]
+    metric = "mask mAP50-95" if "mask mAP50-95" in first else "mAP50-95"
+    key = "metrics/mAP50-95(M)" if metric.startswith("mask") else "metrics/mAP50-95(B)"
+    return YoloResults(out, lab, metric, key, train, gammas, prune, finetune)
+
+
+def best_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The epoch Ultralytics keeps as best.pt: the highest fitness."""
+    if not records:
+        return None
+    return max(records, key=lambda r: r.get("fitness", r.get("metrics/mAP50-95(B)", 0.0)))
+
+
+def _map(report: dict[str, Any], way: str, metric: str) -> float:
+    return report["extra"]["map"][way][metric]
+
+
+# --------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------
+
+
+def figure_training(res: YoloResults) -> Figure:
+    """Per λ: mAP (left axis) and the share of sparse γ (right axis) against epoch."""
+    fig, axes = _panels(len(res.lab.lams))
+    for ax, lam in zip(axes, res.lab.lams):
+        records = res.train[lam]
+        epochs = [r["epoch"] for r in records]
+        ax.plot(epochs, [r.get(res.key, np.nan) for r in records], color="C0", marker=".")
+        ax.set_ylabel(res.metric, color="C0")
+        _epoch_axis(ax)
+        right = ax.twinx()
+        right.plot(epochs, [100 * r["sparsity"] for r in records], color="C1", linestyle="--")
+        right.set_ylabel("sparse γ (%)", color="C1")
+        right.set_ylim(0, 100)
+        ax.set_title(f"λ = {lam:g}")
+    return fig
+
+
+def figure_gammas(res: YoloResults) -> Figure:
+    """Per λ: the histogram of |γ| of best.pt (log bins), with the prune thresholds."""
+    floor = 1e-8
+    values = {lam: np.maximum(g, floor) for lam, g in res.gammas.items()}
+    low = np.floor(np.log10(min(v.min() for v in values.values())))
+    high = np.ceil(np.log10(max(v.max() for v in values.values())))
+    bins = np.logspace(low, high, int(20 * (high - low)) + 1)
+    fig, axes = _panels(len(res.lab.lams))
+    for ax, lam in zip(axes, res.lab.lams):
+        ax.hist(values[lam], bins=bins, color="C0")
+        ax.set_xscale("log")
+        for i, ratio in enumerate(res.lab.ratios):
+            threshold = res.prune[lam, ratio]["threshold"]
+            ax.axvline(threshold, color=f"C{i + 1}", linestyle="--",
+                       label=f"prune threshold at {ratio:g}: {threshold:.3g}")  # fmt: skip
+        ax.set_title(f"λ = {lam:g}: median |γ| = {np.median(values[lam]):.2g}")
+        ax.set_xlabel("|γ| (log scale)")
+        ax.set_ylabel("BN channels")
+        ax.set_ylim(0, 1.3 * ax.get_ylim()[1])  # headroom: the legend sits above the bars
+        ax.legend(fontsize="small", loc="upper left")
+    return fig
+
+
+def figure_finetune(res: YoloResults) -> Figure:
+    """Per fine-tuned ratio: mAP against epoch, with the unpruned run and right after pruning."""
+    fig, axes = _panels(len(res.lab.ratios))
+    unpruned = best_record(res.train[res.lab.prune_lam]) or {}
+    for ax, ratio in zip(axes, res.lab.ratios):
+        records, report = res.finetune[ratio], res.prune[res.lab.prune_lam, ratio]
+        ax.plot([r["epoch"] for r in records], [r.get(res.key, np.nan) for r in records],
+                color="C0", marker=".", label="fine-tuning")  # fmt: skip
+        ax.axhline(unpruned.get(res.key, np.nan), color="C2", linestyle="--", label="unpruned")
+        for way, color in (("recalibrated", "C3"), ("official", "C4")):
+            ax.axhline(_map(report, way, res.metric), color=color, linestyle=":",
+                       label=f"right after pruning, {way}")  # fmt: skip
+        ax.set_ylabel(res.metric)
+        ax.set_title(f"λ = {res.lab.prune_lam:g}, {ratio:.0%} of BN channels pruned")
+        _epoch_axis(ax)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def figure_sweep(res: YoloResults) -> Figure:
+    """Per λ: mAP right after pruning against the ratio, the three ways."""
+    fig, axes = _panels(len(res.lab.lams))
+    ratios = res.lab.all_ratios()
+    for ax, lam in zip(axes, res.lab.lams):
+        for i, (way, label) in enumerate(METHODS):
+            ax.plot(ratios, [_map(res.prune[lam, r], way, res.metric) for r in ratios],
+                    marker="o", color=f"C{i}", label=label)  # fmt: skip
+        unpruned = _map(res.prune[lam, ratios[0]], "unpruned", res.metric)
+        ax.axhline(unpruned, color="k", linestyle="--", linewidth=1, label="unpruned")
+        ax.set_xlabel("share of BN channels pruned")
+        ax.set_ylabel(f"{res.metric}, no fine-tuning")
+        ax.set_title(f"λ = {lam:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
+
+
+FIGURE_MAKERS = {"training": figure_training, "gammas": figure_gammas,
+                 "finetune": figure_finetune, "sweep": figure_sweep}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Tables and the document
+# --------------------------------------------------------------------------------------
+
+
+def wall_seconds(run: Path) -> float | None:
+    """Training time of an Ultralytics run, from the cumulative ``time`` of its results.csv
+    (which starts again from 0 when a run is resumed: each restart adds its own)."""
+    csv = run / "results.csv"
+    if not csv.is_file():
+        return None
+    lines = csv.read_text().splitlines()
+    column = [c.strip() for c in lines[0].split(",")].index("time")
+    total, previous = 0.0, 0.0
+    for line in lines[1:]:
+        now = float(line.split(",")[column])
+        total += now - previous if now >= previous else now
+        previous = now
+    return total
+
+
+def _minutes(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def training_table(res: YoloResults) -> tuple[list[str], list[list[str]]]:
+    header = ["λ", "epochs", "best mAP50", f"best {res.metric}", "sparse γ (last)", "wall time"]
+    rows = []
+    for lam in res.lab.lams:
+        records, best = res.train[lam], best_record(res.train[lam]) or {}
+        m50 = res.key.replace("50-95", "50")
+        rows.append([f"{lam:g}", str(len(records)), f"{best.get(m50, np.nan):.4f}",
+                     f"{best.get(res.key, np.nan):.4f}",
+                     f"{100 * records[-1]['sparsity']:.1f}%" if records else "n/a",
+                     _minutes(wall_seconds(train_dir(res.out, lam)))])  # fmt: skip
+    return header, rows
+
+
+def pruning_table(res: YoloResults) -> tuple[list[str], list[list[str]]]:
+    header = ["λ", "ratio", "BN channels removed", "params", "MACs", "unpruned", "official",
+              "compensated", "recalibrated", "fine-tuned"]  # fmt: skip
+    rows = []
+    for (lam, ratio), report in res.prune.items():
+        tuned = ""
+        if lam == res.lab.prune_lam and ratio in res.lab.ratios:
+            best = best_record(res.finetune[ratio]) or {}
+            seconds = wall_seconds(finetune_dir(res.out, lam, ratio))
+            tuned = (f"{best.get(res.key, np.nan):.4f} ({_epochs(len(res.finetune[ratio]))}, "
+                     f"{_minutes(seconds)})")  # fmt: skip
+        rows.append([f"{lam:g}", f"{ratio:g}", f"{report['pruned_share']:.1%}",
+                     f"{report['params_after'] / 1e6:.2f}M ({report['params_after'] / report['params_before']:.0%})",
+                     f"{report['macs_after'] / 1e9:.3f}G ({report['macs_after'] / report['macs_before']:.0%})",
+                     *(f"{_map(report, w, res.metric):.4f}" for w in ("unpruned", "official", "compensated", "recalibrated")),
+                     tuned])  # fmt: skip
+    return header, rows
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' * (n != 1)}"
+
+
+def build_document(res: YoloResults) -> list[Block]:
+    lab = res.lab
+    doc: list[Block] = [
+        ("h1", f"Network slimming of {lab.model} on {Path(lab.data).name}"),
+        (
+            "p",
+            f"Sparsity training at λ in {{{', '.join(f'{x:g}' for x in lab.lams)}}} for "
+            f"{_epochs(lab.epochs)} by Ultralytics' trainer at {lab.imgsz} pixels, pruning of each "
+            f"run's best.pt at {', '.join(f'{r:g}' for r in lab.all_ratios())} of its BatchNorm "
+            f"channels, and fine-tuning of the λ = {lab.prune_lam:g} run pruned at "
+            f"{', '.join(f'{r:g}' for r in lab.ratios)} for {_epochs(lab.finetune_epochs)}. "
+            f"{res.metric} by Ultralytics' validator on the val split.",
+        ),  # fmt: skip
+        ("h2", "Sparsity training"),
+        ("table", *training_table(res)),
+        (
+            "figure",
+            "training",
+            "Figure 1: training",
+            f"{res.metric} of each epoch's EMA model "
+            "(left axis) and the share of BN γ under the sparsity threshold (right axis).",
+        ),
+        (
+            "figure",
+            "gammas",
+            "Figure 2: |γ| after training",
+            "Histogram of |γ| of every "
+            "run's best.pt on a log scale, with the global prune thresholds.",
+        ),
+        ("h2", "Pruning and fine-tuning"),
+        (
+            "p",
+            "Right after pruning, three ways: official (threshold and copy, what the public "
+            "YOLO-slimming repositories do), with the pruned channels' constant output folded "
+            f"into the next layers (compensated), and then BatchNorm statistics re-estimated on "
+            f"{lab.recalibrate} batch{'es' * (lab.recalibrate != 1)} of {lab.batch} training images (recalibrated: the network saved).",
+        ),
+        ("table", *pruning_table(res)),
+        (
+            "figure",
+            "sweep",
+            "Figure 3: pruning without fine-tuning",
+            f"{res.metric} right after pruning against the share of BN channels removed.",
+        ),
+        (
+            "figure",
+            "finetune",
+            "Figure 4: fine-tuning",
+            f"{res.metric} per fine-tuning epoch, against the unpruned run and right after pruning.",
+        ),
+        ("h2", "How to reproduce"),
+        ("code", lab.command or "(the lab was started from Python)"),
+    ]
+    return doc
+
+
+def render_report(out: str | Path) -> Path:
+    """Write ``figures/*.png``, ``report.md`` and ``report.html`` of the YOLO lab in ``out``;
+    returns the path of ``report.html``."""
+    res = load_results(out)
+    images = {key: png_bytes(make(res)) for key, make in FIGURE_MAKERS.items()}
+    for key, data in images.items():
+        atomic_write(res.out / "figures" / FIGURES[key], lambda f, d=data: f.write(d))
+    doc = build_document(res)
+    atomic_write_text(res.out / "report.md", to_markdown(doc, FIGURES))
+    atomic_write_text(res.out / "report.html", to_html(doc, images))
+    return res.out / "report.html"

@@ -1,0 +1,339 @@
+"""Sparsity training and fine-tuning of a YOLO through Ultralytics' own trainer.
+
+:func:`train` runs Ultralytics' trainer for the model's task (detect, segment, classify,
+...) with two changes, and nothing else of Ultralytics' recipe altered (its augmentation,
+loss, schedule, EMA, AMP, DDP, checkpoints, validation):
+
+* **the L1 term**: right after Ultralytics unscales the gradients (AMP's GradScaler) and
+  before it clips them and steps, ``lam * sign(gamma)`` is added to the gradient of every
+  BatchNorm gamma (:func:`netslim.engine.sparsity.add_bn_l1_grad`), once per optimizer step,
+  on the unwrapped model: under DDP after the all-reduce, identically on every process.
+  The clipping then sees the penalised gradient (the optimizer minimises
+  ``loss + lam * sum|gamma|`` with Ultralytics' clipping as usual), and the EMA follows.
+* **the model it is given is the model it trains**: a pruned network is never rebuilt from
+  its YAML (Ultralytics would build the full-width one and load the weights that fit).
+
+Ultralytics saves its checkpoints in fp16; whenever it writes ``weights/best.pt``, the same
+network goes to ``weights/best.pth`` in fp32 as well (a netslim checkpoint).
+
+After every epoch a record of the EMA model's gammas goes to ``OUT/sparsity.jsonl`` beside
+Ultralytics' ``results.csv``: λ, the share of |γ| under the threshold, quantiles, a
+histogram on log-spaced bins, and Ultralytics' metrics of that epoch. Ultralytics' automatic downloads stay off, and so do
+its plots (they download a font).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from netslim.engine.sparsity import add_bn_l1_grad, bn_sparsity, gamma_histogram, gamma_quantiles
+from netslim.errors import NetslimError
+from netslim.files import atomic_write, atomic_write_text, write_json
+from netslim.models import num_outputs
+from netslim.models.external import offline_ultralytics
+from netslim.slim import save
+from netslim.yolo.files import arch_of, read_model, read_yolo, write_model
+
+offline_ultralytics()  # before Ultralytics is imported: no downloads, no online checks
+from ultralytics.models import yolo  # noqa: E402  (netslim[yolo]; the core never imports this)
+
+SPARSITY_LOG = "sparsity.jsonl"
+BEST_FP32 = "best.pth"  # weights/best.pth: best.pt's network in fp32, a netslim checkpoint
+RUN_FILE = "netslim.json"  # the task and λ of a run, for --resume
+# netslim's choices where Ultralytics' defaults would reach the network or the screen
+DEFAULTS = {"plots": False, "exist_ok": True, "verbose": False}
+# What a trainer reads from the environment, so that torchrun's processes (Ultralytics
+# starts DDP in new processes that build the trainer afresh) get it too.
+ENV_LAM, ENV_START, ENV_THRESHOLD = (
+    "NETSLIM_YOLO_LAM",
+    "NETSLIM_YOLO_START",
+    "NETSLIM_YOLO_THRESHOLD",
+)
+
+
+def task_of(model: nn.Module | str) -> str:
+    """``"detect"``, ``"segment"``, ``"classify"``, ... of a model or a model YAML name."""
+    from ultralytics.nn.tasks import guess_model_task
+
+    return guess_model_task(model)
+
+
+class _SparsityMixin:
+    """Mixed into an Ultralytics trainer (see the module docs). λ and the network to start
+    from come from the environment (:data:`ENV_LAM`, :data:`ENV_START`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.netslim_lam = float(os.environ.get(ENV_LAM, "0") or 0)
+        self.netslim_threshold = float(os.environ.get(ENV_THRESHOLD, "0.01") or 0.01)
+        self.add_callback("on_fit_epoch_end", _record_sparsity)
+
+    def setup_model(self):
+        start = os.environ.get(ENV_START)
+        if start and not self.args.resume:  # the network given, pruned or not, as it is
+            from netslim.yolo.files import read_model
+
+            self.model = read_model(start)
+            return None
+        return super().setup_model()
+
+    def save_model(self):
+        saved = super().save_model()
+        if saved is not False and self.best_fitness == self.fitness:  # best.pt was just written,
+            # in fp16 (Ultralytics' format): keep the same network in fp32 beside it
+            best = copy.deepcopy(self.ema.ema).float()
+            save(best, Path(self.wdir) / BEST_FP32, arch=arch_of(best), image_size=self.args.imgsz)
+        return saved
+
+    def optimizer_step(self):
+        lam, model = self.netslim_lam, _unwrap(self.model)
+        if lam == 0:
+            return super().optimizer_step()
+        unscale = self.scaler.unscale_
+
+        def unscale_then_penalise(optimizer):
+            unscale(optimizer)  # true gradients first: the L1 step must not be scaled
+            add_bn_l1_grad(model, lam)
+
+        self.scaler.unscale_ = unscale_then_penalise
+        try:
+            return super().optimizer_step()
+        finally:
+            self.scaler.unscale_ = unscale
+
+
+class SparsityDetectionTrainer(_SparsityMixin, yolo.detect.DetectionTrainer):
+    """Ultralytics' detection trainer with netslim's L1 term and model handling."""
+
+
+class SparsitySegmentationTrainer(_SparsityMixin, yolo.segment.SegmentationTrainer):
+    """Ultralytics' segmentation trainer with netslim's L1 term and model handling."""
+
+
+class SparsityClassificationTrainer(_SparsityMixin, yolo.classify.ClassificationTrainer):
+    """Ultralytics' classification trainer with netslim's L1 term and model handling."""
+
+
+class SparsityPoseTrainer(_SparsityMixin, yolo.pose.PoseTrainer):
+    """Ultralytics' pose trainer with netslim's L1 term and model handling."""
+
+
+class SparsityOBBTrainer(_SparsityMixin, yolo.obb.OBBTrainer):
+    """Ultralytics' oriented-box trainer with netslim's L1 term and model handling."""
+
+
+TRAINERS = {"detect": SparsityDetectionTrainer, "segment": SparsitySegmentationTrainer,
+            "classify": SparsityClassificationTrainer, "pose": SparsityPoseTrainer,
+            "obb": SparsityOBBTrainer}  # fmt: skip
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _record_sparsity(trainer: Any) -> None:
+    """Append the epoch's gamma statistics (of the EMA model, which Ultralytics validates
+    and saves) and Ultralytics' metrics to ``sparsity.jsonl``."""
+    from ultralytics.utils import RANK
+
+    if trainer.epoch >= trainer.epochs or RANK not in (-1, 0):  # the final validation of
+        return  # best.pt has no epoch of its own; under DDP the first process writes
+    model = trainer.ema.ema if getattr(trainer, "ema", None) else _unwrap(trainer.model)
+    record = {
+        "epoch": int(trainer.epoch) + 1,
+        "lam": trainer.netslim_lam,
+        "sparsity": bn_sparsity(model, trainer.netslim_threshold),
+        "gamma_quantiles": gamma_quantiles(model),
+        "gamma_histogram": gamma_histogram(model),
+        "epoch_seconds": float(
+            getattr(trainer, "epoch_time", None) or 0.0
+        ),  # training and validation
+        **{k: float(v) for k, v in (trainer.metrics or {}).items() if _number(v)},
+    }
+    path = Path(trainer.save_dir) / SPARSITY_LOG
+    kept = [line for line in _lines(path) if json.loads(line)["epoch"] < record["epoch"]]
+    atomic_write_text(path, "".join(line + "\n" for line in [*kept, json.dumps(record)]))
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill: the epoch is written again
+        lines.append(line)
+    return lines
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(float(value))
+
+
+def read_sparsity(run: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch records a :func:`train` run wrote."""
+    return [json.loads(line) for line in _lines(Path(run) / SPARSITY_LOG)]
+
+
+def train(
+    model: nn.Module | str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    lam: float = 0.0,
+    epochs: int = 100,
+    imgsz: int = 640,
+    resume: bool = False,
+    sparsity_threshold: float = 0.01,
+    **overrides: Any,
+) -> Path:
+    """Train ``model`` with Ultralytics' trainer on ``data`` into the run folder ``out``.
+
+    Args:
+        model: an Ultralytics model YAML name (``"yolov8n.yaml"``, fresh weights) or a
+            model (e.g. :func:`netslim.yolo.files.read_model` of a ``.pt`` file, or a pruned
+            network: trained as it is, never rebuilt).
+        data: an Ultralytics ``data.yaml``.
+        out: the run folder (Ultralytics' ``project``/``name``): ``weights/last.pt``,
+            ``weights/best.pt``, ``results.csv`` and netslim's ``sparsity.jsonl``.
+        lam: the L1 weight on BatchNorm gammas (0: plain training, e.g. fine-tuning).
+        epochs, imgsz: as Ultralytics takes them.
+        resume: continue the run in ``out`` from its ``weights/last.pt`` (a file this run
+            wrote: read by Ultralytics itself).
+        sparsity_threshold: |gamma| under it counts as sparse in ``sparsity.jsonl``.
+        overrides: any other Ultralytics training setting (``batch=16``, ``lr0=0.01``, ...).
+
+    Returns:
+        ``out``.
+    """
+    if not 0 <= lam < math.inf:
+        raise NetslimError(f"--lam must be >= 0 (the L1 weight on BN gammas), got {lam}")
+    data = Path(data)
+    check_data(data)
+    out = Path(out)
+    settings = {**DEFAULTS, **overrides, "data": str(data.resolve()), "epochs": epochs, "imgsz": imgsz,
+                "project": str(out.parent.resolve()), "name": out.name}  # fmt: skip
+    if resume:
+        last = out / "weights" / "last.pt"
+        if not last.is_file():
+            raise NetslimError(f"cannot resume: {last} does not exist; start without --resume")
+        info = _run_info(out)
+        if "lam" in info and info["lam"] != lam:
+            raise NetslimError(
+                f"cannot resume {out}: it was trained at --lam {info['lam']:g}, not {lam:g}; "
+                "resume with the run's own λ"
+            )
+        task = info.get("task", "detect")
+        settings.update(resume=str(last), model=str(last))
+        start = None
+    else:
+        if isinstance(model, nn.Module):
+            task = task_of(model)
+            check_classes(model, data)
+            start = out / "weights" / "start.pt"  # the network, as it is, for every process
+            write_model(model, start)
+            settings["model"] = str(start)
+        else:
+            task, start = task_of(model), None
+            settings["model"] = model
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / RUN_FILE, {"task": task, "lam": lam, "model": settings["model"]})
+    if task not in TRAINERS:
+        raise NetslimError(f"no Ultralytics trainer for the task {task!r}")
+    environment = {ENV_LAM: repr(float(lam)), ENV_THRESHOLD: repr(sparsity_threshold),
+                   ENV_START: str(start) if start else ""}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in environment}
+    os.environ.update(environment)
+    try:
+        TRAINERS[task](overrides=settings).train()
+        write_json(out / RUN_FILE, {**_run_info(out), "finished": True})  # for the lab's resume
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return out
+
+
+def finetune(pruned: str | Path, data: str | Path, out: str | Path, *, epochs: int = 100,
+             imgsz: int = 640, resume: bool = False, trust_pickle: bool = False,
+             **overrides: Any) -> Path:  # fmt: skip
+    """Fine-tune a pruned YOLO (netslim's ``.pth`` or an Ultralytics ``.pt``) with Ultralytics'
+    trainer, keeping its pruned widths; ``OUT/weights/best.pt`` loads with
+    ``ultralytics.YOLO``, and ``OUT/finetuned.pth`` (the same network in fp32, where best.pt
+    holds it in fp16 as Ultralytics saves) with netslim's ``export``, ``bench`` and
+    ``netslim.load``. Returns ``out``."""
+    out = Path(out)
+    model = None if resume else read_yolo(pruned, trust_pickle=trust_pickle)
+    train(model if model is not None else "", data, out, lam=0.0, epochs=epochs, imgsz=imgsz,
+          resume=resume, **overrides)  # fmt: skip
+    fp32 = out / "weights" / BEST_FP32
+    if fp32.is_file():  # the same network as best.pt, without its rounding to fp16
+        contents = fp32.read_bytes()
+        atomic_write(out / "finetuned.pth", lambda f: f.write(contents))
+    else:
+        best = read_model(out / "weights" / "best.pt")  # this run's, read all the same safely
+        save(best, out / "finetuned.pth", arch=arch_of(best), image_size=imgsz)
+    return out
+
+
+def check_data(data: Path) -> None:
+    """Refuse, in one line, a ``data.yaml`` that does not exist or lists no images."""
+    if not data.is_file():
+        raise NetslimError(f"--data {data} does not exist; give an Ultralytics data.yaml")
+    import yaml  # Ultralytics depends on PyYAML
+
+    try:
+        spec = yaml.safe_load(data.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise NetslimError(f"--data {data} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict) or "train" not in spec or "val" not in spec:
+        raise NetslimError(
+            f"--data {data} needs 'train' and 'val' entries (Ultralytics' data.yaml)"
+        )
+    root = Path(spec.get("path") or data.parent)
+    root = root if root.is_absolute() else (data.parent / root)
+    for split in ("train", "val"):
+        where = [root / p for p in ([spec[split]] if isinstance(spec[split], str) else spec[split])]
+        if not any(_has_images(p) for p in where):
+            raise NetslimError(
+                f"--data {data}: its {split} split ({', '.join(map(str, where))}) holds no images"
+            )
+
+
+def _has_images(path: Path) -> bool:
+    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+    if path.is_file() and path.suffix == ".txt":  # a list of image files
+        return bool(path.read_text().strip())
+    return path.is_dir() and any(p.suffix.lower() in suffixes for p in path.rglob("*"))
+
+
+def _run_info(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def check_classes(model: nn.Module, data: Path) -> None:
+    """Refuse a model whose classes are not the data set's (Ultralytics would train a head
+    of the wrong width, or fail deep inside its loss)."""
+    import yaml
+
+    names = (yaml.safe_load(data.read_text()) or {}).get("names") or {}
+    classes = len(names) if isinstance(names, (list, dict)) else None
+    if classes and num_outputs(model) != classes:
+        raise NetslimError(
+            f"the model has {num_outputs(model)} classes but {data} names {classes}; use the "
+            "data set it was trained on (or train a new model from its YAML)"
+        )
