@@ -152,21 +152,21 @@ def test_an_interrupted_sparsity_run_resumes(tmp_path, capsys, monkeypatch):
     from netslim.yolo import train as yolo_train
 
     data = write_data(tmp_path / "data")
-    real = yolo_train._record_sparsity
+    real = yolo_train._end_of_epoch
 
     def record_then_stop(trainer):
         real(trainer)
         if trainer.epoch == 0:
             raise KeyboardInterrupt  # killed right after epoch 1 was saved
 
-    monkeypatch.setattr(yolo_train, "_record_sparsity", record_then_stop)
+    monkeypatch.setattr(yolo_train, "_end_of_epoch", record_then_stop)
     argv = ["yolo", "train", "--model", "yolov8n.yaml", "--data", data, "--lam", "1e-2",
             "--epochs", "2", *RUN, "--out", tmp_path / "run", *QUICK]  # fmt: skip
     assert cli(capsys, *argv)[0] == 130
     from netslim.yolo.files import read_checkpoint  # a mid-run file, read without running code
 
     assert read_checkpoint(tmp_path / "run" / "weights" / "last.pt")["epoch"] == 0
-    monkeypatch.setattr(yolo_train, "_record_sparsity", real)
+    monkeypatch.setattr(yolo_train, "_end_of_epoch", real)
     code, _, err = cli(capsys, *argv, "--resume")
     assert code == 0, err
     epochs = [
@@ -176,6 +176,30 @@ def test_an_interrupted_sparsity_run_resumes(tmp_path, capsys, monkeypatch):
     assert epochs == [1, 2]
     code, _, err = cli(capsys, *[a if a != "1e-2" else "1e-3" for a in argv], "--resume")
     assert code == 2 and "trained at --lam 0.01, not 0.001" in err
+
+
+def test_lam_auto_and_prune_when_stable_steer_ultralytics_training(tmp_path, capsys):
+    from netslim.config import LAM_START
+    from netslim.yolo.train import read_sparsity
+
+    data = write_data(tmp_path / "data")
+    argv = ["yolo", "train", "--model", "yolov8n.yaml", "--data", data, "--lam", "auto",
+            "--target-ratio", "0.5", "--epochs", "4", *RUN, *QUICK]  # fmt: skip
+    code, _, err = cli(capsys, *argv, "--out", tmp_path / "adam")
+    assert code == 2 and "add optimizer=SGD" in err
+    code, _, err = cli(capsys, *argv, "optimizer=SGD", "lr0=0.1", "--prune-when-stable", "0.5",
+                       "--stable-tol", "1", "--stable-epochs", "1", "--out", tmp_path / "run")  # fmt: skip
+    assert code == 0, err
+    records = read_sparsity(tmp_path / "run")
+    assert [r["epoch"] for r in records] == [1, 2]  # the mask first compared (and settled) at 2
+    assert records[1]["stopped"] and records[1]["mask_distance"] <= 1
+    # λ: LAM_START in epoch 1, then the feed-forward rule on the 0.5-quantile of |γ|:
+    # (q - threshold) / (sum of lr / (1 - momentum) over the steps to the ramp's end), with
+    # 2 optimizer steps an epoch (16 images, batch 8, nbs 8), lr0 0.1, linear decay to 1%
+    assert records[0]["lam"] == LAM_START and records[1]["lam"] == records[0]["lam_next"]
+    epoch_lr = [2 * 0.1 * ((1 - e / 4) * 0.99 + 0.01) / (1 - 0.937) for e in range(4)]
+    expected = (records[0]["quantile"] - 0.01) / sum(epoch_lr[1:4])
+    assert records[0]["lam_next"] == pytest.approx(expected, rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------

@@ -375,6 +375,8 @@ def cmd_yolo(args: argparse.Namespace) -> None:
             model = files.read_model(model, trust_pickle=args.trust_pickle)
         out = train.train(model, args.data, args.out, lam=args.lam, epochs=args.epochs,
                           resume=args.resume, sparsity_threshold=args.sparsity_threshold,
+                          target_ratio=args.target_ratio, prune_when_stable=args.prune_when_stable,
+                          stable_tol=args.stable_tol, stable_epochs=args.stable_epochs,
                           **{**run, **_passed_through(args.settings)})  # fmt: skip
         print(
             f"done: {out}/weights/last.pt, best.pt; gamma sparsity per epoch in {out}/{train.SPARSITY_LOG}"

@@ -443,9 +443,14 @@ def _add_yolo(sub: argparse._SubParsersAction) -> None:
                    help="an Ultralytics model YAML (yolov8n.yaml, yolo11n-seg.yaml: fresh weights) "
                    "or a trained .pt (read without running its code)")  # fmt: skip
     t.add_argument("--data", required=True, help="an Ultralytics data.yaml")
-    add(t, "lam", "epochs", "image_size", "batch_size", "device", "sparsity_threshold", "out",
-        "resume", lam=dict(default=1e-3, help="L1 weight on BN gammas, per optimizer step "
-                           "(default: %(default)s; 0: plain training)"),
+    add(t, "lam", "target_ratio", "prune_when_stable", "stable_tol", "stable_epochs", "epochs",
+        "image_size", "batch_size", "device", "sparsity_threshold", "out", "resume",
+        lam=dict(default=1e-3, type=lam_type, help="L1 weight on BN gammas, per optimizer step "
+                 "(default: %(default)s; 0: plain training), or 'auto': adapted each epoch to "
+                 "reach --target-ratio (with optimizer=SGD)"),
+        prune_when_stable=dict(help="each epoch, plan pruning at ratio R; once that mask changes "
+                               "by at most --stable-tol of the channels for --stable-epochs epochs "
+                               "in a row, stop (then prune the run's last.pt)"),
         epochs=dict(default=100, help="default: %(default)s"), out=dict(help=RUN_HELP), **common)  # fmt: skip
     _add_pickle(t)
     t.add_argument(

@@ -86,13 +86,15 @@ class AutoLam:
             a λ of 1 moves a γ in that epoch.
         lam: the λ of the first epoch.
         threshold: the sparsity threshold on |γ|.
+        lam_max: the largest λ it sets (a loss summed over the batch needs larger ones).
     """
 
     def __init__(
         self, target_ratio: float, epoch_lr: list[float], lam: float = LAM_START,
-        threshold: float = 0.01,
+        threshold: float = 0.01, lam_max: float = LAM_MAX,
     ):  # fmt: skip
         self.target_ratio, self.epoch_lr, self.threshold = target_ratio, epoch_lr, threshold
+        self.lam_max = lam_max
         self.ramp_end = max(1, math.ceil(RAMP * len(epoch_lr)))
         self.lam, self.gain = lam, 1.0
         self.start: float | None = None  # q after the first epoch: where the path starts
@@ -128,7 +130,7 @@ class AutoLam:
         wanted = self.gain * max(quantile - self.threshold, 0.0) / self.pull_left(epoch)
         if epoch > 1:  # the first decision replaces the λ given, which may be far off
             wanted = min(self.lam * FACTOR, max(self.lam / FACTOR, wanted))
-        self.lam = min(LAM_MAX, max(LAM_MIN, wanted))
+        self.lam = min(self.lam_max, max(LAM_MIN, wanted))
         return self.lam
 
     def state_dict(self) -> dict[str, Any]:

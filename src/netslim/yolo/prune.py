@@ -26,7 +26,6 @@ import itertools
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
@@ -66,9 +65,8 @@ def training_images(model: nn.Module, data: str | Path, *, imgsz: int, batch: in
                     device: str = "cpu", workers: int = 0):  # fmt: skip
     """Batches of training images (floats in [0, 1]) from Ultralytics' own training loader,
     with the augmentation the network was trained under (its BN statistics saw the same)."""
-    with tempfile.TemporaryDirectory(
-        prefix="netslim-loader-"
-    ) as scratch:  # the trainer's run folder
+    # the trainer is built for its loader only; its run folder goes in a scratch folder
+    with tempfile.TemporaryDirectory(prefix="netslim-loader-") as scratch:
         trainer = TRAINERS[task_of(model)](overrides={
             "data": str(data), "imgsz": imgsz, "batch": batch, "device": device, "workers": workers,
             "plots": False, "verbose": False, "model": "netslim.yaml", "project": scratch,
@@ -152,11 +150,3 @@ def prune(
         log(f"{way:>12}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
     log(f"saved the pruned network ({report.saved}) to {out} and {out.with_suffix('.pt')}")
     return report
-
-
-def summary(report: dict[str, Any]) -> str:
-    """One line per way of measuring, for the CLI and the lab."""
-    rows = report.get("extra", {}).get("map", {})
-    return "\n".join(
-        f"{way}: " + ", ".join(f"{k} {v:.4f}" for k, v in v.items()) for way, v in rows.items()
-    )

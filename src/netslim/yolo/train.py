@@ -28,17 +28,27 @@ import copy
 import json
 import math
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from netslim.engine.sparsity import add_bn_l1_grad, bn_sparsity, gamma_histogram, gamma_quantiles
+from netslim.config import LAM_START
+from netslim.engine.sparsity import (
+    add_bn_l1_grad,
+    bn_gammas,
+    bn_sparsity,
+    gamma_histogram,
+    gamma_quantiles,
+)
 from netslim.errors import NetslimError
 from netslim.files import atomic_write, atomic_write_text, write_json
 from netslim.models import num_outputs
 from netslim.models.external import offline_ultralytics
 from netslim.slim import save
+from netslim.train.control import AutoLam, StableMask
 from netslim.yolo.files import arch_of, read_model, read_yolo, write_model
 
 offline_ultralytics()  # before Ultralytics is imported: no downloads, no online checks
@@ -51,11 +61,15 @@ RUN_FILE = "netslim.json"  # the task and λ of a run, for --resume
 DEFAULTS = {"plots": False, "exist_ok": True, "verbose": False}
 # What a trainer reads from the environment, so that torchrun's processes (Ultralytics
 # starts DDP in new processes that build the trainer afresh) get it too.
-ENV_LAM, ENV_START, ENV_THRESHOLD = (
+ENV_LAM, ENV_START, ENV_THRESHOLD, ENV_CONTROL = (
     "NETSLIM_YOLO_LAM",
     "NETSLIM_YOLO_START",
     "NETSLIM_YOLO_THRESHOLD",
+    "NETSLIM_YOLO_CONTROL",
 )
+CONTROL_FILE = "control.json"  # λ auto's and the mask watch's state after the last epoch
+LAM_AUTO_MAX = 1.0  # λ auto's ceiling: Ultralytics' loss is summed over the batch, so its λ
+# are larger than a classifier's (netslim.train.control.LAM_MAX)
 
 
 def task_of(model: nn.Module | str) -> str:
@@ -73,7 +87,10 @@ class _SparsityMixin:
         super().__init__(*args, **kwargs)
         self.netslim_lam = float(os.environ.get(ENV_LAM, "0") or 0)
         self.netslim_threshold = float(os.environ.get(ENV_THRESHOLD, "0.01") or 0.01)
-        self.add_callback("on_fit_epoch_end", _record_sparsity)
+        self.netslim_control = Control(**json.loads(os.environ.get(ENV_CONTROL) or "{}"))
+        self.add_callback("on_train_start", _restore_control)
+        self.add_callback("on_train_epoch_end", _epoch_trained)
+        self.add_callback("on_fit_epoch_end", _end_of_epoch)
 
     def setup_model(self):
         start = os.environ.get(ENV_START)
@@ -138,25 +155,104 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _record_sparsity(trainer: Any) -> None:
-    """Append the epoch's gamma statistics (of the EMA model, which Ultralytics validates
-    and saves) and Ultralytics' metrics to ``sparsity.jsonl``."""
+@dataclass
+class Control:
+    """Between epochs, as for classifiers (:mod:`netslim.train.control`): ``target_ratio``
+    (λ auto: λ adapted each epoch so that this share of |γ| ends under the sparsity
+    threshold) and ``prune_when_stable`` (stop once the removal mask at that ratio has
+    changed by at most ``stable_tol`` of the channels for ``stable_epochs`` epochs in a row).
+    Both decide from the trained weights, which every DDP process holds alike; λ auto has no
+    accuracy guard here (a detector's training loop measures no accuracy)."""
+
+    target_ratio: float | None = None
+    prune_when_stable: float | None = None
+    stable_tol: float = 0.01
+    stable_epochs: int = 3
+    auto: AutoLam | None = None
+    stable: StableMask | None = None
+
+    def start(self, trainer: Any) -> None:
+        """Build the controllers once the trainer knows its schedule."""
+        if self.target_ratio is not None and self.auto is None:
+            # a λ of 1 moves a γ by lr / (1 - momentum) per optimizer step (SGD with momentum)
+            steps = max(1.0, len(trainer.train_loader) / max(1, trainer.accumulate))
+            factor = steps * trainer.args.lr0 / (1 - trainer.args.momentum)
+            epoch_lr = [factor * trainer.lf(e) for e in range(trainer.epochs)]
+            self.auto = AutoLam(self.target_ratio, epoch_lr, lam=trainer.netslim_lam,
+                                threshold=trainer.netslim_threshold, lam_max=LAM_AUTO_MAX)  # fmt: skip
+        if self.prune_when_stable is not None and self.stable is None:
+            self.stable = StableMask(self.prune_when_stable, self.stable_tol, self.stable_epochs)
+
+    def state(self, epoch: int, lam: float) -> dict[str, Any]:
+        stable = self.stable.state_dict() if self.stable else None
+        if stable and stable["previous"] is not None:
+            stable["previous"] = stable["previous"].tolist()
+        return {"epoch": epoch, "lam": lam, "auto": self.auto.state_dict() if self.auto else None,
+                "stable": stable}  # fmt: skip
+
+    def load(self, state: dict[str, Any]) -> None:
+        if self.auto and state.get("auto"):
+            self.auto.load_state_dict(state["auto"])
+        if self.stable and state.get("stable"):
+            stable = dict(state["stable"])
+            if stable["previous"] is not None:
+                stable["previous"] = torch.tensor(stable["previous"], dtype=torch.bool)
+            self.stable.load_state_dict(stable)
+
+
+def _restore_control(trainer: Any) -> None:
+    """On resume, the controllers' state and λ after the last epoch saved."""
+    control: Control = trainer.netslim_control
+    control.start(trainer)
+    path = Path(trainer.save_dir) / CONTROL_FILE
+    if trainer.args.resume and path.is_file():
+        state = json.loads(path.read_text())
+        if state["epoch"] == trainer.start_epoch:  # the state after the epoch last.pt holds
+            control.load(state)
+            trainer.netslim_lam = float(state["lam"])
+
+
+def _epoch_trained(trainer: Any) -> None:
+    trainer.netslim_epoch_trained = True
+
+
+def _end_of_epoch(trainer: Any) -> None:
+    """Take the control decisions (on every DDP process alike), then record the epoch:
+    the gamma statistics of the EMA model (which Ultralytics validates and saves) and
+    Ultralytics' metrics, in ``sparsity.jsonl``."""
     from ultralytics.utils import RANK
 
-    if trainer.epoch >= trainer.epochs or RANK not in (-1, 0):  # the final validation of
-        return  # best.pt has no epoch of its own; under DDP the first process writes
-    model = trainer.ema.ema if getattr(trainer, "ema", None) else _unwrap(trainer.model)
+    if not getattr(trainer, "netslim_epoch_trained", False):
+        return  # the final validation of best.pt (Ultralytics calls this again): no epoch
+    trainer.netslim_epoch_trained = False
+    epoch, control = int(trainer.epoch) + 1, trainer.netslim_control
+    control.start(trainer)
+    weights = _unwrap(trainer.model)  # the same on every process, unlike the EMA
+    decisions: dict[str, Any] = {}
+    lam = trainer.netslim_lam
+    if control.auto is not None:
+        quantile = torch.quantile(bn_gammas(weights).abs().float(), control.target_ratio).item()
+        trainer.netslim_lam = control.auto.update(epoch, quantile, train_acc=0.0)
+        decisions.update(quantile=quantile, lam_next=trainer.netslim_lam)
+    if control.stable is not None:
+        decisions["mask_distance"] = control.stable.update(weights, epoch)
+        if control.stable.stopped_at == epoch:
+            trainer.stop = True  # Ultralytics stops after this epoch (all DDP processes)
+            decisions["stopped"] = True
+    if RANK not in (-1, 0):
+        return
+    model = trainer.ema.ema if getattr(trainer, "ema", None) else weights
     record = {
-        "epoch": int(trainer.epoch) + 1,
-        "lam": trainer.netslim_lam,
+        "epoch": epoch,
+        "lam": lam,
         "sparsity": bn_sparsity(model, trainer.netslim_threshold),
         "gamma_quantiles": gamma_quantiles(model),
         "gamma_histogram": gamma_histogram(model),
-        "epoch_seconds": float(
-            getattr(trainer, "epoch_time", None) or 0.0
-        ),  # training and validation
+        **decisions,
         **{k: float(v) for k, v in (trainer.metrics or {}).items() if _number(v)},
     }
+    if control.auto is not None or control.stable is not None:
+        write_json(Path(trainer.save_dir) / CONTROL_FILE, control.state(epoch, trainer.netslim_lam))
     path = Path(trainer.save_dir) / SPARSITY_LOG
     kept = [line for line in _lines(path) if json.loads(line)["epoch"] < record["epoch"]]
     atomic_write_text(path, "".join(line + "\n" for line in [*kept, json.dumps(record)]))
@@ -189,11 +285,15 @@ def train(
     data: str | Path,
     out: str | Path,
     *,
-    lam: float = 0.0,
+    lam: float | str = 0.0,
     epochs: int = 100,
     imgsz: int = 640,
     resume: bool = False,
     sparsity_threshold: float = 0.01,
+    target_ratio: float | None = None,
+    prune_when_stable: float | None = None,
+    stable_tol: float = 0.01,
+    stable_epochs: int = 3,
     **overrides: Any,
 ) -> Path:
     """Train ``model`` with Ultralytics' trainer on ``data`` into the run folder ``out``.
@@ -205,16 +305,35 @@ def train(
         data: an Ultralytics ``data.yaml``.
         out: the run folder (Ultralytics' ``project``/``name``): ``weights/last.pt``,
             ``weights/best.pt``, ``results.csv`` and netslim's ``sparsity.jsonl``.
-        lam: the L1 weight on BatchNorm gammas (0: plain training, e.g. fine-tuning).
+        lam: the L1 weight on BatchNorm gammas (0: plain training, e.g. fine-tuning), or
+            ``"auto"``: adapted each epoch to reach ``target_ratio`` (needs ``optimizer="SGD"``).
         epochs, imgsz: as Ultralytics takes them.
         resume: continue the run in ``out`` from its ``weights/last.pt`` (a file this run
             wrote: read by Ultralytics itself).
         sparsity_threshold: |gamma| under it counts as sparse in ``sparsity.jsonl``.
+        target_ratio: with ``lam="auto"``, the share of |gamma| to end under the threshold.
+        prune_when_stable, stable_tol, stable_epochs: stop once the removal mask at ratio
+            ``prune_when_stable`` has settled (see :class:`Control`).
         overrides: any other Ultralytics training setting (``batch=16``, ``lr0=0.01``, ...).
 
     Returns:
         ``out``.
     """
+    control = Control(target_ratio=target_ratio, prune_when_stable=prune_when_stable,
+                      stable_tol=stable_tol, stable_epochs=stable_epochs)  # fmt: skip
+    if lam == "auto":
+        if target_ratio is None or not 0 < target_ratio < 1:
+            raise NetslimError(
+                "--lam auto needs --target-ratio R, the share of |gamma| to make sparse, in (0, 1)"
+            )
+        if str(overrides.get("optimizer", "auto")).lower() != "sgd":
+            raise NetslimError(
+                "--lam auto assumes SGD's step (a γ moves by lr * λ / (1 - momentum)); add "
+                "optimizer=SGD (Ultralytics' auto picks AdamW for short runs)"
+            )
+        lam = LAM_START
+    else:
+        control.target_ratio = None
     if not 0 <= lam < math.inf:
         raise NetslimError(f"--lam must be >= 0 (the L1 weight on BN gammas), got {lam}")
     data = Path(data)
@@ -227,10 +346,12 @@ def train(
         if not last.is_file():
             raise NetslimError(f"cannot resume: {last} does not exist; start without --resume")
         info = _run_info(out)
-        if "lam" in info and info["lam"] != lam:
+        if bool(info.get("auto")) != (control.target_ratio is not None) or (
+            control.target_ratio is None and "lam" in info and info["lam"] != lam
+        ):
             raise NetslimError(
-                f"cannot resume {out}: it was trained at --lam {info['lam']:g}, not {lam:g}; "
-                "resume with the run's own λ"
+                f"cannot resume {out}: it was trained at --lam {_lam_text(info)}, not "
+                f"{'auto' if control.target_ratio is not None else f'{lam:g}'}; resume with the run's own λ"
             )
         task = info.get("task", "detect")
         settings.update(resume=str(last), model=str(last))
@@ -246,11 +367,16 @@ def train(
             task, start = task_of(model), None
             settings["model"] = model
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / RUN_FILE, {"task": task, "lam": lam, "model": settings["model"]})
+        write_json(out / RUN_FILE, {"task": task, "lam": lam, "auto": control.target_ratio is not None,
+                                    "control": {k: v for k, v in asdict(control).items() if k not in ("auto", "stable")},
+                                    "model": settings["model"]})  # fmt: skip
     if task not in TRAINERS:
         raise NetslimError(f"no Ultralytics trainer for the task {task!r}")
+    if resume and _run_info(out).get("control"):  # the run's own controls
+        control = Control(**_run_info(out)["control"])
+    wanted = {k: v for k, v in asdict(control).items() if k not in ("auto", "stable")}
     environment = {ENV_LAM: repr(float(lam)), ENV_THRESHOLD: repr(sparsity_threshold),
-                   ENV_START: str(start) if start else ""}  # fmt: skip
+                   ENV_START: str(start) if start else "", ENV_CONTROL: json.dumps(wanted)}  # fmt: skip
     saved = {k: os.environ.get(k) for k in environment}
     os.environ.update(environment)
     try:
@@ -316,6 +442,10 @@ def _has_images(path: Path) -> bool:
     if path.is_file() and path.suffix == ".txt":  # a list of image files
         return bool(path.read_text().strip())
     return path.is_dir() and any(p.suffix.lower() in suffixes for p in path.rglob("*"))
+
+
+def _lam_text(info: dict[str, Any]) -> str:
+    return "auto" if info.get("auto") else f"{info['lam']:g}"
 
 
 def _run_info(out: Path) -> dict[str, Any]:
