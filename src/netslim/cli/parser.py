@@ -468,7 +468,7 @@ def _add_yolo(sub: argparse._SubParsersAction) -> None:
     add(q, "out", "image_size", "batch_size", "device", "recalibrate", "round_to", "min_keep",
         out=dict(help="the pruned checkpoint NAME.pth to write (NAME.pt beside it)"),
         recalibrate=dict(help="BN recalibration batches of --batch-size training images, "
-                         "Ultralytics' augmentation included (0: off; default: %(default)s)"),
+                         "Ultralytics' augmentation, mosaic off (0: off; default: %(default)s)"),
         **common)  # fmt: skip
     q.add_argument("--no-compensate", dest="compensate", action="store_false",
                    help="save the official network: no bias compensation, no recalibration")  # fmt: skip

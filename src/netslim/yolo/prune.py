@@ -9,8 +9,9 @@ classifiers) and validates with Ultralytics' validator, on the ``data.yaml``'s v
   repositories do;
 * **compensated**: each removed channel's constant output folded into the next layer;
 * **recalibrated**: then BatchNorm statistics re-estimated on ``recalibrate`` batches of
-  training images, from Ultralytics' own training loader (its augmentation included, as
-  the statistics being replaced were learnt on it).
+  training images, from Ultralytics' own training loader: its augmentation, mosaic off, as
+  in the last epochs of Ultralytics' training (``close_mosaic``), whose images the
+  statistics being replaced were learnt on.
 
 The network saved (the recalibrated one by default, the official one with
 ``compensate=False``) goes to a netslim ``.pth`` (rebuilt from the model's YAML and channel
@@ -64,13 +65,16 @@ def validate(model: nn.Module, data: str | Path, *, imgsz: int = 640, batch: int
 def training_images(model: nn.Module, data: str | Path, *, imgsz: int, batch: int,
                     device: str = "cpu", workers: int = 0):  # fmt: skip
     """Batches of training images (floats in [0, 1]) from Ultralytics' own training loader,
-    with the augmentation the network was trained under (its BN statistics saw the same)."""
+    with the augmentation of the last epochs of training: Ultralytics turns mosaic off for
+    its last ``close_mosaic`` (10) epochs, so the BN statistics a trained YOLO holds were
+    learnt without it (measured on yolov8n, λ = 0, 30% pruned: mAP50-95 0.080 recalibrated
+    without mosaic, 0.076 with it)."""
     # the trainer is built for its loader only; its run folder goes in a scratch folder
     with tempfile.TemporaryDirectory(prefix="netslim-loader-") as scratch:
         trainer = TRAINERS[task_of(model)](overrides={
             "data": str(data), "imgsz": imgsz, "batch": batch, "device": device, "workers": workers,
             "plots": False, "verbose": False, "model": "netslim.yaml", "project": scratch,
-            "name": "loader",
+            "name": "loader", "mosaic": 0.0,
         })  # fmt: skip
         trainer.model = model
         loader = trainer.get_dataloader(
