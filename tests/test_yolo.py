@@ -141,6 +141,11 @@ def test_train_prune_finetune_export_and_plain_ultralytics(tmp_path, capsys, yam
         assert torch.equal(fp32[name].half(), value.half()), name  # YOLO() turns it to fp32
     metrics = yolo.val(data=str(data), imgsz=64, batch=8, device="cpu", plots=False, verbose=False)
     assert 0.0 <= metrics.box.map <= 1.0
+    capsys.readouterr()  # what plain Ultralytics printed
+    code, out, err = cli(capsys, "yolo", "val", tuned / "weights" / "best.pt", "--data", data,
+                         "--json", *RUN)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["mAP50-95"] == pytest.approx(metrics.box.map, abs=1e-4)  # only JSON
     code, out, err = cli(capsys, "export", tuned / "finetuned.pth", "--out", tmp_path / "y.onnx",
                          "--image-size", "64")  # fmt: skip
     assert code == 0, err
@@ -292,6 +297,16 @@ def test_the_yolo_lab_runs_the_seed_experiment_and_its_report_shows_its_numbers(
         assert json.loads((lab / name / "netslim.json").read_text())["finished"]
     reports = {p.stem: json.loads(p.read_text())["prune"] for p in (lab / "pruned").glob("*.json")}
     assert set(reports) == {"lam0-p30", "lam0-p50", "lam0.01-p30", "lam0.01-p50"}
+    sources = {json.loads(p.read_text())["source"] for p in (lab / "pruned").glob("*.json")}
+    assert {Path(s).relative_to(lab).as_posix() for s in sources} == {
+        "lam0/weights/last.pth",
+        "lam0.01/weights/last.pth",
+    }  # each run's final network
+    from netslim.yolo.files import read_model
+
+    final = netslim.load(lab / "lam0.01" / "weights" / "last.pth").state_dict()
+    for name, value in read_model(lab / "lam0.01" / "weights" / "last.pt").state_dict().items():
+        assert torch.equal(final[name].half(), value.half()), name  # last.pt's network, fp32
     assert (lab / "ft-lam0.01-p50" / "finetuned.pth").is_file()
     assert not (lab / "ft-lam0-p50").exists()  # only the --prune-lam run (the largest λ) is tuned
     markdown = (lab / "report.md").read_text()

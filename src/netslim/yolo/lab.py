@@ -4,7 +4,7 @@
 
 1. one sparsity-training run per λ (``lam0`` is plain training, the baseline):
    ``out/lam{λ}/`` (Ultralytics' run folder, with netslim's ``sparsity.jsonl``);
-2. each run's best network (``best.pth``, in fp32) pruned at every ratio of ``ratios`` and ``sweep``, mAP measured
+2. each run's final network (``weights/last.pth``, in fp32) pruned at every ratio of ``ratios`` and ``sweep``, mAP measured
    right after pruning the three ways (:func:`netslim.yolo.prune.prune`):
    ``out/pruned/lam{λ}-p{ratio%}.pth`` and ``.json``;
 3. the ``ratios`` of the ``prune_lam`` run fine-tuned: ``out/ft-lam{λ}-p{ratio%}/``;
@@ -81,13 +81,15 @@ def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -
             model, data, run, lam=lam, epochs=lab.epochs, resume=resume, **options), log)  # fmt: skip
     for lam in lab.lams:
         weights = train_dir(out, lam) / "weights"
-        fp32 = weights / yolo_train.BEST_FP32  # best.pt's network before Ultralytics' fp16
-        best = fp32 if fp32.is_file() else weights / "best.pt"
+        # the network the run ended with, as the paper prunes: best.pt is the epoch of best
+        # mAP, in a sparsity run often an early one whose γs are not yet sparse
+        final = weights / yolo_train.LAST_FP32
+        final = final if final.is_file() else weights / "last.pt"
         for ratio in lab.all_ratios():
             target = pruned_path(out, lam, ratio)
             if not target.with_suffix(".json").is_file():
-                log(f"pruning {best} at {ratio:g} into {target}")
-                yolo_prune.prune(best, target, ratio=ratio, data=data, imgsz=lab.imgsz,
+                log(f"pruning {final} at {ratio:g} into {target}")
+                yolo_prune.prune(final, target, ratio=ratio, data=data, imgsz=lab.imgsz,
                                  batch=lab.batch, recalibrate=lab.recalibrate,
                                  device=lab.device or "cpu", log=log)  # fmt: skip
     for ratio in lab.ratios:

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import io
 import itertools
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -43,6 +44,19 @@ METRICS = {"mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)",
            "top1": "metrics/accuracy_top1"}  # fmt: skip
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Ultralytics' progress and summary lines off stdout (``--json`` prints only JSON): its
+    logger writes to the stdout it found at import, which redirect_stdout does not reach."""
+    logger, level = logging.getLogger("ultralytics"), logging.getLogger("ultralytics").level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def validate(model: nn.Module, data: str | Path, *, imgsz: int = 640, batch: int = 16,
              device: str = "cpu", workers: int = 0) -> dict[str, float]:  # fmt: skip
     """Ultralytics' validator on ``data``'s val split: mAP50 and mAP50-95 (boxes, and masks
@@ -54,9 +68,9 @@ def validate(model: nn.Module, data: str | Path, *, imgsz: int = 640, batch: int
                   "classify": yolo.classify.ClassificationValidator,
                   "pose": yolo.pose.PoseValidator, "obb": yolo.obb.OBBValidator}  # fmt: skip
     args = {"data": str(data), "imgsz": imgsz, "batch": batch, "device": device, "workers": workers,
-            "plots": False, "verbose": False, "save_json": False, "half": False}  # fmt: skip
+            "plots": False, "verbose": False, "save_json": False}  # fmt: skip
     validator = validators[task_of(model)](args=args)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with _quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = validator(model=copy.deepcopy(model).float().eval())
     return {name: float(results[key]) for name, key in METRICS.items() if key in results}

@@ -1,7 +1,7 @@
 """The report of a YOLO lab (:mod:`netslim.yolo.lab`): the seed lab's figures, in mAP.
 
 :func:`render_report` reads the lab folder -- ``sparsity.jsonl`` of every run, the prune
-reports, the trained ``best.pt`` files -- and writes ``figures/*.png``, ``report.md`` and
+reports, the trained ``last.pt`` files -- and writes ``figures/*.png``, ``report.md`` and
 ``report.html``, with the blocks and writers of the classifier report
 (:mod:`netslim.lab.report`). Nothing is trained or measured here.
 
@@ -48,7 +48,7 @@ class YoloResults:
     metric: str  # the prune reports' name of the mAP shown: "mAP50-95" or "mask mAP50-95"
     key: str  # Ultralytics' name of it in results.csv and sparsity.jsonl
     train: dict[float, list[dict[str, Any]]]  # λ -> per-epoch records
-    gammas: dict[float, np.ndarray]  # λ -> |γ| of best.pt
+    gammas: dict[float, np.ndarray]  # λ -> |γ| of last.pt, the network pruned
     prune: dict[tuple[float, float], dict[str, Any]]  # (λ, ratio) -> prune report
     finetune: dict[float, list[dict[str, Any]]]  # ratio -> per-epoch records of prune_lam
 
@@ -58,11 +58,11 @@ def load_results(out: str | Path) -> YoloResults:
     lab = read_lab(out)
     train, gammas, prune, finetune = {}, {}, {}, {}
     for lam in lab.lams:
-        best = train_dir(out, lam) / "weights" / "best.pt"
-        if not best.is_file():
-            raise NetslimError(f"the lab in {out} is not finished: {best} is missing")
+        last = train_dir(out, lam) / "weights" / "last.pt"
+        if not last.is_file():
+            raise NetslimError(f"the lab in {out} is not finished: {last} is missing")
         train[lam] = read_sparsity(train_dir(out, lam))
-        gammas[lam] = bn_gammas(read_model(best)).abs().numpy()
+        gammas[lam] = bn_gammas(read_model(last)).abs().numpy()
         for ratio in lab.all_ratios():
             report = pruned_path(out, lam, ratio).with_suffix(".json")
             if not report.is_file():
@@ -110,7 +110,7 @@ def figure_training(res: YoloResults) -> Figure:
 
 
 def figure_gammas(res: YoloResults) -> Figure:
-    """Per λ: the histogram of |γ| of best.pt (log bins), with the prune thresholds."""
+    """Per λ: the histogram of |γ| of last.pt (log bins), with the prune thresholds."""
     floor = 1e-8
     values = {lam: np.maximum(g, floor) for lam, g in res.gammas.items()}
     low = np.floor(np.log10(min(v.min() for v in values.values())))
@@ -199,14 +199,16 @@ def _minutes(seconds: float | None) -> str:
 
 
 def training_table(res: YoloResults) -> tuple[list[str], list[list[str]]]:
-    header = ["λ", "epochs", "best mAP50", f"best {res.metric}", "sparse γ (last)", "wall time"]
+    header = ["λ", "epochs", f"best {res.metric} (epoch)", f"last {res.metric} (pruned)",
+              "sparse γ (last)", "wall time"]  # fmt: skip
     rows = []
     for lam in res.lab.lams:
         records, best = res.train[lam], best_record(res.train[lam]) or {}
-        m50 = res.key.replace("50-95", "50")
-        rows.append([f"{lam:g}", str(len(records)), f"{best.get(m50, np.nan):.4f}",
-                     f"{best.get(res.key, np.nan):.4f}",
-                     f"{100 * records[-1]['sparsity']:.1f}%" if records else "n/a",
+        last = records[-1] if records else {}
+        rows.append([f"{lam:g}", str(len(records)),
+                     f"{best.get(res.key, np.nan):.4f} ({best.get('epoch', '-')})",
+                     f"{last.get(res.key, np.nan):.4f}",
+                     f"{100 * last['sparsity']:.1f}%" if last else "n/a",
                      _minutes(wall_seconds(train_dir(res.out, lam)))])  # fmt: skip
     return header, rows
 
@@ -242,7 +244,7 @@ def build_document(res: YoloResults) -> list[Block]:
             "p",
             f"Sparsity training at λ in {{{', '.join(f'{x:g}' for x in lab.lams)}}} for "
             f"{_epochs(lab.epochs)} by Ultralytics' trainer at {lab.imgsz} pixels, pruning of each "
-            f"run's best.pt at {', '.join(f'{r:g}' for r in lab.all_ratios())} of its BatchNorm "
+            f"run's final network at {', '.join(f'{r:g}' for r in lab.all_ratios())} of its BatchNorm "
             f"channels, and fine-tuning of the λ = {lab.prune_lam:g} run pruned at "
             f"{', '.join(f'{r:g}' for r in lab.ratios)} for {_epochs(lab.finetune_epochs)}. "
             f"{res.metric} by Ultralytics' validator on the val split.",
@@ -261,7 +263,7 @@ def build_document(res: YoloResults) -> list[Block]:
             "gammas",
             "Figure 2: |γ| after training",
             "Histogram of |γ| of every "
-            "run's best.pt on a log scale, with the global prune thresholds.",
+            "run's final network (the one pruned) on a log scale, with the global prune thresholds.",
         ),
         ("h2", "Pruning and fine-tuning"),
         (

@@ -17,8 +17,9 @@ loss, schedule, EMA, AMP, DDP, checkpoints, validation):
 * **the model it is given is the model it trains**: a pruned network is never rebuilt from
   its YAML (Ultralytics would build the full-width one and load the weights that fit).
 
-Ultralytics saves its checkpoints in fp16; whenever it writes ``weights/best.pt``, the same
-network goes to ``weights/best.pth`` in fp32 as well (a netslim checkpoint).
+Ultralytics saves its checkpoints in fp16; whenever it writes ``weights/last.pt`` or
+``weights/best.pt``, the same network goes to ``weights/last.pth`` or ``weights/best.pth``
+in fp32 as well (netslim checkpoints).
 
 After every epoch a record of the EMA model's gammas goes to ``OUT/sparsity.jsonl`` beside
 Ultralytics' ``results.csv``: λ, the share of |γ| under the threshold, quantiles, a
@@ -60,6 +61,7 @@ from ultralytics.models import yolo  # noqa: E402  (netslim[yolo]; the core neve
 
 SPARSITY_LOG = "sparsity.jsonl"
 BEST_FP32 = "best.pth"  # weights/best.pth: best.pt's network in fp32, a netslim checkpoint
+LAST_FP32 = "last.pth"  # weights/last.pth: last.pt's network in fp32
 RUN_FILE = "netslim.json"  # the task and λ of a run, for --resume
 # netslim's choices where Ultralytics' defaults would reach the network or the screen
 DEFAULTS = {"plots": False, "exist_ok": True, "verbose": False}
@@ -107,10 +109,13 @@ class _SparsityMixin:
 
     def save_model(self):
         saved = super().save_model()
-        if saved is not False and self.best_fitness == self.fitness:  # best.pt was just written,
-            # in fp16 (Ultralytics' format): keep the same network in fp32 beside it
-            best = copy.deepcopy(self.ema.ema).float()
-            save(best, Path(self.wdir) / BEST_FP32, arch=arch_of(best), image_size=self.args.imgsz)
+        if saved is not False:  # last.pt (and maybe best.pt) was just written, in fp16
+            # (Ultralytics' format): keep the same networks in fp32 beside them
+            network = copy.deepcopy(self.ema.ema).float()
+            names = [LAST_FP32] + [BEST_FP32] * (self.best_fitness == self.fitness)
+            for name in names:
+                save(network, Path(self.wdir) / name, arch=arch_of(network),
+                     image_size=self.args.imgsz)  # fmt: skip
         return saved
 
     def optimizer_step(self):
