@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--finetune-epochs", type=int, default=10)
-    p.add_argument("--lams", type=float, nargs="+", default=[2e-2], help="besides 0")
+    p.add_argument("--lams", type=float, nargs="+", default=[3e-2], help="besides 0")
     args = p.parse_args()
     out = args.out.resolve()
     data = out / "data" / "cifar-detect" / "data.yaml"  # where prepare_cifar_detect.py puts it
