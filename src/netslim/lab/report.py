@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -230,31 +230,46 @@ def figure_control(res: LabResults) -> Figure | None:
     return fig
 
 
-def figure_gammas(res: LabResults) -> Figure:
-    """Figure 2: per λ, the histogram of |γ| on log-spaced bins, one x range for all."""
+def gamma_panels(gammas: dict[float, np.ndarray], lams: list[float],
+                 title: Callable[[float], str], lines: Callable[[float], list[tuple]],
+                 headroom: float) -> Figure:  # fmt: skip
+    """Per λ, the histogram of |γ| on log-spaced bins, one x range for all, with the vertical
+    lines ``lines(lam)`` gives as ``(x, label, matplotlib style)``; the YOLO report's too."""
     floor = 1e-8  # exact zeros have no logarithm; they and anything smaller count here
-    values = {lam: np.maximum(np.abs(g), floor) for lam, g in res.gammas.items()}
+    values = {lam: np.maximum(np.abs(g), floor) for lam, g in gammas.items()}
     low = np.floor(np.log10(min(v.min() for v in values.values())))
     high = np.ceil(np.log10(max(v.max() for v in values.values())))
     bins = np.logspace(low, high, int(20 * (high - low)) + 1)  # 20 per decade: peaks are narrow
-    fig, axes = _panels(len(res.config.lams))
-    for ax, lam in zip(axes, res.config.lams):
+    fig, axes = _panels(len(lams))
+    for ax, lam in zip(axes, lams):
         ax.hist(values[lam], bins=bins, color="C0")
         ax.set_xscale("log")
-        ax.axvline(res.sparsity_threshold, color="C3", linestyle=":",
-                   label=f"sparsity threshold {res.sparsity_threshold:g}")  # fmt: skip
+        for x, label, style in lines(lam):
+            ax.axvline(x, label=label, **style)
+        ax.set_title(f"{title(lam)}: median |γ| = {np.median(values[lam]):.2g}")
+        ax.set_xlabel("|γ| (log scale)")
+        ax.set_ylabel("BN channels")
+        ax.set_ylim(0, headroom * ax.get_ylim()[1])  # headroom: the legend sits above the bars
+        ax.legend(fontsize="small", loc="upper left")
+    return fig
+
+
+def figure_gammas(res: LabResults) -> Figure:
+    """Figure 2: per λ, the histogram of |γ| on log-spaced bins, one x range for all."""
+
+    def lines(lam: float) -> list[tuple]:
+        drawn = [(res.sparsity_threshold, f"sparsity threshold {res.sparsity_threshold:g}",
+                  {"color": "C3", "linestyle": ":"})]  # fmt: skip
         if lam == res.config.prune_lam:
             for i, (ratio, report) in enumerate(res.prune.items()):
                 color, style = (styles[i % len(styles)] for styles in THRESHOLD_STYLES)
-                ax.axvline(report["threshold"], color=color, linestyle=style, linewidth=1.6,
-                           label=f"prune threshold, ratio {ratio:g}: "
-                                 f"{report['threshold']:.2g}")  # fmt: skip
-        ax.set_title(f"λ = {lam_name(lam)}: median |γ| = {np.median(values[lam]):.2g}")
-        ax.set_xlabel("|γ| (log scale)")
-        ax.set_ylabel("BN channels")
-        ax.set_ylim(0, 1.45 * ax.get_ylim()[1])  # headroom: the legend sits above the bars
-        ax.legend(fontsize="small", loc="upper left")
-    return fig
+                drawn.append((report["threshold"],
+                              f"prune threshold, ratio {ratio:g}: {report['threshold']:.2g}",
+                              {"color": color, "linestyle": style, "linewidth": 1.6}))  # fmt: skip
+        return drawn
+
+    return gamma_panels(res.gammas, res.config.lams, lambda lam: f"λ = {lam_name(lam)}", lines,
+                        headroom=1.45)  # fmt: skip
 
 
 def figure_finetune(res: LabResults) -> Figure:

@@ -23,7 +23,15 @@ from netslim.config import YoloLab
 from netslim.engine.sparsity import bn_gammas
 from netslim.errors import NetslimError
 from netslim.files import atomic_write, atomic_write_text
-from netslim.lab.report import Block, _epoch_axis, _panels, png_bytes, to_html, to_markdown
+from netslim.lab.report import (
+    Block,
+    _epoch_axis,
+    _panels,
+    gamma_panels,
+    png_bytes,
+    to_html,
+    to_markdown,
+)
 from netslim.yolo.files import read_model
 from netslim.yolo.folder import finetune_dir, pruned_path, read_lab, train_dir
 from netslim.yolo.train import read_sparsity
@@ -111,25 +119,15 @@ def figure_training(res: YoloResults) -> Figure:
 
 def figure_gammas(res: YoloResults) -> Figure:
     """Per λ: the histogram of |γ| of last.pt (log bins), with the prune thresholds."""
-    floor = 1e-8
-    values = {lam: np.maximum(g, floor) for lam, g in res.gammas.items()}
-    low = np.floor(np.log10(min(v.min() for v in values.values())))
-    high = np.ceil(np.log10(max(v.max() for v in values.values())))
-    bins = np.logspace(low, high, int(20 * (high - low)) + 1)
-    fig, axes = _panels(len(res.lab.lams))
-    for ax, lam in zip(axes, res.lab.lams):
-        ax.hist(values[lam], bins=bins, color="C0")
-        ax.set_xscale("log")
-        for i, ratio in enumerate(res.lab.ratios):
-            threshold = res.prune[lam, ratio]["threshold"]
-            ax.axvline(threshold, color=f"C{i + 1}", linestyle="--",
-                       label=f"prune threshold at {ratio:g}: {threshold:.3g}")  # fmt: skip
-        ax.set_title(f"λ = {lam:g}: median |γ| = {np.median(values[lam]):.2g}")
-        ax.set_xlabel("|γ| (log scale)")
-        ax.set_ylabel("BN channels")
-        ax.set_ylim(0, 1.3 * ax.get_ylim()[1])  # headroom: the legend sits above the bars
-        ax.legend(fontsize="small", loc="upper left")
-    return fig
+
+    def lines(lam: float) -> list[tuple]:
+        return [(res.prune[lam, ratio]["threshold"],
+                 f"prune threshold at {ratio:g}: {res.prune[lam, ratio]['threshold']:.3g}",
+                 {"color": f"C{i + 1}", "linestyle": "--"})
+                for i, ratio in enumerate(res.lab.ratios)]  # fmt: skip
+
+    return gamma_panels(res.gammas, res.lab.lams, lambda lam: f"λ = {lam:g}", lines,
+                        headroom=1.3)  # fmt: skip
 
 
 def figure_finetune(res: YoloResults) -> Figure:
