@@ -318,6 +318,10 @@ def test_the_yolo_lab_runs_the_seed_experiment_and_its_report_shows_its_numbers(
     assert "netslim yolo lab --model yolov8n.yaml" in markdown
     html = (lab / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4
+    code, out, err = cli(capsys, "yolo", "report", lab)  # the report alone, from the folder
+    assert code == 0, err
+    assert out.strip() == f"report: {lab / 'report.html'}"
+    assert (lab / "report.md").read_text() == markdown
 
     stamp = (lab / "report.md").stat().st_mtime_ns, (lab / "lam0" / "results.csv").read_text()
     code, _, err = cli(capsys, *argv)  # again: every step is done, only the report is rewritten

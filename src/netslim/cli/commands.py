@@ -364,6 +364,11 @@ def cmd_yolo(args: argparse.Namespace) -> None:
         raise NetslimError(
             f"netslim yolo needs Ultralytics ({e}); install it with: pip install 'netslim[yolo]'"
         ) from None
+    if args.yolo_command == "report":  # reads a lab folder: no device, image size or batch
+        from netslim.yolo.report import render_report
+
+        print(f"report: {render_report(args.folder)}")
+        return
     device = _ultralytics_device(args.device)
     run = {"imgsz": args.image_size, "batch": args.batch_size}
     if device is not None:
@@ -403,10 +408,6 @@ def cmd_yolo(args: argparse.Namespace) -> None:
                       device=device, settings=_passed_through(args.settings),
                       command=shlex.join(["netslim", *args.argv]))  # fmt: skip
         print(f"report: {run_lab(lab, args.out)}")
-    elif step == "report":
-        from netslim.yolo.report import render_report
-
-        print(f"report: {render_report(args.folder)}")
     else:  # val
         model = files.read_yolo(args.checkpoint, trust_pickle=args.trust_pickle)
         metrics = prune.validate(model, args.data, imgsz=args.image_size, batch=args.batch_size,
