@@ -19,6 +19,13 @@ MIN_IMAGE_SIZE = 8  # smaller maps vanish after a few stride-2 layers
 # (48 MiB as uint8) and a batch's activations far from exhausting a machine.
 MAX_IMAGE_SIZE = 4096
 MEMORY_SHARE = 4  # a single buffer may take at most 1/4 of the RAM
+# Pruning keeps every activation of its traced pass: its estimated peak may take at most
+# 1/2 of the memory (the rest: the network's copies, the interpreter, the system).
+PRUNE_MEMORY_SHARE = 2
+# Pruning takes seconds at a network's training size; an estimate beyond this means a
+# mistaken input size. Lifted by prune_model(max_seconds=...) or this variable.
+MAX_PRUNE_SECONDS = 300.0
+MAX_PRUNE_SECONDS_VARIABLE = "NETSLIM_MAX_PRUNE_SECONDS"
 
 
 def cpu_count() -> int:
@@ -82,5 +89,60 @@ def check_batch_memory(batch: int, image_size: int, flag: str = "--batch-size") 
                  f"lower {flag} or --image-size")  # fmt: skip
 
 
+def prune_seconds_bound(max_seconds: float | None = None) -> float:
+    """The most seconds pruning may be estimated to take: ``max_seconds`` when given, else
+    the environment variable :data:`MAX_PRUNE_SECONDS_VARIABLE`, else :data:`MAX_PRUNE_SECONDS`
+    (``inf`` lifts the bound)."""
+    what = "max_seconds"
+    if max_seconds is None:
+        text = os.environ.get(MAX_PRUNE_SECONDS_VARIABLE, "").strip()
+        if not text:
+            return MAX_PRUNE_SECONDS
+        what = MAX_PRUNE_SECONDS_VARIABLE
+        try:
+            max_seconds = float(text)
+        except ValueError:
+            raise NetslimError(
+                f"{what} must be a number of seconds (or inf), got {text!r}"
+            ) from None
+    if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)):
+        raise NetslimError(f"{what} must be a number of seconds (or inf), got {max_seconds!r}")
+    if not max_seconds > 0:  # NaN too
+        raise NetslimError(
+            f"{what} must be a positive number of seconds (or inf), got {max_seconds}"
+        )
+    return float(max_seconds)
+
+
+def check_prune_cost(
+    seconds: float, peak_bytes: int, max_seconds: float, what: str, memory: int | None = None
+) -> None:
+    """NetslimError when pruning is estimated to take more than half the memory
+    (``memory``, default this machine's RAM) or more than ``max_seconds``.
+
+    ``what`` names the pruning and how the estimate was made ("pruning YOLO at ... (estimated
+    from runs at 64x64 and 128x128)").
+    """
+    memory = ram_bytes() if memory is None else memory
+    fix = "pass a smaller input_size (the size the network trains at)"
+    if memory is not None and peak_bytes > memory // PRUNE_MEMORY_SHARE:
+        raise NetslimError(
+            f"{what} would take about {_gib(peak_bytes)} of memory at its peak, more than half "
+            f"of the {_gib(memory)} there is; {fix}"
+        )
+    if seconds > max_seconds:
+        raise NetslimError(
+            f"{what} would take about {_seconds(seconds)} here, more than the bound of "
+            f"{_seconds(max_seconds)}; {fix}, or allow it with max_seconds={math.ceil(seconds)} "
+            f"({MAX_PRUNE_SECONDS_VARIABLE}={math.ceil(seconds)} for the command line)"
+        )
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:,.0f} s" if seconds >= 10 else f"{seconds:.2g} s"
+
+
 def _gib(nbytes: int) -> str:
+    if nbytes >= 2**80:  # a size typed with hundreds of digits: too large for a float
+        return f"about 10^{len(str(nbytes >> 30)) - 1} GiB"
     return f"{nbytes / 2**30:.3g} GiB" if nbytes >= 2**30 else f"{math.ceil(nbytes / 2**20)} MiB"

@@ -5,7 +5,9 @@
 bias compensation (and, given data, BN recalibration), or with ``compensate=False``
 exactly the official code's network: pruned by the same threshold, nothing folded in,
 BN statistics untouched (given data, the other two are still measured, on copies).
-:func:`pruned_checkpoint`
+Every pruned network is run before it is returned, beside the official masked network
+(:mod:`netslim.engine.check`): one that fails or differs is repaired by keeping the group
+of channels that causes it, or refused; never returned. :func:`pruned_checkpoint`
 packs the result as ``{'channels', 'state_dict'}`` plus netslim's metadata (and, for a
 VGG, the official ``'cfg'`` that the paper's code reads).
 """
@@ -17,7 +19,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,14 +27,29 @@ from torch import nn
 from netslim.checkpoint import save_checkpoint
 from netslim.config import check_ratio
 from netslim.data.batches import ImageData
+from netslim.engine.check import Verdict, check_official, check_runs, find_culprit, keep_group
 from netslim.engine.graph import ChannelGraph
-from netslim.engine.plan import Ignore, Importance, ignore_layers, plan_for_macs, plan_pruning
+from netslim.engine.guard import (
+    check_nesting,
+    check_not_compiled,
+    check_prune_cost,
+    recursion_error,
+)
+from netslim.engine.plan import (
+    Ignore,
+    Importance,
+    PrunePlan,
+    ignore_layers,
+    plan_for_macs,
+    plan_pruning,
+)
 from netslim.engine.recalibrate import recalibrate_bn
 from netslim.engine.stats import count_macs, count_params, nonfinite_tensors
 from netslim.engine.surgery import apply_plan, channel_counts
 from netslim.engine.trace import trace_channels
 from netslim.errors import NetslimError
 from netslim.files import check_output_file
+from netslim.limits import check_image_size, check_memory
 from netslim.models import VGG, CfgItem, num_outputs
 from netslim.train.evaluate import check_classes, evaluate
 
@@ -72,6 +89,12 @@ class PruneReport:
     fixed: list[str] = field(default_factory=list)
     # where the forward pass read tensor values (control flow, masks, NMS): exact on that path
     value_reads: list[str] = field(default_factory=list)
+    # (removed, tied) gammas at the threshold, where ties were broken to keep to the ratio
+    tie_break: tuple[int, int] | None = None
+    # the check after surgery: the inputs the official pruned network ran on beside the
+    # masked one, and the largest relative difference of what was compared
+    checked_on: str | None = None
+    check_difference: float | None = None
     input_size: tuple[int, ...] = (1, 3, 32, 32)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -92,6 +115,12 @@ class PruneReport:
             f"threshold |gamma| > {self.threshold:.4g}: removed {100 * self.pruned_share:.1f}% "
             f"of channels (asked {100 * self.ratio:.0f}%)"
         )
+        if self.tie_break:
+            removed, tied = self.tie_break
+            lines.append(
+                f"{tied} channels tie at the threshold: removed {removed} of them, taken from "
+                "the layers in proportion, so as not to remove more than asked"
+            )
         if self.floored:
             lines.append(f"per-layer floor kept channels alive in: {', '.join(self.floored)}")
         if self.fixed:
@@ -130,6 +159,11 @@ class PruneReport:
                     f"  pruned, BN recalibrated ({self.recalibration_images} images) "
                     f"{self.acc_recalibrated:6.2f}%"
                 )
+        if self.checked_on:
+            lines.append(
+                f"checked after surgery on {self.checked_on}: equal to the official masked "
+                f"network (max relative difference {self.check_difference:.1e})"
+            )
         lines.append(f"saved network: {self.saved}")
         return "\n".join(lines)
 
@@ -150,14 +184,24 @@ def recalibration_batches(data: ImageData, num: int, batch_size: int = 128, seed
 
 
 def check_input_size(input_size: tuple[int, ...]) -> tuple[int, ...]:
-    """``(1, C, H, W)`` from ``(C, H, W)`` or ``(1, C, H, W)``; NetslimError otherwise."""
-    size = tuple(input_size)
+    """``(1, C, H, W)`` from ``(C, H, W)`` or ``(1, C, H, W)``; NetslimError unless H and W
+    lie within the bounds of ``--image-size`` (:func:`netslim.limits.check_image_size`) and
+    one float32 input fits in memory (:func:`netslim.limits.check_memory`)."""
+    shape = "input_size must be (C, H, W) or (1, C, H, W) with positive sizes"
+    try:
+        size = tuple(input_size)
+    except TypeError:
+        raise NetslimError(f"{shape}, got {input_size!r}") from None
     if len(size) == 3:
         size = (1, *size)
-    if len(size) != 4 or size[0] != 1 or not all(isinstance(d, int) and d > 0 for d in size):
-        raise NetslimError(
-            f"input_size must be (C, H, W) or (1, C, H, W) with positive sizes, got {input_size}"
-        )
+    whole = all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in size)
+    if len(size) != 4 or not whole or size[0] != 1:
+        raise NetslimError(f"{shape}, got {input_size!r}")
+    _, channels, height, width = size
+    check_image_size(height, "input_size's height")
+    check_image_size(width, "input_size's width")
+    check_memory(4 * channels * height * width, f"an input of {channels}x{height}x{width}",
+                 "pass a smaller input_size")  # fmt: skip
     return size
 
 
@@ -177,6 +221,7 @@ def prune_model(
     input_size: tuple[int, ...] = (3, 32, 32),
     ignore: Ignore | None = None,
     importance: Importance | None = None,
+    max_seconds: float | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` at ``ratio`` (or to ``target_macs``) and report; with ``data``, also
     measure and recalibrate.
@@ -202,15 +247,29 @@ def prune_model(
             module's whole subtree is left; :func:`netslim.engine.plan.ignore_layers`).
         importance: a score per BatchNorm channel in place of ``|gamma|``, as
             ``importance(name, bn) -> tensor`` (:func:`netslim.engine.plan.channel_scores`).
+        max_seconds: the most seconds pruning may be estimated to take. Before tracing, an
+            input larger than 128x128 is estimated from two runs of the network at up to
+            128x128, scaled by pixels (:func:`netslim.engine.guard.estimate_prune_cost`);
+            pruning is refused when that exceeds ``max_seconds``, or when its peak memory
+            exceeds half of the RAM. None: the environment variable
+            ``NETSLIM_MAX_PRUNE_SECONDS``, else 300 s; ``math.inf`` lifts the bound.
 
     Returns:
         The pruned network and its :class:`PruneReport` (whose ``saved`` names which
         network it is): with ``compensate=False`` the official network, exactly; else
         the compensated one, recalibrated when data was given and ``recalibrate > 0``.
+        Either was checked after surgery (``report.checked_on``, ``report.check_difference``);
+        a group of channels kept whole to repair it is listed in ``report.fixed``.
+
+    Raises:
+        NetslimError: for bad arguments, a network that cannot be traced or pruned, or a
+            pruned network still broken after the repairs (:data:`MAX_REPAIRS`).
     """
     if (ratio is None) == (target_macs is None):
         raise NetslimError("give exactly one of a prune ratio and a MACs target (--target-macs)")
     input_size = check_input_size(input_size)
+    check_nesting(model)  # before anything walks the modules recursively
+    check_not_compiled(model)
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         # said before tracing: a large transformer is slow to trace, and has nothing to slim
         raise NetslimError(
@@ -231,12 +290,15 @@ def prune_model(
         )
     if data is not None:
         check_classes(model, data)
+    check_prune_cost(model, input_size, max_seconds)
     was_training = model.training
     try:
         graph = ignore_layers(model, trace_channels(model, input_size), ignore)
         return _prune_model(model, graph, ratio, target_macs, compensate, min_keep, round_to,
                             importance, data, recalibrate, batch_size, eval_dtype, acc_unpruned,
                             input_size)  # fmt: skip
+    except RecursionError:  # deeper than check_nesting's count (a forward of many frames)
+        raise recursion_error(model) from None
     finally:
         model.train(was_training)  # the caller's model is left as it was
 
@@ -258,13 +320,22 @@ def _prune_model(
     input_size: tuple[int, ...],
 ) -> tuple[nn.Module, PruneReport]:
     model.eval()
-    if target_macs is not None:
-        plan = plan_for_macs(model, target_macs, min_keep, graph=graph, round_to=round_to,
-                             importance=importance)  # fmt: skip
-    else:
-        plan = plan_pruning(model, check_ratio(ratio), min_keep, graph=graph, round_to=round_to,
+
+    def plan_on(graph: ChannelGraph, like: PrunePlan | None = None) -> PrunePlan:
+        """The plan on ``graph``; with ``like``, at its ratio and threshold."""
+        if like is not None:
+            return plan_pruning(model, like.ratio, min_keep, graph=graph,
+                                threshold=like.threshold, round_to=round_to,
+                                importance=importance)  # fmt: skip
+        if target_macs is not None:
+            return plan_for_macs(model, target_macs, min_keep, graph=graph, round_to=round_to,
+                                 importance=importance)  # fmt: skip
+        return plan_pruning(model, check_ratio(ratio), min_keep, graph=graph, round_to=round_to,
                             importance=importance)  # fmt: skip
-    pruned = apply_plan(model, plan, compensate=compensate).eval()
+
+    plan = plan_on(graph)
+    pruned, plan, official, verdict = _checked_surgery(model, plan, compensate, plan_on)
+    graph = plan.graph  # with any channels the check kept
     kept_graph = graph.residual_kept()
     residual_kept = unrounded = None
     with warnings.catch_warnings():  # the floor was already reported once
@@ -293,6 +364,9 @@ def _prune_model(
         target_macs=target_macs,
         fixed=list(plan.fixed_reasons),
         value_reads=list(graph.value_reads),
+        tie_break=plan.tie_break,
+        checked_on=verdict.inputs,
+        check_difference=verdict.difference,
         input_size=input_size,
         round_to=round_to,
         kept_unrounded=[kept for kept, _ in unrounded.kept.values()] if unrounded else None,
@@ -305,7 +379,7 @@ def _prune_model(
     if next(model.parameters()).device != device:  # measured on a copy: the caller's stays put
         model = copy.deepcopy(model).to(device)
     pruned = pruned.to(device)
-    other = apply_plan(model, plan, compensate=not compensate).eval()
+    other = official.to(device) if compensate else apply_plan(model, plan, False).eval()
     masked, compensated = (other, pruned) if compensate else (pruned, other)
     if acc_unpruned is None:
         acc_unpruned = evaluate(model, data, dtype=eval_dtype)[1]
@@ -324,14 +398,63 @@ def _prune_model(
     return pruned.eval(), report
 
 
-def check_prune_output(source: str | Path, out: str | Path, force: bool = False) -> None:
+#: How many groups of channels the check after surgery may keep whole before giving up.
+MAX_REPAIRS = 8
+
+
+def _checked_surgery(
+    model: nn.Module,
+    plan: PrunePlan,
+    compensate: bool,
+    plan_on: Callable[..., PrunePlan],
+) -> tuple[nn.Module, PrunePlan, nn.Module, Verdict]:
+    """Surgery, checked (:mod:`netslim.engine.check`): ``(pruned, plan, official network,
+    verdict)``. Where the official pruned network fails or differs from the masked one, the
+    group of channels that causes it is found, kept whole with the reason, and the network
+    planned again (``plan_on(graph)``; ``plan_on(graph, plan)`` at that plan's threshold
+    while searching); after :data:`MAX_REPAIRS` groups, or where the compensated network
+    fails, NetslimError: a broken network is never returned."""
+    for repairs in range(MAX_REPAIRS + 1):
+        official = apply_plan(model, plan, compensate=False).eval()
+        verdict = check_official(model, plan, official)
+        if verdict.failure is None:
+            break
+        if repairs == MAX_REPAIRS:
+            raise NetslimError(
+                f"pruning {plan.graph.model_name} gives a broken network ({verdict.failure}), "
+                f"even with {repairs} group{'s' * (repairs != 1)} of channels kept whole; no "
+                "pruned network is returned. "
+                "Leave the modules it names unpruned (ignore=, --ignore)"
+            )
+        with warnings.catch_warnings():  # the search plans many times: the floor warns once
+            warnings.simplefilter("ignore")
+            group = find_culprit(model, plan, lambda g, like=plan: plan_on(g, like))
+            label = plan.graph.groups[group].label
+            reason = (f"removing channels of {label} broke the pruned network "
+                      f"({verdict.failure}); kept whole, found by running it after surgery")  # fmt: skip
+            plan = plan_on(keep_group(plan.graph, group, reason))
+    if not compensate:
+        return official, plan, official, verdict
+    pruned = apply_plan(model, plan, compensate=True).eval()
+    failure = check_runs(pruned, plan, model, verdict)
+    if failure:
+        raise NetslimError(
+            f"the bias-compensated network of {plan.graph.model_name} {failure}, where the "
+            "official one runs; prune without compensation (compensate=False, --no-compensate)"
+        )
+    return pruned, plan, official, verdict
+
+
+def check_prune_output(
+    source: str | Path, out: str | Path, force: bool = False, what: str = "--out"
+) -> None:
     """Check, before pruning, that ``out`` can be written and is not the input ``source``
-    (which it would replace), unless ``force``."""
+    (which it would replace), unless ``force``; ``what`` names ``out`` in the message."""
     source, out = Path(source), Path(out)
     same = out.exists() and source.exists() and os.path.samefile(source, out)
     if same and not force:
         raise NetslimError(
-            f"--out {out} is the checkpoint being pruned and would replace it; choose another "
+            f"{what} {out} is the checkpoint being pruned and would replace it; choose another "
             "--out (or add --force to replace it)"
         )
     check_output_file(out)
@@ -356,6 +479,7 @@ def save(
     *,
     arch: str | None = None,
     image_size: int = 32,
+    kind: str | None = None,
 ) -> None:
     """Save ``model`` (pruned or not) so that :func:`netslim.load` rebuilds it.
 
@@ -371,8 +495,12 @@ def save(
             ``"mypkg.models:build"``. Without it, load with ``netslim.load(path, builder)``.
         image_size: the square input size the network takes (recorded for ``netslim info``
             and later pruning).
+        kind: what the network is, for ``netslim info`` (``"train"``, ``"finetune"``; with
+            a report, ``"pruned"``).
     """
     meta = {"arch": arch, "num_classes": num_outputs(model), "image_size": int(image_size)}
+    if kind:
+        meta["kind"] = kind
     if arch and arch.startswith("ultralytics:") and isinstance(getattr(model, "yaml", None), dict):
         meta["yaml"] = model.yaml  # what it was built from, so that it rebuilds without the file
     save_checkpoint(pruned_checkpoint(model, report, meta), path)

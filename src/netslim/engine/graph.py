@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 # What a removed channel holds in the reference network, per tensor entry, two ways: with
 # gamma and beta zeroed (the official masking) and with gamma alone zeroed (compensation).
@@ -84,6 +85,9 @@ class ChannelGraph:
             channels each: the pieces of a ``chunk`` (:meth:`~netslim.engine.ops.Replay.chunk_tie`).
         value_reads: where the forward pass read values of tensors computed from the
             input as Python numbers: on other inputs it may take another path.
+        untraced_macs: MACs of the conv and linear calls inference makes that are not among
+            ``layers`` (a conv only inference calls, as YOLO's DFL; one called twice): their
+            channels are not pruned, so the pruned network makes them too.
     """
 
     groups: dict[int, Group]
@@ -98,6 +102,7 @@ class ChannelGraph:
     gathers: dict[str, torch.Tensor] = field(default_factory=dict)
     ties: list[list[torch.Tensor]] = field(default_factory=list)
     value_reads: list[str] = field(default_factory=list)
+    untraced_macs: int = 0
 
     @property
     def num_units(self) -> int:
@@ -114,6 +119,20 @@ class ChannelGraph:
         if not bool((self.joined & ~self.fixed).any()):
             return None
         return replace(self, fixed=self.fixed | self.joined)
+
+
+def layer_macs(module: nn.Module, output: Any) -> int:
+    """Multiply-accumulates of one call of a conv or linear layer that gave ``output`` (0 for
+    any other module): a conv costs ``out_elements * in_channels/groups * kh * kw``, a linear
+    ``out_elements * in_features``."""
+    if not isinstance(output, torch.Tensor):
+        return 0
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return output.numel() * (module.in_channels // module.groups) * kh * kw
+    if isinstance(module, nn.Linear):
+        return output.numel() * module.in_features
+    return 0
 
 
 def is_tensorish(value: Any) -> bool:
@@ -245,10 +264,10 @@ class Units:
         roots = torch.tensor([self.find(u) for u in range(n)], dtype=torch.long)
         ids, compact = torch.unique(roots, return_inverse=True)
         count = len(ids)
-        members: dict[int, list[str]] = {}
+        # (dicts as ordered sets: a list's `in` made a residual stream's many BNs quadratic)
+        members: dict[int, dict[str, None]] = {}
         for u, names in self.members.items():
-            bucket = members.setdefault(int(compact[u]), [])
-            bucket.extend(x for x in names if x not in bucket)
+            members.setdefault(int(compact[u]), {}).update(dict.fromkeys(names))
         fixed = torch.zeros(count, dtype=torch.bool)
         reasons: dict[int, str] = {}
         for u, reason in self.reasons.items():
@@ -294,22 +313,20 @@ class Units:
             for g in {gfind(c) for c in torch.unique(outputs).tolist()}:
                 producers.setdefault(g, []).append(name)
         groups = {}
+        order = {name: i for i, name in enumerate(self.norms)}  # trace order of the BatchNorms
         for i, (g, units) in enumerate(by_group.items()):
-            names: list[str] = []
+            scaling: dict[str, None] = {}
             for c in units:
-                names.extend(x for x in members.get(c, []) if x not in names)
-            order = list(self.norms)
-            names.sort(key=order.index)
+                scaling.update(members.get(c, {}))
+            names = sorted(scaling, key=order.__getitem__)
             unit_ids = torch.tensor(units, dtype=torch.long)
             all_fixed = bool(fixed[unit_ids].all())
             groups[i] = Group(unit_ids, producers.get(g, []), names,
                               reasons[units[0]] if all_fixed else None,
                               bool(joined[unit_ids].any()))  # fmt: skip
-        notable = []
         selected = {int(compact[u]) for u in self.selected}  # scaled by BNs after a selection
-        for c, reason in reasons.items():
-            if (c in members or c in selected) and reason not in notable:
-                notable.append(reason)
+        notable = list(dict.fromkeys(reason for c, reason in reasons.items()
+                                     if c in members or c in selected))  # fmt: skip
         ties = [[compact[piece] for piece in tie] for tie in self.ties]
         return ChannelGraph(groups, layers, norms, fixed, joined, compensable, notable,
                             tuple(input_size), self.model_name, gathers, ties)  # fmt: skip

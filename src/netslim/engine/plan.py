@@ -4,9 +4,8 @@ The steps, each usable on its own:
 
 1. :func:`global_threshold` -- the paper's rule: sort all ``|gamma|`` of all BatchNorm
    layers, take the value at index ``int(total * ratio)``; a channel is kept when its
-   ``|gamma|`` is strictly greater. Ties at the threshold are all removed, so slightly
-   more than ``ratio`` may go. ``ratio == 0`` keeps everything (the official code would
-   remove the channel(s) holding the very smallest gamma, which nobody means by 0).
+   ``|gamma|`` is strictly greater. ``ratio == 0`` keeps everything (the official code
+   would remove the channel(s) holding the very smallest gamma, which nobody means by 0).
 2. :func:`plan_pruning` -- which channel units (see :mod:`netslim.engine.ops`) are kept.
    A unit is scored by the **largest** ``|gamma|`` among the BatchNorm channels that scale
    it (in a VGG there is one; on a residual stream, one per block; in a DenseNet, one per
@@ -16,6 +15,11 @@ The steps, each usable on its own:
    collapsing: at least ``max(1, ceil(min_keep * units))`` of its best units stay (a
    warning names every group that hit it), and every layer keeps an input. In a VGG the
    masks equal those of the paper's vggprune.py wherever the floor does not bind.
+   **Ties at the threshold** (a fresh network, whose gammas are all 1) would all go, far
+   more than ``ratio``: where several units tie and removing them all would remove more
+   gammas than the paper's rule does without ties (``int(total * ratio) + 1``), only that
+   many go, taken from the groups in proportion to their tied units (:func:`_break_ties`),
+   and the plan says so (``tie_break``). Without ties nothing changes.
    :func:`plan_for_macs` instead finds the threshold that leaves a given share of MACs.
    With ``round_to=N`` every prunable group then keeps a multiple of N channels
    (:func:`round_kept`), the widths fast kernels like.
@@ -72,6 +76,8 @@ class PrunePlan:
         keep: per unit, True where it is kept (always True where it is fixed).
         floored: labels of the groups whose channels the floor kept alive.
         round_to: every prunable group keeps a multiple of this many channels (1: any).
+        tie_break: ``(removed, tied)`` BatchNorm channels (gammas) at the threshold, where
+            ties were broken so as not to remove more than the asked share; else None.
     """
 
     ratio: float
@@ -80,6 +86,7 @@ class PrunePlan:
     keep: torch.Tensor
     floored: list[str] = field(default_factory=list)
     round_to: int = 1
+    tie_break: tuple[int, int] | None = None
 
     def kept_of(self, units: torch.Tensor) -> torch.Tensor:
         """Bool mask over the entries of a channel space (e.g. a BN's channels)."""
@@ -124,7 +131,7 @@ class PrunePlan:
     @property
     def macs(self) -> int:
         """Multiply-accumulates of the pruned network on one input (as :func:`count_macs`)."""
-        total = 0
+        total = self.graph.untraced_macs  # layers not traced: not pruned either
         for layer in self.graph.layers.values():
             if not layer.inference:  # an auxiliary head: not part of the deployed network
                 continue
@@ -222,16 +229,25 @@ def ignore_layers(model: nn.Module, graph: ChannelGraph, ignore: Ignore | None) 
     spaces = {**{n: layer.outputs for n, layer in graph.layers.items()}, **graph.norms,
               **graph.gathers}  # fmt: skip
     fixed, reasons = graph.fixed.clone(), list(graph.fixed_reasons)
+    order = {p: i for i, p in reversed(list(enumerate(prefixes)))}  # first mention of each
     for name, units in spaces.items():
-        owner = next(
-            (p for p in prefixes if p == "" or name == p or name.startswith(p + ".")), None
-        )
+        owner = _first_owner(name, order)
         if owner is not None:
             fixed[units] = True
             reason = f"excluded by ignore= ({owner or 'the whole model'})"
             if reason not in reasons:
                 reasons.append(reason)
     return replace(graph, fixed=fixed, fixed_reasons=reasons)
+
+
+def _first_owner(name: str, order: dict[str, int]) -> str | None:
+    """The earliest of the prefixes ``order`` ranks that is ``name`` or a module holding it
+    ("" holds everything), looked up per ancestor: a scan of every prefix per name was
+    quadratic when ``ignore`` named a class of a thousand layers."""
+    parts = name.split(".")
+    ancestors = ["", *(".".join(parts[:i]) for i in range(1, len(parts) + 1))] if name else [""]
+    found = [a for a in ancestors if a in order]
+    return min(found, key=order.__getitem__) if found else None
 
 
 def round_kept(keep: torch.Tensor, scores: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -259,8 +275,12 @@ def check_round_to(round_to: int) -> int:
 
 
 def _plan_at(graph: ChannelGraph, scores: torch.Tensor, threshold: float,
-             ratio: float, min_keep: float, round_to: int = 1) -> PrunePlan:  # fmt: skip
+             ratio: float, min_keep: float, round_to: int = 1,
+             quota: tuple[torch.Tensor, int] | None = None) -> PrunePlan:  # fmt: skip
+    """The plan at ``threshold``; ``quota``, ``(gammas per unit, most gammas to remove)``,
+    breaks ties at the threshold (:func:`_break_ties`)."""
     keep = scores > threshold
+    tie_break = _break_ties(graph, scores, keep, threshold, *quota) if quota else None
     floored = []
     for group in graph.prunable.values():
         floor = max(1, math.ceil(min_keep * group.size))
@@ -275,7 +295,53 @@ def _plan_at(graph: ChannelGraph, scores: torch.Tensor, threshold: float,
         if len(layer.inputs) and not bool(keep[layer.inputs].any()):
             keep[layer.inputs[scores[layer.inputs].argmax()]] = True
             floored.append(name)
-    return PrunePlan(float(ratio), threshold, graph, keep, floored, round_to)
+    return PrunePlan(float(ratio), threshold, graph, keep, floored, round_to, tie_break)
+
+
+def gamma_counts(graph: ChannelGraph, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How many scored BatchNorm channels (gammas) each unit has: what removing it removes
+    of the gammas the global threshold is taken over."""
+    counts = torch.zeros(graph.num_units, dtype=torch.long)
+    for name, space in graph.norms.items():
+        if name in scores:
+            counts.index_add_(0, space, torch.ones_like(space))
+    return counts
+
+
+def removal_quota(total: int, ratio: float) -> int:
+    """The gammas the paper's rule removes at ``ratio`` when no two are equal: those at or
+    below ``sorted[int(total * ratio)]``."""
+    return int(total * ratio) + 1 if ratio > 0 else 0
+
+
+def _break_ties(graph: ChannelGraph, scores: torch.Tensor, keep: torch.Tensor,
+                threshold: float, gammas: torch.Tensor, quota: int) -> tuple[int, int] | None:  # fmt: skip
+    """Keep (in ``keep``, in place) some of the units tied at ``threshold``, where removing
+    every one would remove more than ``quota`` gammas: removed are the first of an order that
+    takes from each group in proportion to its tied units (the i-th of a group's t tied
+    units at ``(i + 1/2) / t``), so that a larger quota removes a superset (the search of
+    :func:`plan_for_macs` relies on it). Returns ``(removed, tied)`` gammas, or None where
+    nothing was broken (fewer than two units tie, or they fit)."""
+    tied = scores == threshold
+    if int(tied.sum()) < 2 or int(gammas[~keep].sum()) <= quota:
+        return None
+    budget = quota - int(gammas[~keep & ~tied].sum())
+    order = _proportional_order(graph, tied)
+    take = torch.cumsum(gammas[order], 0) <= budget  # a prefix: every tied unit has a gamma
+    keep[order[~take]] = True
+    return int(gammas[order[take]].sum()), int(gammas[order].sum())
+
+
+def _proportional_order(graph: ChannelGraph, tied: torch.Tensor) -> torch.Tensor:
+    """The tied units, interleaved over their groups in proportion to how many each has
+    (a group's own in unit order; equal positions in group order)."""
+    ranked = []
+    for index, group in enumerate(graph.groups.values()):
+        units = group.units[tied[group.units]].sort().values
+        for i, unit in enumerate(units.tolist()):
+            ranked.append(((i + 0.5) / len(units), index, unit))
+    ranked.sort()
+    return torch.tensor([unit for _, _, unit in ranked], dtype=torch.long)
 
 
 def _keep_ties(
@@ -350,7 +416,12 @@ def plan_pruning(
     scores = channel_scores(model, importance)
     if threshold is None:
         threshold = global_threshold(_all(scores), ratio)
-    plan = _plan_at(graph, _unit_scores(graph, scores), threshold, ratio, min_keep, round_to)
+    ratio = check_ratio(ratio)
+    quota = (
+        (gamma_counts(graph, scores), removal_quota(len(_all(scores)), ratio)) if ratio else None
+    )
+    plan = _plan_at(graph, _unit_scores(graph, scores), threshold, ratio, min_keep, round_to,
+                    quota)  # fmt: skip
     _warn_floored(plan, min_keep)
     return plan
 
@@ -390,8 +461,11 @@ def plan_for_macs(
         return unpruned
     total = unpruned.macs
 
-    def plan(k: int) -> PrunePlan:
-        return _plan_at(graph, scores, ordered[k].item(), k / len(ordered), min_keep, round_to)
+    gammas = gamma_counts(graph, by_bn)
+
+    def plan(k: int) -> PrunePlan:  # the paper's rule removing k + 1 gammas, ties broken
+        return _plan_at(graph, scores, ordered[k].item(), k / len(ordered), min_keep, round_to,
+                        (gammas, k + 1))  # fmt: skip
 
     lo, hi = 0, len(ordered) - 1
     least = plan(hi).macs

@@ -1,10 +1,10 @@
 """Parameter and multiply-accumulate (MAC) counts of a network.
 
-MACs are counted by running one 32x32 input through the model with forward hooks on
-conv and linear layers: a conv costs ``out_elements * in_channels/groups * kh * kw``,
-a linear ``in_features * out_features``. BatchNorm, ReLU and pooling are not counted,
-as in the paper, whose "FLOPs" are about twice these MACs (VGG-19: 3.98e8 MACs,
-7.97e8 FLOPs in the paper's Table 1).
+MACs are counted by running one input through the model with forward hooks on conv and
+linear layers (:func:`netslim.engine.graph.layer_macs`): a conv costs
+``out_elements * in_channels/groups * kh * kw``, a linear ``out_elements * in_features``.
+BatchNorm, ReLU and pooling are not counted, as in the paper, whose "FLOPs" are about
+twice these MACs (VGG-19: 3.98e8 MACs, 7.97e8 FLOPs in the paper's Table 1).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from netslim.engine.graph import layer_macs
 from netslim.models import model_inputs
 
 
@@ -27,11 +28,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         nonlocal total
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            total += output.numel() * (module.in_channels // module.groups) * kh * kw
-        elif isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
+        total += layer_macs(module, output)
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]  # fmt: skip

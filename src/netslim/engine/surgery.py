@@ -11,8 +11,11 @@ that scales it outputs the constant ``beta`` there, so each layer reading the ch
 sees a constant (``relu(beta)`` after a ReLU, and so on). Dropping the channel drops that
 constant from what the reader sums, so it is folded back in: into the running mean of
 the BatchNorm that directly follows the reader, else into the reader's bias (created if
-it had none). The constants are measured, not derived: one forward pass of the network
-with the pruned gammas set to 0 records what each reader sees on the removed channels.
+it had none). The constants are measured, not derived: the network with the pruned gammas
+set to 0 runs on two random inputs of the traced shape (on the traced input itself where
+the forward reads tensor values, so that it takes the traced path), and records what each
+reader sees on the removed channels; a reader that does not run once per input, as in the
+trace, ends in NetslimError rather than a measurement of another path.
 The pruned network then computes exactly what that network computes wherever the
 readers see no zero padding (1x1 convs, linear layers, and the interior of every map);
 at a padded border the zeros replace part of the constant, so there the fold is an
@@ -119,22 +122,7 @@ def _compensation(model: nn.Module, plan: PrunePlan, compensate: bool) -> dict[s
     if not readers:
         return {}
     reference = reference_network(model, plan, compensate)
-    seen: dict[str, torch.Tensor] = {}
-    handles = [
-        reference.get_submodule(name).register_forward_hook(
-            lambda m, inputs, out, name=name: seen.__setitem__(name, inputs[0].detach())
-        )
-        for name in readers
-    ]
-    param = next(model.parameters())
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn((2, *plan.graph.input_size[1:]), generator=generator)
-    try:
-        with torch.no_grad():
-            reference(*model_inputs(reference, x.to(param.device, param.dtype)))
-    finally:
-        for h in handles:
-            h.remove()
+    seen = _probe(reference, plan, list(readers))
     shifts = {}
     for name, removed in readers.items():
         weight = model.get_submodule(name).weight.detach()
@@ -154,6 +142,60 @@ def _compensation(model: nn.Module, plan: PrunePlan, compensate: bool) -> dict[s
         if bool((constant != 0).any()):
             shifts[name] = weight @ constant
     return shifts
+
+
+def _probe(reference: nn.Module, plan: PrunePlan, readers: list[str]) -> dict[str, torch.Tensor]:
+    """What each reader gets as input when ``reference`` runs the traced path: on two random
+    inputs of the traced shape where the trace saw no value read, else on the traced input
+    itself (zeros), the one input known to take the traced path. Each reader must run once
+    per input, as in the trace; random inputs that run them otherwise are replaced by the
+    traced one, and where even that does not, NetslimError: the measurement would be of
+    another path."""
+    graph = plan.graph
+    param = next(reference.parameters())
+    traced = [torch.zeros(graph.input_size)]
+    random = [torch.randn(graph.input_size, generator=torch.Generator().manual_seed(seed))
+              for seed in (0, 1)]  # fmt: skip
+    calls: dict[str, int] = {}
+    for inputs in [traced] if graph.value_reads else [random, traced]:
+        runs = [_run_readers(reference, x.to(param.device, param.dtype), readers) for x in inputs]
+        calls = {name: sum(c[name] for _, c in runs) for name in readers}
+        if all(n == len(inputs) for n in calls.values()):
+            return {name: torch.cat([seen[name] for seen, _ in runs]) for name in readers}
+    name = next(n for n, c in calls.items() if c != 1)
+    why = f" (it reads tensor values: {graph.value_reads[0]})" if graph.value_reads else ""
+    raise NetslimError(
+        f"cannot measure what the removed channels leave: on the traced input the masked "
+        f"{graph.model_name} ran {name} {calls[name]} times, where the trace ran it once{why}, "
+        "so its path changes from run to run; make forward() take one path for one input, "
+        "or leave that module unpruned (ignore=, --ignore)"
+    )
+
+
+def _run_readers(
+    reference: nn.Module, x: torch.Tensor, readers: list[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Run ``reference`` on ``x``: each reader's input, and how often each ran."""
+    seen: dict[str, torch.Tensor] = {}
+    calls = dict.fromkeys(readers, 0)
+
+    def record(name: str, read: torch.Tensor) -> None:
+        seen[name] = read.detach()
+        calls[name] += 1
+
+    handles = [
+        reference.get_submodule(name).register_forward_hook(
+            lambda m, inputs, out, name=name: record(name, inputs[0])
+        )
+        for name in readers
+    ]
+    try:
+        with torch.no_grad():
+            reference(*model_inputs(reference, x))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, calls
 
 
 def _copy_norm(
@@ -187,7 +229,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, compensate: bool = True) -> nn
     ``model`` is not modified. See the module docs for ``compensate``.
     """
     graph = plan.graph
-    missing = [n for n in graph.layers if n not in dict(model.named_modules())]
+    names = {name for name, _ in model.named_modules()}  # once: per layer it was quadratic
+    missing = [n for n in graph.layers if n not in names]
     if missing:
         raise NetslimError(f"the prune plan is for another network: no layer {missing[0]}")
     shifts = _compensation(model, plan, compensate)

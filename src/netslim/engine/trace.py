@@ -17,6 +17,19 @@ forward pass that reads tensor *values* as Python numbers (``if x.sum() > 0``, `
 a boolean mask) may take another path on other inputs: the channels whose values it read
 are kept, and the graph lists where it read them (``value_reads``), so the prune report can
 say that the pruned network is exact on the path traced.
+
+Two more things the example input hides, which the tracer follows while it runs:
+
+* **Channel counts read as sizes.** ``B, C, H, W = x.shape`` reads how many channels ``x``
+  has; once ``x`` is pruned, ``C`` is smaller. The tracer hands such sizes out marked
+  (:class:`_Extent`, an ``int``), follows them through integer arithmetic, and where one
+  sizes an op (``y.view(B, C, H, W)``), checks that the op's result has a dim of exactly
+  those channels; otherwise (``y``'s channels are not ``x``'s, as in YOLO26's attention)
+  the channels counted are kept.
+* **Numbers read from tensor values.** After the pass has read values of the input as
+  numbers (``.item()``, ``.numpy()``, ``np.asarray``, ``float()``, ``.tolist()``), any op
+  that computes values from a tensor and a Python or NumPy number may be using one of them:
+  a removed channel's constant there would change with the input, so its channels are kept.
 """
 
 from __future__ import annotations
@@ -30,12 +43,27 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from netslim.engine.graph import ChannelGraph, tensors
-from netslim.engine.ops import LAYER_TYPES, Call, Replay, hashable, registered_module
+from netslim.engine.graph import ChannelGraph, along, decode, layer_macs, tensors
+from netslim.engine.guard import check_nesting, check_not_compiled, recursion_error
+from netslim.engine.ops import (
+    ADD_LIKE,
+    CREATES,
+    DIV_LIKE,
+    LAYER_TYPES,
+    MUL_LIKE,
+    REARRANGE,
+    SAME_VALUES,
+    SIZE_READS,
+    Call,
+    Replay,
+    hashable,
+    registered_module,
+)
 from netslim.errors import NetslimError
 from netslim.models import model_inputs
 from netslim.models.gather import ChannelGather
@@ -56,6 +84,17 @@ _REFLECTED = {"__radd__", "__rsub__", "__rmul__", "__rtruediv__"}
 # Reading a tensor's values as Python numbers: the path may depend on them.
 _VALUE_READS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy",
                 "__iter__", "__array__", "__format__", "__repr__"}  # fmt: skip
+# Value reads that hand the values out as numbers (``__bool__`` only picks a branch).
+_NUMBER_READS = {"item", "tolist", "numpy", "__array__", "__float__", "__int__", "__index__"}
+# Size reads whose result may count channels: marked as _Extent.
+_SIZE_METHODS = {"shape", "size", "__len__"}
+# Ops that may take a size as an argument and give a result of that size.
+_SIZED = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.rand,
+          torch.randn, "new_tensor"}  # fmt: skip
+# Arithmetic, where an int argument is a number, not a dim.
+_ARITHMETIC = ADD_LIKE | MUL_LIKE | DIV_LIKE | {"pow", torch.pow, "__pow__", "__rpow__"}
+# Ops that only move, copy or measure values: a number among their arguments is no operand.
+_NOT_COMPUTING = REARRANGE | SAME_VALUES | SIZE_READS | CREATES | _SIZED
 # Ops whose result's shape depends on the values (a mask, the boxes NMS keeps).
 _VALUE_SHAPED = {"nonzero", "masked_select", "unique", "argwhere", "nonzero_static",
                  torch.nonzero, torch.masked_select, torch.unique, torch.argwhere}  # fmt: skip
@@ -87,6 +126,43 @@ class _Key:
     """Names one value of the forward pass for the replay (compared by identity)."""
 
     __slots__ = ()
+
+
+# The tracer running now: marked sizes ask it to remember what they count.
+_ACTIVE: list[_Tracer] = []
+
+
+class _Extent(int):
+    """A size the traced forward pass read from a tensor (``x.shape[1]``) that counts
+    channels, or an integer computed from such sizes: an ``int`` in every way, which the
+    running tracer recognises when an op takes it. Copies and pickles are plain ints."""
+
+    __slots__ = ()
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        return int, (int(self),)
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
+def _derived(name: str) -> Callable:
+    method = getattr(int, name)
+
+    def derive(self: _Extent, *other: Any) -> Any:
+        result = method(self, *other)
+        if not _ACTIVE or type(result) is not int:  # noqa: E721 - a bool is no size
+            return result
+        return _ACTIVE[-1].extent(result, [self, *other], exact=False)
+
+    derive.__name__ = name
+    return derive
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+              "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__neg__", "__abs__",
+              "__pos__"):  # fmt: skip
+    setattr(_Extent, _name, _derived(_name))
 
 
 def _user_line() -> tuple[str, int] | None:
@@ -131,6 +207,11 @@ class _Tracer(TorchFunctionMode):
         self.inside: nn.Module | None = None  # the layer running now (its ops are its own)
         self.paused = False  # the replay itself runs ops: not part of the pass
         self.stack: list[str] = []  # names of the modules running, outermost first
+        # id of a marked size -> (it, the units it counts, whether it is a dim's length, where read)
+        self.extents: dict[int, tuple[_Extent, torch.Tensor, bool, str]] = {}
+        # (units counted, units of the result dims the op sized, why to keep them otherwise)
+        self.sized: list[tuple[torch.Tensor, list[torch.Tensor], str]] = []
+        self.number_read: str | None = None  # the first read of the input's values as numbers
 
     # -- values and keys -------------------------------------------------------------------
     def key_of(self, value: torch.Tensor) -> _Key:
@@ -206,9 +287,10 @@ class _Tracer(TorchFunctionMode):
         keyed_args, keyed_kwargs = self.keyed(tuple(ordered)), self.keyed(kwargs)
         inputs = list(dict.fromkeys(k for k in _flat(keyed_args, keyed_kwargs)))
         if any(k in self.depends for k in inputs) and _reads_values(func, op, target, args):
-            self.value_reads.append(
-                f"{getattr(func, '__name__', target)} {self.where(_user_line())[0]}"
-            )
+            read = f"{getattr(func, '__name__', target)} {self.where(_user_line())[0]}"
+            self.value_reads.append(read)
+            if op == "call_method" and target in _NUMBER_READS and self.number_read is None:
+                self.number_read = read
         line = _user_line()
 
         def rerun(replace: Callable[[_Key], Any], a=keyed_args, k=keyed_kwargs) -> Any:
@@ -220,8 +302,95 @@ class _Tracer(TorchFunctionMode):
         call = Call(op, target, keyed_args, keyed_kwargs, inputs, rerun,
                     describe=target if isinstance(target, str) else getattr(target, "__name__", str(target)),
                     locate=lambda: self.where(line))  # fmt: skip
-        self.register(value, call)
+        key = self.register(value, call)
+        numbers = _numbers(args, kwargs)
+        marked = [n for n in numbers if isinstance(n, _Extent) and self.marked(n)]
+        if marked:
+            self.sizing(key, call, marked)
+        if self.number_read and _uses_read_numbers(target, numbers):
+            self.replay.units.fix_all(
+                self.replay.codes.get(key),
+                f"{call.describe} {call.where} computes with a number that may come from "
+                f"tensor values ({self.number_read}): on other inputs it is another number",
+            )
+        if op == "call_method" and target in _SIZE_METHODS and inputs:
+            return self.measured(value, inputs[0], target, args[1:], kwargs)
         return value
+
+    # -- sizes that count channels -----------------------------------------------------------
+    def extent(self, value: int, sources: list[Any], exact: bool) -> int:
+        """``value`` marked as counting the channels that the marked ``sources`` count (a
+        plain int where none is marked)."""
+        found = [self.extents[id(x)] for x in sources if isinstance(x, _Extent) and self.marked(x)]
+        if not found:
+            return value
+        marked = _Extent(value)
+        self.extents[id(marked)] = (marked, torch.cat([f[1] for f in found]), exact, found[0][3])
+        return marked
+
+    def marked(self, size: _Extent) -> bool:
+        entry = self.extents.get(id(size))
+        return entry is not None and entry[0] is size
+
+    def measured(self, value: Any, source: _Key, target: str, args: tuple, kwargs: dict) -> Any:
+        """A size read (``x.shape``, ``x.size(d)``, ``len(x)``) with every length that counts
+        channels marked: a dim along which the units of ``x`` differ."""
+        codes = self.replay.codes.get(source)
+        if not isinstance(codes, torch.Tensor) or codes.numel() == 0:  # empty: counts nothing
+            return value
+        where = f"{target.strip('_')} {self.where(_user_line())[0]}"
+
+        def mark(dim: int, length: Any) -> Any:
+            line = along(codes, dim) if type(length) is int else None  # noqa: E721
+            if line is None:
+                return length
+            units = decode(line)[0]
+            if len(torch.unique(units)) < 2:
+                return length
+            marked = _Extent(length)
+            self.extents[id(marked)] = (marked, units, True, where)
+            return marked
+
+        if isinstance(value, torch.Size):
+            return torch.Size([mark(d, n) for d, n in enumerate(value)])
+        if isinstance(value, int):
+            dim = kwargs.get("dim", args[0] if args else 0)
+            return mark(dim % codes.dim(), value) if isinstance(dim, int) else value
+        return value
+
+    def sizing(self, key: _Key, call: Call, marked: list[_Extent]) -> None:
+        """An op takes sizes that count channels: it stays right only where each sizes a dim
+        of its result holding exactly the channels counted (``x.view(B, C, -1)`` of ``x``
+        itself); which units those are is settled at the end (:meth:`settle`)."""
+        codes = self.replay.codes.get(key)
+        target = call.target
+        shaping = hashable(target) and (
+            target in REARRANGE or target in CREATES or target in _SIZED
+        )
+        for size in marked:
+            _, units, exact, read = self.extents[id(size)]
+            dims = []
+            if exact and shaping:
+                for t in tensors(codes):
+                    for d in range(t.dim() if t.numel() else 0):
+                        line = along(t, d) if t.shape[d] == int(size) else None
+                        if line is not None:
+                            dims.append(decode(line)[0])
+            reason = (f"{call.describe} {call.where} is sized by a channel count ({read}) "
+                      "that pruning would change")  # fmt: skip
+            self.sized.append((units, dims, reason))
+
+    def settle(self) -> None:
+        """Keep the channels whose count sizes an op other than as the length of the same
+        channels (now that every tie between units is known)."""
+        find = self.replay.units.find
+        for units, dims, reason in self.sized:
+            roots = [find(u) for u in units.tolist()]
+            same = any(
+                len(d) == len(roots) and [find(u) for u in d.tolist()] == roots for d in dims
+            )
+            if not same:
+                self.replay.units.fix(units, reason)
 
     def before(self, module: nn.Module, args: tuple) -> None:
         if self.paused or self.inside is not None:
@@ -268,6 +437,36 @@ def _reads_values(func: Callable, op: str, target: Any, args: tuple) -> bool:
     )
 
 
+def _numbers(*objs: Any) -> list[Any]:
+    """The numbers among an op's arguments (inside tuples, lists, dicts and slices): Python
+    numbers, NumPy scalars and arrays; not tensors, not bools."""
+    found: list[Any] = []
+    for obj in objs:
+        if isinstance(obj, (list, tuple)):
+            found += _numbers(*obj)
+        elif isinstance(obj, dict):
+            found += _numbers(*obj.values())
+        elif isinstance(obj, slice):
+            found += _numbers(obj.start, obj.stop, obj.step)
+        elif isinstance(obj, (int, float, complex, np.generic, np.ndarray)) and not isinstance(
+            obj, (bool, np.bool_)
+        ):
+            found.append(obj)
+    return found
+
+
+def _uses_read_numbers(target: Any, numbers: list[Any]) -> bool:
+    """Whether an op computes values with a number that may have been read from tensor
+    values: a float or NumPy value (an int only as an operand of arithmetic, where it is not
+    a dim or a size) passed to an op that is no move, copy or size read."""
+    if not hashable(target) or target in _NOT_COMPUTING or target in _VALUE_READS:
+        return False
+    arithmetic = target in _ARITHMETIC
+    return any(
+        not isinstance(n, int) or (arithmetic and not isinstance(n, _Extent)) for n in numbers
+    )
+
+
 def _namedtuple(obj: Any) -> bool:
     return isinstance(obj, tuple) and hasattr(obj, "_fields")
 
@@ -284,8 +483,9 @@ def _flat(*objs: Any) -> list[_Key]:
     return found
 
 
-def _run_counting(model: nn.Module, inputs: tuple) -> Counter:
-    """Run ``model`` on ``inputs`` and count the calls of each layer (by id)."""
+def _run_counting(model: nn.Module, inputs: tuple, macs: Counter | None = None) -> Counter:
+    """Run ``model`` on ``inputs`` and count the calls of each layer (by id); with ``macs``,
+    also add up there the MACs of every conv and linear layer (by id), as count_macs does."""
     calls: Counter = Counter()
     depth = []
 
@@ -299,6 +499,8 @@ def _run_counting(model: nn.Module, inputs: tuple) -> Counter:
     def after(module, args, value):
         if depth:
             depth.pop()
+        if macs is not None:
+            macs[id(module)] += layer_macs(module, value)
 
     with ExitStack() as stack:
         stack.enter_context(_global_hooks(before, after))
@@ -365,6 +567,8 @@ def trace_channels(
     Raises:
         NetslimError: when the forward pass does not run on that input.
     """
+    check_nesting(model)  # before anything walks the modules recursively
+    check_not_compiled(model)
     input_size = tuple(input_size)
     if len(input_size) == 3:
         input_size = (1, *input_size)
@@ -379,7 +583,8 @@ def trace_channels(
         with torch.no_grad(), torch.random.fork_rng(rng):
             _modes(model, training=False)
             names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-            inference = {names[i] for i in _run_counting(model, inputs)}
+            macs: Counter = Counter()
+            inference = {names[i] for i in _run_counting(model, inputs, macs)}
             graph = None
             for training in (True, False):
                 _modes(model, training)
@@ -394,15 +599,27 @@ def trace_channels(
                 tracer = _Tracer(model, replay, calls)
                 for x in tensors(inputs):
                     tracer.register(x, Call("placeholder", "input", (), {}, [], rerun=None))
-                with _global_hooks(tracer.before, tracer.after, with_kwargs=True), tracer:
-                    output = model(*inputs)
+                _ACTIVE.append(tracer)
+                try:
+                    with _global_hooks(tracer.before, tracer.after, with_kwargs=True), tracer:
+                        output = model(*inputs)
+                finally:
+                    _ACTIVE.remove(tracer)
                 keys = [tracer.key_of(t) for t in tensors(output)]
                 tracer.register(None, Call("output", "output", tuple(keys), {}, keys, rerun=None))
+                tracer.settle()
                 graph = replay.finish(input_size)
                 graph.value_reads = list(dict.fromkeys(tracer.value_reads))
+                # the layers inference runs that the traced pass did not record as layers
+                # (YOLO's DFL conv, which only inference calls; a conv called twice)
+                graph.untraced_macs = sum(
+                    n for i, n in macs.items() if names[i] not in graph.layers
+                ) // max(input_size[0], 1)
                 break
     except NetslimError:
         raise
+    except RecursionError:
+        raise recursion_error(model) from None
     except Exception as e:
         detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise NetslimError(
