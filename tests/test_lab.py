@@ -13,22 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN_CFG
 
 import netslim
 import netslim.lab.stages as lab_module
 from netslim.cli import main
 from netslim.cli.parser import build_parser
 from netslim.config import DEMO, LabConfig, lam_name
-from netslim.models import VGG
 
 pytestmark = pytest.mark.slow  # not in make test-fast
 
-# A reduced demo: the demo's arch and data, a few seconds of work.
+# A reduced demo: the demo's arch and data, a few seconds of work. One fixed thread: a
+# resumed lab is bit-identical only at a fixed count (a count that follows a busy
+# machine's load differs between the runs; README, "Threads").
 TINY = ["--train-size", "256", "--test-size", "128", "--epochs", "2", "--finetune-epochs", "1",
         "--sweep", "0.3", "0.7", "--recalibrate", "2", "--precision", "fp32",
-        "--device", "cpu"]  # fmt: skip
-LAMS, RATIOS, SWEEP = [0.0, 1e-3, 5e-3], [0.5, 0.9], [0.3, 0.5, 0.7, 0.9]  # the demo prunes 5e-3
+        "--device", "cpu", "--threads", "1"]  # fmt: skip
+LAMS, RATIOS, SWEEP = [0.0, 1e-3, 8e-3], [0.5, 0.9], [0.3, 0.5, 0.7, 0.9]  # the demo prunes 8e-3
 TIMING = ("seconds", "images_per_s")  # the only fields of a metrics record that may differ
 
 
@@ -80,8 +80,8 @@ def test_reduced_demo_runs_end_to_end(demo_run):
         assert [r["epoch"] for r in records] == [1, 2]
     data = netslim.load_dataset("synthetic", train_size=256, test_size=128)
     for ratio in RATIOS:
-        report = json.loads((run / "prune" / f"lam=5e-3-ratio={ratio}.json").read_text())["prune"]
-        pruned = netslim.load(run / "prune" / f"lam=5e-3-ratio={ratio}.pth")
+        report = json.loads((run / "prune" / f"lam=8e-3-ratio={ratio}.json").read_text())["prune"]
+        pruned = netslim.load(run / "prune" / f"lam=8e-3-ratio={ratio}.pth")
         assert pruned.cfg == report["cfg"] and report["ratio"] == ratio
         # the saved network is the recalibrated one: measured again, it scores what was logged
         assert netslim.evaluate(pruned, data)[1] == pytest.approx(report["acc_recalibrated"])
@@ -95,7 +95,7 @@ def test_sweep_repeats_the_prune_stage_at_the_lab_ratios(demo_run):
     points = {p["ratio"]: p for p in json.loads((run / "sweep.json").read_text())["points"]}
     assert sorted(points) == SWEEP  # --sweep plus the lab's ratios
     for ratio in RATIOS:  # same pruning by two code paths: the same accuracies
-        report = json.loads((run / "prune" / f"lam=5e-3-ratio={ratio}.json").read_text())["prune"]
+        report = json.loads((run / "prune" / f"lam=8e-3-ratio={ratio}.json").read_text())["prune"]
         for key in ("threshold", "acc_masked", "acc_compensated", "acc_recalibrated"):
             assert points[ratio][key] == report[key]
 
@@ -124,21 +124,21 @@ def test_interrupted_lab_resumes_where_it_stopped(tmp_path, monkeypatch, demo_ru
     # Start from the finished lab cut back to its first two trainings (saves their time).
     run = tmp_path / "lab"
     shutil.copytree(demo_run[0], run)
-    for later in ("train/lam=5e-3", "prune", "finetune", "figures"):
+    for later in ("train/lam=8e-3", "prune", "finetune", "figures"):
         shutil.rmtree(run / later)
     for later in ("sweep.json", "report.md", "report.html"):
         (run / later).unlink()
     real_fit = lab_module.fit
 
-    def fit_stopping_after_one_epoch_at_lam_5e3(config, *args, log, **kwargs):
+    def fit_stopping_after_one_epoch_at_lam_8e3(config, *args, log, **kwargs):
         def stop(line: str) -> None:  # fit logs an epoch after saving it: stop right there
             raise KeyboardInterrupt
 
-        return real_fit(config, *args, log=stop if config.lam == 5e-3 else log, **kwargs)
+        return real_fit(config, *args, log=stop if config.lam == 8e-3 else log, **kwargs)
 
-    monkeypatch.setattr(lab_module, "fit", fit_stopping_after_one_epoch_at_lam_5e3)
+    monkeypatch.setattr(lab_module, "fit", fit_stopping_after_one_epoch_at_lam_8e3)
     assert run_cli("demo", *TINY, "--out", str(run))[0] == 130
-    assert len(metrics_without_timing(run / "train" / "lam=5e-3")) == 1
+    assert len(metrics_without_timing(run / "train" / "lam=8e-3")) == 1
     assert not (run / "prune").exists()
 
     def finished_trainings() -> dict:
@@ -159,7 +159,7 @@ def test_interrupted_lab_resumes_where_it_stopped(tmp_path, monkeypatch, demo_ru
     "change, message",
     [
         (["--epochs", "3"], "epochs (2 in the lab, 3 now)"),
-        (["--lams", "0", "5e-3"], "lams ([0.0, 0.001, 0.005] in the lab, [0.0, 0.005] now)"),
+        (["--lams", "0", "8e-3"], "lams ([0.0, 0.001, 0.008] in the lab, [0.0, 0.008] now)"),
         (["--sweep", "0.2"], "sweep ([0.3, 0.7] in the lab, [0.2] now)"),
     ],
 )
@@ -176,7 +176,7 @@ def test_changed_settings_on_an_existing_lab_are_refused(demo_run, capsys, chang
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--prune-lam", "1e-4"], "--prune-lam 1e-4 is not among --lams 0 1e-3 5e-3"),
+        (["--prune-lam", "1e-4"], "--prune-lam 1e-4 is not among --lams 0 1e-3 8e-3"),
         (["--ratios", "0.5", "1.0"], "prune ratio must be in [0, 1)"),
         (["--sweep", "-0.1"], "prune ratio must be in [0, 1)"),
         (["--lams", "1e-4", "0.0001"], "--lams lists 1e-4 more than once"),
@@ -222,20 +222,21 @@ def test_lab_subcommands_have_help(capsys):
         assert f"usage: netslim {command}" in capsys.readouterr().out
 
 
+@pytest.mark.exhaustive  # the demo's own training: a minute on 2 cores (make test-all)
 def test_the_demo_prunes_a_model_sparse_enough_to_lose_nothing_at_half(tmp_path):
-    """The demo's story, on a tiny version of the training of the model it prunes.
+    """The demo's story: the training of the model it prunes, measured on 500 test images.
 
-    The demo's recipe exactly (its data, λ, lr, schedule, batch size and epochs, so the L1
-    term moves every γ as far as in the demo) on a narrower VGG, a few times cheaper than
-    the demo's vgg11-small (which ends sparser: 84% of |γ| below 0.01 against about 57%).
-    Pruned at 0.5, it must lose only channels whose |γ| is below the sparsity threshold
-    0.01 (every γ starts at 0.5), and almost no accuracy with the official method.
+    The demo's network and recipe exactly (its data, λ, lr, schedule, batch size and
+    epochs, so the L1 term moves every γ as far as in the demo; it ends 86% sparse at 91%
+    test accuracy). Pruned at 0.5, it must lose only channels whose |γ| is below the
+    sparsity threshold 0.01 (every γ starts at 0.5), and almost no accuracy with the
+    official method. (A narrower VGG at this λ ends at 71%: too little to learn from.)
     """
     config = replace(DEMO.train_config(DEMO.prune_lam), test_size=500, precision="fp32",
                      device="cpu")  # fmt: skip
     data = netslim.load_dataset(DEMO.dataset, train_size=config.train_size, test_size=500)
     torch.manual_seed(config.seed)
-    netslim.fit(config, data, VGG(TRAIN_CFG), tmp_path, log=lambda line: None)
+    netslim.fit(config, data, netslim.build_model(DEMO.arch), tmp_path, log=lambda line: None)
     model = netslim.load(tmp_path / "last.pth")
     gammas = netslim.bn_gammas(model).abs()
     _, report = netslim.prune_model(model, 0.5, data=data, recalibrate=0)
@@ -244,4 +245,4 @@ def test_the_demo_prunes_a_model_sparse_enough_to_lose_nothing_at_half(tmp_path)
     assert removed.max() < config.sparsity_threshold == 0.01
     # within 2 points (10 of the 500 test images): a network pruned where it is not sparse
     # falls towards chance (10%) instead
-    assert report.acc_unpruned > 70 and report.acc_masked >= report.acc_unpruned - 2.0
+    assert report.acc_unpruned > 85 and report.acc_masked >= report.acc_unpruned - 2.0

@@ -84,7 +84,7 @@ def test_finetune_multipass_and_lab_take_the_recipe_too():
     assert lab.finetune_config().lam == 0 and lab.finetune_config().nesterov
     # the demo's own epochs win over the recipe's; the rest is the recipe's
     demo = lab_config(build_parser().parse_args(["demo", "--recipe", "fast"]))
-    assert (demo.epochs, demo.finetune_epochs, demo.batch_size) == (6, 3, 256)
+    assert (demo.epochs, demo.finetune_epochs, demo.batch_size) == (5, 3, 256)
     paper = lab_config(build_parser().parse_args(["lab"]))
     assert paper == LabConfig()  # the paper recipe leaves the lab as it was
 

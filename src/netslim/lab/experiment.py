@@ -9,6 +9,9 @@
 4. fine-tuning of each pruned model;
 5. the report (:mod:`netslim.lab.report`).
 
+Progress lines say which stage of how many runs, and the time spent and left
+(:mod:`netslim.lab.progress`).
+
 Every stage leaves files behind, and a stage whose files are complete is skipped, so
 running the same lab again continues where an interrupted one stopped (an interrupted
 training run continues from its ``last.pth``). ``lab.json`` records the settings;
@@ -38,12 +41,14 @@ from netslim.data.batches import ImageData
 from netslim.errors import NetslimError
 from netslim.files import remove_temp_files, write_json
 from netslim.lab.folder import LAB_FILE, finetune_dir, prune_path, read_json, sweep_path, train_dir
+from netslim.lab.progress import TRAIN_COST, LabProgress, Stage, pruned_cost
 from netslim.lab.stages import Log, prune_stage, train_stage
 from netslim.models import build_model, check_arch
 from netslim.runtime import distributed
 from netslim.runtime.device import pick_device, pick_precision
 from netslim.slim import prune_model
 from netslim.train import runlock
+from netslim.train.loop import StepHook
 from netslim.train.runfolder import changed_settings
 
 # --------------------------------------------------------------------------------------
@@ -129,23 +134,66 @@ def record_lab(
 
 
 # --------------------------------------------------------------------------------------
+# The stages and their work, for the progress lines
+# --------------------------------------------------------------------------------------
+
+RECALIBRATION_BATCH = 128  # images per batch of BN recalibration (prune_model's default)
+REPORT_SECONDS = 5.0  # rendering the report and its figures, a guess (the demo: 2 s)
+
+
+def lab_stages(config: LabConfig, train_size: int, test_size: int) -> list[Stage]:
+    """Every stage of the lab in the order :func:`run_lab` runs them, with its estimated
+    work in units (:mod:`netslim.lab.progress`)."""
+    epoch = TRAIN_COST * train_size + test_size
+    recalibration = min(config.recalibrate * RECALIBRATION_BATCH, train_size)
+
+    def measured(ratio: float) -> float:
+        """Pruning at ``ratio`` with data: the official and the compensated network
+        evaluated, recalibrated and evaluated again (the unpruned one aside)."""
+        cost = pruned_cost(ratio)
+        return test_size * (1 + 2 * cost) + recalibration * cost
+
+    stages = [Stage(f"train λ={lam_name(lam)}", config.epochs * epoch, kind="train")
+              for lam in config.lams]  # fmt: skip
+    stages += [Stage(f"prune ratio {r:g}", test_size + measured(r), kind="prune")
+               for r in config.ratios]  # fmt: skip
+    sweep = test_size + sum(measured(r) for r in config.sweep_ratios())
+    stages.append(Stage("sweep", sweep, kind="prune"))
+    stages += [Stage(f"fine-tune ratio {r:g}", config.finetune_epochs * epoch * pruned_cost(r),
+                     kind="fine-tune") for r in config.ratios]  # fmt: skip
+    stages.append(Stage("report", seconds=REPORT_SECONDS, kind="report"))
+    return stages
+
+
+def _train_hook(progress: LabProgress, data: ImageData) -> StepHook:
+    """The running training stage's ``on_step``: a test pass ends each epoch."""
+    test, train = len(data.test_labels), len(data.train_labels)
+    return progress.train_hook(test_share=test / (TRAIN_COST * train + test))
+
+
+# --------------------------------------------------------------------------------------
 # Stages
 # --------------------------------------------------------------------------------------
 
 
-def _prune_ratios(
-    config: LabConfig, data: ImageData, run: Path, dtype: torch.dtype | None, log: Log
+def _prune_ratio(
+    config: LabConfig,
+    data: ImageData,
+    run: Path,
+    ratio: float,
+    dtype: torch.dtype | None,
+    progress: LabProgress,
 ) -> None:
-    """Prune the ``prune_lam`` model at each lab ratio; save the network and its report."""
+    """Prune the ``prune_lam`` model at ``ratio``; save the network and its report."""
     source = train_dir(run, config.prune_lam) / "last.pth"
-    for ratio in config.ratios:
-        record = prune_path(run, config.prune_lam, ratio, ".json")
-        log(f"== pruning λ={lam_name(config.prune_lam)} at ratio {ratio:g}: {record}")
-        prune_stage(source, record.with_suffix(".pth"), record, ratio, data=data,
-                    meta={"arch": config.arch}, trust=config.arch, log=log,
-                    layout=lambda info, report: {**info, "lam": config.prune_lam, "prune": report},
-                    recalibrate=config.recalibrate,
-                    eval_dtype=dtype)  # fmt: skip
+    record = prune_path(run, config.prune_lam, ratio, ".json")
+    if record.exists():
+        progress.skip()
+    prune_stage(source, record.with_suffix(".pth"), record, ratio, data=data,
+                meta={"arch": config.arch}, trust=config.arch, log=progress.log,
+                layout=lambda info, report: {**info, "lam": config.prune_lam, "prune": report},
+                recalibrate=config.recalibrate,
+                eval_dtype=dtype)  # fmt: skip
 
 
 SWEEP_KEYS = ("ratio", "threshold", "pruned_share", "floored", "params_after", "macs_after",
@@ -153,18 +201,29 @@ SWEEP_KEYS = ("ratio", "threshold", "pruned_share", "floored", "params_after", "
 
 
 def sweep_stage(
-    config: LabConfig, data: ImageData, run: Path, dtype: torch.dtype | None, log: Log
+    config: LabConfig,
+    data: ImageData,
+    run: Path,
+    dtype: torch.dtype | None,
+    log: Log,
+    progress: LabProgress | None = None,
 ) -> None:
-    """Prune at every sweep ratio without training and record the three accuracies."""
+    """Prune at every sweep ratio without training and record the three accuracies.
+
+    ``progress``, when given, runs this stage and hears of each ratio."""
     path = sweep_path(run)
-    log(f"== pruning sweep over {len(config.sweep_ratios())} ratios, no training: {path}")
+    ratios = config.sweep_ratios()
     if path.exists():
         log("   done already")
+        if progress is not None:
+            progress.skip()
         return
     model = load(train_dir(run, config.prune_lam) / "last.pth", trust=config.arch)
     points = []
     acc_unpruned = None  # measured by the first ratio, then reused
-    for ratio in config.sweep_ratios():
+    for i, ratio in enumerate(ratios):
+        if progress is not None:  # an even share per ratio: close enough for a progress line
+            progress.update(i / len(ratios), f"ratio {i + 1}/{len(ratios)} ({ratio:g})")
         with warnings.catch_warnings():  # floored layers are recorded in the point instead
             warnings.simplefilter("ignore", UserWarning)
             _, report = prune_model(model, ratio, data=data, recalibrate=config.recalibrate,
@@ -187,6 +246,7 @@ def run_lab(
     *,
     download: bool = True,
     log: Log = print,
+    progress: type[LabProgress] = LabProgress,
 ) -> Path:
     """Run (or continue) the lab ``config`` in the folder ``out``; returns the HTML report's path.
 
@@ -194,7 +254,8 @@ def run_lab(
         config: the lab's settings.
         out: the run folder; created if missing, continued if it holds this lab.
         download: allow downloading CIFAR when it is not under ``config.data_root``.
-        log: where progress lines go.
+        log: where the lab's lines go, progress lines included.
+        progress: the class that makes the progress lines (tests give one with its own clock).
     """
     config.check()
     check_arch(config.arch, load=True)  # a missing package fails before anything is written
@@ -208,13 +269,17 @@ def run_lab(
             config.dataset, config.data_root, seed=config.seed, download=download,
             train_size=config.train_size, test_size=config.test_size,
         ).to(device)  # fmt: skip
-    log = distributed.main_log(log)
+    stages = lab_stages(config, len(data.train_labels), len(data.test_labels))
+    tracker = progress(stages, log)  # prints on rank 0 alone
     # Under torchrun only training is shared; the other stages run on rank 0 alone.
     # Rank 0 writes the lab's own files, so it alone holds the folder's lock.
     with runlock.hold(out) if distributed.is_main() else contextlib.nullcontext():
         if distributed.is_main():
             remove_temp_files(out)
-        return _run_stages(config, data, out, device, dtype, info, log)
+        with tracker.running():
+            report = _run_stages(config, data, out, device, dtype, info, tracker)
+        tracker.log(tracker.summary())
+        return report
 
 
 def _run_stages(
@@ -224,12 +289,14 @@ def _run_stages(
     device: torch.device,
     dtype: torch.dtype | None,
     info: dict[str, Any] | None,
-    log: Log,
+    progress: LabProgress,
 ) -> Path:
     # Imported here: the report needs matplotlib, which every other command can do without.
     from netslim.lab.report import render_report
 
     distributed.on_main(record_lab, config, out, info, environment(device, dtype))
+    log = progress.log
+    stage = iter(range(len(progress.stages)))  # the stages in lab_stages' order
 
     def fresh_model() -> torch.nn.Module:
         torch.manual_seed(config.seed)  # every λ starts from the same weights
@@ -237,28 +304,33 @@ def _run_stages(
 
     for lam in config.lams:
         run_dir = train_dir(out, lam)
-        log(f"== sparsity training λ={lam_name(lam)}, {config.epochs} epochs: {run_dir}")
-        meta = {"arch": config.arch, "num_classes": data.num_classes, "kind": "train"}
-        train_stage(config.train_config(lam), data, fresh_model, run_dir, meta, log)
+        headline = f"== sparsity training λ={lam_name(lam)}, {config.epochs} epochs: {run_dir}"
+        with progress.stage(next(stage), headline):
+            meta = {"arch": config.arch, "num_classes": data.num_classes, "kind": "train"}
+            train_stage(config.train_config(lam), data, fresh_model, run_dir, meta, log,
+                        on_step=_train_hook(progress, data))  # fmt: skip
 
-    distributed.on_main(_prune_ratios, config, data, out, dtype, log)
-    distributed.on_main(sweep_stage, config, data, out, dtype, log)
+    for ratio in config.ratios:
+        record = prune_path(out, config.prune_lam, ratio, ".json")
+        headline = f"== pruning λ={lam_name(config.prune_lam)} at ratio {ratio:g}: {record}"
+        with progress.stage(next(stage), headline):
+            distributed.on_main(_prune_ratio, config, data, out, ratio, dtype, progress)
+    headline = (f"== pruning sweep over {len(config.sweep_ratios())} ratios, no training: "
+                f"{sweep_path(out)}")  # fmt: skip
+    with progress.stage(next(stage), headline):
+        distributed.on_main(sweep_stage, config, data, out, dtype, log, progress)
 
     for ratio in config.ratios:
         source = prune_path(out, config.prune_lam, ratio, ".pth")
         run_dir = finetune_dir(out, ratio)
-        log(f"== fine-tuning ratio {ratio:g}, {config.finetune_epochs} epochs: {run_dir}")
-        meta = {"arch": config.arch, "kind": "finetune", "source": str(source),
-                "prune": read_json(source.with_suffix(".json"))["prune"]}  # fmt: skip
-        train_stage(
-            config.finetune_config(),
-            data,
-            lambda s=source: load(s, trust=config.arch),
-            run_dir,
-            meta,
-            log,
-        )
+        headline = f"== fine-tuning ratio {ratio:g}, {config.finetune_epochs} epochs: {run_dir}"
+        with progress.stage(next(stage), headline):
+            meta = {"arch": config.arch, "kind": "finetune", "source": str(source),
+                    "prune": read_json(source.with_suffix(".json"))["prune"]}  # fmt: skip
+            train_stage(config.finetune_config(), data,
+                        lambda s=source: load(s, trust=config.arch), run_dir, meta, log,
+                        on_step=_train_hook(progress, data))  # fmt: skip
 
-    log("== report")
-    report = distributed.on_main(render_report, out)
+    with progress.stage(next(stage), "== report"):
+        report = distributed.on_main(render_report, out)
     return report or out / "report.html"  # on the other ranks: where rank 0 wrote it

@@ -20,7 +20,7 @@ from netslim.lab.folder import read_json
 from netslim.models import num_outputs
 from netslim.runtime import distributed
 from netslim.slim import prune_model, pruned_checkpoint
-from netslim.train.loop import fit
+from netslim.train.loop import StepHook, fit
 from netslim.train.runfolder import read_metrics, write_metrics
 
 Log = Callable[[str], None]  # where progress lines go
@@ -48,8 +48,12 @@ def train_stage(
     run_dir: Path,
     meta: dict[str, Any],
     log: Log,
+    on_step: StepHook | None = None,
 ) -> None:
-    """Run ``fit`` into ``run_dir``: skip it when finished, continue it when interrupted."""
+    """Run ``fit`` into ``run_dir``: skip it when finished, continue it when interrupted.
+
+    ``on_step`` goes to ``fit``: it hears of every training step (never of a skipped run).
+    """
     done = epochs_done(run_dir)
     if done >= config.epochs or stopped_early(run_dir):
         # Stopped between last.pth and metrics.jsonl; rank 0 alone writes under torchrun.
@@ -57,7 +61,8 @@ def train_stage(
             write_metrics(run_dir, read_checkpoint(run_dir / "last.pth")["netslim"]["history"])
         log(f"   done already ({done} epochs): {run_dir}")
         return
-    fit(config, data, make_model(), run_dir, meta=meta, resume=done > 0, log=log)
+    fit(config, data, make_model(), run_dir, meta=meta, resume=done > 0, log=log,
+        on_step=on_step)  # fmt: skip
 
 
 def prune_stage(

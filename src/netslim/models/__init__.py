@@ -4,7 +4,7 @@ Every network is defined here (no downloaded weights) and scales its channels wi
 BatchNorm, which is what sparsity training and the pruning engine need:
 
 =============== ==============================================================
-``vgg11..19``   CIFAR VGG with the paper's layout (``vgg11-small``: a narrow one)
+``vgg11..19``   CIFAR VGG with the paper's layout (``vgg11-small``, ``vgg5-small``: small ones)
 ``resnet56``    He et al.'s CIFAR ResNet, post-activation basic blocks
 ``resnet164``   the paper's pre-activation bottleneck ResNet
 ``densenet40``  the paper's DenseNet-40, growth rate 12

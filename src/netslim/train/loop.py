@@ -55,13 +55,18 @@ from netslim.train.runfolder import (
     write_metrics,
 )
 
+# Called after every training step as on_step(epoch, epochs, step, steps), all 1-based:
+# how an experiment follows a run within its epochs (netslim.lab.progress).
+StepHook = Callable[[int, int, int, int], None]
+
 
 class Progress:
-    """A one-line progress bar on stderr, shown only when stdout is a terminal."""
+    """A one-line progress bar on stderr, shown only when stdout is a terminal (and no
+    ``on_step`` hook reports the steps instead: the bar would break into its lines)."""
 
-    def __init__(self, total: int, label: str):
+    def __init__(self, total: int, label: str, shown: bool = True):
         self.total, self.label = total, label
-        self.enabled = sys.stdout.isatty() and distributed.is_main()
+        self.enabled = shown and sys.stdout.isatty() and distributed.is_main()
         self.start = time.perf_counter()
 
     def update(self, step: int) -> None:
@@ -93,17 +98,20 @@ def train_epoch(
     label: str = "train",
     label_smoothing: float = 0.0,
     lr_of_step: Callable[[int], float] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[float, float]:
     """One epoch of (sparsity) training; returns (mean loss, accuracy in %).
 
-    ``lr_of_step(step)`` (0-based), when given, sets the learning rate before each step.
+    ``lr_of_step(step)`` (0-based), when given, sets the learning rate before each step;
+    ``on_step(step, steps)`` (1-based), when given, is called after each step.
     """
     device = data.device
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     total = 0
-    progress = Progress(num_batches(len(data.train_labels), batch_size), label)
+    steps = num_batches(len(data.train_labels), batch_size)
+    progress = Progress(steps, label, shown=on_step is None)
     tuner = threads.start_loop(device.type)  # None unless the thread count follows the load
     for step, (x, y) in enumerate(data.train_batches(batch_size, generator), start=1):
         if lr_of_step is not None:
@@ -130,6 +138,8 @@ def train_epoch(
         if tuner is not None:
             tuner.step(len(y))
         progress.update(step)
+        if on_step is not None:
+            on_step(step, steps)
     progress.close()
     loss_sum, correct, total = distributed.sum_over_ranks(loss_sum, correct, total)
     return loss_sum / total, 100.0 * correct / total
@@ -196,6 +206,7 @@ def fit(
     meta: dict[str, Any] | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    on_step: StepHook | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on ``data`` as ``config`` says, writing the run folder ``out_dir``.
 
@@ -210,6 +221,8 @@ def fit(
         meta: extra metadata stored in the checkpoints (e.g. ``{'arch': 'vgg19'}``).
         resume: continue from ``out_dir/last.pth`` instead of starting anew.
         log: where the per-epoch lines go.
+        on_step: called after every training step as ``on_step(epoch, epochs, step,
+            steps)`` (1-based; every process calls it); it replaces the progress bar.
 
     Returns:
         The metrics records of all epochs of the run (earlier ones too, when resumed).
@@ -237,7 +250,8 @@ def fit(
     with runlock.hold(out_dir) if distributed.is_main() else contextlib.nullcontext():
         if distributed.is_main():
             remove_temp_files(out_dir)  # of writes killed midway; nobody else writes here
-        return _fit(config, data, model, Path(out_dir), meta, resume, distributed.main_log(log))
+        return _fit(config, data, model, Path(out_dir), meta, resume, distributed.main_log(log),
+                    on_step)  # fmt: skip
 
 
 def _fit(
@@ -248,6 +262,7 @@ def _fit(
     meta: dict[str, Any] | None,
     resume: bool,
     log: Callable[[str], None],
+    on_step: StepHook | None,
 ) -> list[dict[str, Any]]:
     device = data.device
     dtype = pick_precision(config.precision, device)
@@ -303,6 +318,8 @@ def _fit(
             generator=generator, dtype=dtype, scaler=scaler,
             label=f"epoch {epoch + 1}/{config.epochs}", label_smoothing=config.label_smoothing,
             lr_of_step=lambda step, e=epoch: recipes.lr_at_step(config, e, step, steps),
+            on_step=None if on_step is None
+            else lambda step, n, e=epoch: on_step(e + 1, config.epochs, step, n),
         )  # fmt: skip
         train_seconds = time.perf_counter() - t0
         if not math.isfinite(train_loss):  # no use evaluating a network that blew up
