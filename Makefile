@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH       ?= torch==2.14.1
 TORCHVISION ?= torchvision==0.29.1
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast test-all lint bench clean
 
 $(BIN)/netslim: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(BIN)/netslim
 # the engine, the CLI basics and the reliability cases, about 1.5 min on 2 cores
 test-fast: $(BIN)/netslim
 	$(BIN)/python -m pytest -m "not slow"
+
+# everything, every torchvision model size and every Ultralytics YAML included
+test-all: $(BIN)/netslim
+	$(BIN)/python -m pytest -m ""
 
 lint: $(BIN)/netslim
 	$(BIN)/ruff check src tests bench

@@ -199,6 +199,10 @@ def test_the_lab_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lab = tmp_path / "lab"
     assert (lab / "report.html").is_file() and done.stdout.count("done: report") == 1
+    # only rank 0 speaks: the lab's lines (headlines, epochs, its closing summary) once each
+    assert done.stdout.count("== sparsity training λ=0,") == 1
+    assert done.stdout.count("epoch   1/1") == 3  # 2 trainings and 1 fine-tuning
+    assert done.stdout.count("lab took ") == 1
     # the last fit, the fine-tuning, ends identical on both ranks, as saved by rank 0
     finetuned = state(lab / "finetune" / "ratio=0.5" / "last.pth")
     assert same(state(tmp_path / "dump" / "rank0.pt"), finetuned)

@@ -24,12 +24,13 @@ What a file can make netslim do when it is read:
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,7 +55,8 @@ from netslim.models import (
     num_outputs,
     validate_cfg,
 )
-from netslim.models.external import build_ultralytics, trusted_spec
+from netslim.models.external import trusted_spec
+from netslim.models.yolo_yaml import build_ultralytics
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -102,7 +104,8 @@ def _torch_load(path: Path) -> Any:
     try:
         with warnings.catch_warnings():  # a pickle not from torch.save: refused just below
             warnings.filterwarnings("ignore", "Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with own_safe_globals():  # tensors and plain values only
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # PyTorch's own text advises loading with weights_only=False, which runs the file's
         # code; the refusal's reason is the error it wraps.
@@ -124,6 +127,23 @@ def _torch_load(path: Path) -> Any:
         raise NetslimError(
             f"{path} is not a checkpoint written by torch.save, or it is truncated: {detail}"
         ) from None
+
+
+@contextlib.contextmanager
+def own_safe_globals() -> Iterator[None]:
+    """Torch's weights-only unpickler with no allowed globals but those the body adds
+    (``torch.serialization.add_safe_globals``), the list as it was restored after. The list
+    is process-wide, and Ultralytics' restricted loading adds its real layer classes to it
+    for good: left there, a file read afterwards could build them, and through them run
+    code (and ``get_unsafe_globals_in_checkpoint`` would no longer name them)."""
+    serialization = torch.serialization
+    before = serialization.get_safe_globals()
+    serialization.clear_safe_globals()
+    try:
+        yield
+    finally:
+        serialization.clear_safe_globals()
+        serialization.add_safe_globals(before)
 
 
 def _check_archive(path: Path) -> None:
@@ -217,7 +237,9 @@ def model_from_checkpoint(
             classes = _num_classes(meta, state_dict, source)
             stored = meta.get("yaml")  # an Ultralytics model's own YAML: rebuilt as it was
             if arch.startswith("ultralytics:") and isinstance(stored, dict):
-                model = build_ultralytics(stored, classes)
+                # a YAML from the file: checked, and sized against its weights, before it is built
+                model = build_ultralytics(stored, classes, counts=channels,
+                                          source=f"{source}'s stored model YAML")  # fmt: skip
             else:
                 model = build_model(arch, classes)
         if channels is not None:
@@ -398,7 +420,9 @@ def describe(
     size = image_size_of(checkpoint, str(path))
     info = {
         "arch": arch_name(checkpoint, model),
-        "kind": meta.get("kind", "pruned" if "epoch" not in checkpoint else "train"),
+        # files without a recorded kind: pruned if they hold a prune report
+        "kind": meta.get("kind")
+        or ("pruned" if "prune" in meta else "train" if "epoch" in checkpoint else "network"),
         "cfg": model.cfg if isinstance(model, VGG) else None,
         "conv_channels": [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)],
         "num_classes": num_outputs(model),

@@ -63,6 +63,20 @@ def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
     )  # fmt: skip
 
 
+YOLO_STEP = {"multipass": "train", "demo": "lab"}  # the YOLO step nearest a classifier command
+
+
+def _classifier_only(arch: str, what: str, command: str) -> None:
+    """Refuse a YOLO where a command trains or measures a classifier (its loss and accuracy
+    would fail deep inside torch)."""
+    if str(arch).startswith("ultralytics:"):
+        raise NetslimError(
+            f"{what} is an Ultralytics YOLO ({arch}); netslim {command} trains and measures "
+            f"classifiers: use netslim yolo {YOLO_STEP.get(command, command)} (Ultralytics' "
+            "trainer and validator)"
+        )
+
+
 def _new_run(args: argparse.Namespace) -> tuple[TrainConfig, ImageData, nn.Module]:
     """The recipe, the data and a freshly initialised ``--arch`` (seeded by ``--seed``)."""
     import torch
@@ -70,6 +84,7 @@ def _new_run(args: argparse.Namespace) -> tuple[TrainConfig, ImageData, nn.Modul
     from netslim.data.imagefolder import check_image_size
     from netslim.models import build_model, check_arch
 
+    _classifier_only(args.arch, f"--arch {args.arch}", args.command)
     config = _train_config(args, args.arch)
     config.check()
     check_arch(args.arch, load=True)  # a missing package fails before the data loads
@@ -126,6 +141,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     check_run_folder(args.out)
     ckpt = read_checkpoint(args.checkpoint)
+    _classifier_only((ckpt.get("netslim") or {}).get("arch", ""), args.checkpoint, "finetune")
     model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
     arch = arch_name(ckpt, model)
     args.image_size = args.image_size or image_size_of(ckpt, args.checkpoint)
@@ -159,6 +175,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
         raise NetslimError(f"--recalibrate must be >= 0 batches, got {args.recalibrate}")
     check_prune_output(args.checkpoint, args.out, args.force)
     ckpt = read_checkpoint(args.checkpoint)
+    if args.dataset is not None:  # without data, pruning is weight surgery: any network
+        _classifier_only((ckpt.get("netslim") or {}).get("arch", ""), args.checkpoint, "prune")
     model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
     args.image_size = args.image_size or image_size_of(ckpt, args.checkpoint)
     data = None
@@ -247,8 +265,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     opset = f", opset {result.opset}" if result.opset is not None else ""
     folded = "BatchNorm folded" if result.folded else "BatchNorm kept"
     print(
-        f"wrote {result.path} ({result.format}{opset}, {folded}); checked against PyTorch on "
-        f"batches of 1 and 7: max relative difference {result.max_rel_diff:.2g}"
+        f"wrote {result.path} ({result.format}{opset}, {folded}, {result.image_size}x"
+        f"{result.image_size} images); checked against PyTorch on {result.checked_on}: max "
+        f"relative difference {result.max_rel_diff:.2g}"
     )
 
 
@@ -314,6 +333,7 @@ def cmd_lab(args: argparse.Namespace) -> None:
     from netslim.runtime import distributed
 
     config = lab_config(args)
+    _classifier_only(config.arch or "", f"--arch {config.arch}", args.command)
     report = run_lab(config, args.out, download=args.download)
     if distributed.is_main():
         print(f"done: report in {report} (self-contained) and {report.with_suffix('.md')}")
@@ -339,27 +359,25 @@ def _ultralytics_model(path: str):
 
 
 def _ultralytics_device(device: str) -> str | None:
-    """netslim's --device as Ultralytics names devices (None: let it choose)."""
-    if device == "auto":
-        return None
-    if device.startswith("cuda"):
-        return device.partition(":")[2] or "0"
-    return device
+    """netslim's --device as Ultralytics names devices (None: let it choose); one this
+    machine has (netslim.yolo.settings.check_device)."""
+    from netslim.yolo.settings import check_device
+
+    return check_device(device)
 
 
-def _passed_through(settings: list[str]) -> dict:
-    """``key=value`` settings, valued as Ultralytics' own command line values them."""
-    from netslim.models.external import offline_ultralytics
+def _passed_through(settings: list[str], step: str) -> dict:
+    """``key=value`` settings, valued as Ultralytics' own command line values them; a key
+    that repeats a netslim flag, or that netslim controls, is refused naming the flag."""
+    from netslim.yolo.settings import parse_settings
 
-    offline_ultralytics()
-    from ultralytics.cfg import smart_value
-
-    return {key: smart_value(value) for key, _, value in (s.partition("=") for s in settings)}
+    return parse_settings(settings, step)
 
 
 def cmd_yolo(args: argparse.Namespace) -> None:
     try:
-        from netslim.yolo import files, prune, train
+        from netslim.yolo import files, prune, settings, train
+        from netslim.yolo.data import check_data
     except ImportError as e:
         raise NetslimError(
             f"netslim yolo needs Ultralytics ({e}); install it with: pip install 'netslim[yolo]'"
@@ -370,19 +388,20 @@ def cmd_yolo(args: argparse.Namespace) -> None:
         print(f"report: {render_report(args.folder)}")
         return
     device = _ultralytics_device(args.device)
+    settings.check_batch(args.batch_size, args.image_size)
     run = {"imgsz": args.image_size, "batch": args.batch_size}
     if device is not None:
         run["device"] = device
     step = args.yolo_command
     if step == "train":
         model = args.model
-        if model.endswith(".pt") and not args.resume:
-            model = files.read_model(model, trust_pickle=args.trust_pickle)
+        if model.endswith((".pt", ".pth")) and not args.resume:  # read without running code
+            model = files.read_yolo(model, trust_pickle=args.trust_pickle)
         out = train.train(model, args.data, args.out, lam=args.lam, epochs=args.epochs,
                           resume=args.resume, sparsity_threshold=args.sparsity_threshold,
                           target_ratio=args.target_ratio, prune_when_stable=args.prune_when_stable,
                           stable_tol=args.stable_tol, stable_epochs=args.stable_epochs,
-                          **{**run, **_passed_through(args.settings)})  # fmt: skip
+                          **{**run, **_passed_through(args.settings, step)})  # fmt: skip
         print(
             f"done: {out}/weights/last.pt, best.pt; gamma sparsity per epoch in {out}/{train.SPARSITY_LOG}"
         )
@@ -391,11 +410,11 @@ def cmd_yolo(args: argparse.Namespace) -> None:
                     data=args.data, imgsz=args.image_size, batch=args.batch_size,
                     recalibrate=args.recalibrate, compensate=args.compensate,
                     round_to=args.round_to, min_keep=args.min_keep, device=device or "cpu",
-                    trust_pickle=args.trust_pickle)  # fmt: skip
+                    trust_pickle=args.trust_pickle, force=args.force)  # fmt: skip
     elif step == "finetune":
         out = train.finetune(args.checkpoint, args.data, args.out, epochs=args.epochs,
                              resume=args.resume, trust_pickle=args.trust_pickle,
-                             **{**run, **_passed_through(args.settings)})  # fmt: skip
+                             **{**run, **_passed_through(args.settings, step)})  # fmt: skip
         print(f"done: {out}/weights/best.pt (ultralytics.YOLO loads it) and {out}/finetuned.pth")
     elif step == "lab":
         from netslim.config import YoloLab
@@ -405,11 +424,12 @@ def cmd_yolo(args: argparse.Namespace) -> None:
                       prune_lam=args.prune_lam, ratios=args.ratios, sweep=args.sweep,
                       epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                       imgsz=args.image_size, batch=args.batch_size, recalibrate=args.recalibrate,
-                      device=device, settings=_passed_through(args.settings),
+                      device=device, settings=_passed_through(args.settings, step),
                       command=shlex.join(["netslim", *args.argv]))  # fmt: skip
         print(f"report: {run_lab(lab, args.out)}")
     else:  # val
         model = files.read_yolo(args.checkpoint, trust_pickle=args.trust_pickle)
+        check_data(Path(args.data), train.task_of(model))
         metrics = prune.validate(model, args.data, imgsz=args.image_size, batch=args.batch_size,
                                  device=device or "cpu")  # fmt: skip
         print(json.dumps(metrics, indent=2) if args.json else
@@ -445,9 +465,39 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"netslim: warning: {message}", file=sys.stderr)
 
 
+# How an interrupted command continues: with --resume, by running it again, or not at all
+# (its files are written whole or not at all); the others only read
+RESUMED = {"train", "finetune", "yolo train", "yolo finetune"}
+RERUN = {"lab", "demo", "multipass", "yolo lab"}
+WRITES = {"prune", "export", "report", "yolo prune", "yolo report"}
+
+
+def interrupted_text(args: argparse.Namespace) -> str:
+    """What netslim says when Ctrl-C stops ``args``' command: how to go on, if anything."""
+    command = " ".join(filter(None, [args.command, getattr(args, "yolo_command", None)]))
+    out = getattr(args, "out", None)
+    if command in RESUMED:
+        return (
+            f"netslim: interrupted; continue with the same command plus --resume (run folder {out})"
+        )
+    if command in RERUN:
+        return f"netslim: interrupted; run the same command again to continue (run folder {out})"
+    if command in WRITES:
+        return "netslim: interrupted; nothing was written (files are written whole or not at all)"
+    return "netslim: interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)  # --help and --version exit here, before torch
     args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # also while torch or Ultralytics is still being imported
+        print(interrupted_text(args), file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from netslim.runtime import distributed
     from netslim.runtime.threads import set_threads, stop_tuning
 
@@ -467,16 +517,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"netslim: error{where}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        again = (
-            "the same command"
-            if args.command in ("lab", "demo")
-            else "the same command plus --resume"
-        )
-        hint = f"; continue with {again} (run folder {out})" if out else ""
-        print(f"netslim: interrupted{hint}", file=sys.stderr)
-        return 130
     finally:
         stop_tuning()  # the tuner served this command's training, not code run after it
     return 0

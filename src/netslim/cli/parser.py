@@ -30,6 +30,7 @@ from netslim.config import (
     YoloLab,
     check_arch_name,
     is_spec,
+    lam_name,
 )
 from netslim.errors import NetslimError
 from netslim.limits import check_image_size
@@ -209,6 +210,8 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "ignore": _flag("--ignore", action="append", default=[], metavar="MODULE",
                     help="leave this module unpruned (its name in the network, e.g. fc or "
                     "layer4.1; a module's whole subtree; repeatable)"),
+    "force": _flag("--force", action="store_true",
+                   help="allow --out to be the input checkpoint itself (it is replaced)"),
     "trust_module": _flag("--trust-module", action="append", default=[], metavar="MODULE",
                           help="build a checkpoint saved from your own module MODULE (its --arch "
                           "MODULE:fn), importing it; netslim imports no module a file names "
@@ -288,8 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="trained checkpoint (netslim's or the paper's code's)")
     add(p.add_mutually_exclusive_group(required=True), "ratio", "target_macs")
     add(p, "out", out=dict(help="path of the pruned checkpoint to write"))
-    p.add_argument("--force", action="store_true",
-                   help="allow --out to be the input checkpoint itself (it is replaced)")  # fmt: skip
+    add(p, "force")
     p.add_argument("--no-compensate", dest="compensate", action="store_false",
                    help="save exactly the official code's network: no bias compensation and no "
                    "BN recalibration (with --dataset the report still measures both, on copies)")  # fmt: skip
@@ -375,9 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
          "Sparsity-train at each --lams, prune the --prune-lam model at each --ratios (three "
          "ways), fine-tune, and write report.md and report.html with figures into --out. "
          "Resumable: run the same command again to continue."),
-        ("demo", DEMO, "runs/demo", "the lab on built-in synthetic data, a few minutes on a CPU",
-         "netslim lab with a small preset: vgg11-small on synthetic data, 6 + 3 epochs, λ 0, "
-         "1e-3 and 5e-3, pruning the 5e-3 model. Any lab flag overrides the preset."),
+        ("demo", DEMO, "runs/demo", "the lab on built-in synthetic data, under 5 minutes on a "
+         "2-core CPU",
+         f"netslim lab with a small preset: {DEMO.arch} on {DEMO.train_size:,} synthetic images, "
+         f"{DEMO.epochs} + {DEMO.finetune_epochs} epochs, λ {' '.join(map(lam_name, DEMO.lams))}, "
+         f"pruning the {lam_name(DEMO.prune_lam)} model. It prints where it is and the time "
+         "left every 10 seconds. Any lab flag overrides the preset."),
     ):  # fmt: skip
         _add_lab(sub.add_parser(name, help=help_, description=description), preset, out)
 
@@ -465,7 +470,8 @@ def _add_yolo(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--data", help="an Ultralytics data.yaml: measure mAP and recalibrate (optional)"
     )
-    add(q, "out", "image_size", "batch_size", "device", "recalibrate", "round_to", "min_keep",
+    add(q, "out", "force", "image_size", "batch_size", "device", "recalibrate", "round_to",
+        "min_keep",
         out=dict(help="the pruned checkpoint NAME.pth to write (NAME.pt beside it)"),
         recalibrate=dict(help="BN recalibration batches of --batch-size training images, "
                          "Ultralytics' augmentation, mosaic off (0: off; default: %(default)s)"),

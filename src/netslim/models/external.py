@@ -35,6 +35,7 @@ from torch import nn
 
 from netslim.config import check_spec
 from netslim.errors import NetslimError
+from netslim.models.yolo_yaml import build_ultralytics, offline_ultralytics
 
 # torchvision builds these with auxiliary classifiers by default, which makes a training
 # forward return a tuple; netslim trains and prunes the main classifier only.
@@ -108,15 +109,6 @@ def _import_zoo(spec: str, package: str) -> Any:
         ) from None
 
 
-def offline_ultralytics() -> None:
-    """Before Ultralytics is imported: no downloads (weights, fonts, data sets), no online
-    checks and no pip installs, unless the user's environment says otherwise (YOLO_OFFLINE,
-    YOLO_AUTOINSTALL). Its import otherwise probes the network, which a machine without
-    internet answers only by timing out."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
-
-
 def _unknown(spec: str, kind: str, name: str, known: list[str], listing: str) -> NetslimError:
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -153,44 +145,6 @@ def _ultralytics(spec: str, name: str) -> Callable[[int], nn.Module]:
             "(a .pt file is a trained model: see netslim's Ultralytics integration)"
         )
     return lambda num_classes: build_ultralytics(name, num_classes)
-
-
-def build_ultralytics(cfg: str | dict, num_classes: int | None = None) -> nn.Module:
-    """The Ultralytics model a YAML name (or the dict a model's ``.yaml`` holds) describes,
-    with ``num_classes`` classes (None: the YAML's). Ultralytics' YAML names only its own
-    modules and literals, so building one runs no code a file chose."""
-    import contextlib
-    import io
-    import logging
-
-    offline_ultralytics()
-    try:
-        from ultralytics.nn import tasks
-    except ImportError as e:
-        raise NetslimError(
-            f"this network needs the package ultralytics ({e}); install it with: "
-            "pip install 'netslim[yolo]'"
-        ) from None
-    classes = {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel,
-               "classify": tasks.ClassificationModel, "pose": tasks.PoseModel,
-               "obb": tasks.OBBModel}  # fmt: skip
-    quiet = logging.getLogger("ultralytics")
-    level = quiet.level
-    try:
-        quiet.setLevel(logging.ERROR)  # "Overriding model.yaml nc=80 with nc=5" is no news
-        config = tasks.yaml_model_load(cfg) if isinstance(cfg, str) else cfg
-        with contextlib.redirect_stdout(io.StringIO()):
-            return classes[tasks.guess_model_task(config)](
-                cfg=config, nc=num_classes, verbose=False
-            )
-    except NetslimError:
-        raise
-    except Exception as e:  # an unknown YAML name, a malformed dict: Ultralytics' own words
-        detail = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-        name = cfg if isinstance(cfg, str) else "the stored model YAML"
-        raise NetslimError(f"cannot build the Ultralytics model {name}: {detail}") from None
-    finally:
-        quiet.setLevel(level)
 
 
 def _timm(spec: str, name: str) -> Callable[[int], nn.Module]:

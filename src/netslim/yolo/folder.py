@@ -35,4 +35,13 @@ def read_lab(out: str | Path) -> YoloLab:
     path = Path(out) / LAB_FILE
     if not path.is_file():
         raise NetslimError(f"{out} holds no YOLO lab ({LAB_FILE} is missing)")
-    return YoloLab(**json.loads(path.read_text()))
+    try:
+        settings = json.loads(path.read_text())
+        if not isinstance(settings, dict):
+            raise ValueError(f"it holds a {type(settings).__name__}, not the lab's settings")
+        return YoloLab(**settings)
+    except (ValueError, TypeError, UnicodeDecodeError, NetslimError) as e:
+        detail = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise NetslimError(
+            f"{path} is damaged ({detail}); restore it, or start the lab again in a new --out"
+        ) from None

@@ -25,10 +25,13 @@ from typing import Any, Callable
 from netslim.config import YoloLab
 from netslim.errors import NetslimError
 from netslim.files import write_json
+from netslim.train import runlock
 from netslim.yolo import prune as yolo_prune
 from netslim.yolo import train as yolo_train
-from netslim.yolo.files import read_checkpoint, read_model
+from netslim.yolo.data import check_data
+from netslim.yolo.files import read_checkpoint, read_yolo
 from netslim.yolo.folder import LAB_FILE, finetune_dir, pruned_path, read_lab, train_dir
+from netslim.yolo.settings import check_epochs, check_settings
 
 
 def finished(run: Path) -> bool:
@@ -57,47 +60,51 @@ def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -
     from netslim.yolo.report import render_report
 
     out = Path(out)
-    if (out / LAB_FILE).is_file():
-        before = read_lab(out)
-        if not before.same_experiment(lab):
-            raise NetslimError(
-                f"{out} holds another YOLO lab (see its {LAB_FILE}); give a new --out, or the "
-                "same settings to continue it"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / LAB_FILE, asdict(lab))
     data = Path(lab.data)
-    yolo_train.check_data(data)
-
     options: dict[str, Any] = {"imgsz": lab.imgsz, "batch": lab.batch, **lab.settings}
     if lab.device is not None:
         options["device"] = lab.device
+    # every setting and the data set checked before the lab writes anything
+    check_settings({k: v for k, v in options.items() if k != "imgsz"}, epochs=lab.epochs,
+                   imgsz=lab.imgsz)  # fmt: skip
+    check_epochs(lab.finetune_epochs, "--finetune-epochs")
+    check_data(data)
+    with runlock.hold(out):  # one lab per folder at a time (its runs hold their own)
+        if (out / LAB_FILE).is_file():
+            before = read_lab(out)
+            if not before.same_experiment(lab):
+                raise NetslimError(
+                    f"{out} holds another YOLO lab (see its {LAB_FILE}); give a new --out, or the "
+                    "same settings to continue it"
+                )
+        write_json(out / LAB_FILE, asdict(lab))
 
-    # a .pt is read here, without running its code (Ultralytics' own loader would unpickle it)
-    model = read_model(lab.model) if lab.model.endswith(".pt") else lab.model
-    for lam in lab.lams:
-        run = train_dir(out, lam)
-        _run_once(run, finished(run), lambda resume, lam=lam, run=run: yolo_train.train(
-            model, data, run, lam=lam, epochs=lab.epochs, resume=resume, **options), log)  # fmt: skip
-    for lam in lab.lams:
-        weights = train_dir(out, lam) / "weights"
-        # the network the run ended with, as the paper prunes: best.pt is the epoch of best
-        # mAP, in a sparsity run often an early one whose γs are not yet sparse
-        final = weights / yolo_train.LAST_FP32
-        final = final if final.is_file() else weights / "last.pt"
-        for ratio in lab.all_ratios():
-            target = pruned_path(out, lam, ratio)
-            if not target.with_suffix(".json").is_file():
-                log(f"pruning {final} at {ratio:g} into {target}")
-                yolo_prune.prune(final, target, ratio=ratio, data=data, imgsz=lab.imgsz,
-                                 batch=lab.batch, recalibrate=lab.recalibrate,
-                                 device=lab.device or "cpu", log=log)  # fmt: skip
-    for ratio in lab.ratios:
-        source, run = (
-            pruned_path(out, lab.prune_lam, ratio),
-            finetune_dir(out, lab.prune_lam, ratio),
-        )
-        _run_once(run, (run / "finetuned.pth").is_file(), lambda resume, source=source, run=run:
-                  yolo_train.finetune(source, data, run, epochs=lab.finetune_epochs,
-                                      resume=resume, **options), log)  # fmt: skip
-    return render_report(out)
+        # a .pt is read here, without running its code (Ultralytics' own loader would unpickle
+        # it), and so is a netslim .pth; a YAML name is checked by yolo_train.train
+        model = read_yolo(lab.model) if lab.model.endswith((".pt", ".pth")) else lab.model
+        for lam in lab.lams:
+            run = train_dir(out, lam)
+            _run_once(run, finished(run), lambda resume, lam=lam, run=run: yolo_train.train(
+                model, data, run, lam=lam, epochs=lab.epochs, resume=resume, **options), log)  # fmt: skip
+        for lam in lab.lams:
+            weights = train_dir(out, lam) / "weights"
+            # the network the run ended with, as the paper prunes: best.pt is the epoch of best
+            # mAP, in a sparsity run often an early one whose γs are not yet sparse
+            final = weights / yolo_train.LAST_FP32
+            final = final if final.is_file() else weights / "last.pt"
+            for ratio in lab.all_ratios():
+                target = pruned_path(out, lam, ratio)
+                if not target.with_suffix(".json").is_file():
+                    log(f"pruning {final} at {ratio:g} into {target}")
+                    yolo_prune.prune(final, target, ratio=ratio, data=data, imgsz=lab.imgsz,
+                                     batch=lab.batch, recalibrate=lab.recalibrate,
+                                     device=lab.device or "cpu", log=log)  # fmt: skip
+        for ratio in lab.ratios:
+            source, run = (
+                pruned_path(out, lab.prune_lam, ratio),
+                finetune_dir(out, lab.prune_lam, ratio),
+            )
+            _run_once(run, (run / "finetuned.pth").is_file(), lambda resume, source=source, run=run:
+                      yolo_train.finetune(source, data, run, epochs=lab.finetune_epochs,
+                                          resume=resume, **options), log)  # fmt: skip
+        return render_report(out)

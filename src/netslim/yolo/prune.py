@@ -33,11 +33,12 @@ from torch import nn
 
 from netslim.engine.recalibrate import recalibrate_bn
 from netslim.errors import NetslimError
-from netslim.files import check_output_file, write_json
+from netslim.files import write_json
 from netslim.models import num_outputs
-from netslim.slim import PruneReport, prune_model, save
+from netslim.slim import PruneReport, check_prune_output, prune_model, save
+from netslim.yolo.data import check_data
 from netslim.yolo.files import arch_of, read_yolo, write_model
-from netslim.yolo.train import TRAINERS, check_classes, check_data, task_of
+from netslim.yolo.train import TRAINERS, check_classes, task_of
 
 METRICS = {"mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)",
            "mask mAP50": "metrics/mAP50(M)", "mask mAP50-95": "metrics/mAP50-95(M)",
@@ -67,8 +68,10 @@ def validate(model: nn.Module, data: str | Path, *, imgsz: int = 640, batch: int
                   "segment": yolo.segment.SegmentationValidator,
                   "classify": yolo.classify.ClassificationValidator,
                   "pose": yolo.pose.PoseValidator, "obb": yolo.obb.OBBValidator}  # fmt: skip
+    # rect: letterboxed batches, as Ultralytics validates during training and in `yolo val`,
+    # so that the numbers are the ones Ultralytics gives (its default, False, is for training)
     args = {"data": str(data), "imgsz": imgsz, "batch": batch, "device": device, "workers": workers,
-            "plots": False, "verbose": False, "save_json": False}  # fmt: skip
+            "plots": False, "verbose": False, "save_json": False, "rect": True}  # fmt: skip
     validator = validators[task_of(model)](args=args)
     with _quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -114,20 +117,27 @@ def prune(
     device: str = "cpu",
     workers: int = 0,
     trust_pickle: bool = False,
+    force: bool = False,
     log=print,
 ) -> PruneReport:
     """Prune the YOLO in ``source`` into ``out`` (a ``.pth``; the ``.pt`` beside it too) and,
     given ``data``, measure its mAP the four ways (see the module docs); the report's
-    ``extra["map"]`` holds them, and ``out.json`` the whole report."""
-    out = check_output_file(out)
+    ``extra["map"]`` holds them, and ``out.json`` the whole report. ``force``: let the files
+    written replace ``source``."""
+    out = Path(out)
     if out.suffix != ".pth":
         raise NetslimError(
             f"--out {out}: name the pruned checkpoint NAME.pth (NAME.pt is written beside it)"
         )
+    for written, what in ((out, "--out"), (out.with_suffix(".pt"), "the .pt written beside --out"),
+                          (out.with_suffix(".json"), "the report written beside --out")):  # fmt: skip
+        check_prune_output(source, written, force, what)  # never the input, unless forced
+    if recalibrate < 0:
+        raise NetslimError(f"--recalibrate must be >= 0 batches, got {recalibrate}")
     model = read_yolo(source, trust_pickle=trust_pickle)
     if data is not None:
         data = Path(data)
-        check_data(data)
+        check_data(data, task_of(model))
         check_classes(model, data)
     size = (3, imgsz, imgsz)
     with warnings.catch_warnings():  # a floored layer is reported in the report

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from ultralytics.models import yolo  # netslim[yolo]; the core never imports this package
 
 from netslim.config import LAM_START
 from netslim.engine.sparsity import (
@@ -51,13 +52,20 @@ from netslim.engine.sparsity import (
 from netslim.errors import NetslimError
 from netslim.files import atomic_write, atomic_write_text, write_json
 from netslim.models import num_outputs
-from netslim.models.external import offline_ultralytics
+from netslim.models.yolo_yaml import checked_yaml
 from netslim.slim import save
+from netslim.train import runlock
 from netslim.train.control import AutoLam, StableMask
-from netslim.yolo.files import arch_of, read_model, read_yolo, write_model
-
-offline_ultralytics()  # before Ultralytics is imported: no downloads, no online checks
-from ultralytics.models import yolo  # noqa: E402  (netslim[yolo]; the core never imports this)
+from netslim.yolo.data import check_data
+from netslim.yolo.files import (
+    arch_of,
+    model_of,
+    read_checkpoint,
+    read_model,
+    read_yolo,
+    write_model,
+)
+from netslim.yolo.settings import check_settings
 
 SPARSITY_LOG = "sparsity.jsonl"
 BEST_FP32 = "best.pth"  # weights/best.pth: best.pt's network in fp32, a netslim checkpoint
@@ -80,8 +88,10 @@ LAM_AUTO_MAX = 1.0  # λ auto's ceiling: Ultralytics' loss is summed over the ba
 
 def task_of(model: nn.Module | str) -> str:
     """``"detect"``, ``"segment"``, ``"classify"``, ... of a model or a model YAML name."""
-    from ultralytics.nn.tasks import guess_model_task
+    from ultralytics.nn.tasks import guess_model_task, yaml_model_load
 
+    if isinstance(model, (str, Path)) and str(model).endswith((".yaml", ".yml")):
+        model = yaml_model_load(str(model))  # its head names the task (the file name may not)
     return guess_model_task(model)
 
 
@@ -99,10 +109,15 @@ class _SparsityMixin:
         self.add_callback("on_fit_epoch_end", _end_of_epoch)
 
     def setup_model(self):
+        if self.args.resume:
+            # Ultralytics would rebuild the network at its YAML's full width and fail to load a
+            # pruned one's weights: rebuild it at the widths last.pt holds (read without running
+            # its code), and give Ultralytics that network as the checkpoint's EMA to resume
+            checkpoint = read_checkpoint(self.args.resume)
+            self.model = model_of(checkpoint.get("ema") or checkpoint["model"], self.args.resume)
+            return {**checkpoint, "ema": self.model, "model": None}
         start = os.environ.get(ENV_START)
-        if start and not self.args.resume:  # the network given, pruned or not, as it is
-            from netslim.yolo.files import read_model
-
+        if start:  # the network given, pruned or not, as it is
             self.model = read_model(start)
             return None
         return super().setup_model()
@@ -115,7 +130,7 @@ class _SparsityMixin:
             names = [LAST_FP32] + [BEST_FP32] * (self.best_fitness == self.fitness)
             for name in names:
                 save(network, Path(self.wdir) / name, arch=arch_of(network),
-                     image_size=self.args.imgsz)  # fmt: skip
+                     image_size=self.args.imgsz, kind="train")  # fmt: skip
         return saved
 
     def optimizer_step(self):
@@ -347,24 +362,49 @@ def train(
         control.target_ratio = None
     if not 0 <= lam < math.inf:
         raise NetslimError(f"--lam must be >= 0 (the L1 weight on BN gammas), got {lam}")
+    if isinstance(model, (str, Path)) and Path(model).suffix in (".pt", ".pth") and not resume:
+        model = read_yolo(model)  # read here without running its code, not by Ultralytics
+    elif isinstance(model, (str, Path)) and not resume:
+        checked_yaml(str(model))  # Ultralytics builds it, once netslim has checked it
+    check_settings(overrides, epochs=epochs, imgsz=imgsz)
     data = Path(data)
-    check_data(data)
+    check_data(data, _run_info(Path(out)).get("task") if resume else task_of(model))
     out = Path(out)
+    with runlock.hold(out):  # one writer per run folder, as for classifiers
+        if resume:
+            last = out / "weights" / "last.pt"
+            if not last.is_file():
+                raise NetslimError(f"cannot resume: {last} does not exist; start without --resume")
+            info = _run_info(out)
+            if bool(info.get("auto")) != (control.target_ratio is not None) or (
+                control.target_ratio is None and "lam" in info and info["lam"] != lam
+            ):
+                raise NetslimError(
+                    f"cannot resume {out}: it was trained at --lam {_lam_text(info)}, not "
+                    f"{'auto' if control.target_ratio is not None else f'{lam:g}'}; resume "
+                    "with the run's own λ"
+                )
+            # this file is unpickled by Ultralytics itself when it resumes: read it safely first
+            if read_checkpoint(last).get("epoch") == -1:  # stripped: Ultralytics had finished
+                write_json(out / RUN_FILE, {**_run_info(out), "finished": True})
+                return out
+        elif (out / "weights" / "last.pt").is_file():  # a run that saved an epoch
+            raise NetslimError(
+                f"{out} already holds a run; pass --resume to continue it or choose another --out"
+            )
+        _train(model, data, out, lam, epochs, imgsz, resume, sparsity_threshold, control, overrides)
+    return out
+
+
+def _train(model: nn.Module | str, data: Path, out: Path, lam: float, epochs: int, imgsz: int,
+           resume: bool, sparsity_threshold: float, control: Control,
+           overrides: dict[str, Any]) -> None:  # fmt: skip
+    """:func:`train` once its arguments are checked and the run folder is held."""
     settings = {**DEFAULTS, **overrides, "data": str(data.resolve()), "epochs": epochs, "imgsz": imgsz,
                 "project": str(out.parent.resolve()), "name": out.name}  # fmt: skip
     if resume:
         last = out / "weights" / "last.pt"
-        if not last.is_file():
-            raise NetslimError(f"cannot resume: {last} does not exist; start without --resume")
-        info = _run_info(out)
-        if bool(info.get("auto")) != (control.target_ratio is not None) or (
-            control.target_ratio is None and "lam" in info and info["lam"] != lam
-        ):
-            raise NetslimError(
-                f"cannot resume {out}: it was trained at --lam {_lam_text(info)}, not "
-                f"{'auto' if control.target_ratio is not None else f'{lam:g}'}; resume with the run's own λ"
-            )
-        task = info.get("task", "detect")
+        task = _run_info(out).get("task", "detect")
         settings.update(resume=str(last), model=str(last))
         start = None
     else:
@@ -399,7 +439,6 @@ def train(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return out
 
 
 def finetune(pruned: str | Path, data: str | Path, out: str | Path, *, epochs: int = 100,
@@ -422,37 +461,6 @@ def finetune(pruned: str | Path, data: str | Path, out: str | Path, *, epochs: i
         best = read_model(out / "weights" / "best.pt")  # this run's, read all the same safely
         save(best, out / "finetuned.pth", arch=arch_of(best), image_size=imgsz)
     return out
-
-
-def check_data(data: Path) -> None:
-    """Refuse, in one line, a ``data.yaml`` that does not exist or lists no images."""
-    if not data.is_file():
-        raise NetslimError(f"--data {data} does not exist; give an Ultralytics data.yaml")
-    import yaml  # Ultralytics depends on PyYAML
-
-    try:
-        spec = yaml.safe_load(data.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise NetslimError(f"--data {data} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(spec, dict) or "train" not in spec or "val" not in spec:
-        raise NetslimError(
-            f"--data {data} needs 'train' and 'val' entries (Ultralytics' data.yaml)"
-        )
-    root = Path(spec.get("path") or data.parent)
-    root = root if root.is_absolute() else (data.parent / root)
-    for split in ("train", "val"):
-        where = [root / p for p in ([spec[split]] if isinstance(spec[split], str) else spec[split])]
-        if not any(_has_images(p) for p in where):
-            raise NetslimError(
-                f"--data {data}: its {split} split ({', '.join(map(str, where))}) holds no images"
-            )
-
-
-def _has_images(path: Path) -> bool:
-    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-    if path.is_file() and path.suffix == ".txt":  # a list of image files
-        return bool(path.read_text().strip())
-    return path.is_dir() and any(p.suffix.lower() in suffixes for p in path.rglob("*"))
 
 
 def _lam_text(info: dict[str, Any]) -> str:
