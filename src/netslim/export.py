@@ -56,7 +56,6 @@ from netslim.models.external import for_deployment
 DEFAULT_OPSET = 18  # onnxruntime >= 1.14 runs it; every op netslim's networks use is in it
 OPSETS = range(9, 21)  # what the TorchScript-based exporter writes
 TOLERANCE = 1e-4  # largest accepted relative difference, fp32
-CHECK_BATCHES = (1, 7)
 CHECKED_ON = "random normal batches of 1 and 7, normal + 3, normal - 3, normal x 10 and zeros"
 CIFAR_IMAGE_SIZE = 32  # what netslim's own architectures are built for
 ULTRALYTICS_IMAGE_SIZE = 640  # Ultralytics' own default imgsz, as `yolo export` takes it
@@ -261,19 +260,6 @@ def relative_difference(expected: list[torch.Tensor], got: list[torch.Tensor]) -
         if not math.isfinite(diff):
             return float("inf")
         worst = max(worst, diff)
-    return worst
-
-
-@torch.no_grad()
-def max_relative_difference(run: Runner, model: nn.Module, image_size: int,
-                            batches: tuple[int, ...] = CHECK_BATCHES, seed: int = 0) -> float:  # fmt: skip
-    """:func:`relative_difference` of ``run`` and ``model``, the largest over random normal
-    batches of the given sizes."""
-    generator = torch.Generator().manual_seed(seed)
-    worst = 0.0
-    for batch in batches:
-        x = torch.randn(batch, 3, image_size, image_size, generator=generator)
-        worst = max(worst, relative_difference(output_tensors(model(x)), output_tensors(run(x))))
     return worst
 
 
