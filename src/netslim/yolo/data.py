@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from ultralytics.data.utils import (
+    IMG_FORMATS,
+    img2label_paths,
+)
+from ultralytics.utils import DATASETS_DIR, patches
 
 from netslim.errors import NetslimError
-from netslim.models.external import offline_ultralytics
-
-offline_ultralytics()  # before Ultralytics is imported: no downloads, no online checks
-from ultralytics.data.utils import IMG_FORMATS, img2label_paths  # noqa: E402  (netslim[yolo])
-from ultralytics.utils import DATASETS_DIR, patches  # noqa: E402
 
 # PIL's own Image.open. Ultralytics replaces it with one that, on a file PIL does not
 # recognise, logs a warning and installs (or imports) pi-heif before trying again: a file

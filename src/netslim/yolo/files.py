@@ -41,7 +41,6 @@ from torch import nn
 from netslim.checkpoint import _check_archive, load, model_from_checkpoint, own_safe_globals
 from netslim.errors import NetslimError
 from netslim.files import atomic_write
-from netslim.models.yolo_yaml import offline_ultralytics
 
 # Where the classes of a model's layers live (names outside are not layers)
 LAYER_HOMES = ("torch.nn.modules.", "ultralytics.nn.")
@@ -152,7 +151,6 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str
         zipped = f.read(2) == b"PK"
     if zipped:
         _check_archive(path)
-    offline_ultralytics()
     try:
         if trust_pickle:
             warnings.warn(

@@ -26,19 +26,7 @@ import math
 from typing import Any, Callable
 
 import torch
-
-from netslim.errors import NetslimError
-from netslim.limits import (
-    MAX_IMAGE_SIZE,
-    check_batch_memory,
-    check_count,
-    check_image_size,
-    cpu_count,
-)
-from netslim.models.external import offline_ultralytics
-
-offline_ultralytics()  # before Ultralytics is imported: no downloads, no online checks
-from ultralytics.cfg import (  # noqa: E402  (netslim[yolo])
+from ultralytics.cfg import (
     CFG_BOOL_KEYS,
     CFG_FLOAT_KEYS,
     CFG_FRACTION_KEYS,
@@ -47,6 +35,15 @@ from ultralytics.cfg import (  # noqa: E402  (netslim[yolo])
     DEFAULT_CFG_DICT,
     check_cfg,
     smart_value,
+)
+
+from netslim.errors import NetslimError
+from netslim.limits import (
+    MAX_IMAGE_SIZE,
+    check_batch_memory,
+    check_count,
+    check_image_size,
+    cpu_count,
 )
 
 # The Ultralytics keys a netslim flag sets, and that flag.
