@@ -165,3 +165,16 @@ def test_known_unpruned_accuracy_is_reused_not_remeasured(trained, tiny_data, mo
                             acc_unpruned=measured.acc_unpruned)  # fmt: skip
     assert model not in calls and len(calls) == 3  # masked, compensated, recalibrated
     assert reused.to_dict() == measured.to_dict()
+
+
+def test_without_compensation_the_report_still_measures_the_compensated_network(
+    trained, tiny_data
+):
+    """--no-compensate saves the official network; the report's three measures stay those
+    of the compensated run (before, its 'compensated' accuracy was the official network's)."""
+    _, model = trained
+    _, official = prune_model(model, 0.5, compensate=False, data=tiny_data, recalibrate=2)
+    _, folded = prune_model(model, 0.5, data=tiny_data, recalibrate=2)
+    assert official.saved != folded.saved
+    for key in ("acc_masked", "acc_compensated", "acc_recalibrated"):
+        assert getattr(official, key) == getattr(folded, key), key

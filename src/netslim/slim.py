@@ -379,7 +379,8 @@ def _prune_model(
     if next(model.parameters()).device != device:  # measured on a copy: the caller's stays put
         model = copy.deepcopy(model).to(device)
     pruned = pruned.to(device)
-    other = official.to(device) if compensate else apply_plan(model, plan, False).eval()
+    # the network not returned, measured too: the official one, or the compensated one
+    other = official.to(device) if compensate else apply_plan(model, plan, True).eval()
     masked, compensated = (other, pruned) if compensate else (pruned, other)
     if acc_unpruned is None:
         acc_unpruned = evaluate(model, data, dtype=eval_dtype)[1]
