@@ -167,9 +167,7 @@ def test_known_unpruned_accuracy_is_reused_not_remeasured(trained, tiny_data, mo
     assert reused.to_dict() == measured.to_dict()
 
 
-def test_without_compensation_the_report_still_measures_the_compensated_network(
-    trained, tiny_data
-):
+def test_without_compensation_the_report_still_measures_the_compensated_network(trained, tiny_data):
     """--no-compensate saves the official network; the report's three measures stay those
     of the compensated run (before, its 'compensated' accuracy was the official network's)."""
     _, model = trained
