@@ -25,6 +25,7 @@ LAYERS = [
     ("runtime", ["netslim.runtime"]),
     ("data", ["netslim.data"]),
     ("engine", ["netslim.engine"]),
+    ("adapters", ["netslim.adapters"]),
     ("files", ["netslim.checkpoint", "netslim.official"]),
     ("train", ["netslim.train"]),
     ("prune, export, time", ["netslim.slim", "netslim.export", "netslim.benchmark"]),
@@ -32,6 +33,8 @@ LAYERS = [
     ("command line", ["netslim.cli", "netslim.__main__"]),
 ]  # fmt: skip
 TORCH_FREE = ["netslim.config", "netslim.cli.parser"]
+# The engine knows no library but torch, and no architecture: adapters above it hold those.
+OTHER_LIBRARIES = {"torchvision", "timm", "ultralytics"}
 
 
 def module_name(path: Path) -> str:
@@ -81,8 +84,10 @@ def imports(module: str, top_level_only: bool = False) -> set[str]:
                         if MODULES[module].name == "__init__.py"
                         else module.rpartition(".")[0]
                     )
-                    base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1]
-                                    + ([base] if base else []))  # fmt: skip
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - child.level + 1]
+                        + ([base] if base else [])
+                    )
                 if base.split(".")[0] != "netslim":
                     continue
                 for alias in child.names:
@@ -162,3 +167,76 @@ def test_the_bottom_layer_and_the_parser_import_no_torch(module):
     assert module in loaded
     heavy = {m: _third_party(m) & {"torch", "numpy", "matplotlib", "PIL"} for m in loaded}
     assert not any(heavy.values()), {m: h for m, h in heavy.items() if h}
+
+
+def _all_imports(module: str) -> set[str]:
+    """Every module name ``module`` imports, at any level (functions included), netslim's
+    or not; relative imports are resolved by :func:`imports` and left out here."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("netslim.engine")))
+def test_the_engine_imports_no_architecture_and_no_other_library(module):
+    """Engine modules import nothing of netslim.models (every architecture loads with it) and
+    none of torchvision, timm, Ultralytics: their quirks live in netslim.adapters."""
+    found = _all_imports(module) | imports(module)
+    assert not [m for m in found if m == "netslim.models" or m.startswith("netslim.models.")]
+    assert not [m for m in found if m.split(".")[0] in OTHER_LIBRARIES]
+
+
+# A lower layer may find a higher one's code by name, at first use, only at these declared
+# plug-in points: the lookup is how the layer above extends the one below, as a third-party
+# package would (the engine also reads entry points), not a way around the layering.
+PLUGIN_LOOKUPS = {
+    ("netslim.engine.rules", "netslim.adapters"): "the built-in adapters, loaded when the "
+    "default rules are first built (a library's quirks live outside the engine)",
+    ("netslim.export", "netslim.yolo.export"): "an Ultralytics model goes to Ultralytics' "
+    "own exporter, so netslim.export(model, path) writes what `yolo export` writes",
+}
+
+
+def lookups(module: str) -> set[str]:
+    """The netslim modules ``module`` imports by name (``importlib.import_module`` of a
+    string, or of a module-level constant holding one)."""
+    tree = ast.parse(MODULES[module].read_text())
+    constants = {
+        target.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+        for target in node.targets
+        if isinstance(target, ast.Name) and isinstance(node.value.value, str)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module":
+            arg = node.args[0] if node.args else None
+            name = (
+                arg.value
+                if isinstance(arg, ast.Constant)
+                else constants.get(getattr(arg, "id", None))
+            )
+            if isinstance(name, str) and name.split(".")[0] == "netslim":
+                found.add(name)
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_lookups_by_name_go_up_only_at_declared_plugin_points(module):
+    upward = sorted(
+        m
+        for m in lookups(module)
+        if layer_of(m) > layer_of(module) and (module, m) not in PLUGIN_LOOKUPS
+    )
+    assert not upward, f"{module} imports {', '.join(upward)} by name: a hidden upward import"
+
+
+def test_every_declared_plugin_point_exists():
+    for module, target in PLUGIN_LOOKUPS:
+        assert target in lookups(module), (module, target)

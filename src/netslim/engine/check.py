@@ -31,9 +31,9 @@ from torch import nn
 
 from netslim.engine.graph import ChannelGraph, tensors
 from netslim.engine.plan import PrunePlan, reference_network
+from netslim.engine.rules import Rules, default_rules
 from netslim.engine.surgery import apply_plan
 from netslim.engine.trace import _source_of
-from netslim.models import model_inputs
 
 #: Largest relative difference (to the largest value of the same output) taken as equal in
 #: fp32: what a different summation order leaves.
@@ -80,16 +80,24 @@ def check_official(
     layers = _compared_layers(plan) if plan.graph.value_reads else {}
     inputs = _inputs(plan.graph, model, dtype)
     names = " and ".join(label for label, _ in inputs)
+    rules = plan.graph.rules or default_rules()
     worst, shapes = 0.0, None
     for label, x in inputs:
-        expected = _run(reference, x, layers)
+        expected = _run(reference, x, layers, rules)
         shapes = shapes or [tuple(t.shape) for t in expected[1]]
         try:
-            got = _run(checked, x, layers)
+            got = _run(checked, x, layers, rules)
         except Exception as e:  # the broken network this check is here to catch
             return Verdict(math.inf, f"it fails on {label}: {_error(e)}", names)
-        pairs = [(f"the output of {name}", got[0].get(name, []), expected[0].get(name, []),
-                  *layers[name]) for name in layers]  # fmt: skip
+        pairs = [
+            (
+                f"the output of {name}",
+                got[0].get(name, []),
+                expected[0].get(name, []),
+                *layers[name],
+            )
+            for name in layers
+        ]
         if not layers:
             pairs.append(("its output", got[1], expected[1], 0, None))
         for what, mine, theirs, dim, kept in pairs:
@@ -114,8 +122,13 @@ def _again_wide(
         return verdict
 
 
-def _compare(mine: list[torch.Tensor], theirs: list[torch.Tensor], dim: int,
-             kept: torch.Tensor | None, tolerance: float) -> tuple[str | None, float]:  # fmt: skip
+def _compare(
+    mine: list[torch.Tensor],
+    theirs: list[torch.Tensor],
+    dim: int,
+    kept: torch.Tensor | None,
+    tolerance: float,
+) -> tuple[str | None, float]:
     """Why two lists of tensors differ (the second on its ``kept`` entries along ``dim``),
     and their largest relative difference."""
     if len(mine) != len(theirs):
@@ -141,7 +154,7 @@ def check_runs(
     network's had there (``verdict.shapes``, from :func:`check_official`); None when it runs."""
     label, x = _inputs(plan.graph, model)[0]
     try:
-        got = [tuple(t.shape) for t in _run(pruned, x, {})[1]]
+        got = [tuple(t.shape) for t in _run(pruned, x, {}, plan.graph.rules)[1]]
     except Exception as e:
         return f"fails on {label}: {_error(e)}"
     if not plan.graph.value_reads and verdict.shapes is not None and got != verdict.shapes:
@@ -220,15 +233,17 @@ def _compared_layers(plan: PrunePlan) -> dict[str, tuple[int, torch.Tensor]]:
     compared = {}
     for name, layer in graph.layers.items():
         if layer.norm is None and layer.inference:
-            dim = -1 if layer.kind == "linear" else 1
-            compared[name] = (dim, plan.kept_of(layer.outputs).nonzero().flatten())
+            compared[name] = (layer.out_dim, plan.kept_of(layer.outputs).nonzero().flatten())
     for name, units in graph.norms.items():
         compared[name] = (1, plan.kept_of(units).nonzero().flatten())
     return compared
 
 
 def _run(
-    net: nn.Module, x: torch.Tensor, layers: dict[str, tuple[int, torch.Tensor]]
+    net: nn.Module,
+    x: torch.Tensor,
+    layers: dict[str, tuple[int, torch.Tensor]],
+    rules: Rules | None = None,
 ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
     """The outputs of the named layers (each call's, in the order they ran) and the network's."""
     seen: dict[str, list[torch.Tensor]] = {}
@@ -242,7 +257,7 @@ def _run(
     ]
     try:
         with torch.no_grad():
-            out = net(*model_inputs(net, x))
+            out = net(*(rules or default_rules()).model_inputs(net, x))
     finally:
         for h in handles:
             h.remove()

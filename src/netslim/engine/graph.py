@@ -54,9 +54,10 @@ class Group:
 
 @dataclass
 class Layer:
-    """A conv or linear layer, with the units of the channels it reads and writes."""
+    """A conv or linear layer (or one of your own the rules say how to slice), with the units
+    of the channels it reads and writes."""
 
-    kind: str  # "conv" (groups = 1), "grouped" (whole convolution groups go) or "linear"
+    kind: str  # "conv" (groups = 1), "grouped" (whole convolution groups go), "linear", "custom"
     inputs: torch.Tensor  # unit id of each input channel (feature)
     outputs: torch.Tensor  # unit id of each output channel
     pixels: int  # output positions per image (1 for a linear layer on flat features)
@@ -64,6 +65,7 @@ class Layer:
     groups: int = 1
     norm: str | None = None  # the BatchNorm that alone reads its output, if any
     inference: bool = True  # False for a layer only training runs (an auxiliary head)
+    out_dim: int = 1  # the dim of its output holding its channels (-1 for a linear layer)
 
 
 @dataclass
@@ -88,6 +90,8 @@ class ChannelGraph:
         untraced_macs: MACs of the conv and linear calls inference makes that are not among
             ``layers`` (a conv only inference calls, as YOLO's DFL; one called twice): their
             channels are not pruned, so the pruned network makes them too.
+        rules: the :class:`~netslim.engine.rules.Rules` it was traced with, which surgery and
+            the checks after it follow too (None: the default rules).
     """
 
     groups: dict[int, Group]
@@ -103,6 +107,7 @@ class ChannelGraph:
     ties: list[list[torch.Tensor]] = field(default_factory=list)
     value_reads: list[str] = field(default_factory=list)
     untraced_macs: int = 0
+    rules: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_units(self) -> int:
@@ -283,10 +288,14 @@ class Units:
         compensable = torch.ones(count, dtype=torch.bool)
         compensable[compact[torch.tensor(sorted(self.uncompensable), dtype=torch.long)]] = False
         layers = {
-            name: replace(layer, inputs=compact[layer.inputs], outputs=compact[layer.outputs],
-                          inference=name in self.inference)
+            name: replace(
+                layer,
+                inputs=compact[layer.inputs],
+                outputs=compact[layer.outputs],
+                inference=name in self.inference,
+            )
             for name, layer in self.layers.items()
-        }  # fmt: skip
+        }
         norms = {name: compact[units] for name, units in self.norms.items()}
         gathers = {name: compact[units] for name, units in self.gathers.items()}
         writers = {**{name: layer.outputs for name, layer in layers.items()}, **gathers}
@@ -321,12 +330,28 @@ class Units:
             names = sorted(scaling, key=order.__getitem__)
             unit_ids = torch.tensor(units, dtype=torch.long)
             all_fixed = bool(fixed[unit_ids].all())
-            groups[i] = Group(unit_ids, producers.get(g, []), names,
-                              reasons[units[0]] if all_fixed else None,
-                              bool(joined[unit_ids].any()))  # fmt: skip
+            groups[i] = Group(
+                unit_ids,
+                producers.get(g, []),
+                names,
+                reasons[units[0]] if all_fixed else None,
+                bool(joined[unit_ids].any()),
+            )
         selected = {int(compact[u]) for u in self.selected}  # scaled by BNs after a selection
-        notable = list(dict.fromkeys(reason for c, reason in reasons.items()
-                                     if c in members or c in selected))  # fmt: skip
+        notable = list(
+            dict.fromkeys(reason for c, reason in reasons.items() if c in members or c in selected)
+        )
         ties = [[compact[piece] for piece in tie] for tie in self.ties]
-        return ChannelGraph(groups, layers, norms, fixed, joined, compensable, notable,
-                            tuple(input_size), self.model_name, gathers, ties)  # fmt: skip
+        return ChannelGraph(
+            groups,
+            layers,
+            norms,
+            fixed,
+            joined,
+            compensable,
+            notable,
+            tuple(input_size),
+            self.model_name,
+            gathers,
+            ties,
+        )

@@ -24,8 +24,8 @@ from torch.overrides import TorchFunctionMode
 
 from netslim import limits
 from netslim.engine.graph import tensors
+from netslim.engine.rules import Rules, default_rules
 from netslim.errors import NetslimError
-from netslim.models import model_inputs
 
 # copy.deepcopy's frames per level of module nesting (deepcopy, _reconstruct, _deepcopy_dict
 # for the module's __dict__ and for its _modules): more than a forward pass takes
@@ -150,19 +150,22 @@ class _Bytes(TorchFunctionMode):
         return sum(t.untyped_storage().nbytes() for t in self.kept.values())
 
 
-def _probe(model: nn.Module, size: tuple[int, ...]) -> tuple[float, int]:
+def _probe(
+    model: nn.Module, size: tuple[int, ...], rules: Rules | None = None
+) -> tuple[float, int]:
     """The bytes of the tensors a forward pass of ``model`` at ``size`` makes, and its
     seconds (the best of two runs after that one, which also warms up)."""
+    rules = rules or default_rules()
     param = next(model.parameters())
     x = torch.zeros(size, device=param.device, dtype=param.dtype)
     counter = _Bytes()
     with counter:
-        model(*model_inputs(model, x))
+        model(*rules.model_inputs(model, x))
     nbytes, best = counter.total, float("inf")
     del counter
     for _ in range(2):
         start = time.perf_counter()
-        model(*model_inputs(model, x))
+        model(*rules.model_inputs(model, x))
         if param.device.type == "cuda":
             torch.cuda.synchronize(param.device)
         best = min(best, time.perf_counter() - start)
@@ -179,14 +182,16 @@ def _fit(values: tuple[float, float], pixels: tuple[int, int]) -> tuple[float, f
     return max(values[1] - slope * pixels[1], 0.0), slope
 
 
-def _probes(model: nn.Module, *sizes: tuple[int, ...]) -> list[tuple[float, int]] | None:
+def _probes(
+    model: nn.Module, *sizes: tuple[int, ...], rules: Rules | None = None
+) -> list[tuple[float, int]] | None:
     """:func:`_probe` at each size in eval mode (the modes restored after); None when the
     network does not run at one of them (Inception-v3 needs at least 75x75)."""
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad(), torch.random.fork_rng([]):
-            return [_probe(model, size) for size in sizes]
+            return [_probe(model, size, rules) for size in sizes]
     except Exception:
         return None
     finally:
@@ -194,7 +199,9 @@ def _probes(model: nn.Module, *sizes: tuple[int, ...]) -> list[tuple[float, int]
             m.training = training
 
 
-def estimate_prune_cost(model: nn.Module, input_size: tuple[int, ...]) -> PruneCost | None:
+def estimate_prune_cost(
+    model: nn.Module, input_size: tuple[int, ...], rules: Rules | None = None
+) -> PruneCost | None:
     """Estimate the time and peak memory of pruning ``model`` at ``input_size`` (N, C, H, W).
 
     Runs ``model`` in eval mode (restored after) at two small sizes, (H, W) each cut to at
@@ -210,7 +217,7 @@ def estimate_prune_cost(model: nn.Module, input_size: tuple[int, ...]) -> PruneC
         pixels = (small[0] * small[1], large[0] * large[1])
         if h * w <= pixels[1] or pixels[0] == pixels[1]:
             return None  # no larger than the probes: nothing to bound
-        measured = _probes(model, (n, c, *small), (n, c, *large))
+        measured = _probes(model, (n, c, *small), (n, c, *large), rules=rules)
         if measured is not None:
             break
     else:
@@ -225,13 +232,17 @@ def estimate_prune_cost(model: nn.Module, input_size: tuple[int, ...]) -> PruneC
 
 
 def check_prune_cost(
-    model: nn.Module, input_size: tuple[int, ...], max_seconds: float | None = None
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    max_seconds: float | None = None,
+    rules: Rules | None = None,
 ) -> PruneCost | None:
     """NetslimError when pruning ``model`` at ``input_size`` is estimated to take more than
     half the memory there is, or more than ``max_seconds``
     (:func:`netslim.limits.prune_seconds_bound`); returns the estimate."""
     bound = limits.prune_seconds_bound(max_seconds)
-    cost = estimate_prune_cost(model, input_size)
+    extra = {} if rules is None else {"rules": rules}  # (tests stand in a two-argument one)
+    cost = estimate_prune_cost(model, input_size, **extra)
     if cost is None:
         return None
     (h0, w0), (h1, w1) = cost.probes

@@ -1,4 +1,4 @@
-"""What each op does to channels: the engine's rules, and the registry that extends them.
+"""What each op does to channels: the engine's core rules, extended by a :class:`~.rules.Rules`.
 
 While a forward pass is replayed (:mod:`netslim.engine.trace` records it, one :class:`Call`
 per op), :class:`Replay` gives every tensor entry a code (:mod:`netslim.engine.graph`) and, per op:
@@ -12,8 +12,14 @@ per op), :class:`Replay` gives every tensor entry a code (:mod:`netslim.engine.g
   its operands' units entry by entry;
 * reshapes, slices, splits, concatenations and permutations (a channel shuffle) move
   units around exactly as they move the values;
-* a channel selection (:class:`~netslim.models.gather.ChannelGather`) writes new units,
-  which surgery removes from its index; the channels it reads are fixed;
+* a channel selection (one the rules name, as the paper's ``ChannelGather``) writes new
+  units, which surgery removes from its index; the channels it reads are fixed;
+* a layer of your own that the rules say how to slice (:meth:`~.rules.Rules.register_layer`)
+  is a conv: new output units, reading its input units;
+* a module the engine records whole but does not know (a ``torch.nn`` module outside its
+  tables, the activation inside timm's ``BatchNormAct2d``) that holds no tensors is probed
+  (:func:`probe_per_channel`): it is per-channel when every subset of the channels, passed
+  alone, gives that subset of its outputs. Never by its class's name.
 * anything else -- an unknown module or op, a layer called twice, a parameter read outside
   its module -- fixes the units it touches, with the reason. The engine never guesses.
 
@@ -22,24 +28,27 @@ beta set to 0): zero after a BatchNorm, a constant after a function with ``f(0) 
 live values where no BatchNorm scales it. A unit that a layer reads live, or reads as a
 nonzero constant through zero padding, is fixed.
 
-Your own layers (the registry)::
+Your own layers, in rules scoped to one call (:mod:`netslim.engine.rules`)::
 
-    import netslim.engine as engine
+    from netslim import engine
 
     class MySwish(nn.Module):              # any activation acting on each channel alone
         def forward(self, x):
             return x * torch.special.expit(x)   # an op the engine does not know
 
-    engine.register_per_channel(MySwish)   # or a function, or a tensor method's name
-    engine.register_opaque(MyFancyNorm)    # mixes channels: keep what it reads and writes
+    rules = engine.default_rules().copy()
+    rules.register_per_channel(MySwish)    # or a function, or a tensor method's name
+    rules.register_opaque(MyFancyNorm)     # mixes channels: keep what it reads and writes
+    graph = engine.trace_channels(model, rules=rules)
 
-A per-channel module or function must map each channel to itself (shape unchanged, no
-mixing across channels); the engine still probes it at 0 and 1 to learn what a removed
-channel becomes. An opaque one keeps every channel it touches.
+A per-channel module or function must map each channel to itself (no mixing across
+channels); the engine still probes it at 0 and 1 to learn what a removed channel becomes.
+An opaque one keeps every channel it touches.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import operator
@@ -66,7 +75,10 @@ from netslim.engine.graph import (
     spread,
     tensors,
 )
-from netslim.models.gather import ChannelGather
+from netslim.engine.rules import LayerSpec, Rules, default_rules
+from netslim.engine.rules import register_opaque as register_opaque
+from netslim.engine.rules import register_per_channel as register_per_channel
+from netslim.engine.rules import unregister as unregister
 
 PER_CHANNEL_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
@@ -83,11 +95,6 @@ PER_CHANNEL_FUNCTIONS = {
 }  # fmt: skip
 PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "clamp",
                        "clamp_", "clamp_min", "clamp_max", "neg", "pow", "sqrt"}  # fmt: skip
-#: per-channel functions known by name (their libraries are optional, never imported here)
-PER_CHANNEL_NAMES = {"stochastic_depth", "drop_path"}
-#: Activation modules of other libraries (timm's), known by class name.
-ACTIVATION_NAMES = {"Swish", "SiLU", "Mish", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid",
-                    "HardMish", "GELU", "GELUTanh", "QuickGELU", "ReLU", "ReLU6"}  # fmt: skip
 SPATIAL_REDUCTIONS = {torch.mean, torch.amax, torch.sum, "mean", "amax", "sum"}
 ADD_LIKE = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
             torch.maximum, torch.minimum, "add", "add_", "sub", "sub_"}  # fmt: skip
@@ -123,78 +130,71 @@ CHUNKS = {"chunk", torch.chunk}
 REARRANGE_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
                      nn.PixelUnshuffle)  # fmt: skip
 LAYER_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+#: The submodules a BatchNorm subclass with a forward of its own is taken to run after the
+#: BatchNorm, where the rules name none (timm's layout), if running it shows so (norm_then).
+NORM_EXTRAS = ("drop", "act")
 
 
-# -- the registry ---------------------------------------------------------------------
-
-_PER_CHANNEL: set[Any] = set()  # module classes, functions and method names users added
-_OPAQUE: set[Any] = set()
+# -- the core's own rules -----------------------------------------------------------
 
 
-def register_per_channel(target: Any) -> Any:
-    """Tell the engine that ``target`` acts on each channel alone, like an activation.
-
-    ``target`` is an ``nn.Module`` subclass, a function (an ``autograd.Function``'s
-    ``apply`` too), or the name of a tensor method. Returns ``target``, so it also works as
-    a class or function decorator. Its modules are traced as one op (not looked into).
-    """
-    _PER_CHANNEL.add(_key(target))
-    return target
+def per_channel_module(module: Any, rules: Rules | None = None) -> bool:
+    """Whether ``module`` acts on each channel alone: a known ``torch.nn`` one, or a class
+    ``rules`` (default: :func:`~.rules.default_rules`) registered per-channel."""
+    rules = rules or default_rules()
+    return isinstance(module, PER_CHANNEL_MODULES) or rules.is_per_channel_module(module)
 
 
-def register_opaque(target: Any) -> Any:
-    """Tell the engine that ``target`` mixes or reads channels in ways it cannot follow:
-    every channel it reads or writes is kept, with the reason in the prune report.
-    ``target`` as for :func:`register_per_channel`; a registered opaque module is traced
-    as one op, whatever it holds (a conv subclass included)."""
-    _OPAQUE.add(_key(target))
-    return target
-
-
-def unregister(target: Any) -> None:
-    """Forget what :func:`register_per_channel` or :func:`register_opaque` said of ``target``."""
-    _PER_CHANNEL.discard(_key(target))
-    _OPAQUE.discard(_key(target))
-
-
-def _key(target: Any) -> Any:
-    if isinstance(target, type) and issubclass(target, torch.autograd.Function):
-        return target.apply
-    return target
-
-
-def registered_module(module: nn.Module) -> bool:
-    """Whether the registry names ``module``'s class (or a base class of it)."""
-    return any(isinstance(module, t) for t in _PER_CHANNEL | _OPAQUE if isinstance(t, type))
-
-
-def per_channel_module(module: Any) -> bool:
-    """Whether ``module`` acts on each channel alone: a known one, or a registered class."""
-    registered = tuple(t for t in _PER_CHANNEL if isinstance(t, type))
-    return (
-        isinstance(module, PER_CHANNEL_MODULES + registered)
-        or type(module).__name__ in ACTIVATION_NAMES
-    )
-
-
-def opaque_module(module: Any) -> bool:
-    return isinstance(module, tuple(t for t in _OPAQUE if isinstance(t, type)))
-
-
-def per_channel_function(target: Any) -> bool:
+def per_channel_function(target: Any, rules: Rules | None = None) -> bool:
     """Whether a function or method (by name) acts on each channel alone."""
-    return (
-        hashable(target)
-        and (
-            target in PER_CHANNEL_FUNCTIONS
-            or target in PER_CHANNEL_METHODS
-            or target in _PER_CHANNEL
-        )
-    ) or getattr(target, "__name__", None) in PER_CHANNEL_NAMES
+    known = hashable(target) and (target in PER_CHANNEL_FUNCTIONS or target in PER_CHANNEL_METHODS)
+    return known or (rules or default_rules()).is_per_channel_function(target)
 
 
-def opaque_function(target: Any) -> bool:
-    return hashable(target) and target in _OPAQUE
+def probe_per_channel(module: nn.Module, like: torch.Tensor) -> bool:
+    """Whether ``module``, which holds no parameters or buffers, acts on each channel (dim 1)
+    alone, found by running it: on a random input shaped like ``like``, every subset of the
+    channels whose indices share a bit (and its complement), passed alone, must give that
+    subset of the whole input's outputs (a channel read by another's output, or a count of
+    channels used, changes them); the outputs must keep the batch and the channels, and two
+    runs agree. Anything else, an error included, is False: the channels are then kept."""
+    if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+        return False
+    if like.dim() < 2 or not like.is_floating_point() or like.numel() == 0:
+        return False
+    n = like.shape[1]
+    x = torch.randn(like.shape, generator=torch.Generator().manual_seed(0))
+    x = x.to(like.device, like.dtype)
+    try:
+        with torch.no_grad():
+            whole = module(x.clone())
+            if not isinstance(whole, torch.Tensor) or tuple(whole.shape[:2]) != tuple(
+                like.shape[:2]
+            ):
+                return False
+            if not _close(module(x.clone()), whole):
+                return False
+            channels = torch.arange(n)
+            for bit in range(max(1, (n - 1).bit_length())):
+                member = (channels >> bit) & 1 == 1
+                for subset in (member, ~member):
+                    idx = subset.nonzero().flatten().to(x.device)
+                    if len(idx) and not _close(
+                        module(x.index_select(1, idx)), whole.index_select(1, idx)
+                    ):
+                        return False
+    except Exception:  # it does not even run on fewer channels: not per-channel
+        return False
+    return True
+
+
+def _close(a: Any, b: torch.Tensor) -> bool:
+    if not isinstance(a, torch.Tensor) or a.shape != b.shape:
+        return False
+    a, b = a.double(), b.double()
+    finite = torch.nan_to_num(b, posinf=0.0, neginf=0.0)
+    scale = 1.0 + float(finite.abs().max()) if b.numel() else 1.0
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6 * scale, equal_nan=True)
 
 
 def hashable(target: Any) -> bool:
@@ -260,7 +260,8 @@ class Replay:
     """Replays a forward pass on unit codes, one :class:`Call` at a time (see the module
     docs): ``env`` holds the real values, ``codes`` their codes, ``units`` what was learnt."""
 
-    def __init__(self, model_name: str = "the model") -> None:
+    def __init__(self, model_name: str = "the model", rules: Rules | None = None) -> None:
+        self.rules = rules or default_rules()
         self.units = Units(model_name)
         self.env: dict[Any, Any] = {}
         self.codes: dict[Any, Any] = {}
@@ -308,7 +309,7 @@ class Replay:
         if call.op == "call_module":
             return self.visit_module(call, call.module, value)
         target = call.target
-        if opaque_function(target):
+        if self.rules.is_opaque_function(target):
             return self.opaque(call, value, f"{call.op} {call.describe} (registered opaque)")
         if target in SAME_VALUES:
             return self.codes[call.args[0]]
@@ -320,7 +321,7 @@ class Replay:
             if len(inputs) == 2:
                 return self.elementwise(call, value, *inputs)
             return self.per_channel(call, value)
-        if per_channel_function(target):
+        if per_channel_function(target, self.rules):
             return self.per_channel(call, value)
         if target in SPATIAL_REDUCTIONS and self.spatial_reduction(call):
             return self.per_channel(call, value)
@@ -383,8 +384,11 @@ class Replay:
         if call.target in CHUNKS and self.chunk_tie(call, units, result):
             return result
         if not all(keeps_channels(units, decode(piece)[0]) for piece in tensors(result)):
-            self.units.fix(units, f"{call.op} {call.describe} {call.where} cuts or regroups "
-                     "channels by sizes fixed in forward()")  # fmt: skip
+            self.units.fix(
+                units,
+                f"{call.op} {call.describe} {call.where} cuts or regroups "
+                "channels by sizes fixed in forward()",
+            )
         return result
 
     def chunk_tie(self, call: Call, units: torch.Tensor, pieces: Any) -> bool:
@@ -447,8 +451,10 @@ class Replay:
         def modulates(short: torch.Size, other: torch.Tensor) -> bool:
             """Broadcast along a dim where the other operand's units vary."""
             pad = [1] * (len(value.shape) - len(short)) + list(short)
-            return any(pad[d] == 1 < value.shape[d] and bool((other != other.narrow(d, 0, 1)).any())
-                       for d in range(len(pad)))  # fmt: skip
+            return any(
+                pad[d] == 1 < value.shape[d] and bool((other != other.narrow(d, 0, 1)).any())
+                for d in range(len(pad))
+            )
 
         mod_a, mod_b = modulates(sa, ub), modulates(sb, ua)
         reason = f"{call.describe} broadcast over channels {call.where}"
@@ -483,23 +489,40 @@ class Replay:
             )
         if len([a for a in call.inputs if is_tensorish(self.env[a])]) != 1:
             return self.opaque(call, value, f"module {type(module).__name__} of several inputs")
-        if isinstance(module, ChannelGather):
-            return self.gather(call, module, value)
+        rules = self.rules
+        if rules.is_opaque_module(module):
+            return self.opaque(call, value, f"module {type(module).__name__} (registered opaque)")
+        index = rules.selection_index(module)
+        if index is not None:
+            return self.gather(call, module, value, index)
+        spec = rules.layer_spec(module)
+        if spec is not None:
+            return self.custom(call, module, spec, value)
         if isinstance(module, nn.Conv2d):
             return self.conv(call, module, value)
         if isinstance(module, nn.Linear):
             return self.linear(call, module, value)
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return self.batchnorm(call, module, value)
-        if opaque_module(module):
-            return self.opaque(call, value, f"module {type(module).__name__} (registered opaque)")
-        if per_channel_module(module):
+        if per_channel_module(module, rules):
             return self.per_channel(call, value)
         if isinstance(module, REARRANGE_MODULES):
             return self.rearrange(call, value)
+        source = next(a for a in call.inputs if is_tensorish(self.env[a]))
+        if isinstance(self.env[source], torch.Tensor) and probe_per_channel(
+            module, self.env[source]
+        ):
+            return self.per_channel(call, value)
         return self.opaque(call, value, f"module {type(module).__name__}")
 
-    def gather(self, call: Call, m: ChannelGather, value: torch.Tensor) -> Any:
+    def acts_per_channel(self, module: Any, like: torch.Tensor) -> bool:
+        """Whether a submodule run inside a layer recorded whole acts on each channel alone:
+        registered or known so, or found so by probing (:func:`probe_per_channel`)."""
+        if not isinstance(module, nn.Module) or self.rules.is_opaque_module(module):
+            return False
+        return per_channel_module(module, self.rules) or probe_per_channel(module, like)
+
+    def gather(self, call: Call, m: nn.Module, value: torch.Tensor, index: str) -> Any:
         """A channel selection: what it reads is kept, its outputs are new units."""
         name, (source,) = call.target, call.inputs
         if call.calls > 1:
@@ -507,8 +530,53 @@ class Replay:
         read = torch.unique(decode(self.codes[source])[0])
         self.units.fix(read, f"read through the channel selection {name} (the paper's layout)")
         self.units.selected.update(read.tolist())
-        self.units.gathers[name] = self.units.new_units(len(m.index), producer=name)
+        count = len(getattr(m, index))
+        self.units.gathers[name] = self.units.new_units(count, producer=name)
         return spread(code(self.units.gathers[name], LIVE, LIVE), 1, value.shape)
+
+    def custom(self, call: Call, m: nn.Module, spec: LayerSpec, value: Any) -> Any:
+        """A layer of your own that the rules say how to slice: a conv of its kind. A removed
+        input channel must hold zero where it reads it (there is no bias to fold a constant
+        into), and its slicing is checked once against its forward (:func:`slices_exactly`)."""
+        name, (source,) = call.target, call.inputs
+        real, kind = self.env[source], type(m).__name__
+        n_in, n_out = spec.counts(m) or (-1, -1)
+        if not (
+            isinstance(real, torch.Tensor)
+            and isinstance(value, torch.Tensor)
+            and real.dim() >= 2
+            and value.dim() >= 2
+            and real.shape[spec.in_dim] == n_in
+            and value.shape[spec.out_dim] == n_out
+        ):
+            return self.opaque(
+                call,
+                value,
+                f"module {kind} (registered layer whose channels "
+                "are not where in_dim and out_dim say)",
+            )
+        if not slices_exactly(m, spec, real):
+            return self.opaque(
+                call,
+                value,
+                f"module {kind} (registered layer whose sliced copy computes otherwise)",
+            )
+        codes = self.codes[source]
+        line = along(codes, spec.in_dim)
+        if line is None:
+            self.units.fix(decode(codes)[0], f"{name} reads channels mixed with positions")
+            inputs = decode(codes.movedim(spec.in_dim, -1).reshape(-1, n_in)[0])[0]
+        else:
+            inputs, off, on = decode(line)
+            self.units.fix(
+                inputs[off != ZERO],
+                f"read by {name}{call.line} (a registered "
+                "layer) where a removed channel is not zero",
+            )
+            self.units.uncompensable.update(inputs[on != ZERO].tolist())
+        outputs = self.units.new_units(n_out, producer=name)
+        self.units.layers[name] = Layer("custom", inputs, outputs, 0, out_dim=spec.out_dim)
+        return spread(code(outputs, LIVE, LIVE), spec.out_dim, value.shape)
 
     def read(self, call: Call, codes: torch.Tensor, dim: int, padded: bool) -> torch.Tensor:
         """The units a layer reads along ``dim``, fixing those it may not lose."""
@@ -520,18 +588,22 @@ class Replay:
         at = f"{call.target}{call.line}"
         self.units.fix(units[off == LIVE], f"read by {at} where no BatchNorm scales them")
         if padded:
-            self.units.fix(units[off == CONST], f"a nonzero f(0) after a BatchNorm, read by {at} "
-                     "through zero padding")  # fmt: skip
+            self.units.fix(
+                units[off == CONST],
+                f"a nonzero f(0) after a BatchNorm, read by {at} through zero padding",
+            )
         self.units.uncompensable.update(units[on == LIVE].tolist())
         return units
 
     def conv(self, call: Call, m: nn.Conv2d, value: torch.Tensor) -> Any:
         name, (source,) = call.target, call.inputs
         codes = self.codes[source]
-        if type(m).forward is not nn.Conv2d.forward and type(m).__name__ != "Conv2dSame":
+        same = self.rules.conv_padding(m)  # a conv subclass the rules trust, or None
+        if type(m).forward is not nn.Conv2d.forward and same is None:
             return self.opaque(call, value, f"module {type(m).__name__} (its own forward)")
-        padded = (any(p != 0 for p in m.padding) or m.padding == "same"
-                  or type(m).__name__ == "Conv2dSame") and m.padding_mode == "zeros"  # fmt: skip
+        padded = (
+            any(p != 0 for p in m.padding) or m.padding == "same" or bool(same)
+        ) and m.padding_mode == "zeros"
         padded = padded and math.prod(m.kernel_size) > 1
         pixels, kernel = value.shape[2] * value.shape[3], math.prod(m.kernel_size)
         if m.groups == 1:
@@ -562,18 +634,19 @@ class Replay:
 
         outputs = head.repeat_interleave(per_out)
         self.units.layers[name] = Layer("grouped", units, outputs, pixels, kernel, m.groups)
-        out = code(outputs, after(off).repeat_interleave(per_out),
-                    after(on).repeat_interleave(per_out))  # fmt: skip
+        out = code(
+            outputs, after(off).repeat_interleave(per_out), after(on).repeat_interleave(per_out)
+        )
         return spread(out, 1, value.shape)
 
     def linear(self, call: Call, m: nn.Linear, value: torch.Tensor) -> Any:
         name, (source,) = call.target, call.inputs
-        if type(m).forward is not nn.Linear.forward and type(m).__module__.split(".")[0] != "timm":
+        if type(m).forward is not nn.Linear.forward and not self.rules.is_plain_linear(m):
             return self.opaque(call, value, f"module {type(m).__name__} (its own forward)")
         inputs = self.read(call, self.codes[source], -1, padded=False)
         outputs = self.units.new_units(m.out_features, producer=name)
         pixels = value.numel() // (value.shape[0] * m.out_features) if value.dim() > 2 else 1
-        self.units.layers[name] = Layer("linear", inputs, outputs, pixels)
+        self.units.layers[name] = Layer("linear", inputs, outputs, pixels, out_dim=-1)
         return spread(code(outputs, LIVE, LIVE), -1, value.shape)
 
     def batchnorm(self, call: Call, m: nn.Module, value: torch.Tensor) -> Any:
@@ -582,12 +655,15 @@ class Replay:
             m
         ).__module__.startswith("torch.")
         extra = None
-        if not plain:  # timm's BatchNormAct2d: BatchNorm, then its own drop and act
-            drop, act = getattr(m, "drop", None), getattr(m, "act", None)
-            known = all(per_channel_module(x) for x in (drop, act))
-            if not known:
+        if not plain:  # as timm's BatchNormAct2d: the BatchNorm, then submodules of its own
+            names = self.rules.norm_extras(m) or NORM_EXTRAS
+            then = [getattr(m, n, None) for n in names]
+            if not (
+                all(self.acts_per_channel(x, value) for x in then)
+                and norm_then(m, then, self.env[source])
+            ):
                 return self.opaque(call, value, f"module {type(m).__name__} (its own forward)")
-            extra = nn.Sequential(drop, act)
+            extra = nn.Sequential(*then)
         line = along(self.codes[source], 1)
         if line is None or value.dim() < 2:
             return self.opaque(call, value, f"BatchNorm {name} on features mixed with positions")
@@ -607,3 +683,47 @@ class Replay:
         return self.after_function(
             line, lambda fill: extra(torch.full_like(value, fill)), value.shape
         )
+
+
+def slices_exactly(m: nn.Module, spec: LayerSpec, real: torch.Tensor) -> bool:
+    """Whether a copy of layer ``m`` sliced as ``spec`` says, one input and one output channel
+    removed, computes on a random input shaped like ``real`` without that input channel what
+    ``m`` computes with it zeroed, on the outputs kept: a check that the registration
+    matches the layer's forward."""
+    n_in, n_out = spec.counts(m)  # (custom() checked that they fit)
+    g = torch.Generator().manual_seed(0)
+    drop_in, drop_out = n_in // 2 if n_in > 1 else None, n_out // 2 if n_out > 1 else None
+    kept_in = torch.tensor([i for i in range(n_in) if i != drop_in], dtype=torch.long)
+    kept_out = torch.tensor([o for o in range(n_out) if o != drop_out], dtype=torch.long)
+    x = torch.randn(real.shape, generator=g).to(real.device, real.dtype)
+    if drop_in is not None:
+        x.index_fill_(spec.in_dim, torch.tensor([drop_in], device=x.device), 0.0)
+    try:
+        sliced = copy.deepcopy(m)
+        spec.resize(sliced, len(kept_in), len(kept_out))
+        spec.copy(m, sliced, kept_in, kept_out)
+        with torch.no_grad():
+            whole = m(x).index_select(spec.out_dim, kept_out.to(real.device))
+            part = sliced(x.index_select(spec.in_dim, kept_in.to(real.device)))
+    except Exception:  # the registration does not fit the layer
+        return False
+    return _close(part, whole)
+
+
+def norm_then(m: nn.Module, then: list[nn.Module], like: torch.Tensor) -> bool:
+    """Whether BatchNorm subclass ``m``'s own forward computes its BatchNorm followed by the
+    modules ``then`` (as it runs now, in eval mode), on a random input shaped like ``like``."""
+    x = torch.randn(like.shape, generator=torch.Generator().manual_seed(0))
+    x = x.to(like.device, like.dtype)
+    batch = m.training or m.running_mean is None
+    try:
+        with torch.no_grad():
+            expected = F.batch_norm(
+                x.clone(), m.running_mean, m.running_var, m.weight, m.bias, batch, 0.0, m.eps
+            )
+            for module in then:
+                expected = module(expected)
+            got = m(x.clone())
+    except Exception:
+        return False
+    return _close(got, expected)

@@ -48,6 +48,7 @@ from torch import nn
 
 from netslim.config import check_ratio
 from netslim.engine.graph import ChannelGraph
+from netslim.engine.rules import Rules
 from netslim.engine.sparsity import batchnorms
 from netslim.engine.trace import trace_channels
 from netslim.errors import NetslimError
@@ -226,8 +227,11 @@ def ignore_layers(model: nn.Module, graph: ChannelGraph, ignore: Ignore | None) 
             prefixes += found
         else:
             raise NetslimError(f"ignore takes module names, modules or classes, not {entry!r}")
-    spaces = {**{n: layer.outputs for n, layer in graph.layers.items()}, **graph.norms,
-              **graph.gathers}  # fmt: skip
+    spaces = {
+        **{n: layer.outputs for n, layer in graph.layers.items()},
+        **graph.norms,
+        **graph.gathers,
+    }
     fixed, reasons = graph.fixed.clone(), list(graph.fixed_reasons)
     order = {p: i for i, p in reversed(list(enumerate(prefixes)))}  # first mention of each
     for name, units in spaces.items():
@@ -274,9 +278,15 @@ def check_round_to(round_to: int) -> int:
     return round_to
 
 
-def _plan_at(graph: ChannelGraph, scores: torch.Tensor, threshold: float,
-             ratio: float, min_keep: float, round_to: int = 1,
-             quota: tuple[torch.Tensor, int] | None = None) -> PrunePlan:  # fmt: skip
+def _plan_at(
+    graph: ChannelGraph,
+    scores: torch.Tensor,
+    threshold: float,
+    ratio: float,
+    min_keep: float,
+    round_to: int = 1,
+    quota: tuple[torch.Tensor, int] | None = None,
+) -> PrunePlan:
     """The plan at ``threshold``; ``quota``, ``(gammas per unit, most gammas to remove)``,
     breaks ties at the threshold (:func:`_break_ties`)."""
     keep = scores > threshold
@@ -314,8 +324,14 @@ def removal_quota(total: int, ratio: float) -> int:
     return int(total * ratio) + 1 if ratio > 0 else 0
 
 
-def _break_ties(graph: ChannelGraph, scores: torch.Tensor, keep: torch.Tensor,
-                threshold: float, gammas: torch.Tensor, quota: int) -> tuple[int, int] | None:  # fmt: skip
+def _break_ties(
+    graph: ChannelGraph,
+    scores: torch.Tensor,
+    keep: torch.Tensor,
+    threshold: float,
+    gammas: torch.Tensor,
+    quota: int,
+) -> tuple[int, int] | None:
     """Keep (in ``keep``, in place) some of the units tied at ``threshold``, where removing
     every one would remove more than ``quota`` gammas: removed are the first of an order that
     takes from each group in proportion to its tied units (the i-th of a group's t tied
@@ -391,6 +407,7 @@ def plan_pruning(
     round_to: int = 1,
     ignore: Ignore | None = None,
     importance: Importance | None = None,
+    rules: Rules | None = None,
 ) -> PrunePlan:
     """Decide the kept channels of every group of ``model`` (see the module docs).
 
@@ -409,10 +426,12 @@ def plan_pruning(
             module classes; a module's whole subtree is left.
         importance: scores channels instead of ``|gamma|`` (:data:`Importance`; see
             :func:`channel_scores`); the global threshold is then taken over these scores.
+        rules: what the engine knows beyond ``torch.nn`` (:class:`~netslim.engine.rules.Rules`),
+            for the trace when ``graph`` is not given; None: the default rules.
     """
     _check_min_keep(min_keep)
     check_round_to(round_to)
-    graph = ignore_layers(model, graph or trace_channels(model), ignore)
+    graph = ignore_layers(model, graph or trace_channels(model, rules=rules), ignore)
     scores = channel_scores(model, importance)
     if threshold is None:
         threshold = global_threshold(_all(scores), ratio)
@@ -420,8 +439,7 @@ def plan_pruning(
     quota = (
         (gamma_counts(graph, scores), removal_quota(len(_all(scores)), ratio)) if ratio else None
     )
-    plan = _plan_at(graph, _unit_scores(graph, scores), threshold, ratio, min_keep, round_to,
-                    quota)  # fmt: skip
+    plan = _plan_at(graph, _unit_scores(graph, scores), threshold, ratio, min_keep, round_to, quota)
     _warn_floored(plan, min_keep)
     return plan
 
@@ -439,6 +457,7 @@ def plan_for_macs(
     round_to: int = 1,
     ignore: Ignore | None = None,
     importance: Importance | None = None,
+    rules: Rules | None = None,
 ) -> PrunePlan:
     """The plan with the lowest threshold whose network keeps at most ``fraction`` of the MACs.
 
@@ -446,13 +465,13 @@ def plan_for_macs(
     every higher threshold), so the result lands just under the target; the plan's
     ``ratio`` is the equivalent global ratio. With ``round_to`` the search runs over
     rounded plans (rounding up keeps the MACs monotone in the threshold). ``ignore`` and
-    ``importance`` as for :func:`plan_pruning`.
+    ``importance`` and ``rules`` as for :func:`plan_pruning`.
     """
     if not 0.0 < fraction <= 1.0:
         raise NetslimError(f"--target-macs must be a share in (0, 1], e.g. 0.5, got {fraction}")
     _check_min_keep(min_keep)
     check_round_to(round_to)
-    graph = ignore_layers(model, graph or trace_channels(model), ignore)
+    graph = ignore_layers(model, graph or trace_channels(model, rules=rules), ignore)
     by_bn = channel_scores(model, importance)
     scores = _unit_scores(graph, by_bn)
     ordered = torch.sort(_all(by_bn)).values
@@ -464,8 +483,9 @@ def plan_for_macs(
     gammas = gamma_counts(graph, by_bn)
 
     def plan(k: int) -> PrunePlan:  # the paper's rule removing k + 1 gammas, ties broken
-        return _plan_at(graph, scores, ordered[k].item(), k / len(ordered), min_keep, round_to,
-                        (gammas, k + 1))  # fmt: skip
+        return _plan_at(
+            graph, scores, ordered[k].item(), k / len(ordered), min_keep, round_to, (gammas, k + 1)
+        )
 
     lo, hi = 0, len(ordered) - 1
     least = plan(hi).macs

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from netslim.engine.graph import layer_macs
-from netslim.models import model_inputs
+from netslim.engine.rules import Rules, default_rules
 
 
 def count_params(model: nn.Module) -> int:
@@ -22,21 +22,28 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> int:
-    """Multiply-accumulates of one forward pass on an input of ``input_size`` (batch 1)."""
+def count_macs(
+    model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32), rules: Rules | None = None
+) -> int:
+    """Multiply-accumulates of one forward pass on an input of ``input_size`` (batch 1);
+    ``rules`` say how to call the model (a torchvision detector takes a list of images)."""
     total = 0
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         nonlocal total
         total += layer_macs(module, output)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]  # fmt: skip
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     param = next(model.parameters())
     was_training = model.training
     try:
         model.eval()
-        model(*model_inputs(model, torch.zeros(input_size, device=param.device, dtype=param.dtype)))
+        x = torch.zeros(input_size, device=param.device, dtype=param.dtype)
+        model(*(rules or default_rules()).model_inputs(model, x))
     finally:
         model.train(was_training)
         for h in handles:
@@ -47,5 +54,6 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -
 def nonfinite_tensors(model: nn.Module) -> list[str]:
     """Names of the parameters and floating-point buffers of ``model`` that hold NaN or Inf."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    return [name for name, t in tensors
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
+    return [
+        name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]

@@ -39,21 +39,26 @@ import torch
 from torch import nn
 
 from netslim.engine.graph import Layer
-from netslim.engine.plan import PrunePlan, plan_pruning, reference_network
+from netslim.engine.plan import PrunePlan, reference_network
+from netslim.engine.rules import Rules, default_rules
 from netslim.errors import NetslimError
-from netslim.models import model_inputs
-from netslim.models.external import after_resize
 
-#: Module name -> ``[in, out, groups, has_bias]`` (conv), ``[in, out, has_bias]`` (linear)
-#: or ``[channels]`` (BatchNorm).
+#: Module name -> ``[in, out, groups, has_bias]`` (conv), ``[in, out, has_bias]`` (linear),
+#: ``[channels]`` (BatchNorm) or ``[in, out]`` (a layer of your own the rules slice).
 ChannelCounts = dict[str, list[int]]
 
 
-def channel_counts(model: nn.Module) -> ChannelCounts:
-    """The channel counts of every conv, linear and BatchNorm layer of ``model``."""
+def channel_counts(model: nn.Module, rules: Rules | None = None) -> ChannelCounts:
+    """The channel counts of every conv, linear and BatchNorm layer of ``model``, and of every
+    layer of your own that ``rules`` (default: the default rules) say how to slice."""
+    rules = rules or default_rules()
     counts: ChannelCounts = {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
+        spec = rules.layer_spec(m)
+        if spec is not None:
+            if spec.counts(m) is not None:  # else: not the layout registered, never pruned
+                counts[name] = list(spec.counts(m))
+        elif isinstance(m, nn.Conv2d):
             counts[name] = [m.in_channels, m.out_channels, m.groups, int(m.bias is not None)]
         elif isinstance(m, nn.Linear):
             counts[name] = [m.in_features, m.out_features, int(m.bias is not None)]
@@ -62,10 +67,14 @@ def channel_counts(model: nn.Module) -> ChannelCounts:
     return counts
 
 
-def _resize(m: nn.Module, count: list[int]) -> None:
+def _resize(m: nn.Module, count: list[int], rules: Rules) -> None:
     """Give layer ``m`` other channel counts in place: fresh, uninitialised weights of the
     new shapes (same device, dtype); its class and everything else stay (a subclass's own
     extras, such as timm's activation in BatchNormAct2d, included)."""
+    spec = rules.layer_spec(m)
+    if spec is not None:
+        spec.resize(m, *count)
+        return
     ref = next(m.parameters(), None)
     ref = ref if ref is not None else next(m.buffers())
 
@@ -92,12 +101,16 @@ def _resize(m: nn.Module, count: list[int]) -> None:
             m.running_var = ref.new_ones(n)
 
 
-def resize_layers(model: nn.Module, counts: ChannelCounts, source: str = "checkpoint") -> nn.Module:
-    """Replace ``model``'s layers in place by empty ones with the given channel counts.
+def resize_layers(
+    model: nn.Module, counts: ChannelCounts, source: str = "checkpoint", rules: Rules | None = None
+) -> nn.Module:
+    """Replace ``model``'s layers in place by empty ones with the given channel counts, then
+    run the rules' after-resize hooks (attributes a library derives from channel counts).
 
     Used to rebuild a pruned network from its architecture before loading its weights.
     """
-    current = channel_counts(model)
+    rules = rules or default_rules()
+    current = channel_counts(model, rules)
     unknown = sorted(set(counts) - set(current))
     if unknown:
         raise NetslimError(
@@ -107,22 +120,29 @@ def resize_layers(model: nn.Module, counts: ChannelCounts, source: str = "checkp
         if list(count) != current[name]:
             if len(count) != len(current[name]):
                 raise NetslimError(f"{source}: bad channel counts {count} for layer {name}")
-            _resize(model.get_submodule(name), list(count))
-    return after_resize(model)
+            _resize(model.get_submodule(name), list(count), rules)
+    return rules.after_resize(model)
 
 
-def _compensation(model: nn.Module, plan: PrunePlan, compensate: bool) -> dict[str, torch.Tensor]:
+def _compensation(
+    model: nn.Module, plan: PrunePlan, compensate: bool, rules: Rules
+) -> dict[str, torch.Tensor]:
     """Layer name -> the shift to add to its output (one value per original output channel):
     what the removed input channels contribute in the reference network, where they hold
-    constants (a grouped conv loses its outputs with its inputs: nothing to fold)."""
+    constants (a grouped conv loses its outputs with its inputs: nothing to fold; a layer of
+    your own reads only removed channels that hold zero: nothing to fold)."""
     # (an auxiliary head that only training runs is not measured: it gets no fold)
-    readers = {name: ~plan.kept_of(layer.inputs) for name, layer in plan.graph.layers.items()
-               if layer.kind != "grouped" and layer.inference
-               and not bool(plan.kept_of(layer.inputs).all())}  # fmt: skip
+    readers = {
+        name: ~plan.kept_of(layer.inputs)
+        for name, layer in plan.graph.layers.items()
+        if layer.kind not in ("grouped", "custom")
+        and layer.inference
+        and not bool(plan.kept_of(layer.inputs).all())
+    }
     if not readers:
         return {}
     reference = reference_network(model, plan, compensate)
-    seen = _probe(reference, plan, list(readers))
+    seen = _probe(reference, plan, list(readers), rules)
     shifts = {}
     for name, removed in readers.items():
         weight = model.get_submodule(name).weight.detach()
@@ -144,7 +164,9 @@ def _compensation(model: nn.Module, plan: PrunePlan, compensate: bool) -> dict[s
     return shifts
 
 
-def _probe(reference: nn.Module, plan: PrunePlan, readers: list[str]) -> dict[str, torch.Tensor]:
+def _probe(
+    reference: nn.Module, plan: PrunePlan, readers: list[str], rules: Rules
+) -> dict[str, torch.Tensor]:
     """What each reader gets as input when ``reference`` runs the traced path: on two random
     inputs of the traced shape where the trace saw no value read, else on the traced input
     itself (zeros), the one input known to take the traced path. Each reader must run once
@@ -154,11 +176,15 @@ def _probe(reference: nn.Module, plan: PrunePlan, readers: list[str]) -> dict[st
     graph = plan.graph
     param = next(reference.parameters())
     traced = [torch.zeros(graph.input_size)]
-    random = [torch.randn(graph.input_size, generator=torch.Generator().manual_seed(seed))
-              for seed in (0, 1)]  # fmt: skip
+    random = [
+        torch.randn(graph.input_size, generator=torch.Generator().manual_seed(seed))
+        for seed in (0, 1)
+    ]
     calls: dict[str, int] = {}
     for inputs in [traced] if graph.value_reads else [random, traced]:
-        runs = [_run_readers(reference, x.to(param.device, param.dtype), readers) for x in inputs]
+        runs = [
+            _run_readers(reference, x.to(param.device, param.dtype), readers, rules) for x in inputs
+        ]
         calls = {name: sum(c[name] for _, c in runs) for name in readers}
         if all(n == len(inputs) for n in calls.values()):
             return {name: torch.cat([seen[name] for seen, _ in runs]) for name in readers}
@@ -173,7 +199,7 @@ def _probe(reference: nn.Module, plan: PrunePlan, readers: list[str]) -> dict[st
 
 
 def _run_readers(
-    reference: nn.Module, x: torch.Tensor, readers: list[str]
+    reference: nn.Module, x: torch.Tensor, readers: list[str], rules: Rules
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Run ``reference`` on ``x``: each reader's input, and how often each ran."""
     seen: dict[str, torch.Tensor] = {}
@@ -191,7 +217,7 @@ def _run_readers(
     ]
     try:
         with torch.no_grad():
-            reference(*model_inputs(reference, x))
+            reference(*rules.model_inputs(reference, x))
     finally:
         for h in handles:
             h.remove()
@@ -211,8 +237,18 @@ def _copy_norm(
         new.num_batches_tracked.copy_(old.num_batches_tracked)
 
 
-def _copy_layer(old: nn.Module, new: nn.Module, layer: Layer, i: torch.Tensor, o: torch.Tensor,
-                shift: torch.Tensor | None) -> None:  # fmt: skip
+def _copy_layer(
+    old: nn.Module,
+    new: nn.Module,
+    layer: Layer,
+    i: torch.Tensor,
+    o: torch.Tensor,
+    shift: torch.Tensor | None,
+    rules: Rules,
+) -> None:
+    if layer.kind == "custom":
+        rules.layer_spec(old).copy(old, new, i, o)
+        return
     weight = old.weight[o]
     if layer.kind != "grouped":
         weight = weight[:, i]
@@ -223,51 +259,64 @@ def _copy_layer(old: nn.Module, new: nn.Module, layer: Layer, i: torch.Tensor, o
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, plan: PrunePlan, compensate: bool = True) -> nn.Module:
+def apply_plan(
+    model: nn.Module, plan: PrunePlan, compensate: bool = True, rules: Rules | None = None
+) -> nn.Module:
     """The smaller network keeping ``plan``'s channels, with their weights copied in.
 
-    ``model`` is not modified. See the module docs for ``compensate``.
+    ``model`` is not modified. See the module docs for ``compensate``. ``rules``: those the
+    plan's graph was traced with by default (``plan.graph.rules``).
     """
     graph = plan.graph
+    rules = rules or graph.rules or default_rules()
     names = {name for name, _ in model.named_modules()}  # once: per layer it was quadratic
     missing = [n for n in graph.layers if n not in names]
     if missing:
         raise NetslimError(f"the prune plan is for another network: no layer {missing[0]}")
-    shifts = _compensation(model, plan, compensate)
-    into_norm = {layer.norm: shifts.pop(name) for name, layer in graph.layers.items()
-                 if name in shifts and layer.norm is not None}  # fmt: skip
+    shifts = _compensation(model, plan, compensate, rules)
+    into_norm = {
+        layer.norm: shifts.pop(name)
+        for name, layer in graph.layers.items()
+        if name in shifts and layer.norm is not None
+    }
     device = next(model.parameters()).device
-    kept = {name: (plan.kept_of(layer.inputs).nonzero().flatten().to(device),
-                   plan.kept_of(layer.outputs).nonzero().flatten().to(device))
-            for name, layer in graph.layers.items()}  # fmt: skip
+    kept = {
+        name: (
+            plan.kept_of(layer.inputs).nonzero().flatten().to(device),
+            plan.kept_of(layer.outputs).nonzero().flatten().to(device),
+        )
+        for name, layer in graph.layers.items()
+    }
     pruned = copy.deepcopy(model)
-    counts = channel_counts(model)
+    counts = channel_counts(model, rules)
     for name, layer in graph.layers.items():
         n_in, n_out = (len(idx) for idx in kept[name])
         old = counts[name]
-        if layer.kind == "linear":
+        if layer.kind == "custom":
+            counts[name] = [n_in, n_out]
+        elif layer.kind == "linear":
             counts[name] = [n_in, n_out, int(old[2] or name in shifts)]
         else:  # a grouped conv keeps the width of each of its convolution groups
             groups = n_in * layer.groups // len(layer.inputs) if layer.kind == "grouped" else 1
             counts[name] = [n_in, n_out, groups, int(old[3] or name in shifts)]
     for name, space in graph.norms.items():
         counts[name] = [int(plan.kept_of(space).sum())]
-    resize_layers(pruned, counts)
+    resize_layers(pruned, counts, rules=rules)
     for name, layer in graph.layers.items():
-        _copy_layer(model.get_submodule(name), pruned.get_submodule(name), layer, *kept[name],
-                    shifts.get(name))  # fmt: skip
+        _copy_layer(
+            model.get_submodule(name),
+            pruned.get_submodule(name),
+            layer,
+            *kept[name],
+            shifts.get(name),
+            rules,
+        )
     for name, space in graph.norms.items():
         idx = plan.kept_of(space).nonzero().flatten().to(device)
         _copy_norm(model.get_submodule(name), pruned.get_submodule(name), idx, into_norm.get(name))
     for name, space in graph.gathers.items():  # its inputs are fixed: only outputs go
         kept_out = plan.kept_of(space).to(device)
-        pruned.get_submodule(name).index = model.get_submodule(name).index[kept_out].clone()
+        old = model.get_submodule(name)
+        index = rules.selection_index(old) or "index"
+        setattr(pruned.get_submodule(name), index, getattr(old, index)[kept_out].clone())
     return pruned
-
-
-def prune(
-    model: nn.Module, ratio: float, *, compensate: bool = True, min_keep: float = 0.01
-) -> tuple[nn.Module, PrunePlan]:
-    """Plan and carry out pruning of ``model`` at ``ratio``: returns (pruned model, plan)."""
-    plan = plan_pruning(model, ratio, min_keep=min_keep)
-    return apply_plan(model, plan, compensate=compensate), plan

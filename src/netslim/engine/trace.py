@@ -9,8 +9,9 @@ network really runs, any Python works: loops over lists of feature maps, branche
 shapes, ``*args``, generators, tuple, list and dict outputs, nested.
 
 Layers are recorded whole, not looked into: every conv, linear and BatchNorm (subclasses
-too), netslim's channel selections, the modules the registry names, and the modules of
-``torch.nn`` itself (an activation, a pooling layer), as torch.fx would keep them.
+too), the modules the rules name (:class:`~netslim.engine.rules.Rules`: channel selections,
+your own layers, registered activations), and the modules of ``torch.nn`` itself (an
+activation, a pooling layer), as torch.fx would keep them.
 
 What the trace cannot see is what the example input did not make the network do. A
 forward pass that reads tensor *values* as Python numbers (``if x.sum() > 0``, ``.item()``,
@@ -62,11 +63,9 @@ from netslim.engine.ops import (
     Call,
     Replay,
     hashable,
-    registered_module,
 )
+from netslim.engine.rules import Rules, default_rules
 from netslim.errors import NetslimError
-from netslim.models import model_inputs
-from netslim.models.gather import ChannelGather
 
 _TORCH_DIR = str(Path(torch.__file__).parent) + os.sep  # a folder: not torchvision's
 _ENGINE_DIR = str(Path(__file__).parent) + os.sep
@@ -114,9 +113,9 @@ def _source_of(error: BaseException) -> str:
     return f" (at {Path(f.filename).name}:{f.lineno}, in {f.name}: {f.line})"
 
 
-def is_layer(module: nn.Module) -> bool:
+def is_layer(module: nn.Module, rules: Rules | None = None) -> bool:
     """Whether the engine records ``module`` as one op instead of looking into it."""
-    if isinstance(module, (*LAYER_TYPES, ChannelGather)) or registered_module(module):
+    if isinstance(module, LAYER_TYPES) or (rules or default_rules()).records_whole(module):
         return True
     home = type(module).__module__
     return home.startswith(("torch.nn.", "torch.ao.nn.")) and not isinstance(module, nn.Sequential)
@@ -159,9 +158,21 @@ def _derived(name: str) -> Callable:
     return derive
 
 
-for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
-              "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__neg__", "__abs__",
-              "__pos__"):  # fmt: skip
+for _name in (
+    "__add__",
+    "__radd__",
+    "__sub__",
+    "__rsub__",
+    "__mul__",
+    "__rmul__",
+    "__floordiv__",
+    "__rfloordiv__",
+    "__mod__",
+    "__rmod__",
+    "__neg__",
+    "__abs__",
+    "__pos__",
+):
     setattr(_Extent, _name, _derived(_name))
 
 
@@ -198,9 +209,15 @@ class _Tracer(TorchFunctionMode):
     def __init__(self, model: nn.Module, replay: Replay, calls: Counter):
         super().__init__()
         self.replay, self.calls = replay, calls
+        self.rules = replay.rules
         self.names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-        self.held = {id(t): n for n, t in [*model.named_parameters(remove_duplicate=False),
-                                           *model.named_buffers(remove_duplicate=False)]}  # fmt: skip
+        self.held = {
+            id(t): n
+            for n, t in [
+                *model.named_parameters(remove_duplicate=False),
+                *model.named_buffers(remove_duplicate=False),
+            ]
+        }
         self.keys: dict[int, _Key] = {}  # id of a tensor of the pass -> its key
         self.depends: set[_Key] = set()  # values computed from the input
         self.value_reads: list[str] = []  # where the pass read the input's values as numbers
@@ -222,8 +239,10 @@ class _Tracer(TorchFunctionMode):
             name = self.held.get(id(value))
             op, what = ("get_attr", name) if name else ("constant", "a tensor made outside the ops")
             line = _user_line()
-            key = self.register(value, Call(op, what, (), {}, [], rerun=lambda r: value,
-                                            locate=lambda: self.where(line)))  # fmt: skip
+            key = self.register(
+                value,
+                Call(op, what, (), {}, [], rerun=lambda r: value, locate=lambda: self.where(line)),
+            )
         return key
 
     def keyed(self, obj: Any) -> Any:
@@ -299,9 +318,18 @@ class _Tracer(TorchFunctionMode):
                 real_args = (real_args[1], real_args[0], *real_args[2:])
             return func(*real_args, **self.real(k, replace))
 
-        call = Call(op, target, keyed_args, keyed_kwargs, inputs, rerun,
-                    describe=target if isinstance(target, str) else getattr(target, "__name__", str(target)),
-                    locate=lambda: self.where(line))  # fmt: skip
+        call = Call(
+            op,
+            target,
+            keyed_args,
+            keyed_kwargs,
+            inputs,
+            rerun,
+            describe=target
+            if isinstance(target, str)
+            else getattr(target, "__name__", str(target)),
+            locate=lambda: self.where(line),
+        )
         key = self.register(value, call)
         numbers = _numbers(args, kwargs)
         marked = [n for n in numbers if isinstance(n, _Extent) and self.marked(n)]
@@ -376,8 +404,10 @@ class _Tracer(TorchFunctionMode):
                         line = along(t, d) if t.shape[d] == int(size) else None
                         if line is not None:
                             dims.append(decode(line)[0])
-            reason = (f"{call.describe} {call.where} is sized by a channel count ({read}) "
-                      "that pruning would change")  # fmt: skip
+            reason = (
+                f"{call.describe} {call.where} is sized by a channel count ({read}) "
+                "that pruning would change"
+            )
             self.sized.append((units, dims, reason))
 
     def settle(self) -> None:
@@ -397,7 +427,7 @@ class _Tracer(TorchFunctionMode):
             return
         name = self.names.get(id(module), "")
         self.stack.append(name)
-        if is_layer(module):
+        if is_layer(module, self.rules):
             self.inside = module
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, value: Any) -> None:
@@ -410,13 +440,19 @@ class _Tracer(TorchFunctionMode):
         keyed_args, keyed_kwargs = self.keyed(tuple(args)), self.keyed(dict(kwargs))
         line = _user_line()
         call = Call(
-            "call_module", name, keyed_args, keyed_kwargs,
+            "call_module",
+            name,
+            keyed_args,
+            keyed_kwargs,
             list(dict.fromkeys(_flat(keyed_args, keyed_kwargs))),
             rerun=lambda replace, a=keyed_args, k=keyed_kwargs: module(
-                *self.real(a, replace), **self.real(k, replace)),
-            module=module, calls=self.calls[id(module)], describe=type(module).__name__,
+                *self.real(a, replace), **self.real(k, replace)
+            ),
+            module=module,
+            calls=self.calls[id(module)],
+            describe=type(module).__name__,
             locate=lambda: (f"in {name}{self.where(line)[1]}", self.where(line)[1]),
-        )  # fmt: skip
+        )
         self.register(value, call)
 
 
@@ -483,14 +519,17 @@ def _flat(*objs: Any) -> list[_Key]:
     return found
 
 
-def _run_counting(model: nn.Module, inputs: tuple, macs: Counter | None = None) -> Counter:
+def _run_counting(
+    model: nn.Module, inputs: tuple, macs: Counter | None = None, rules: Rules | None = None
+) -> Counter:
     """Run ``model`` on ``inputs`` and count the calls of each layer (by id); with ``macs``,
     also add up there the MACs of every conv and linear layer (by id), as count_macs does."""
     calls: Counter = Counter()
     depth = []
+    rules = rules or default_rules()
 
     def before(module, args):
-        if not depth and is_layer(module):
+        if not depth and is_layer(module, rules):
             calls[id(module)] += 1
             depth.append(module)
         elif depth:
@@ -529,7 +568,7 @@ class _global_hooks:
         return False
 
 
-def _modes(model: nn.Module, training: bool) -> dict[nn.Module, bool]:
+def _modes(model: nn.Module, training: bool, rules: Rules | None = None) -> dict[nn.Module, bool]:
     """Set ``model`` up for a trace and return every module's mode to restore: with
     ``training``, the containers in training mode (their Python takes the training path,
     an auxiliary head included) and the layers in eval mode (BatchNorm's running statistics,
@@ -537,7 +576,7 @@ def _modes(model: nn.Module, training: bool) -> dict[nn.Module, bool]:
     before = {m: m.training for m in model.modules()}
     model.train(training)
     for m in model.modules():
-        if is_layer(m):
+        if is_layer(m, rules):
             m.eval()
     return before
 
@@ -547,6 +586,7 @@ def trace_channels(
     input_size: tuple[int, ...] = (1, 3, 32, 32),
     *,
     inputs: tuple | None = None,
+    rules: Rules | None = None,
 ) -> ChannelGraph:
     """Trace ``model`` by running it and sort its channels into units and groups.
 
@@ -561,8 +601,9 @@ def trace_channels(
         input_size: the shape of one input batch, ``(N, C, H, W)`` (or ``(C, H, W)``); the
             example input is zeros of it.
         inputs: the arguments to call ``model`` with instead, e.g. ``([image],)``; by default
-            :func:`netslim.models.model_inputs` of the zeros (a list of images for a
-            torchvision detector).
+            ``rules.model_inputs`` of the zeros (a list of images for a torchvision detector).
+        rules: what the engine knows beyond ``torch.nn`` (:class:`~netslim.engine.rules.Rules`;
+            None: :func:`~netslim.engine.rules.default_rules`); the graph keeps them.
 
     Raises:
         NetslimError: when the forward pass does not run on that input.
@@ -575,26 +616,27 @@ def trace_channels(
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
+    rules = rules or default_rules()
     if inputs is None:
-        inputs = model_inputs(model, torch.zeros(input_size, device=device, dtype=dtype))
+        inputs = rules.model_inputs(model, torch.zeros(input_size, device=device, dtype=dtype))
     rng = [device] if device.type == "cuda" else []
     modes = {m: m.training for m in model.modules()}
     try:
         with torch.no_grad(), torch.random.fork_rng(rng):
-            _modes(model, training=False)
+            _modes(model, False, rules)
             names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
             macs: Counter = Counter()
-            inference = {names[i] for i in _run_counting(model, inputs, macs)}
+            inference = {names[i] for i in _run_counting(model, inputs, macs, rules)}
             graph = None
             for training in (True, False):
-                _modes(model, training)
+                _modes(model, training, rules)
                 try:
-                    calls = _run_counting(model, inputs)
+                    calls = _run_counting(model, inputs, rules=rules)
                 except Exception:
                     if training:
                         continue  # this network runs in eval mode only: follow that
                     raise
-                replay = Replay(type(model).__name__)
+                replay = Replay(type(model).__name__, rules)
                 replay.units.inference = inference
                 tracer = _Tracer(model, replay, calls)
                 for x in tensors(inputs):
@@ -609,6 +651,7 @@ def trace_channels(
                 tracer.register(None, Call("output", "output", tuple(keys), {}, keys, rerun=None))
                 tracer.settle()
                 graph = replay.finish(input_size)
+                graph.rules = rules
                 graph.value_reads = list(dict.fromkeys(tracer.value_reads))
                 # the layers inference runs that the traced pass did not record as layers
                 # (YOLO's DFL conv, which only inference calls; a conv called twice)

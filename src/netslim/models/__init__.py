@@ -62,7 +62,10 @@ def check_arch(arch: str, load: bool = False) -> None:
 
 def model_inputs(model: nn.Module, images: torch.Tensor) -> tuple:
     """The arguments to call ``model`` with on a batch of ``images`` (N, C, H, W): the batch
-    itself, or for a torchvision detector (which takes a list of C x H x W images) the list."""
+    itself, or for a torchvision detector (which takes a list of C x H x W images) the list.
+
+    For code below the engine; the engine asks its rules instead
+    (:func:`netslim.engine.model_inputs`, the torchvision adapter), which say the same."""
     if type(model).__module__.startswith("torchvision.models.detection"):
         return (list(images),)
     return (images,)
@@ -105,7 +108,19 @@ def _part(value: object, part: str) -> object:
 
 
 __all__ = [
-    "ARCHS", "VGG", "VGG_CFGS", "CfgItem", "ChannelGather", "DenseNet", "MobileNetV2",
-    "PreActResNet", "ResNet", "build_model", "check_arch", "is_spec", "model_inputs", "num_outputs",
+    "ARCHS",
+    "VGG",
+    "VGG_CFGS",
+    "CfgItem",
+    "ChannelGather",
+    "DenseNet",
+    "MobileNetV2",
+    "PreActResNet",
+    "ResNet",
+    "build_model",
+    "check_arch",
+    "is_spec",
+    "model_inputs",
+    "num_outputs",
     "validate_cfg",
-]  # fmt: skip
+]

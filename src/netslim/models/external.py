@@ -123,9 +123,13 @@ def _torchvision(spec: str, name: str) -> Callable[[int], nn.Module]:
         module=models.segmentation
     )  # detectors and segmenters: no pretrained backbone either
     if name not in classify + dense:
-        raise _unknown(spec, "torchvision classification", name, classify + dense,
-                       "torchvision.models.list_models() (detection and segmentation names "
-                       "work too)")  # fmt: skip
+        raise _unknown(
+            spec,
+            "torchvision classification",
+            name,
+            classify + dense,
+            "torchvision.models.list_models() (detection and segmentation names work too)",
+        )
     kwargs = dict(_TORCHVISION_KWARGS.get(name, {}))
     if name in dense:
         kwargs["weights_backbone"] = None
@@ -177,18 +181,6 @@ def _user_builder(spec: str, module_name: str, attr: str) -> Callable[..., Any]:
     if not callable(builder):
         raise NetslimError(f"--arch {spec}: {module_name} has no callable named {attr!r}")
     return builder
-
-
-def after_resize(model: nn.Module) -> nn.Module:
-    """Bring attributes that a library derives from channel counts in line with resized
-    layers (in place). Ultralytics' C2f family keeps its half width ``c`` for
-    ``forward_split``, which its ONNX export switches to; the engine keeps both halves equal
-    (a ``chunk`` tie), so ``c`` is half of ``cv1``'s output."""
-    for m in model.modules():
-        if type(m).__module__.startswith("ultralytics.") and hasattr(m, "forward_split"):
-            if isinstance(getattr(m, "c", None), int) and hasattr(m, "cv1"):
-                m.c = m.cv1.conv.out_channels // 2
-    return model
 
 
 def for_deployment(model: nn.Module) -> nn.Module:

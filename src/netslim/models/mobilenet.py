@@ -12,12 +12,20 @@ from torch import nn
 from netslim.models.init import reset_parameters
 
 # (expansion t, output channels c, blocks n, stride s) per stage, as in the paper's Table 2.
-STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-          (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]  # fmt: skip
+STAGES = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
 
 
-def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1,
-            act: bool = True) -> list[nn.Module]:  # fmt: skip
+def conv_bn(
+    in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True
+) -> list[nn.Module]:
     layers: list[nn.Module] = [
         nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, groups=groups, bias=False),
         nn.BatchNorm2d(out_ch),

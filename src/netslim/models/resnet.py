@@ -145,8 +145,9 @@ def resnet56(num_classes: int = 10) -> ResNet:
 
 def resnet18(num_classes: int = 10) -> ResNet:
     """ImageNet's ResNet-18 for 32x32 inputs: a 3x3 stride-1 stem and no max-pool."""
-    return ResNet([(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)], stem=64,
-                  num_classes=num_classes)  # fmt: skip
+    return ResNet(
+        [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)], stem=64, num_classes=num_classes
+    )
 
 
 def resnet164(num_classes: int = 10) -> PreActResNet:

@@ -23,14 +23,34 @@ VGG_CFGS: dict[str, list[CfgItem]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
     "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
-    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-              512, 512, 512, 512, "M", 512, 512, 512, 512],
+    "vgg19": [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        512,
+    ],
     # A narrow VGG-11 for the tests: trains in seconds on a CPU.
     "vgg11-small": [32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256],
     # The demo's network: five convolutions, narrow where the maps are large and wide where
     # they are small (most channels to slim, few MACs); 3.4x cheaper per image on a CPU.
     "vgg5-small": [16, "M", 32, "M", 64, "M", 256, "M", 256],
-}  # fmt: skip
+}
 
 
 def validate_cfg(cfg: list[CfgItem]) -> list[CfgItem]:
@@ -95,8 +115,11 @@ class VGG(nn.Module):
     @property
     def cfg(self) -> list[CfgItem]:
         """The network's cfg, read from its layers (so it stays true after pruning)."""
-        return [m.out_channels if isinstance(m, nn.Conv2d) else "M"
-                for m in self.feature if isinstance(m, (nn.Conv2d, nn.MaxPool2d))]  # fmt: skip
+        return [
+            m.out_channels if isinstance(m, nn.Conv2d) else "M"
+            for m in self.feature
+            if isinstance(m, (nn.Conv2d, nn.MaxPool2d))
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.feature(x))

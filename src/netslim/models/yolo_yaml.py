@@ -55,11 +55,13 @@ YAML_NAMES = frozenset({"nc", "kpt_shape"})
 REFUSED_LAYERS = {"TorchVision": "it imports a torchvision network and fetches its weights"}
 # Heads that only Ultralytics' other model classes build and feed (with what they need).
 _TEXT = "needs text embeddings from a CLIP text model"
-UNBUILT_HEADS = {"RTDETRDecoder": "is an RT-DETR decoder, built by Ultralytics' RTDETRDetectionModel",
-                 "WorldDetect": f"{_TEXT} (Ultralytics' WorldModel)",
-                 "YOLOEDetect": f"{_TEXT} (Ultralytics' YOLOEModel)",
-                 "YOLOESegment": f"{_TEXT} (Ultralytics' YOLOESegModel)",
-                 "YOLOESegment26": f"{_TEXT} (Ultralytics' YOLOESegModel)"}  # fmt: skip
+UNBUILT_HEADS = {
+    "RTDETRDecoder": "is an RT-DETR decoder, built by Ultralytics' RTDETRDetectionModel",
+    "WorldDetect": f"{_TEXT} (Ultralytics' WorldModel)",
+    "YOLOEDetect": f"{_TEXT} (Ultralytics' YOLOEModel)",
+    "YOLOESegment": f"{_TEXT} (Ultralytics' YOLOESegModel)",
+    "YOLOESegment26": f"{_TEXT} (Ultralytics' YOLOESegModel)",
+}
 
 
 def offline_ultralytics() -> None:
@@ -175,14 +177,25 @@ def check_yaml(cfg: Any, source: str = "the model YAML") -> dict[str, Any]:
     used = scales.get(cfg.get("scale"), next(iter(scales.values()), multiples))
     checks = [
         (1 <= len(layers) <= MAX_LAYERS, f"{len(layers)} layers (at most {MAX_LAYERS})"),
-        *((isinstance(s, list) and len(s) == 3 and _number(s[0], 0, MAX_MULTIPLE)
-           and _number(s[1], 0, MAX_MULTIPLE) and _number(s[2], 1, MAX_CHANNELS),
-           f"the scale {str(s)[:60]} (depth and width multiples at most {MAX_MULTIPLE}, "
-           f"max_channels at most {MAX_CHANNELS})") for s in [multiples, *scales.values()]),
+        *(
+            (
+                isinstance(s, list)
+                and len(s) == 3
+                and _number(s[0], 0, MAX_MULTIPLE)
+                and _number(s[1], 0, MAX_MULTIPLE)
+                and _number(s[2], 1, MAX_CHANNELS),
+                f"the scale {str(s)[:60]} (depth and width multiples at most {MAX_MULTIPLE}, "
+                f"max_channels at most {MAX_CHANNELS})",
+            )
+            for s in [multiples, *scales.values()]
+        ),
         (cfg.get("nc") is None or _number(cfg["nc"], 1, MAX_CHANNELS), f"nc {cfg.get('nc')!r}"),
-        (_number(cfg.get("channels", 3), 1, MAX_INPUT_CHANNELS), f"channels {cfg.get('channels')!r}"),
+        (
+            _number(cfg.get("channels", 3), 1, MAX_INPUT_CHANNELS),
+            f"channels {cfg.get('channels')!r}",
+        ),
         (_number(cfg.get("reg_max", 16), 1, 64), f"reg_max {cfg.get('reg_max')!r}"),
-    ]  # fmt: skip
+    ]
     why = next((text for ok, text in checks if not ok), None)
     depth = used[0] if why is None else 1.0
     why = why or _activation(cfg.get("activation"))
@@ -230,8 +243,9 @@ def _sized_on_meta(config: dict[str, Any], counts: dict[str, Any] | None, source
     when they are too large, or when the stored ``counts`` name other layers or wider ones."""
     tasks = _tasks()
     with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
-        layers, _ = tasks.parse_model(copy.deepcopy(config), ch=config.get("channels", 3),
-                                      verbose=False)  # fmt: skip
+        layers, _ = tasks.parse_model(
+            copy.deepcopy(config), ch=config.get("channels", 3), verbose=False
+        )
     params = sum(p.numel() for p in layers.parameters())
     if params > MAX_PARAMS:
         raise NetslimError(
@@ -311,15 +325,22 @@ def build_ultralytics(
     tasks = _tasks()
     source = source or (cfg if isinstance(cfg, str) else "the stored model YAML")
     config = checked_yaml(cfg, num_classes, counts=counts, source=source)
-    classes = {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel,
-               "classify": tasks.ClassificationModel, "pose": tasks.PoseModel,
-               "obb": tasks.OBBModel}  # fmt: skip
+    classes = {
+        "detect": tasks.DetectionModel,
+        "segment": tasks.SegmentationModel,
+        "classify": tasks.ClassificationModel,
+        "pose": tasks.PoseModel,
+        "obb": tasks.OBBModel,
+    }
     with _quiet(source):
         task = tasks.guess_model_task(config)
     head = str(config["head"][-1][2]) if config["head"] else ""
     if head in UNBUILT_HEADS or task not in classes:
-        what = f"its head {head} {UNBUILT_HEADS[head]}" if head in UNBUILT_HEADS else (
-            f"its task is {task!r}")  # fmt: skip
+        what = (
+            f"its head {head} {UNBUILT_HEADS[head]}"
+            if head in UNBUILT_HEADS
+            else (f"its task is {task!r}")
+        )
         raise NetslimError(
             f"cannot build the Ultralytics model {source}: {what}; netslim builds the "
             f"{', '.join(classes)} YOLOs"
