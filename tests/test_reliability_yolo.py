@@ -93,9 +93,11 @@ def test_a_pt_that_calls_a_model_class_with_an_evaluated_activation_runs_no_code
     evil_pt(saved / "y.pt", tmp_path / "evil.pt")
     with pytest.raises(NetslimError, match=r"calls ultralytics\.nn\.tasks\.DetectionModel"):
         read_model(tmp_path / "evil.pt")
-    for argv in (["yolo", "prune", tmp_path / "evil.pt", "--ratio", "0.5", "--out", tmp_path / "p.pth"],
-                 ["yolo", "val", tmp_path / "evil.pt", "--data", tmp_path / "d.yaml"],
-                 ["export", tmp_path / "evil.pt", "--out", tmp_path / "e.onnx"]):  # fmt: skip
+    for argv in (
+        ["yolo", "prune", tmp_path / "evil.pt", "--ratio", "0.5", "--out", tmp_path / "p.pth"],
+        ["yolo", "val", tmp_path / "evil.pt", "--data", tmp_path / "d.yaml"],
+        ["export", tmp_path / "evil.pt", "--out", tmp_path / "e.onnx"],
+    ):
         code, _, err = cli(capsys, *argv)
         assert code == 2 and "calls ultralytics.nn.tasks.DetectionModel" in err, err
         assert len(err.strip().splitlines()) == 1
@@ -129,36 +131,50 @@ def test_a_pth_whose_stored_yaml_evaluates_its_activation_runs_no_code_anywhere(
     tmp_path, saved, capsys
 ):
     marker = tmp_path / "ran"
-    evil = edited_pth(saved, tmp_path / "evil.pth",
-                      lambda y: y.__setitem__("activation", payload(marker)))  # fmt: skip
+    evil = edited_pth(
+        saved, tmp_path / "evil.pth", lambda y: y.__setitem__("activation", payload(marker))
+    )
     data = write_data(tmp_path / "data", n_train=2, n_val=2)
     with pytest.raises(NetslimError, match="asks for the activation"):
         netslim.load(evil)
-    for argv in (["info", evil], ["yolo", "prune", evil, "--ratio", "0.5", "--out", tmp_path / "p.pth"],
-                 ["yolo", "val", evil, "--data", data], ["export", evil, "--out", tmp_path / "e.onnx"],
-                 ["yolo", "finetune", evil, "--data", data, "--out", tmp_path / "ft"]):  # fmt: skip
+    for argv in (
+        ["info", evil],
+        ["yolo", "prune", evil, "--ratio", "0.5", "--out", tmp_path / "p.pth"],
+        ["yolo", "val", evil, "--data", data],
+        ["export", evil, "--out", tmp_path / "e.onnx"],
+        ["yolo", "finetune", evil, "--data", data, "--out", tmp_path / "ft"],
+    ):
         code, _, err = cli(capsys, *argv)
         assert code == 2 and "asks for the activation" in err, (argv, err)
     assert not marker.exists()
 
 
 def test_a_torch_activation_with_literal_arguments_is_still_allowed(tmp_path, saved):
-    fine = edited_pth(saved, tmp_path / "relu.pth",
-                      lambda y: y.__setitem__("activation", "torch.nn.LeakyReLU(0.1)"))  # fmt: skip
+    fine = edited_pth(
+        saved,
+        tmp_path / "relu.pth",
+        lambda y: y.__setitem__("activation", "torch.nn.LeakyReLU(0.1)"),
+    )
     model = netslim.load(fine)
     assert {type(m).__name__ for m in model.modules()} >= {"LeakyReLU"}
 
 
 def test_a_stored_yaml_naming_a_function_of_ultralytics_is_refused(tmp_path, saved, capsys):
-    evil = edited_pth(saved, tmp_path / "load.pth", lambda y: y["backbone"].__setitem__(
-        0, [-1, 1, "torch_safe_load", [str(tmp_path / "other.pt")]]))  # fmt: skip
+    evil = edited_pth(
+        saved,
+        tmp_path / "load.pth",
+        lambda y: y["backbone"].__setitem__(
+            0, [-1, 1, "torch_safe_load", [str(tmp_path / "other.pt")]]
+        ),
+    )
     code, _, err = cli(capsys, "info", evil)
     assert code == 2 and "'torch_safe_load', which is not a layer class" in err
 
 
 def test_a_stored_yaml_string_argument_naming_a_builder_variable_is_refused(tmp_path, saved):
-    evil = edited_pth(saved, tmp_path / "arg.pth",
-                      lambda y: y["head"][0][3].__setitem__(0, "layers"))  # fmt: skip
+    evil = edited_pth(
+        saved, tmp_path / "arg.pth", lambda y: y["head"][0][3].__setitem__(0, "layers")
+    )
     with pytest.raises(NetslimError, match="'layers', a variable of Ultralytics' model builder"):
         netslim.load(evil)
 
@@ -187,8 +203,9 @@ def test_trusting_a_pickle_reads_it_whole_and_says_so(tmp_path, saved):
 
 
 def test_a_stored_yaml_widened_past_the_bounds_is_refused_before_it_is_built(tmp_path, saved):
-    wide = edited_pth(saved, tmp_path / "w100.pth",
-                      lambda y: y["scales"].__setitem__("n", [0.33, 100.0, 10**6]))  # fmt: skip
+    wide = edited_pth(
+        saved, tmp_path / "w100.pth", lambda y: y["scales"].__setitem__("n", [0.33, 100.0, 10**6])
+    )
     with pytest.raises(NetslimError, match=r"the scale \[0\.33, 100\.0, 1000000\]"):
         netslim.load(wide)
 
@@ -198,8 +215,9 @@ def test_a_stored_yaml_within_the_bounds_but_too_large_is_sized_without_memory(t
     hold billions of parameters: counted on the meta device, refused before it is built."""
     import resource
 
-    wide = edited_pth(saved, tmp_path / "w4.pth",
-                      lambda y: y["scales"].__setitem__("n", [0.33, 4.0, 8192]))  # fmt: skip
+    wide = edited_pth(
+        saved, tmp_path / "w4.pth", lambda y: y["scales"].__setitem__("n", [0.33, 4.0, 8192])
+    )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(NetslimError, match=r"describes a network of [\d,]+ parameters"):
         netslim.load(wide)
@@ -208,16 +226,22 @@ def test_a_stored_yaml_within_the_bounds_but_too_large_is_sized_without_memory(t
 
 
 def test_a_stored_yaml_repeating_a_block_a_billion_times_is_refused_at_once(tmp_path, saved):
-    huge = edited_pth(saved, tmp_path / "n.pth",
-                      lambda y: y["backbone"].__setitem__(2, [-1, 10**9, "C2f", [128, True]]))  # fmt: skip
+    huge = edited_pth(
+        saved,
+        tmp_path / "n.pth",
+        lambda y: y["backbone"].__setitem__(2, [-1, 10**9, "C2f", [128, True]]),
+    )
     with pytest.raises(NetslimError, match="layer 2 repeated 1000000000 times"):
         netslim.load(huge)
 
 
 def test_weights_of_other_layers_than_the_stored_yaml_builds_are_refused(tmp_path, saved):
     """More repeats in the YAML than the weights hold: the file's layers are not its YAML's."""
-    more = edited_pth(saved, tmp_path / "more.pth",
-                      lambda y: y["backbone"].__setitem__(2, [-1, 6, "C2f", [128, True]]))  # fmt: skip
+    more = edited_pth(
+        saved,
+        tmp_path / "more.pth",
+        lambda y: y["backbone"].__setitem__(2, [-1, 6, "C2f", [128, True]]),
+    )
     assert not any(
         n.startswith("model.2.m.1.") for n in torch.load(more, weights_only=True)["channels"]
     )
@@ -230,8 +254,17 @@ def test_weights_of_other_layers_than_the_stored_yaml_builds_are_refused(tmp_pat
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["yolov8n.yaml", "yolo11n-seg.yaml", "yolov8n-cls.yaml",
-                                  "yolov8n-pose.yaml", "yolo11n-obb.yaml", "yolov10n.yaml"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [
+        "yolov8n.yaml",
+        "yolo11n-seg.yaml",
+        "yolov8n-cls.yaml",
+        "yolov8n-pose.yaml",
+        "yolo11n-obb.yaml",
+        "yolov10n.yaml",
+    ],
+)
 def test_a_pt_is_rebuilt_with_the_weights_and_outputs_the_full_unpickler_gives(tmp_path, name):
     from netslim.yolo.files import read_model, write_model
 
@@ -274,8 +307,17 @@ def test_yolo_prune_never_replaces_its_input_unless_forced(tmp_path, saved, caps
 
     shutil.copy(saved / source, tmp_path / source)
     before = (tmp_path / source).read_bytes()
-    argv = ["yolo", "prune", tmp_path / source, "--ratio", "0.3", "--image-size", "64",
-            "--out", tmp_path / out]  # fmt: skip
+    argv = [
+        "yolo",
+        "prune",
+        tmp_path / source,
+        "--ratio",
+        "0.3",
+        "--image-size",
+        "64",
+        "--out",
+        tmp_path / out,
+    ]
     code, _, err = cli(capsys, *argv)
     assert code == 2 and "is the checkpoint being pruned and would replace it" in err
     assert (tmp_path / source).read_bytes() == before
@@ -287,8 +329,20 @@ def test_yolo_prune_never_replaces_its_input_unless_forced(tmp_path, saved, caps
 def test_a_yolo_run_folder_has_one_writer(tmp_path, capsys):
     data = write_data(tmp_path / "data", n_train=2, n_val=2)
     out = tmp_path / "run"
-    argv = ["yolo", "train", "--model", "yolov8n.yaml", "--data", data, "--epochs", "1", *RUN,
-            "--out", out, *QUICK]  # fmt: skip
+    argv = [
+        "yolo",
+        "train",
+        "--model",
+        "yolov8n.yaml",
+        "--data",
+        data,
+        "--epochs",
+        "1",
+        *RUN,
+        "--out",
+        out,
+        *QUICK,
+    ]
     with runlock.hold(out):  # another run holds the folder
         code, _, err = cli(capsys, *argv)
     assert code == 2 and "is in use by another netslim run" in err
@@ -302,8 +356,18 @@ def test_a_yolo_run_folder_has_one_writer(tmp_path, capsys):
 def test_a_yolo_lab_folder_has_one_writer(tmp_path, capsys):
     data = write_data(tmp_path / "data", n_train=2, n_val=2)
     with runlock.hold(tmp_path / "lab"):
-        code, _, err = cli(capsys, "yolo", "lab", "--model", "yolov8n.yaml", "--data", data,
-                           "--out", tmp_path / "lab", *RUN)  # fmt: skip
+        code, _, err = cli(
+            capsys,
+            "yolo",
+            "lab",
+            "--model",
+            "yolov8n.yaml",
+            "--data",
+            data,
+            "--out",
+            tmp_path / "lab",
+            *RUN,
+        )
     assert code == 2 and "is in use by another netslim run" in err
 
 
@@ -312,59 +376,32 @@ def test_a_yolo_lab_folder_has_one_writer(tmp_path, capsys):
 # --------------------------------------------------------------------------------------
 
 
-def _files(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-
-
-@pytest.mark.slow
-def test_a_pruned_finetune_resumed_after_a_kill_equals_an_uninterrupted_one(
-    tmp_path, capsys, monkeypatch, yolo
-):
-    from conftest import make_sparse
-
-    from netslim.yolo import train as yolo_train
-
-    data = write_data(tmp_path / "data")
-    sparse, _ = make_sparse(copy.deepcopy(yolo), (1, 3, 64, 64))
-    pruned, report = netslim.prune_model(sparse, 0.5, input_size=(3, 64, 64))
-    netslim.save(pruned, tmp_path / "p.pth", report, arch=YAML, image_size=64)
-    argv = ["yolo", "finetune", tmp_path / "p.pth", "--data", data, "--epochs", "2", *RUN, *QUICK]
-    code, _, err = cli(capsys, *argv, "--out", tmp_path / "whole")
-    assert code == 0, err
-
-    real = yolo_train._end_of_epoch
-
-    def killed_after_epoch_1(trainer):
-        real(trainer)
-        if trainer.epoch == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(yolo_train, "_end_of_epoch", killed_after_epoch_1)
-    code, _, err = cli(capsys, *argv, "--out", tmp_path / "cut")
-    assert code == 130 and "plus --resume" in err
-    monkeypatch.setattr(yolo_train, "_end_of_epoch", real)
-    code, _, err = cli(capsys, *argv, "--out", tmp_path / "cut", "--resume")
-    assert code == 0, err
-
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert channel_counts(netslim.load(cut / "finetuned.pth")) == channel_counts(pruned)
-    assert channel_counts(netslim.load(whole / "finetuned.pth")) == channel_counts(pruned)
-    epochs = [len((run / "results.csv").read_text().strip().splitlines()) for run in (whole, cut)]
-    assert epochs == [3, 3]  # a header and two epochs
-    assert _files(whole) == _files(cut)
-
-
 @pytest.mark.slow
 def test_a_run_killed_in_its_final_validation_resumes_to_its_end(tmp_path, capsys):
     """Ultralytics strips last.pt (epoch -1) before its final validation: a kill there left
     a run that --resume could not continue ("nothing to resume" as an AssertionError)."""
     data = write_data(tmp_path / "data", n_train=4, n_val=2)
-    argv = ["yolo", "train", "--model", "yolov8n.yaml", "--data", data, "--lam", "0", "--epochs",
-            "1", *RUN, "--out", tmp_path / "run", *QUICK]  # fmt: skip
+    argv = [
+        "yolo",
+        "train",
+        "--model",
+        "yolov8n.yaml",
+        "--data",
+        data,
+        "--lam",
+        "0",
+        "--epochs",
+        "1",
+        *RUN,
+        "--out",
+        tmp_path / "run",
+        *QUICK,
+    ]
     assert cli(capsys, *argv)[0] == 0
     info = tmp_path / "run" / "netslim.json"
-    info.write_text(json.dumps({k: v for k, v in json.loads(info.read_text()).items()
-                                if k != "finished"}))  # fmt: skip
+    info.write_text(
+        json.dumps({k: v for k, v in json.loads(info.read_text()).items() if k != "finished"})
+    )
     code, out, err = cli(capsys, *argv, "--resume")
     assert code == 0, err
     assert json.loads(info.read_text())["finished"]
@@ -385,8 +422,18 @@ def test_a_damaged_lab_json_is_one_line(tmp_path, capsys):
 
 
 def test_yolo_prune_refuses_a_negative_recalibration(tmp_path, saved, capsys):
-    code, _, err = cli(capsys, "yolo", "prune", saved / "y.pth", "--ratio", "0.5",
-                       "--recalibrate", "-1", "--out", tmp_path / "p.pth")  # fmt: skip
+    code, _, err = cli(
+        capsys,
+        "yolo",
+        "prune",
+        saved / "y.pth",
+        "--ratio",
+        "0.5",
+        "--recalibrate",
+        "-1",
+        "--out",
+        tmp_path / "p.pth",
+    )
     assert code == 2 and "--recalibrate must be >= 0 batches, got -1" in err
 
 
@@ -407,27 +454,45 @@ def test_info_calls_a_trained_yolo_trained_and_a_pruned_one_pruned(tmp_path, sav
 def test_a_checkpoint_of_the_wrong_kind_is_refused_by_kind_both_ways(tmp_path, saved, capsys):
     netslim.save(netslim.build_model("vgg11-small"), tmp_path / "vgg.pth", arch="vgg11-small")
     data = write_data(tmp_path / "data", n_train=2, n_val=2)
-    code, _, err = cli(capsys, "yolo", "train", "--model", tmp_path / "vgg.pth", "--data", data,
-                       "--out", tmp_path / "r", *RUN)  # fmt: skip
+    code, _, err = cli(
+        capsys,
+        "yolo",
+        "train",
+        "--model",
+        tmp_path / "vgg.pth",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "r",
+        *RUN,
+    )
     assert code == 2 and "holds a VGG, not an Ultralytics YOLO" in err
-    code, _, err = cli(capsys, "finetune", saved / "y.pth", "--dataset", "synthetic",
-                       "--out", tmp_path / "f")  # fmt: skip
+    code, _, err = cli(
+        capsys, "finetune", saved / "y.pth", "--dataset", "synthetic", "--out", tmp_path / "f"
+    )
     assert code == 2 and "is an Ultralytics YOLO" in err and "netslim yolo finetune" in err
-    code, _, err = cli(capsys, "train", "--arch", YAML, "--dataset", "synthetic",
-                       "--out", tmp_path / "t")  # fmt: skip
+    code, _, err = cli(
+        capsys, "train", "--arch", YAML, "--dataset", "synthetic", "--out", tmp_path / "t"
+    )
     assert code == 2 and "netslim yolo train" in err
     assert not (tmp_path / "r").exists() and not (tmp_path / "f").exists()
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["prune", "x.pth", "--ratio", "0.5", "--out", "p.pth"], "nothing was written"),
-    (["export", "x.pth", "--out", "x.onnx"], "nothing was written"),
-    (["yolo", "prune", "x.pth", "--ratio", "0.5", "--out", "p.pth"], "nothing was written"),
-    (["yolo", "lab", "--model", "m.yaml", "--data", "d.yaml", "--out", "lab"], "run the same command again"),
-    (["yolo", "train", "--model", "m.yaml", "--data", "d.yaml", "--out", "r"], "plus --resume"),
-    (["train", "--out", "r"], "plus --resume"),
-    (["info", "x.pth"], "interrupted"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["prune", "x.pth", "--ratio", "0.5", "--out", "p.pth"], "nothing was written"),
+        (["export", "x.pth", "--out", "x.onnx"], "nothing was written"),
+        (["yolo", "prune", "x.pth", "--ratio", "0.5", "--out", "p.pth"], "nothing was written"),
+        (
+            ["yolo", "lab", "--model", "m.yaml", "--data", "d.yaml", "--out", "lab"],
+            "run the same command again",
+        ),
+        (["yolo", "train", "--model", "m.yaml", "--data", "d.yaml", "--out", "r"], "plus --resume"),
+        (["train", "--out", "r"], "plus --resume"),
+        (["info", "x.pth"], "interrupted"),
+    ],
+)
 def test_ctrl_c_advises_only_what_the_command_has(argv, says, capsys, monkeypatch):
     from netslim.cli import commands
 

@@ -47,8 +47,9 @@ def write_data(root: Path, segments: bool = False, n_train: int = 16, n_val: int
                     )
             Image.fromarray(image).save(root / "images" / split / f"{i}.png")
             (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines) + "\n")
-    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\n"
-                                    "names:\n  0: red\n  1: green\n")  # fmt: skip
+    (root / "data.yaml").write_text(
+        f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: green\n"
+    )
     return root / "data.yaml"
 
 
@@ -65,8 +66,12 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
 
 def test_the_l1_step_acts_on_unscaled_gradients_after_clipping():
     """Under AMP's GradScaler and Ultralytics' clipping (max norm 10), one step moves every
-    parameter by lr * (clip(g) + lam * sign(gamma)), g the true gradient: checked by hand."""
-    from netslim.yolo.train import SparsityDetectionTrainer
+    parameter by lr * (clip(g) + lam * sign(gamma)), g the true gradient: checked by hand.
+    The term is a step pre-hook netslim's trainer installs on every optimizer it builds."""
+    from netslim.yolo.run import SparsityRun
+    from netslim.yolo.seam import add_l1_hook, trainer_for
+
+    SparsityDetectionTrainer = trainer_for("detect")
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 2))
@@ -77,13 +82,12 @@ def test_the_l1_step_acts_on_unscaled_gradients_after_clipping():
     true = torch.autograd.grad(100 * (model(x) ** 2).sum(), list(model.parameters()))
 
     trainer = SparsityDetectionTrainer.__new__(SparsityDetectionTrainer)  # Ultralytics' own step
-    trainer.model, trainer.ema, trainer.device, trainer.netslim_lam = (
-        model,
-        None,
-        torch.device("cpu"),
-        3.0,
-    )
+    trainer.model, trainer.ema, trainer.device = model, None, torch.device("cpu")
+    trainer.netslim = SparsityRun(lam=3.0)
+    # every optimizer netslim's trainer builds (Ultralytics' build_optimizer) gets the hook
+    assert len(trainer.build_optimizer(model, name="Adam", lr=0.1)._optimizer_step_pre_hooks) == 1
     trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    add_l1_hook(trainer.optimizer, trainer)
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     trainer.scaler.scale(100 * (model(x) ** 2).sum()).backward()
     trainer.optimizer_step()
@@ -94,8 +98,9 @@ def test_the_l1_step_acts_on_unscaled_gradients_after_clipping():
     for name, g in zip(names, true):
         penalty = 3.0 * torch.sign(reference[name]) if name == "1.weight" else 0.0
         expected = reference[name] - 0.1 * (g * (10.0 / (norm + 1e-6)) + penalty)
-        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), expected,
-                                   rtol=1e-4, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            dict(model.named_parameters())[name].detach(), expected, rtol=1e-4, atol=1e-6
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -107,25 +112,65 @@ def test_the_l1_step_acts_on_unscaled_gradients_after_clipping():
 def test_train_prune_finetune_export_and_plain_ultralytics(tmp_path, capsys, yaml, segments):
     data = write_data(tmp_path / "data", segments=segments)
     sparse = tmp_path / "sparse"
-    code, _, err = cli(capsys, "yolo", "train", "--model", yaml, "--data", data, "--lam", "1e-2",
-                       "--epochs", "1", *RUN, "--out", sparse, *QUICK)  # fmt: skip
+    code, _, err = cli(
+        capsys,
+        "yolo",
+        "train",
+        "--model",
+        yaml,
+        "--data",
+        data,
+        "--lam",
+        "1e-2",
+        "--epochs",
+        "1",
+        *RUN,
+        "--out",
+        sparse,
+        *QUICK,
+    )
     assert code == 0, err
     records = [json.loads(line) for line in (sparse / "sparsity.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1] and records[0]["lam"] == 1e-2
     assert records[0]["gamma_quantiles"]["q50"] < 1.0  # the L1 term moved the gammas (from 1)
 
     pruned = tmp_path / "p50.pth"
-    code, out, err = cli(capsys, "yolo", "prune", sparse / "weights" / "last.pt", "--ratio", "0.5",
-                         "--data", data, "--recalibrate", "2", *RUN, "--out", pruned)  # fmt: skip
+    code, out, err = cli(
+        capsys,
+        "yolo",
+        "prune",
+        sparse / "weights" / "last.pt",
+        "--ratio",
+        "0.5",
+        "--data",
+        data,
+        "--recalibrate",
+        "2",
+        *RUN,
+        "--out",
+        pruned,
+    )
     assert code == 0, err
     report = json.loads(pruned.with_suffix(".json").read_text())["prune"]
-    assert set(report["extra"]["map"]) == {"unpruned", "official", "compensated", "recalibrated"}
-    assert "mAP50-95" in report["extra"]["map"]["official"]
+    assert set(report["measured"]) == {"unpruned", "official", "compensated", "recalibrated"}
+    assert "mAP50-95" in report["measured"]["official"]
     assert report["macs_after"] < report["macs_before"]
 
     tuned = tmp_path / "tuned"
-    code, _, err = cli(capsys, "yolo", "finetune", pruned, "--data", data, "--epochs", "1", *RUN,
-                       "--out", tuned, *QUICK)  # fmt: skip
+    code, _, err = cli(
+        capsys,
+        "yolo",
+        "finetune",
+        pruned,
+        "--data",
+        data,
+        "--epochs",
+        "1",
+        *RUN,
+        "--out",
+        tuned,
+        *QUICK,
+    )
     assert code == 0, err
     assert channel_counts(netslim.load(tuned / "finetuned.pth")) == channel_counts(
         netslim.load(pruned)
@@ -142,35 +187,58 @@ def test_train_prune_finetune_export_and_plain_ultralytics(tmp_path, capsys, yam
     metrics = yolo.val(data=str(data), imgsz=64, batch=8, device="cpu", plots=False, verbose=False)
     assert 0.0 <= metrics.box.map <= 1.0
     capsys.readouterr()  # what plain Ultralytics printed
-    code, out, err = cli(capsys, "yolo", "val", tuned / "weights" / "best.pt", "--data", data,
-                         "--json", *RUN)  # fmt: skip
+    code, out, err = cli(
+        capsys, "yolo", "val", tuned / "weights" / "best.pt", "--data", data, "--json", *RUN
+    )
     assert code == 0, err
     assert json.loads(out)["mAP50-95"] == pytest.approx(metrics.box.map, abs=1e-4)  # only JSON
-    code, out, err = cli(capsys, "export", tuned / "finetuned.pth", "--out", tmp_path / "y.onnx",
-                         "--image-size", "64")  # fmt: skip
+    code, out, err = cli(
+        capsys,
+        "export",
+        tuned / "finetuned.pth",
+        "--out",
+        tmp_path / "y.onnx",
+        "--image-size",
+        "64",
+    )
     assert code == 0, err
     assert "max relative difference" in out and (tmp_path / "y.onnx").is_file()
 
 
 def test_an_interrupted_sparsity_run_resumes(tmp_path, capsys, monkeypatch):
-    from netslim.yolo import train as yolo_train
+    from netslim.yolo import run as yolo_run
 
     data = write_data(tmp_path / "data")
-    real = yolo_train._end_of_epoch
+    real = yolo_run.SparsityRun.end_epoch
 
-    def record_then_stop(trainer):
-        real(trainer)
-        if trainer.epoch == 0:
+    def record_then_stop(self, epoch, *args, **kwargs):
+        stop = real(self, epoch, *args, **kwargs)
+        if epoch == 1:
             raise KeyboardInterrupt  # killed right after epoch 1 was saved
+        return stop
 
-    monkeypatch.setattr(yolo_train, "_end_of_epoch", record_then_stop)
-    argv = ["yolo", "train", "--model", "yolov8n.yaml", "--data", data, "--lam", "1e-2",
-            "--epochs", "2", *RUN, "--out", tmp_path / "run", *QUICK]  # fmt: skip
+    monkeypatch.setattr(yolo_run.SparsityRun, "end_epoch", record_then_stop)
+    argv = [
+        "yolo",
+        "train",
+        "--model",
+        "yolov8n.yaml",
+        "--data",
+        data,
+        "--lam",
+        "1e-2",
+        "--epochs",
+        "2",
+        *RUN,
+        "--out",
+        tmp_path / "run",
+        *QUICK,
+    ]
     assert cli(capsys, *argv)[0] == 130
     from netslim.yolo.files import read_checkpoint  # a mid-run file, read without running code
 
     assert read_checkpoint(tmp_path / "run" / "weights" / "last.pt")["epoch"] == 0
-    monkeypatch.setattr(yolo_train, "_end_of_epoch", real)
+    monkeypatch.setattr(yolo_run.SparsityRun, "end_epoch", real)
     code, _, err = cli(capsys, *argv, "--resume")
     assert code == 0, err
     epochs = [
@@ -184,26 +252,54 @@ def test_an_interrupted_sparsity_run_resumes(tmp_path, capsys, monkeypatch):
 
 def test_lam_auto_and_prune_when_stable_steer_ultralytics_training(tmp_path, capsys):
     from netslim.config import LAM_START
-    from netslim.yolo.train import read_sparsity
+    from netslim.yolo.run import read_sparsity
 
     data = write_data(tmp_path / "data")
-    argv = ["yolo", "train", "--model", "yolov8n.yaml", "--data", data, "--lam", "auto",
-            "--target-ratio", "0.5", "--epochs", "4", *RUN, *QUICK]  # fmt: skip
+    argv = [
+        "yolo",
+        "train",
+        "--model",
+        "yolov8n.yaml",
+        "--data",
+        data,
+        "--lam",
+        "auto",
+        "--target-ratio",
+        "0.5",
+        "--epochs",
+        "4",
+        *RUN,
+        *QUICK,
+    ]
     code, _, err = cli(capsys, *argv, "--out", tmp_path / "adam")
     assert code == 2 and "add optimizer=SGD" in err
-    code, _, err = cli(capsys, *argv, "optimizer=SGD", "lr0=0.1", "--prune-when-stable", "0.5",
-                       "--stable-tol", "1", "--stable-epochs", "1", "--out", tmp_path / "run")  # fmt: skip
+    code, _, err = cli(
+        capsys,
+        *argv,
+        "optimizer=SGD",
+        "lr0=0.1",
+        "--prune-when-stable",
+        "0.5",
+        "--stable-tol",
+        "1",
+        "--stable-epochs",
+        "1",
+        "--out",
+        tmp_path / "run",
+    )
     assert code == 0, err
     records = read_sparsity(tmp_path / "run")
     assert [r["epoch"] for r in records] == [1, 2]  # the mask first compared (and settled) at 2
-    assert records[1]["stopped"] and records[1]["mask_distance"] <= 1
+    assert records[1]["stopped_early"] and records[1]["mask_distance"] <= 1
     # λ: LAM_START in epoch 1, then the feed-forward rule on the 0.5-quantile of |γ|:
     # (q - threshold) / (sum of lr / (1 - momentum) over the steps to the ramp's end), with
     # 2 optimizer steps an epoch (16 images, batch 8, nbs 8), lr0 0.1, linear decay to 1%
-    assert records[0]["lam"] == LAM_START and records[1]["lam"] == records[0]["lam_next"]
+    assert records[0]["lam"] == LAM_START
     epoch_lr = [2 * 0.1 * ((1 - e / 4) * 0.99 + 0.01) / (1 - 0.937) for e in range(4)]
-    expected = (records[0]["quantile"] - 0.01) / sum(epoch_lr[1:4])
-    assert records[0]["lam_next"] == pytest.approx(expected, rel=1e-6)
+    expected = (records[0]["gamma_quantile"] - 0.01) / sum(epoch_lr[1:4])
+    assert records[1]["lam"] == pytest.approx(expected, rel=1e-6)
+    # the classifiers' record schema (one control for both flows)
+    assert {"stable_epochs", "gamma_quantile_path", "lam_gain"} <= set(records[1])
 
 
 # --------------------------------------------------------------------------------------
@@ -212,16 +308,34 @@ def test_lam_auto_and_prune_when_stable_steer_ultralytics_training(tmp_path, cap
 
 
 def test_a_data_yaml_that_is_missing_or_empty_is_one_line(tmp_path, capsys):
-    code, _, err = cli(capsys, "yolo", "train", "--model", "yolov8n.yaml", "--data", tmp_path / "no.yaml",
-                       "--out", tmp_path / "r")  # fmt: skip
+    code, _, err = cli(
+        capsys,
+        "yolo",
+        "train",
+        "--model",
+        "yolov8n.yaml",
+        "--data",
+        tmp_path / "no.yaml",
+        "--out",
+        tmp_path / "r",
+    )
     assert code == 2 and "no.yaml does not exist" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "images" / "train").mkdir(parents=True)
     (tmp_path / "images" / "val").mkdir(parents=True)
     (tmp_path / "empty.yaml").write_text(
         f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames: [a]\n"
     )
-    code, _, err = cli(capsys, "yolo", "train", "--model", "yolov8n.yaml", "--data", tmp_path / "empty.yaml",
-                       "--out", tmp_path / "r")  # fmt: skip
+    code, _, err = cli(
+        capsys,
+        "yolo",
+        "train",
+        "--model",
+        "yolov8n.yaml",
+        "--data",
+        tmp_path / "empty.yaml",
+        "--out",
+        tmp_path / "r",
+    )
     assert code == 2 and "its train split" in err and "holds no images" in err
 
 
@@ -287,9 +401,31 @@ def test_an_untouched_ultralytics_file_reads_back_its_weights(tmp_path):
 
 def test_the_yolo_lab_runs_the_seed_experiment_and_its_report_shows_its_numbers(tmp_path, capsys):
     data = write_data(tmp_path / "data")
-    argv = ["yolo", "lab", "--model", "yolov8n.yaml", "--data", data, *QUICK, "--lams", "0", "1e-2",
-            "--ratios", "0.5", "--sweep", "0.3", "--epochs", "1", "--finetune-epochs", "1",
-            "--recalibrate", "1", *RUN, "--out", tmp_path / "lab"]  # fmt: skip
+    argv = [
+        "yolo",
+        "lab",
+        "--model",
+        "yolov8n.yaml",
+        "--data",
+        data,
+        *QUICK,
+        "--lams",
+        "0",
+        "1e-2",
+        "--ratios",
+        "0.5",
+        "--sweep",
+        "0.3",
+        "--epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--recalibrate",
+        "1",
+        *RUN,
+        "--out",
+        tmp_path / "lab",
+    ]
     code, out, err = cli(capsys, *argv)
     assert code == 0, err
     lab = tmp_path / "lab"

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from netslim.config import LAM_START
+from netslim.config import LAM_START, TrainConfig
 from netslim.engine.graph import ChannelGraph
 from netslim.engine.plan import plan_pruning
 from netslim.engine.sparsity import batchnorms, bn_gammas
@@ -90,9 +90,13 @@ class AutoLam:
     """
 
     def __init__(
-        self, target_ratio: float, epoch_lr: list[float], lam: float = LAM_START,
-        threshold: float = 0.01, lam_max: float = LAM_MAX,
-    ):  # fmt: skip
+        self,
+        target_ratio: float,
+        epoch_lr: list[float],
+        lam: float = LAM_START,
+        threshold: float = 0.01,
+        lam_max: float = LAM_MAX,
+    ):
         self.target_ratio, self.epoch_lr, self.threshold = target_ratio, epoch_lr, threshold
         self.lam_max = lam_max
         self.ramp_end = max(1, math.ceil(RAMP * len(epoch_lr)))
@@ -113,13 +117,15 @@ class AutoLam:
         last = min(max(self.ramp_end, epoch + HOLD), len(self.epoch_lr))
         return sum(self.epoch_lr[min(epoch, last - 1) : last])
 
-    def update(self, epoch: int, quantile: float, train_acc: float) -> float:
-        """Take the decision after ``epoch`` (1-based), given the R-quantile of |γ| then;
-        returns the λ of the next epoch."""
+    def update(self, epoch: int, quantile: float, train_acc: float | None) -> float:
+        """Take the decision after ``epoch`` (1-based), given the R-quantile of |γ| then and
+        the epoch's training accuracy (None where the loop measures none, as a detector's:
+        no accuracy guard); returns the λ of the next epoch."""
         if self.start is None:
             self.start = quantile
-        hurt = train_acc < self.best_acc - ACC_DROP
-        self.best_acc = max(self.best_acc, train_acc)
+        hurt = train_acc is not None and train_acc < self.best_acc - ACC_DROP
+        if train_acc is not None:
+            self.best_acc = max(self.best_acc, train_acc)
         if hurt:
             self.lam = max(LAM_MIN, self.lam / FACTOR)
             return self.lam
@@ -143,7 +149,7 @@ class AutoLam:
 
 def gamma_quantile(model: nn.Module, share: float) -> float:
     """The ``share``-quantile of all |γ| of ``model`` (the |γ| below which that share lies)."""
-    return torch.quantile(bn_gammas(model).abs(), share).item()
+    return torch.quantile(bn_gammas(model).abs().float(), share).item()
 
 
 def removal_mask(model: nn.Module, ratio: float, graph: ChannelGraph | None = None) -> torch.Tensor:
@@ -194,35 +200,98 @@ class StableMask:
         self.stopped_at = state["stopped_at"]
 
 
-class SparsityControl:
-    """What :func:`netslim.train.fit` asks between epochs: the λ of the next epoch, and
-    whether sparsity training should stop. Inactive parts change nothing."""
+# --stable-tol's default, one for classifiers and YOLOs (the CLI, LabConfig, netslim.yolo)
+STABLE_TOL = TrainConfig.stable_tol
 
-    def __init__(self, config: Any, steps: int):
-        """``steps``: optimizer steps per epoch (λ auto needs each epoch's sum of lr)."""
-        self.lam = config.lam
+
+class SparsityControl:
+    """The between-epoch control of a sparsity run, for classifiers
+    (:func:`netslim.train.fit`) and YOLOs (:mod:`netslim.yolo.train`) alike: the λ of the
+    next epoch (``--lam auto``, :class:`AutoLam`) and whether sparsity training should stop
+    (``--prune-when-stable``, :class:`StableMask`). Inactive parts change nothing.
+
+    Each epoch, :meth:`end_epoch` adds to that epoch's record (one schema for both flows):
+
+    * ``lam``: the λ the epoch was trained at;
+    * with ``prune_when_stable``: ``mask_distance`` (None after the first epoch watched),
+      ``stable_epochs`` (epochs in a row within ``stable_tol``) and ``stopped_early``
+      (True on the epoch the mask settled);
+    * with λ auto: ``gamma_quantile`` (the ``target_ratio``-quantile of |γ|),
+      ``gamma_quantile_path`` (where it should be by then) and ``lam_gain``.
+
+    The next epoch's λ is :attr:`lam` afterwards. Its state (:meth:`state_dict`) goes into
+    every checkpoint, so that a resumed run takes the decisions of the uninterrupted one.
+
+    Args:
+        lam: the λ of the first epoch.
+        epoch_lr: with ``target_ratio``, one per epoch: how far a λ of 1 moves a γ in that
+            epoch (the sum of ``lr_t / (1 - momentum)`` over its optimizer steps).
+        target_ratio: λ auto's target share of |γ| under ``threshold`` (None: λ fixed).
+        threshold: the sparsity threshold on |γ|.
+        lam_max: λ auto's ceiling.
+        prune_when_stable, stable_tol, stable_epochs: stop once the removal mask at ratio
+            ``prune_when_stable`` has changed by at most ``stable_tol`` of the channels for
+            ``stable_epochs`` epochs in a row (None: never stop early).
+    """
+
+    def __init__(
+        self,
+        lam: float,
+        *,
+        epoch_lr: list[float] | None = None,
+        target_ratio: float | None = None,
+        threshold: float = 0.01,
+        lam_max: float = LAM_MAX,
+        prune_when_stable: float | None = None,
+        stable_tol: float = STABLE_TOL,
+        stable_epochs: int = 3,
+    ):
+        self.lam = lam
         self.auto = None
+        if target_ratio is not None:
+            if epoch_lr is None:
+                raise ValueError("λ auto (target_ratio) needs epoch_lr")
+            self.auto = AutoLam(target_ratio, epoch_lr, lam, threshold, lam_max=lam_max)
+        self.watch = (
+            StableMask(prune_when_stable, stable_tol, stable_epochs)
+            if prune_when_stable is not None
+            else None
+        )
+
+    @classmethod
+    def from_config(cls, config: Any, steps: int) -> SparsityControl:
+        """A classifier run's control (a :class:`netslim.config.TrainConfig`); ``steps``:
+        optimizer steps per epoch (λ auto needs each epoch's sum of lr)."""
+        epoch_lr = None
         if config.lam_auto:
             epoch_lr = [
                 sum(lr_at_step(config, epoch, step, steps) for step in range(steps))
                 / (1 - config.momentum)
                 for epoch in range(config.epochs)
             ]
-            self.auto = AutoLam(
-                config.target_ratio, epoch_lr, config.lam, config.sparsity_threshold
-            )
-        self.watch = (
-            StableMask(config.prune_when_stable, config.stable_tol, config.stable_epochs)
-            if config.prune_when_stable is not None
-            else None
+        return cls(
+            config.lam,
+            epoch_lr=epoch_lr,
+            target_ratio=config.target_ratio if config.lam_auto else None,
+            threshold=config.sparsity_threshold,
+            prune_when_stable=config.prune_when_stable,
+            stable_tol=config.stable_tol,
+            stable_epochs=config.stable_epochs,
         )
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is decided between epochs."""
+        return self.auto is not None or self.watch is not None
 
     @property
     def stopped(self) -> bool:
         return self.watch is not None and self.watch.stopped_at is not None
 
     def end_epoch(self, model: nn.Module, record: dict[str, Any]) -> None:
-        """Add this epoch's λ (and mask distance) to ``record``; decide the next epoch's."""
+        """Add this epoch's λ and decisions to ``record`` (which holds ``epoch``, 1-based,
+        and ``train_acc`` where the loop measures one: λ auto's accuracy guard); decide the
+        next epoch's λ (:attr:`lam`)."""
         record["lam"] = self.lam
         if self.watch is not None:
             record["mask_distance"] = self.watch.update(model, record["epoch"])
@@ -231,7 +300,7 @@ class SparsityControl:
                 record["stopped_early"] = True
         if self.auto is not None:
             quantile = gamma_quantile(model, self.auto.target_ratio)
-            self.lam = self.auto.update(record["epoch"], quantile, record["train_acc"])
+            self.lam = self.auto.update(record["epoch"], quantile, record.get("train_acc"))
             record["gamma_quantile"] = quantile  # at the target ratio
             record["gamma_quantile_path"] = self.auto.path(record["epoch"])
             record["lam_gain"] = self.auto.gain
@@ -251,3 +320,17 @@ class SparsityControl:
             self.auto.load_state_dict(state["auto"])
         if self.watch is not None:
             self.watch.load_state_dict(state["watch"])
+
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`state_dict` as plain JSON (the removal mask as a list of bools)."""
+        state = self.state_dict()
+        if state["watch"] is not None and state["watch"]["previous"] is not None:
+            state["watch"] = {**state["watch"], "previous": state["watch"]["previous"].tolist()}
+        return state
+
+    def load_json(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`to_json` wrote."""
+        watch = state.get("watch")
+        if watch is not None and watch["previous"] is not None:
+            watch = {**watch, "previous": torch.tensor(watch["previous"], dtype=torch.bool)}
+        self.load_state_dict({**state, "watch": watch})

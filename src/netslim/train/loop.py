@@ -163,9 +163,14 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     VGG-19 step on a 2-core CPU (bench/RESULTS.md); it exists for CPU and CUDA tensors.
     """
     device = next(model.parameters()).device
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay, nesterov=config.nesterov,
-                           fused=True if device.type in ("cpu", "cuda") else None)  # fmt: skip
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+        fused=True if device.type in ("cpu", "cuda") else None,
+    )
 
 
 def _epoch_line(r: dict[str, Any]) -> str:
@@ -188,8 +193,11 @@ def _diverged(epoch: int, config: TrainConfig, out: Path, problems: list[str]) -
 
 def _divergence(model: nn.Module, train_loss: float, test_loss: float | None) -> list[str]:
     """What is not finite after an epoch (empty when all is well)."""
-    problems = [f"{what} loss {value}" for what, value in (("train", train_loss), ("test", test_loss))
-                if value is not None and not math.isfinite(value)]  # fmt: skip
+    problems = [
+        f"{what} loss {value}"
+        for what, value in (("train", train_loss), ("test", test_loss))
+        if value is not None and not math.isfinite(value)
+    ]
     bad = nonfinite_tensors(model)
     if bad:
         total = len([*model.parameters(), *model.buffers()])
@@ -250,8 +258,9 @@ def fit(
     with runlock.hold(out_dir) if distributed.is_main() else contextlib.nullcontext():
         if distributed.is_main():
             remove_temp_files(out_dir)  # of writes killed midway; nobody else writes here
-        return _fit(config, data, model, Path(out_dir), meta, resume, distributed.main_log(log),
-                    on_step)  # fmt: skip
+        return _fit(
+            config, data, model, Path(out_dir), meta, resume, distributed.main_log(log), on_step
+        )
 
 
 def _fit(
@@ -273,7 +282,7 @@ def _fit(
     # Below any accuracy, so that the first epoch always writes best.pth (even at 0%).
     start_epoch, best_acc = 0, -1.0
     steps = num_batches(len(data.train_labels), config.batch_size)
-    controls = control.SparsityControl(config, steps)  # λ of each epoch; early pruning's stop
+    controls = control.SparsityControl.from_config(config, steps)  # λ; early stop
     if resume:
         ckpt = resume_state(out, config)
         model = model_from_checkpoint(ckpt, str(out / "last.pth"), trust=config.arch)
@@ -314,13 +323,21 @@ def _fit(
         generator = torch.Generator(device=device).manual_seed(config.seed * 100_003 + epoch)
         t0 = time.perf_counter()
         train_loss, train_acc = train_epoch(
-            run_model, data, optimizer, lam=controls.lam, batch_size=config.batch_size,
-            generator=generator, dtype=dtype, scaler=scaler,
-            label=f"epoch {epoch + 1}/{config.epochs}", label_smoothing=config.label_smoothing,
+            run_model,
+            data,
+            optimizer,
+            lam=controls.lam,
+            batch_size=config.batch_size,
+            generator=generator,
+            dtype=dtype,
+            scaler=scaler,
+            label=f"epoch {epoch + 1}/{config.epochs}",
+            label_smoothing=config.label_smoothing,
             lr_of_step=lambda step, e=epoch: recipes.lr_at_step(config, e, step, steps),
-            on_step=None if on_step is None
+            on_step=None
+            if on_step is None
             else lambda step, n, e=epoch: on_step(e + 1, config.epochs, step, n),
-        )  # fmt: skip
+        )
         train_seconds = time.perf_counter() - t0
         if not math.isfinite(train_loss):  # no use evaluating a network that blew up
             raise _diverged(epoch, config, out, _divergence(model, train_loss, None))
@@ -334,14 +351,18 @@ def _fit(
         if problems:
             raise _diverged(epoch, config, out, problems)
         record = {
-            "epoch": epoch + 1, "epochs": config.epochs, "lr": lr,
-            "train_loss": train_loss, "train_acc": train_acc,
-            "test_loss": test_loss, "test_acc": test_acc,
+            "epoch": epoch + 1,
+            "epochs": config.epochs,
+            "lr": lr,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
             "sparsity": bn_sparsity(model, config.sparsity_threshold),
             "gamma_quantiles": gamma_quantiles(model),
             "seconds": time.perf_counter() - t0,
             "images_per_s": len(data.train_labels) / train_seconds,
-        }  # fmt: skip
+        }
         controls.end_epoch(model, record)  # adds "lam" (and the mask distance)
         history.append(record)
         is_best = test_acc > best_acc
@@ -352,10 +373,14 @@ def _fit(
             "best_prec1": best_acc / 100.0,  # a fraction, as the official code stores it
             "optimizer": optimizer.state_dict(),
             "channels": channel_counts(model),
-            "netslim": {**(meta or {}), "config": asdict(config), "history": history,
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "control": controls.state_dict()},
-        }  # fmt: skip
+            "netslim": {
+                **(meta or {}),
+                "config": asdict(config),
+                "history": history,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "control": controls.state_dict(),
+            },
+        }
         if isinstance(model, VGG):
             checkpoint["cfg"] = list(model.cfg)  # what the paper's code reads
         if distributed.is_main():
@@ -378,7 +403,9 @@ def _fit(
             log(hint)
             hinted = True
         if controls.stopped:
-            log(f"the prune mask at ratio {config.prune_when_stable:g} has settled: "
-                f"sparsity training stopped after epoch {epoch + 1}")  # fmt: skip
+            log(
+                f"the prune mask at ratio {config.prune_when_stable:g} has settled: "
+                f"sparsity training stopped after epoch {epoch + 1}"
+            )
             break
     return history

@@ -83,8 +83,13 @@ def resume_state(out: Path, config: TrainConfig) -> dict[str, Any]:
         raise NetslimError(f"cannot resume: {last} does not exist; start the run without --resume")
     ckpt = read_checkpoint(last)
     meta = ckpt.get("netslim")
-    if not (isinstance(meta, dict) and "config" in meta and "history" in meta
-            and "optimizer" in ckpt and "epoch" in ckpt):  # fmt: skip
+    if not (
+        isinstance(meta, dict)
+        and "config" in meta
+        and "history" in meta
+        and "optimizer" in ckpt
+        and "epoch" in ckpt
+    ):
         raise NetslimError(
             f"cannot resume {out}: {last} was not written by netslim train or finetune (it holds "
             "no run settings or history, e.g. a checkpoint of the paper's main.py); to train "
@@ -114,5 +119,7 @@ def repair_run_folder(out: Path, ckpt: dict[str, Any], log: Callable[[str], None
         if history[-1]["test_acc"] > earlier:
             save_checkpoint(ckpt, out / "best.pth")  # the last epoch is the best one
         else:
-            log(f"note: {out / 'best.pth'} is missing and its epoch is lost; the next epoch "
-                "that beats it writes a new one")  # fmt: skip
+            log(
+                f"note: {out / 'best.pth'} is missing and its epoch is lost; the next epoch "
+                "that beats it writes a new one"
+            )

@@ -67,8 +67,12 @@ def hold(folder: str | Path) -> Iterator[None]:
     path = folder / LOCK_NAME
     fd = _lock(path, folder)
     try:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                "command": " ".join(["netslim", *sys.argv[1:]])[:200]}  # fmt: skip
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "command": " ".join(["netslim", *sys.argv[1:]])[:200],
+        }
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(info) + "\n").encode())
         yield

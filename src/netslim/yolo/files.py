@@ -45,12 +45,17 @@ from netslim.files import atomic_write
 # Where the classes of a model's layers live (names outside are not layers)
 LAYER_HOMES = ("torch.nn.modules.", "ultralytics.nn.")
 # Plain-data classes Ultralytics pickles beside its layers: records too, never called
-DATA_CLASSES = ("ultralytics.utils.IterableSimpleNamespace", "ultralytics.utils.loss.",
-                "ultralytics.utils.tal.")  # fmt: skip
+DATA_CLASSES = (
+    "ultralytics.utils.IterableSimpleNamespace",
+    "ultralytics.utils.loss.",
+    "ultralytics.utils.tal.",
+)
 # Old names Ultralytics' own loader maps to current ones (its torch_safe_load)
-ALIASES = {"ultralytics.nn.modules.block.Silence": "torch.nn.modules.linear.Identity",
-           "ultralytics.nn.tasks.YOLOv10DetectionModel": "ultralytics.nn.tasks.DetectionModel",
-           "ultralytics.yolo.utils.IterableSimpleNamespace": "ultralytics.utils.IterableSimpleNamespace"}  # fmt: skip
+ALIASES = {
+    "ultralytics.nn.modules.block.Silence": "torch.nn.modules.linear.Identity",
+    "ultralytics.nn.tasks.YOLOv10DetectionModel": "ultralytics.nn.tasks.DetectionModel",
+    "ultralytics.yolo.utils.IterableSimpleNamespace": "ultralytics.utils.IterableSimpleNamespace",
+}
 
 
 class Pickled:
@@ -98,10 +103,16 @@ def _scalar(dtype: Any, data: bytes) -> Any:
 
 
 # Functions and data classes a file may use, bound to harmless stand-ins
-DATA = {"builtins.getattr": _attribute, "numpy.dtype": np.dtype,
-        "numpy.core.multiarray.scalar": _scalar, "numpy._core.multiarray.scalar": _scalar,
-        "pathlib.PosixPath": PurePosixPath, "pathlib.WindowsPath": PureWindowsPath,
-        "pathlib._local.PosixPath": PurePosixPath, "pathlib._local.WindowsPath": PureWindowsPath}  # fmt: skip
+DATA = {
+    "builtins.getattr": _attribute,
+    "numpy.dtype": np.dtype,
+    "numpy.core.multiarray.scalar": _scalar,
+    "numpy._core.multiarray.scalar": _scalar,
+    "pathlib.PosixPath": PurePosixPath,
+    "pathlib.WindowsPath": PureWindowsPath,
+    "pathlib._local.PosixPath": PurePosixPath,
+    "pathlib._local.WindowsPath": PureWindowsPath,
+}
 
 
 def _layer(name: str) -> type | None:
@@ -187,9 +198,7 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str
             f"{path} is not an Ultralytics checkpoint, or it is damaged: {detail}"
         ) from None
     kinds = (nn.Module,) if trust_pickle else (Pickled,)
-    if not isinstance(checkpoint, dict) or not isinstance(
-        checkpoint.get("ema") or checkpoint.get("model"), kinds
-    ):
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint_network(checkpoint), kinds):
         raise NetslimError(
             f"{path} is not an Ultralytics checkpoint: it holds no model ('ema' or 'model'); "
             "a netslim checkpoint (.pth) is read by netslim.load"
@@ -225,8 +234,10 @@ def _weights(
     for name, record in records.items():
         attrs = record.__dict__
         transient = attrs.get("_non_persistent_buffers_set") or set()
-        held = [*(attrs.get("_parameters") or {}).items(),
-                *((k, v) for k, v in (attrs.get("_buffers") or {}).items() if k not in transient)]  # fmt: skip
+        held = [
+            *(attrs.get("_parameters") or {}).items(),
+            *((k, v) for k, v in (attrs.get("_buffers") or {}).items() if k not in transient),
+        ]
         for key, value in held:
             if value is None:
                 continue
@@ -238,11 +249,18 @@ def _weights(
         cls = record.cls
         params = attrs.get("_parameters") or {}
         if issubclass(cls, nn.Conv2d):
-            counts[name] = [attrs.get("in_channels"), attrs.get("out_channels"), attrs.get("groups"),
-                            int(params.get("bias") is not None)]  # fmt: skip
+            counts[name] = [
+                attrs.get("in_channels"),
+                attrs.get("out_channels"),
+                attrs.get("groups"),
+                int(params.get("bias") is not None),
+            ]
         elif issubclass(cls, nn.Linear):
-            counts[name] = [attrs.get("in_features"), attrs.get("out_features"),
-                            int(params.get("bias") is not None)]  # fmt: skip
+            counts[name] = [
+                attrs.get("in_features"),
+                attrs.get("out_features"),
+                int(params.get("bias") is not None),
+            ]
         elif issubclass(cls, nn.modules.batchnorm._BatchNorm):
             counts[name] = [attrs.get("num_features")]
     return state, counts
@@ -271,12 +289,21 @@ def model_of(record: Pickled, path: str | Path) -> nn.Module:
         )
     records = _modules(record, path)
     state, counts = _weights(records, path)
-    checkpoint = {"state_dict": state, "channels": counts,
-                  "netslim": {"arch": arch_of(record), "yaml": cfg, "num_classes": cfg.get("nc")}}  # fmt: skip
+    checkpoint = {
+        "state_dict": state,
+        "channels": counts,
+        "netslim": {"arch": arch_of(record), "yaml": cfg, "num_classes": cfg.get("nc")},
+    }
     model = model_from_checkpoint(checkpoint, str(path))
     built = dict(model.named_modules(remove_duplicate=False))
-    odd = next((n for n in set(built) | set(records)
-                if n not in built or n not in records or type(built[n]) is not records[n].cls), None)  # fmt: skip
+    odd = next(
+        (
+            n
+            for n in set(built) | set(records)
+            if n not in built or n not in records or type(built[n]) is not records[n].cls
+        ),
+        None,
+    )
     if odd is not None:
         said = records[odd].name if odd in records else "no layer"
         made = type(built[odd]).__name__ if odd in built else "no layer"
@@ -292,11 +319,17 @@ def model_of(record: Pickled, path: str | Path) -> nn.Module:
     return model.float().eval()
 
 
+def checkpoint_network(checkpoint: dict[str, Any]) -> Any:
+    """The network an Ultralytics checkpoint holds: its EMA, which Ultralytics validates and
+    resumes from, or its model where it has no EMA (None: neither)."""
+    return checkpoint.get("ema") or checkpoint.get("model")
+
+
 def read_model(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
     """The model of an Ultralytics ``.pt`` file (its EMA when it has one) in fp32, eval mode,
     rebuilt without running the file's code (see the module docs)."""
     checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
-    model = checkpoint.get("ema") or checkpoint["model"]
+    model = checkpoint_network(checkpoint)
     return model.float().eval() if trust_pickle else model_of(model, path)
 
 
@@ -311,10 +344,16 @@ def write_model(
     import ultralytics
 
     checkpoint = {
-        "epoch": -1, "best_fitness": None, "model": None, "ema": copy.deepcopy(model).float().eval(),
-        "updates": None, "optimizer": None, "train_args": dict(train_args or {}),
-        "date": datetime.now().astimezone().isoformat(), "version": ultralytics.__version__,
-    }  # fmt: skip
+        "epoch": -1,
+        "best_fitness": None,
+        "model": None,
+        "ema": copy.deepcopy(model).float().eval(),
+        "updates": None,
+        "optimizer": None,
+        "train_args": dict(train_args or {}),
+        "date": datetime.now().astimezone().isoformat(),
+        "version": ultralytics.__version__,
+    }
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
