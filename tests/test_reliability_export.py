@@ -73,8 +73,11 @@ def tiny_detector():
     from ultralytics.nn.tasks import DetectionModel
 
     conv = lambda c: [-1, 1, "Conv", [c, 3, 2]]  # noqa: E731
-    cfg = {"nc": 2, "backbone": [conv(8), conv(8), conv(16), conv(16), conv(16)],
-           "head": [[[2, 3, 4], 1, "Detect", ["nc"]]]}  # fmt: skip
+    cfg = {
+        "nc": 2,
+        "backbone": [conv(8), conv(8), conv(16), conv(16), conv(16)],
+        "head": [[[2, 3, 4], 1, "Detect", ["nc"]]],
+    }
     return DetectionModel(cfg, verbose=False).eval()
 
 
@@ -104,8 +107,13 @@ def test_the_refused_file_really_holds_one_path_only(tmp_path):
     model = Branchy(0.0).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own TracerWarning
-        torch.onnx.export(model, (torch.full((1, 3, 16, 16), 1.0),), tmp_path / "raw.onnx",
-                          dynamo=False, input_names=["images"])  # fmt: skip
+        torch.onnx.export(
+            model,
+            (torch.full((1, 3, 16, 16), 1.0),),
+            tmp_path / "raw.onnx",
+            dynamo=False,
+            input_names=["images"],
+        )
     session = ort.InferenceSession(tmp_path / "raw.onnx", providers=["CPUExecutionProvider"])
     for value, same in ((2.0, True), (-2.0, False)):
         x = torch.full((1, 3, 16, 16), value)
@@ -189,10 +197,22 @@ BRANCHNET = """
 def test_the_cli_prints_the_value_read_warning_in_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "branchnet.py").write_text(textwrap.dedent(BRANCHNET))
     monkeypatch.syspath_prepend(str(tmp_path))
-    netslim.save(netslim.build_model("branchnet:build", 10), tmp_path / "b.pth",
-                 arch="branchnet:build", image_size=24)  # fmt: skip
-    code = main(["export", str(tmp_path / "b.pth"), "--out", str(tmp_path / "b.onnx"),
-                 "--trust-module", "branchnet"])  # fmt: skip
+    netslim.save(
+        netslim.build_model("branchnet:build", 10),
+        tmp_path / "b.pth",
+        arch="branchnet:build",
+        image_size=24,
+    )
+    code = main(
+        [
+            "export",
+            str(tmp_path / "b.pth"),
+            "--out",
+            str(tmp_path / "b.onnx"),
+            "--trust-module",
+            "branchnet",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     (line,) = err.strip().splitlines()
@@ -212,16 +232,19 @@ def test_a_yolo_without_a_recorded_size_is_taken_at_ultralytics_640():
 def test_an_ultralytics_model_is_exported_at_the_imgsz_it_was_trained_at(tmp_path):
     model = tiny_detector()
     model.args = {"imgsz": [64, 64]}  # as a trained Ultralytics model keeps its arguments
-    result = export(model, tmp_path / "y.onnx")
-    assert result.image_size == 64
-    assert onnx_input_shape(tmp_path / "y.onnx") == ["batch", 3, 64, 64]
+    result = export(model, tmp_path / "y.onnx")  # through Ultralytics' exporter: batch 1
+    assert result.image_size == 64 and result.metadata["imgsz"] == [64, 64]
+    assert onnx_input_shape(tmp_path / "y.onnx") == [1, 3, 64, 64]
 
 
 def test_a_non_square_imgsz_asks_for_image_size(tmp_path):
     model = tiny_detector()
     model.args = {"imgsz": [64, 96]}
-    with pytest.raises(NetslimError, match=r"imgsz its model.args records is \[64, 96\], not one "
-                       r"square size; export takes square images: pass image_size=N"):  # fmt: skip
+    with pytest.raises(
+        NetslimError,
+        match=r"imgsz its model.args records is \[64, 96\], not one "
+        r"square size; export takes square images: pass image_size=N",
+    ):
         export(model, tmp_path / "y.onnx")
     assert list(tmp_path.iterdir()) == []
 
@@ -233,8 +256,11 @@ def test_a_netslim_architecture_is_exported_at_32(tmp_path):
 
 def test_a_network_that_says_no_size_asks_for_image_size_and_writes_nothing(tmp_path):
     model = torchvision.models.resnet18(num_classes=10)  # CIFAR at 32 or ImageNet at 224?
-    with pytest.raises(NetslimError, match="export needs image_size=: ResNet does not say which "
-                       "image size it takes .* pass image_size=N"):  # fmt: skip
+    with pytest.raises(
+        NetslimError,
+        match="export needs image_size=: ResNet does not say which "
+        "image size it takes .* pass image_size=N",
+    ):
         export(model, tmp_path / "r.onnx")
     assert list(tmp_path.iterdir()) == []
 

@@ -238,8 +238,22 @@ def model_from_checkpoint(
             stored = meta.get("yaml")  # an Ultralytics model's own YAML: rebuilt as it was
             if arch.startswith("ultralytics:") and isinstance(stored, dict):
                 # a YAML from the file: checked, and sized against its weights, before it is built
-                model = build_ultralytics(stored, classes, counts=channels,
-                                          source=f"{source}'s stored model YAML")  # fmt: skip
+                model = build_ultralytics(
+                    stored, classes, counts=channels, source=f"{source}'s stored model YAML"
+                )
+                # its class names and image size, where Ultralytics keeps them (export reads them)
+                names = meta.get("names")
+                if (
+                    isinstance(names, dict)
+                    and len(names) == classes
+                    and all(
+                        isinstance(k, int) and isinstance(v, str) and len(v) <= 200
+                        for k, v in names.items()
+                    )
+                ):
+                    model.names = dict(names)
+                if meta.get("image_size") is not None:
+                    model.args = {"imgsz": image_size_of({"netslim": meta}, source)}
             else:
                 model = build_model(arch, classes)
         if channels is not None:
@@ -265,8 +279,9 @@ def model_from_checkpoint(
                 f"{source}: its cfg {cfg} does not match the layers in its state_dict "
                 f"{inferred}; the file is inconsistent (was it edited or written by another tool?)"
             )
-    model = VGG(inferred, num_classes=int(state_dict["classifier.weight"].shape[0]),
-                init_weights=False)  # fmt: skip
+    model = VGG(
+        inferred, num_classes=int(state_dict["classifier.weight"].shape[0]), init_weights=False
+    )
     _load_weights(model, state_dict, source, f"VGG {inferred}")
     return model
 
@@ -340,8 +355,9 @@ def _classes(state_dict: dict[str, torch.Tensor]) -> int:
     return int(weights[-1].shape[0])
 
 
-def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                  what: str) -> None:  # fmt: skip
+def _load_weights(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, what: str
+) -> None:
     # Checkpoints from torch < 0.4 lack BN's num_batches_tracked; everything else must match.
     if getattr(state_dict, "_metadata", None) is None:
         # Files hold plain dicts, without the per-module format versions a state_dict
@@ -402,9 +418,11 @@ def stored_gammas(checkpoint: dict[str, Any]) -> torch.Tensor:
     """All BatchNorm gammas a netslim checkpoint holds, flat, in layer order, read from its
     tensors without building the network (as :func:`netslim.engine.sparsity.bn_gammas` of it)."""
     state_dict = checkpoint["state_dict"]
-    gammas = [state_dict[f"{name}.weight"].flatten().float()
-              for name, count in (checkpoint.get("channels") or {}).items()
-              if len(count) == 1 and f"{name}.weight" in state_dict]  # fmt: skip
+    gammas = [
+        state_dict[f"{name}.weight"].flatten().float()
+        for name, count in (checkpoint.get("channels") or {}).items()
+        if len(count) == 1 and f"{name}.weight" in state_dict
+    ]
     return torch.cat(gammas) if gammas else torch.empty(0)
 
 
@@ -439,14 +457,21 @@ def describe(
     if "best_prec1" in checkpoint:
         info["best_test_acc"] = 100.0 * float(checkpoint["best_prec1"])
     if "prune" in meta:
-        keys = ("ratio", "pruned_share", "acc_unpruned", "acc_masked", "acc_compensated",
-                "acc_recalibrated")  # fmt: skip
+        keys = (
+            "ratio",
+            "pruned_share",
+            "acc_unpruned",
+            "acc_masked",
+            "acc_compensated",
+            "acc_recalibrated",
+        )
         info["prune"] = {k: meta["prune"][k] for k in keys if k in meta["prune"]}
     return info
 
 
-def save_official(checkpoint_or_model: str | Path | dict[str, Any] | nn.Module,
-                  path: str | Path) -> dict[str, Any]:  # fmt: skip
+def save_official(
+    checkpoint_or_model: str | Path | dict[str, Any] | nn.Module, path: str | Path
+) -> dict[str, Any]:
     """Write the paper's ``{'cfg', 'state_dict'}`` layout of a network to ``path`` (atomically).
 
     Args:

@@ -13,6 +13,11 @@ Three formats, picked by the file's suffix or by name:
   its ``main.py --refine`` and model classes read (:func:`netslim.checkpoint.save_official`;
   BatchNorm is kept, as the paper's models have it). Checked by reading it back.
 
+An Ultralytics model (a YOLO) is written by Ultralytics' own exporter instead
+(:mod:`netslim.yolo.export`), in ONNX or any other format that exporter writes, with
+Ultralytics' metadata (class names, stride, task, image size), so that ``YOLO(path)`` and
+``yolo val`` run the file; it is checked the same way before it is written.
+
 The network is exported in eval mode in fp32 on the CPU, with every BatchNorm folded into
 the layer before it where there is one (:func:`netslim.engine.fold.fold_bn`). The file is made in
 memory, **checked** -- loaded by its own runtime and compared with the PyTorch network on
@@ -32,10 +37,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import io
 import math
 import os
 import sys
+import types
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -89,8 +96,9 @@ class Format:
 @dataclass
 class ExportResult:
     """What :func:`export` wrote: the path, format, ONNX opset, the checked difference, the
-    image size, the inputs it was checked on, and where the forward pass read tensor values
-    (empty when nowhere)."""
+    image size, the inputs it was checked on, where the forward pass read tensor values
+    (empty when nowhere), and, for a YOLO written through Ultralytics' exporter, the
+    metadata Ultralytics put in the file (``names``, ``stride``, ``task``, ``imgsz``, ...)."""
 
     path: Path
     format: str
@@ -100,6 +108,7 @@ class ExportResult:
     image_size: int
     checked_on: str
     value_reads: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def _import_onnxruntime():
@@ -125,9 +134,16 @@ def _onnx_write(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter announces its deprecation
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
-                          input_names=["images"], output_names=names,
-                          dynamic_axes={name: {0: "batch"} for name in ["images", *names]})  # fmt: skip
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=names,
+            dynamic_axes={name: {0: "batch"} for name in ["images", *names]},
+        )
     return buffer.getvalue()
 
 
@@ -214,7 +230,7 @@ def pick_format(path: str | Path, format: str | None = None) -> str:
     )
 
 
-def _check_writable(path: Path) -> None:
+def check_writable(path: Path) -> None:
     """Fail before the (slow) export when ``path`` cannot be written."""
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
@@ -268,8 +284,21 @@ def relative_difference(expected: list[torch.Tensor], got: list[torch.Tensor]) -
 _TORCH_DIR = str(Path(torch.__file__).parent) + os.sep
 # Tensor methods and functions that turn values into Python numbers: what follows may
 # branch on them.
-_NUMBER_READS = {"__bool__", "__int__", "__float__", "__index__", "__complex__", "__contains__",
-                 "item", "tolist", "numpy", "__array__", "equal", "allclose", "is_nonzero"}  # fmt: skip
+_NUMBER_READS = {
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "__complex__",
+    "__contains__",
+    "item",
+    "tolist",
+    "numpy",
+    "__array__",
+    "equal",
+    "allclose",
+    "is_nonzero",
+}
 # Ops whose result's shape depends on the values: what follows may branch on the shape.
 _VALUE_SHAPED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"}
 
@@ -384,13 +413,13 @@ def _square(size: object, what: str) -> int:
 # -- export --------------------------------------------------------------------------------
 
 
-def _detail(error: Exception) -> str:
+def error_detail(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 @torch.no_grad()
-def _run_watched(
+def run_watched(
     model: nn.Module, inputs: list[tuple[str, torch.Tensor]], image_size: int
 ) -> tuple[list[list[torch.Tensor]], list[str]]:
     """``model``'s outputs on each input, and where it read tensor values while computing them."""
@@ -404,13 +433,20 @@ def _run_watched(
         except Exception as e:
             raise NetslimError(
                 f"{type(model).__name__} does not run on {name} of {image_size}x{image_size} "
-                f"pixels ({_detail(e)}); pass the image size it takes (--image-size, image_size=)"
+                f"pixels ({error_detail(e)}); pass the image size it takes (--image-size, image_size=)"
             ) from None
     return outputs, list(watcher.reads)
 
 
-def _write(spec: Format, name: str, model: nn.Module, image_size: int, opset: int,
-           label: str, reads: list[str]) -> bytes:  # fmt: skip
+def _write(
+    spec: Format,
+    name: str,
+    model: nn.Module,
+    image_size: int,
+    opset: int,
+    label: str,
+    reads: list[str],
+) -> bytes:
     """The file's contents, or NetslimError saying why the exporter failed."""
     # the exporters run this example once and keep what it did: batch 2, so that they keep N
     # free; seeded, so that the same network gives the same file
@@ -426,11 +462,16 @@ def _write(spec: Format, name: str, model: nn.Module, image_size: int, opset: in
                 f"({_shown(reads)}), which torch.export cannot follow; keep them as tensors (for "
                 "a branch, compute both sides and pick with torch.where or torch.cond)"
             ) from None
-        raise NetslimError(f"{name} export of {label} failed: {_detail(e)}") from None
+        raise NetslimError(f"{name} export of {label} failed: {error_detail(e)}") from None
 
 
-def _worst(run: Runner, inputs: list[tuple[str, torch.Tensor]],
-           expected: list[list[torch.Tensor]], path: Path, name: str) -> tuple[float, str]:  # fmt: skip
+def worst_difference(
+    run: Runner,
+    inputs: list[tuple[str, torch.Tensor]],
+    expected: list[list[torch.Tensor]],
+    path: Path,
+    name: str,
+) -> tuple[float, str]:
     """The largest relative difference of the written file from the network, and on which input."""
     worst, where = 0.0, inputs[0][0]
     for (label, x), want in zip(inputs, expected):
@@ -438,13 +479,37 @@ def _worst(run: Runner, inputs: list[tuple[str, torch.Tensor]],
             got = output_tensors(run(x))
         except Exception as e:
             raise NetslimError(
-                f"the exported {name} file does not run on {label} ({_detail(e)}); nothing "
+                f"the exported {name} file does not run on {label} ({error_detail(e)}); nothing "
                 f"written to {path}"
             ) from None
         diff = relative_difference(want, got)
         if not diff <= worst:
             worst, where = diff, label
     return worst, where
+
+
+def _through_ultralytics(model: nn.Module, path: str | Path, format: str | None) -> bool:
+    """Whether ``model`` is an Ultralytics model going to a format its exporter writes (all
+    but netslim's own ``pt2`` and ``official``)."""
+    if not type(model).__module__.startswith("ultralytics."):
+        return False
+    if format is not None:
+        return format not in ("pt2", "official")
+    return not str(path).lower().endswith((FORMATS["pt2"].suffix, FORMATS["official"].suffix))
+
+
+def _ultralytics_export() -> Callable[..., ExportResult]:
+    """:func:`netslim.yolo.export.export_yolo`, looked up by name on first use: the YOLO
+    package sits a layer above this module and builds on it, so this module does not import
+    it (tests/test_layers.py); the lookup only happens for an Ultralytics model, which
+    needs Ultralytics and with it ``netslim[yolo]``."""
+    try:
+        module = importlib.import_module("netslim.yolo.export")
+    except ImportError as e:
+        raise NetslimError(
+            f"exporting an Ultralytics model needs Ultralytics ({e}): pip install 'netslim[yolo]'"
+        ) from None
+    return module.export_yolo
 
 
 def export(
@@ -456,6 +521,7 @@ def export(
     opset: int = DEFAULT_OPSET,
     image_size: int | None = None,
     tolerance: float = TOLERANCE,
+    dynamic: bool = False,
 ) -> ExportResult:
     """Write ``model`` to ``path`` as a file that runs without netslim, after checking it.
 
@@ -487,6 +553,8 @@ def export(
             ``imgsz``, else 640; netslim's own architectures 32); any other network must be
             given one.
         tolerance: the largest relative difference from the PyTorch network accepted.
+        dynamic: a YOLO only: free batch, height and width (Ultralytics' ``dynamic=True``);
+            netslim's own ONNX and ``.pt2`` files always have a free batch and a fixed size.
 
     Raises:
         NetslimError: unknown format, unwritable path, an image size out of bounds or not
@@ -495,10 +563,26 @@ def export(
             network's by more than ``tolerance`` on any check input or are not finite
             (nothing is written then).
 
+    An Ultralytics model (a YOLO, from :func:`netslim.load` of its ``.pth`` or from a ``.pt``)
+    is written by Ultralytics' own exporter instead, for every format but ``pt2`` and
+    ``official`` (:func:`netslim.yolo.export.export_yolo`): the file carries Ultralytics'
+    metadata, so that ``YOLO(path)`` and ``yolo val`` run it; ``format`` may then also be one
+    of Ultralytics' (``openvino``, ``engine``, ``coreml``, ``litert``, ...), and the image size
+    defaults to the one the model records (``model.args["imgsz"]``, set by :func:`netslim.load`
+    from the checkpoint), else 640.
+
     Example::
 
         >>> netslim.export(netslim.load("pruned.pth"), "pruned.onnx")
     """
+    if _through_ultralytics(model, path, format):
+        settings = dict(image_size=image_size, opset=opset, fold=fold, dynamic=dynamic)
+        return _ultralytics_export()(model, path, format, tolerance=tolerance, **settings)
+    if dynamic:
+        raise NetslimError(
+            "a free image size (--dynamic, dynamic=True) is for a YOLO written through "
+            "Ultralytics' exporter; netslim's own files have a free batch at a fixed size"
+        )
     path = Path(path)
     name = pick_format(path, format)
     spec = FORMATS[name]
@@ -511,15 +595,15 @@ def export(
             f"the network holds NaN or Inf in {len(bad)} of its tensors (e.g. {bad[0]}): its "
             f"outputs mean nothing, so it is not exported; export an earlier checkpoint"
         )
-    _check_writable(path)
+    check_writable(path)
     label = type(model).__name__
     reference = for_deployment(copy.deepcopy(model).float().cpu().eval())
     inputs = check_inputs(image_size)
-    expected, reads = _run_watched(reference, inputs, image_size)
+    expected, reads = run_watched(reference, inputs, image_size)
     reads = reads if spec.traced else []  # weights alone fix no path
     deployed = fold_bn(reference, (1, 3, image_size, image_size)) if fold else reference
     contents = _write(spec, name, deployed, image_size, opset, label, reads)
-    diff, where = _worst(spec.load(contents), inputs, expected, path, name)
+    diff, where = worst_difference(spec.load(contents), inputs, expected, path, name)
     if not diff <= tolerance:
         why = (
             f": {label}'s forward pass reads tensor values ({_shown(reads)}), and the file keeps "
@@ -544,5 +628,19 @@ def export(
             "outputs",
             stacklevel=2,
         )
-    return ExportResult(path, name, opset if name == "onnx" else None, fold, diff,
-                        image_size, CHECKED_ON, reads)  # fmt: skip
+    return ExportResult(
+        path, name, opset if name == "onnx" else None, fold, diff, image_size, CHECKED_ON, reads
+    )
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`export`: ``import netslim.export`` (or any ``from
+    netslim.export import ...``) makes ``netslim.export`` this module rather than the function
+    that ``netslim/__init__.py`` lists under that name, so ``netslim.export(model, path)``
+    works either way."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ExportResult:
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
