@@ -41,7 +41,7 @@ def test_official_training_checkpoint_loads_and_prunes(tmp_path, tiny_vgg):
 
 
 def test_official_pruned_checkpoint_loads(tmp_path, tiny_vgg):
-    pruned, _ = netslim.prune(tiny_vgg, 0.4)
+    pruned, _ = netslim.prune_model(tiny_vgg, 0.4)
     path = tmp_path / "pruned.pth.tar"
     torch.save({"cfg": pruned.cfg, "state_dict": pruned.state_dict()}, path)
     assert netslim.load(path).cfg == pruned.cfg
@@ -161,8 +161,9 @@ def test_known_unpruned_accuracy_is_reused_not_remeasured(trained, tiny_data, mo
     monkeypatch.setattr(
         netslim.slim, "evaluate", lambda m, *a, **k: calls.append(m) or real(m, *a, **k)
     )
-    _, reused = prune_model(model, 0.3, data=tiny_data, recalibrate=2, batch_size=64,
-                            acc_unpruned=measured.acc_unpruned)  # fmt: skip
+    _, reused = prune_model(
+        model, 0.3, data=tiny_data, recalibrate=2, batch_size=64, acc_unpruned=measured.acc_unpruned
+    )
     assert model not in calls and len(calls) == 3  # masked, compensated, recalibrated
     assert reused.to_dict() == measured.to_dict()
 
@@ -176,3 +177,40 @@ def test_without_compensation_the_report_still_measures_the_compensated_network(
     assert official.saved != folded.saved
     for key in ("acc_masked", "acc_compensated", "acc_recalibrated"):
         assert getattr(official, key) == getattr(folded, key), key
+
+
+def test_measure_is_the_one_way_to_measure_and_data_is_its_classifier_form(trained, tiny_data):
+    """prune_model(measure=, calibration=) with test accuracy as the measure gives what
+    prune_model(data=) reports, for the same four networks; the callback sees each once."""
+    from netslim.engine.surgery import channel_counts
+    from netslim.slim import recalibration_batches
+
+    _, model = trained
+    via_data, report = prune_model(model, 0.3, data=tiny_data, recalibrate=4, batch_size=64)
+    seen = []
+
+    def accuracy(network):
+        seen.append(channel_counts(network))
+        return {"accuracy": netslim.evaluate(network, tiny_data)[1]}
+
+    via_measure, generic = prune_model(
+        model,
+        0.3,
+        measure=accuracy,
+        recalibrate=4,
+        calibration=recalibration_batches(tiny_data, 4, 64),
+    )
+    assert generic.measured == report.measured
+    assert list(report.measured) == ["unpruned", "official", "compensated", "recalibrated"]
+    assert [report.measured[w]["accuracy"] for w in report.measured] == [
+        report.acc_unpruned,
+        report.acc_masked,
+        report.acc_compensated,
+        report.acc_recalibrated,
+    ]
+    assert generic.recalibration_images == report.recalibration_images == 4 * 64
+    assert seen[0] == channel_counts(model) and all(s == channel_counts(via_data) for s in seen[1:])
+    for a, b in zip(via_data.state_dict().values(), via_measure.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(NetslimError, match="not both"):
+        prune_model(model, 0.3, data=tiny_data, measure=accuracy)

@@ -22,13 +22,36 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_train_prune_finetune_info(tmp_path, capsys):
     run_dir, pruned, tuned = tmp_path / "sparse", tmp_path / "pruned.pth", tmp_path / "tuned"
-    code, out, _ = run(capsys, "train", "--arch", "vgg11-small", *SMALL, "--epochs", "2",
-                       "--lam", "1e-4", "--batch-size", "128", "--out", str(run_dir))  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--arch",
+        "vgg11-small",
+        *SMALL,
+        "--epochs",
+        "2",
+        "--lam",
+        "1e-4",
+        "--batch-size",
+        "128",
+        "--out",
+        str(run_dir),
+    )
     assert code == 0, out
     assert out.count("epoch ") >= 2 and (run_dir / "best.pth").exists()
 
-    code, out, _ = run(capsys, "prune", str(run_dir / "last.pth"), "--ratio", "0.5",
-                       "--out", str(pruned), *SMALL, "--recalibrate", "4")  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "prune",
+        str(run_dir / "last.pth"),
+        "--ratio",
+        "0.5",
+        "--out",
+        str(pruned),
+        *SMALL,
+        "--recalibrate",
+        "4",
+    )
     assert code == 0, out
     for words in ("official masking", "bias compensation", "BN recalibrated", "params", "MACs"):
         assert words in out
@@ -43,8 +66,18 @@ def test_train_prune_finetune_info(tmp_path, capsys):
         report["acc_recalibrated"]
     )
 
-    code, out, _ = run(capsys, "finetune", str(pruned), *SMALL, "--epochs", "1",
-                       "--batch-size", "128", "--out", str(tuned))  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "finetune",
+        str(pruned),
+        *SMALL,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--out",
+        str(tuned),
+    )
     assert code == 0, out
     assert netslim.load(tuned / "last.pth").cfg == model.cfg
 
@@ -70,14 +103,34 @@ def test_prune_without_data_is_pure_surgery(tmp_path, capsys):
     [
         (["prune", "{ckpt}", "--ratio", "1.0", "--out", "{tmp}/p.pth"], "ratio must be in [0, 1)"),
         (["prune", "{ckpt}", "--ratio", "-0.5", "--out", "{tmp}/p.pth"], "ratio must be in [0, 1)"),
-        (["prune", "{tmp}/missing.pth", "--ratio", "0.5", "--out", "{tmp}/p.pth"], "does not exist"),
-        (["prune", "{junk}", "--ratio", "0.5", "--out", "{tmp}/p.pth"], "not a checkpoint written by torch.save"),
+        (
+            ["prune", "{tmp}/missing.pth", "--ratio", "0.5", "--out", "{tmp}/p.pth"],
+            "does not exist",
+        ),
+        (
+            ["prune", "{junk}", "--ratio", "0.5", "--out", "{tmp}/p.pth"],
+            "not a checkpoint written by torch.save",
+        ),
         (["info", "{junk}"], "not a checkpoint written by torch.save"),
-        (["train", "--lam", "-1", "--dataset", "synthetic", "--out", "{tmp}/r"], "--lam must be >= 0"),
-        (["train", "--dataset", "cifar10", "--data-root", "{tmp}/nodata", "--no-download",
-          "--out", "{tmp}/r"], "cifar-10-batches-py"),
+        (
+            ["train", "--lam", "-1", "--dataset", "synthetic", "--out", "{tmp}/r"],
+            "--lam must be >= 0",
+        ),
+        (
+            [
+                "train",
+                "--dataset",
+                "cifar10",
+                "--data-root",
+                "{tmp}/nodata",
+                "--no-download",
+                "--out",
+                "{tmp}/r",
+            ],
+            "cifar-10-batches-py",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_gives_one_clear_line(tmp_path, capsys, argv, message):
     ckpt, junk = tmp_path / "m.pth", tmp_path / "junk.pth"
     torch.save({"state_dict": netslim.build_model("vgg11-small").state_dict()}, ckpt)
@@ -117,17 +170,39 @@ def test_resnet_train_prune_to_target_macs_finetune_info(tmp_path, capsys):
         "cpu",
     ]
     run_dir, pruned, tuned = tmp_path / "sparse", tmp_path / "pruned.pth", tmp_path / "tuned"
-    code, out, err = run(capsys, "train", "--arch", "resnet56", *tiny, "--epochs", "1",
-                         "--lam", "1e-4", "--out", str(run_dir))  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "train",
+        "--arch",
+        "resnet56",
+        *tiny,
+        "--epochs",
+        "1",
+        "--lam",
+        "1e-4",
+        "--out",
+        str(run_dir),
+    )
     assert code == 0, err
-    code, out, err = run(capsys, "prune", str(run_dir / "last.pth"), "--target-macs", "0.5",
-                         "--out", str(pruned), *tiny, "--recalibrate", "2")  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "prune",
+        str(run_dir / "last.pth"),
+        "--target-macs",
+        "0.5",
+        "--out",
+        str(pruned),
+        *tiny,
+        "--recalibrate",
+        "2",
+    )
     assert code == 0, err
     assert "residual path kept at full width" in out
     model, unpruned = netslim.load(pruned), netslim.load(run_dir / "last.pth")
     assert 0.47 <= netslim.count_macs(model) / netslim.count_macs(unpruned) <= 0.5
-    code, out, err = run(capsys, "finetune", str(pruned), *tiny, "--epochs", "1",
-                         "--out", str(tuned))  # fmt: skip
+    code, out, err = run(
+        capsys, "finetune", str(pruned), *tiny, "--epochs", "1", "--out", str(tuned)
+    )
     assert code == 0, err
     tuned_model = netslim.load(tuned / "last.pth")
     assert netslim.count_params(tuned_model) == netslim.count_params(model)
@@ -149,9 +224,30 @@ def test_prune_needs_exactly_one_of_ratio_and_target_macs(tmp_path, capsys):
 
 def test_multipass_caps_each_layer_and_shrinks_every_pass(tmp_path, capsys):
     out_dir = tmp_path / "mp"
-    argv = ["multipass", "--arch", "vgg11-small", *SMALL, "--passes", "2", "--ratio", "0.6",
-            "--layer-cap", "0.3", "--epochs", "1", "--finetune-epochs", "1", "--lam", "1e-3",
-            "--batch-size", "128", "--recalibrate", "2", "--out", str(out_dir)]  # fmt: skip
+    argv = [
+        "multipass",
+        "--arch",
+        "vgg11-small",
+        *SMALL,
+        "--passes",
+        "2",
+        "--ratio",
+        "0.6",
+        "--layer-cap",
+        "0.3",
+        "--epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--lam",
+        "1e-3",
+        "--batch-size",
+        "128",
+        "--recalibrate",
+        "2",
+        "--out",
+        str(out_dir),
+    ]
     code, out, err = run(capsys, *argv)
     assert code == 0, err
     summary = json.loads((out_dir / "summary.json").read_text())
@@ -168,3 +264,29 @@ def test_multipass_caps_each_layer_and_shrinks_every_pass(tmp_path, capsys):
     code, out, err = run(capsys, *argv)
     assert code == 0 and "done already" in out
     assert (out_dir / "finetune" / "last.pth").stat().st_mtime_ns == before
+
+
+def test_the_ctrl_c_hint_names_only_flags_the_command_has():
+    """Every command's interrupted hint names --resume exactly where the command has it."""
+    import argparse
+
+    from netslim.cli.commands import interrupted_text
+    from netslim.cli.parser import build_parser
+
+    def subcommands(parser: argparse.ArgumentParser, prefix: str = ""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    nested = list(subcommands(sub, f"{prefix}{name} "))
+                    yield from nested or [(f"{prefix}{name}", sub)]
+
+    seen = 0
+    for command, sub in subcommands(build_parser()):
+        has_resume = any("--resume" in a.option_strings for a in sub._actions)
+        first, _, second = command.partition(" ")
+        args = argparse.Namespace(command=first, yolo_command=second or None, out="OUT")
+        text = interrupted_text(args)
+        assert ("--resume" in text) == has_resume, (command, text)
+        assert text.startswith("netslim: interrupted")
+        seen += 1
+    assert seen >= 15  # every command and YOLO step was looked at

@@ -98,11 +98,25 @@ def test_channels_joined_by_an_addition_are_never_split(pruned_case):
     if arch == "resnet56":  # the stream of each stage: stem/projection BN and every bn2
         stages = [["bn1"] + [n for n in names if n.startswith("layers.0.") and n.endswith("bn2")]]
         for s in (1, 2):
-            stages.append([n for n in names if n.startswith(f"layers.{s}.")
-                           and (n.endswith("bn2") or n.endswith("shortcut.1"))])  # fmt: skip
+            stages.append(
+                [
+                    n
+                    for n in names
+                    if n.startswith(f"layers.{s}.")
+                    and (n.endswith("bn2") or n.endswith("shortcut.1"))
+                ]
+            )
     elif arch == "resnet164":  # pre-activation: the stream is read by each bn1 and the last bn
-        stages = [[n for n in names if n.startswith(f"layers.{s}.") and n.endswith("bn1")
-                   and not n.startswith(f"layers.{s}.0.")] for s in range(3)]  # fmt: skip
+        stages = [
+            [
+                n
+                for n in names
+                if n.startswith(f"layers.{s}.")
+                and n.endswith("bn1")
+                and not n.startswith(f"layers.{s}.0.")
+            ]
+            for s in range(3)
+        ]
         stages[2].append("bn")
     elif arch == "mobilenetv2":  # projection BNs of the blocks joined by residuals (stage 32)
         stages = [[f"features.{i}.block.7" for i in (6, 7, 8)]]
@@ -301,7 +315,8 @@ def test_grouped_conv_loses_whole_convolution_groups():
     assert g.kind == "grouped" and len(torch.unique(g.inputs)) == 2  # one unit per conv group
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruned, plan = netslim.prune(model, 0.3, compensate=False)
+        plan = netslim.plan_pruning(model, 0.3)
+        pruned = netslim.apply_plan(model, plan, compensate=False)
     assert (pruned.g.groups, pruned.g.in_channels, pruned.a.out_channels) == (1, 4, 4)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(pruned.eval()(x), masked_copy(model, plan.masks)(x))
@@ -324,7 +339,8 @@ def test_a_tensor_concatenated_with_itself_keeps_both_copies_in_step():
     model = randomize_bn(CatTwice())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruned, plan = netslim.prune(model, 0.5, compensate=False)
+        plan = netslim.plan_pruning(model, 0.5)
+        pruned = netslim.apply_plan(model, plan, compensate=False)
     kept = pruned.a.out_channels
     assert 0 < kept < 6 and pruned.b.in_channels == 2 * kept
     x = torch.randn(2, 3, 16, 16)

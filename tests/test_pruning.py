@@ -13,9 +13,15 @@ from torch import nn
 from netslim.engine.plan import PrunePlan, global_threshold, masked_copy, plan_pruning
 from netslim.engine.sparsity import batchnorms
 from netslim.engine.stats import count_macs, count_params
-from netslim.engine.surgery import apply_plan, prune
+from netslim.engine.surgery import apply_plan
 from netslim.errors import NetslimError
 from netslim.models import VGG, build_model
+
+
+def prune(model, ratio, *, compensate=True):
+    """Plan and surgery, unchecked: the engine's two steps (netslim.prune_model adds the rest)."""
+    plan = plan_pruning(model, ratio)
+    return apply_plan(model, plan, compensate=compensate), plan
 
 
 def official_masks(model: nn.Module, percent: float) -> list[torch.Tensor]:

@@ -24,18 +24,36 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _WHERE = {
-    "load": "checkpoint", "read_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
-    "load_dataset": "data", "NetslimError": "errors", "LabConfig": "config",
-    "TrainConfig": "config", "run_lab": "lab.experiment", "ARCHS": "config", "VGG": "models",
-    "build_model": "models", "global_threshold": "engine.plan", "plan_for_macs": "engine.plan",
-    "plan_pruning": "engine.plan", "recalibrate_bn": "engine.recalibrate", "PruneReport": "slim",
-    "prune_model": "slim", "save": "slim", "add_bn_l1_grad": "engine.sparsity",
-    "bn_gammas": "engine.sparsity", "bn_sparsity": "engine.sparsity",
-    "gamma_quantiles": "engine.sparsity", "count_macs": "engine.stats",
-    "count_params": "engine.stats", "apply_plan": "engine.surgery", "prune": "engine.surgery",
-    "evaluate": "train.evaluate", "fit": "train.loop", "export": "export",
+    "load": "checkpoint",
+    "read_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "load_dataset": "data",
+    "NetslimError": "errors",
+    "LabConfig": "config",
+    "TrainConfig": "config",
+    "run_lab": "lab.experiment",
+    "ARCHS": "config",
+    "VGG": "models",
+    "build_model": "models",
+    "global_threshold": "engine.plan",
+    "plan_for_macs": "engine.plan",
+    "plan_pruning": "engine.plan",
+    "recalibrate_bn": "engine.recalibrate",
+    "PruneReport": "slim",
+    "prune_model": "slim",
+    "save": "slim",
+    "add_bn_l1_grad": "engine.sparsity",
+    "bn_gammas": "engine.sparsity",
+    "bn_sparsity": "engine.sparsity",
+    "gamma_quantiles": "engine.sparsity",
+    "count_macs": "engine.stats",
+    "count_params": "engine.stats",
+    "apply_plan": "engine.surgery",
+    "evaluate": "train.evaluate",
+    "fit": "train.loop",
+    "export": "export",
     "fold_bn": "engine.fold",
-}  # fmt: skip
+}
 
 __all__ = sorted(_WHERE)
 

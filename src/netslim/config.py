@@ -18,8 +18,19 @@ from netslim.errors import NetslimError
 from netslim.limits import check_image_size
 
 # The networks netslim.models builds (a test checks that the two lists agree).
-ARCHS: tuple[str, ...] = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11-small", "vgg5-small",
-                          "resnet56", "resnet164", "densenet40", "resnet18", "mobilenetv2")  # fmt: skip
+ARCHS: tuple[str, ...] = (
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "vgg19",
+    "vgg11-small",
+    "vgg5-small",
+    "resnet56",
+    "resnet164",
+    "densenet40",
+    "resnet18",
+    "mobilenetv2",
+)
 DATASETS: tuple[str, ...] = ("synthetic", "cifar10", "cifar100", "imagefolder")
 RESIZE_POLICIES: tuple[str, ...] = ("crop", "stretch")  # see netslim.data.imagefolder
 LOADERS: tuple[str, ...] = ("auto", "memory", "stream")  # see netslim.data.imagefolder
@@ -242,12 +253,23 @@ class LabConfig:
         early = self.prune_when_stable if pruned else None
         target = self.target_ratio if pruned else None
         return TrainConfig(
-            arch=self.arch, dataset=self.dataset, data_root=self.data_root, lam=lam,
-            seed=self.seed, precision=self.precision, device=self.device,
-            train_size=self.train_size, test_size=self.test_size, recipe=self.recipe, **recipe,
-            prune_when_stable=early, stable_tol=self.stable_tol, stable_epochs=self.stable_epochs,
-            lam_auto=target is not None, target_ratio=target,
-        )  # fmt: skip
+            arch=self.arch,
+            dataset=self.dataset,
+            data_root=self.data_root,
+            lam=lam,
+            seed=self.seed,
+            precision=self.precision,
+            device=self.device,
+            train_size=self.train_size,
+            test_size=self.test_size,
+            recipe=self.recipe,
+            **recipe,
+            prune_when_stable=early,
+            stable_tol=self.stable_tol,
+            stable_epochs=self.stable_epochs,
+            lam_auto=target is not None,
+            target_ratio=target,
+        )
 
     def finetune_config(self) -> TrainConfig:
         """The recipe of fine-tuning: the training recipe without the L1 term."""
@@ -259,8 +281,16 @@ class LabConfig:
 
     def command(self, out: str | Path) -> str:
         """The ``netslim lab`` command line that reproduces this lab, every setting explicit."""
-        args = ["netslim", "lab", "--arch", self.arch, "--dataset", self.dataset,
-                "--data-root", self.data_root]  # fmt: skip
+        args = [
+            "netslim",
+            "lab",
+            "--arch",
+            self.arch,
+            "--dataset",
+            self.dataset,
+            "--data-root",
+            self.data_root,
+        ]
         if self.train_size is not None:
             args += ["--train-size", str(self.train_size)]
         if self.test_size is not None:
@@ -272,8 +302,14 @@ class LabConfig:
         args += ["--recalibrate", str(self.recalibrate), "--precision", self.precision]
         args += ["--device", self.device, "--seed", str(self.seed), "--recipe", self.recipe]
         if self.prune_when_stable is not None:
-            args += ["--prune-when-stable", repr(self.prune_when_stable),
-                     "--stable-tol", repr(self.stable_tol), "--stable-epochs", str(self.stable_epochs)]  # fmt: skip
+            args += [
+                "--prune-when-stable",
+                repr(self.prune_when_stable),
+                "--stable-tol",
+                repr(self.stable_tol),
+                "--stable-epochs",
+                str(self.stable_epochs),
+            ]
         if self.target_ratio is not None:
             args += ["--target-ratio", repr(self.target_ratio)]
         args += ["--out", str(out)]
@@ -296,9 +332,15 @@ class LabConfig:
 # recover (at 4e-3 the model is 6 points more accurate but 69% sparse: pruned at 0.9 it
 # starts from 14% and fine-tunes to 83% only).
 DEMO = LabConfig(
-    arch="vgg5-small", dataset="synthetic", train_size=10000, test_size=2000,
-    epochs=5, finetune_epochs=3, lams=[0.0, 1e-3, 8e-3], prune_lam=8e-3,
-)  # fmt: skip
+    arch="vgg5-small",
+    dataset="synthetic",
+    train_size=10000,
+    test_size=2000,
+    epochs=5,
+    finetune_epochs=3,
+    lams=[0.0, 1e-3, 8e-3],
+    prune_lam=8e-3,
+)
 
 
 def _check_unique(flag: str, names: list[str]) -> None:
@@ -333,8 +375,8 @@ class YoloLab:
     sweep: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9])
     epochs: int = 100
     finetune_epochs: int = 50
-    imgsz: int = 640
-    batch: int = 16
+    image_size: int = 640  # Ultralytics' imgsz; named as LabConfig and the flags name it
+    batch_size: int = 16  # Ultralytics' batch
     recalibrate: int = 16
     device: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # Ultralytics' key=value, passed on

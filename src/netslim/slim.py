@@ -15,8 +15,10 @@ VGG, the official ``'cfg'`` that the paper's code reads).
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +46,7 @@ from netslim.engine.plan import (
     plan_pruning,
 )
 from netslim.engine.recalibrate import recalibrate_bn
+from netslim.engine.rules import Rules
 from netslim.engine.stats import count_macs, count_params, nonfinite_tensors
 from netslim.engine.surgery import apply_plan, channel_counts
 from netslim.engine.trace import trace_channels
@@ -53,10 +56,17 @@ from netslim.limits import check_image_size, check_memory
 from netslim.models import VGG, CfgItem, num_outputs
 from netslim.train.evaluate import check_classes, evaluate
 
+#: How a network is measured right after pruning: ``measure(network) -> {metric: value}``
+#: (test accuracy for a classifier, Ultralytics' validator's mAPs for a YOLO).
+Measure = Callable[[nn.Module], dict[str, float]]
+
+#: The networks measured, in order (``PruneReport.measured``'s keys).
+MEASURED_WAYS = ("unpruned", "official", "compensated", "recalibrated")
+
 
 @dataclass
 class PruneReport:
-    """What pruning did, and (given data) the test accuracy (%) at each step."""
+    """What pruning did, and (given data or ``measure``) each network's metrics."""
 
     ratio: float
     threshold: float
@@ -96,6 +106,9 @@ class PruneReport:
     checked_on: str | None = None
     check_difference: float | None = None
     input_size: tuple[int, ...] = (1, 3, 32, 32)
+    # what ``measure`` gave for each network: {"unpruned" | "official" | "compensated" |
+    # "recalibrated": {metric: value}}; a classifier's "accuracy" is also in the acc_* fields
+    measured: dict[str, dict[str, float]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +172,11 @@ class PruneReport:
                     f"  pruned, BN recalibrated ({self.recalibration_images} images) "
                     f"{self.acc_recalibrated:6.2f}%"
                 )
+        elif self.measured:
+            lines += [
+                f"{way:>12}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
+                for way, values in self.measured.items()
+            ]
         if self.checked_on:
             lines.append(
                 f"checked after surgery on {self.checked_on}: equal to the official masked "
@@ -200,8 +218,11 @@ def check_input_size(input_size: tuple[int, ...]) -> tuple[int, ...]:
     _, channels, height, width = size
     check_image_size(height, "input_size's height")
     check_image_size(width, "input_size's width")
-    check_memory(4 * channels * height * width, f"an input of {channels}x{height}x{width}",
-                 "pass a smaller input_size")  # fmt: skip
+    check_memory(
+        4 * channels * height * width,
+        f"an input of {channels}x{height}x{width}",
+        "pass a smaller input_size",
+    )
     return size
 
 
@@ -214,17 +235,25 @@ def prune_model(
     min_keep: float = 0.01,
     round_to: int = 1,
     data: ImageData | None = None,
+    measure: Measure | None = None,
+    calibration: Iterable[torch.Tensor] | None = None,
     recalibrate: int = 16,
     batch_size: int = 128,
     eval_dtype: torch.dtype | None = None,
     acc_unpruned: float | None = None,
+    unpruned: dict[str, float] | None = None,
     input_size: tuple[int, ...] = (3, 32, 32),
     ignore: Ignore | None = None,
     importance: Importance | None = None,
     max_seconds: float | None = None,
+    rules: Rules | None = None,
 ) -> tuple[nn.Module, PruneReport]:
-    """Prune ``model`` at ``ratio`` (or to ``target_macs``) and report; with ``data``, also
-    measure and recalibrate.
+    """Prune ``model`` at ``ratio`` (or to ``target_macs``) and report; with ``data`` (or
+    ``measure``), also measure and recalibrate.
+
+    The one way netslim prunes: ``netslim prune``, the lab and ``netslim yolo prune`` all
+    call it, so that the network is traced, planned, cut and checked once, and each flow
+    brings only how it measures a network and where recalibration images come from.
 
     Args:
         model: the sparsity-trained network (left unchanged).
@@ -234,13 +263,20 @@ def prune_model(
         min_keep: per-group floor, as a share of each group's channels.
         round_to: every prunable group keeps a multiple of this many channels (rounded up
             with its next-best channels; with ``target_macs``, the target is met rounded).
-        data: when given, test accuracy is measured unpruned, pruned the official way,
-            with compensation and after BN recalibration.
+        data: a classifier's data: ``measure`` becomes its test accuracy (%, metric
+            ``"accuracy"``, also in the report's ``acc_*`` fields) and ``calibration`` its
+            augmented training images (:func:`recalibration_batches`).
+        measure: instead of ``data``, ``measure(network) -> {metric: value}``, called on
+            the unpruned network, the official pruned one, the compensated one and the
+            recalibrated one (``report.measured``); it must not change the network.
+        calibration: with ``measure``, batches of input images (on the network's device)
+            for BN recalibration; the first ``recalibrate`` are used.
         recalibrate: batches of training images for BN recalibration (0: none).
-        batch_size: images per recalibration batch.
+        batch_size: images per recalibration batch (with ``data``).
         eval_dtype: autocast dtype for the accuracy measurements (None: fp32).
-        acc_unpruned: the unpruned model's test accuracy, when already measured (e.g. by
-            an earlier call of a sweep over ratios); measured here when None.
+        acc_unpruned: with ``data``, the unpruned model's test accuracy, when already
+            measured (e.g. by an earlier call of a sweep over ratios).
+        unpruned: with ``measure``, what it gave for the unpruned network, when known.
         input_size: the shape of one input, ``(C, H, W)`` or ``(1, C, H, W)``: the network
             is traced, its MACs counted and the compensation measured at this size.
         ignore: layers to leave unpruned: module names, modules or module classes (a
@@ -253,6 +289,9 @@ def prune_model(
             pruning is refused when that exceeds ``max_seconds``, or when its peak memory
             exceeds half of the RAM. None: the environment variable
             ``NETSLIM_MAX_PRUNE_SECONDS``, else 300 s; ``math.inf`` lifts the bound.
+        rules: what the engine knows of the network's layers (:class:`netslim.engine.Rules`:
+            your own activations, opaque layers, prunable layers of your own); None: the
+            default rules, with every adapter.
 
     Returns:
         The pruned network and its :class:`PruneReport` (whose ``saved`` names which
@@ -267,6 +306,8 @@ def prune_model(
     """
     if (ratio is None) == (target_macs is None):
         raise NetslimError("give exactly one of a prune ratio and a MACs target (--target-macs)")
+    if data is not None and measure is not None:
+        raise NetslimError("give data (a classifier's test accuracy) or measure=, not both")
     input_size = check_input_size(input_size)
     check_nesting(model)  # before anything walks the modules recursively
     check_not_compiled(model)
@@ -290,13 +331,39 @@ def prune_model(
         )
     if data is not None:
         check_classes(model, data)
-    check_prune_cost(model, input_size, max_seconds)
+    check_prune_cost(model, input_size, max_seconds, rules=rules)
     was_training = model.training
     try:
-        graph = ignore_layers(model, trace_channels(model, input_size), ignore)
-        return _prune_model(model, graph, ratio, target_macs, compensate, min_keep, round_to,
-                            importance, data, recalibrate, batch_size, eval_dtype, acc_unpruned,
-                            input_size)  # fmt: skip
+        graph = ignore_layers(model, trace_channels(model, input_size, rules=rules), ignore)
+        pruned, plan, official, report = _prune_model(
+            model,
+            graph,
+            ratio,
+            target_macs,
+            compensate,
+            min_keep,
+            round_to,
+            importance,
+            input_size,
+        )
+        if data is not None:
+            return _measure_classifier(
+                model,
+                pruned,
+                plan,
+                official,
+                report,
+                data,
+                recalibrate,
+                batch_size,
+                eval_dtype,
+                acc_unpruned,
+            )
+        if measure is not None:
+            return _measure(
+                model, pruned, plan, official, report, measure, calibration, recalibrate, unpruned
+            )
+        return pruned, report
     except RecursionError:  # deeper than check_nesting's count (a forward of many frames)
         raise recursion_error(model) from None
     finally:
@@ -312,26 +379,35 @@ def _prune_model(
     min_keep: float,
     round_to: int,
     importance: Importance | None,
-    data: ImageData | None,
-    recalibrate: int,
-    batch_size: int,
-    eval_dtype: torch.dtype | None,
-    acc_unpruned: float | None,
     input_size: tuple[int, ...],
-) -> tuple[nn.Module, PruneReport]:
+) -> tuple[nn.Module, PrunePlan, nn.Module, PruneReport]:
+    """Plan, surgery and its check: ``(network returned, plan, official network, report)``."""
     model.eval()
 
     def plan_on(graph: ChannelGraph, like: PrunePlan | None = None) -> PrunePlan:
         """The plan on ``graph``; with ``like``, at its ratio and threshold."""
         if like is not None:
-            return plan_pruning(model, like.ratio, min_keep, graph=graph,
-                                threshold=like.threshold, round_to=round_to,
-                                importance=importance)  # fmt: skip
+            return plan_pruning(
+                model,
+                like.ratio,
+                min_keep,
+                graph=graph,
+                threshold=like.threshold,
+                round_to=round_to,
+                importance=importance,
+            )
         if target_macs is not None:
-            return plan_for_macs(model, target_macs, min_keep, graph=graph, round_to=round_to,
-                                 importance=importance)  # fmt: skip
-        return plan_pruning(model, check_ratio(ratio), min_keep, graph=graph, round_to=round_to,
-                            importance=importance)  # fmt: skip
+            return plan_for_macs(
+                model, target_macs, min_keep, graph=graph, round_to=round_to, importance=importance
+            )
+        return plan_pruning(
+            model,
+            check_ratio(ratio),
+            min_keep,
+            graph=graph,
+            round_to=round_to,
+            importance=importance,
+        )
 
     plan = plan_on(graph)
     pruned, plan, official, verdict = _checked_surgery(model, plan, compensate, plan_on)
@@ -341,12 +417,24 @@ def _prune_model(
     with warnings.catch_warnings():  # the floor was already reported once
         warnings.simplefilter("ignore")
         if kept_graph is not None:
-            residual_kept = plan_pruning(model, plan.ratio, min_keep, graph=kept_graph,
-                                         threshold=plan.threshold, round_to=round_to,
-                                         importance=importance).macs  # fmt: skip
+            residual_kept = plan_pruning(
+                model,
+                plan.ratio,
+                min_keep,
+                graph=kept_graph,
+                threshold=plan.threshold,
+                round_to=round_to,
+                importance=importance,
+            ).macs
         if round_to > 1:
-            unrounded = plan_pruning(model, plan.ratio, min_keep, graph=graph,
-                                     threshold=plan.threshold, importance=importance)  # fmt: skip
+            unrounded = plan_pruning(
+                model,
+                plan.ratio,
+                min_keep,
+                graph=graph,
+                threshold=plan.threshold,
+                importance=importance,
+            )
     report = PruneReport(
         ratio=plan.ratio,
         threshold=plan.threshold,
@@ -358,8 +446,8 @@ def _prune_model(
         saved="bias compensation" if compensate else "official masking",
         params_before=count_params(model),
         params_after=count_params(pruned),
-        macs_before=count_macs(model, input_size),
-        macs_after=count_macs(pruned, input_size),
+        macs_before=count_macs(model, input_size, rules=graph.rules),
+        macs_after=count_macs(pruned, input_size, rules=graph.rules),
         macs_residual_kept=residual_kept,
         target_macs=target_macs,
         fixed=list(plan.fixed_reasons),
@@ -372,31 +460,86 @@ def _prune_model(
         kept_unrounded=[kept for kept, _ in unrounded.kept.values()] if unrounded else None,
         macs_unrounded=unrounded.macs if unrounded else None,
     )
-    if data is None:
-        return pruned, report
+    return pruned, plan, official, report
 
-    device = data.device
-    if next(model.parameters()).device != device:  # measured on a copy: the caller's stays put
-        model = copy.deepcopy(model).to(device)
-    pruned = pruned.to(device)
+
+def _measure(
+    model: nn.Module,
+    pruned: nn.Module,
+    plan: PrunePlan,
+    official: nn.Module,
+    report: PruneReport,
+    measure: Measure,
+    calibration: Iterable[torch.Tensor] | None,
+    recalibrate: int,
+    unpruned: dict[str, float] | None,
+) -> tuple[nn.Module, PruneReport]:
+    """Each network measured (``report.measured``); the compensated one recalibrated on
+    ``calibration`` and returned when ``report.compensated``."""
+    compensate = report.compensated
     # the network not returned, measured too: the official one, or the compensated one
-    other = official.to(device) if compensate else apply_plan(model, plan, True).eval()
+    other = official if compensate else apply_plan(model, plan, True).eval()
     masked, compensated = (other, pruned) if compensate else (pruned, other)
-    if acc_unpruned is None:
-        acc_unpruned = evaluate(model, data, dtype=eval_dtype)[1]
-    report.acc_unpruned = acc_unpruned
-    report.acc_masked = evaluate(masked, data, dtype=eval_dtype)[1]
-    report.acc_compensated = evaluate(compensated, data, dtype=eval_dtype)[1]
-    if recalibrate > 0:
+    measured = report.measured
+    measured["unpruned"] = dict(unpruned) if unpruned is not None else measure(model)
+    measured["official"] = measure(masked)
+    measured["compensated"] = measure(compensated)
+    if recalibrate > 0 and calibration is not None:
         # BN recalibration starts from the compensated network; the official one is
         # returned untouched, so --no-compensate always saves exactly the official network.
-        recalibrated = copy.deepcopy(compensated)
-        used = recalibrate_bn(recalibrated, recalibration_batches(data, recalibrate, batch_size))
-        report.recalibration_images = min(used * batch_size, len(data.train_labels))
-        report.acc_recalibrated = evaluate(recalibrated, data, dtype=eval_dtype)[1]
+        recalibrated, images = copy.deepcopy(compensated), [0]
+
+        def counted() -> Iterable[torch.Tensor]:
+            for batch in itertools.islice(calibration, recalibrate):
+                images[0] += len(batch)
+                yield batch
+
+        recalibrate_bn(recalibrated, counted())
+        report.recalibration_images = images[0]
+        measured["recalibrated"] = measure(recalibrated)
         if compensate:
             pruned, report.saved = recalibrated, "BN recalibrated"
     return pruned.eval(), report
+
+
+def _measure_classifier(
+    model: nn.Module,
+    pruned: nn.Module,
+    plan: PrunePlan,
+    official: nn.Module,
+    report: PruneReport,
+    data: ImageData,
+    recalibrate: int,
+    batch_size: int,
+    eval_dtype: torch.dtype | None,
+    acc_unpruned: float | None,
+) -> tuple[nn.Module, PruneReport]:
+    """:func:`_measure` by test accuracy on ``data``, on its device, recalibrated on its
+    augmented training images; the accuracies also go to the report's ``acc_*`` fields."""
+    device = data.device
+    if next(model.parameters()).device != device:  # measured on a copy: the caller's stays put
+        model = copy.deepcopy(model).to(device)
+
+    def accuracy(network: nn.Module) -> dict[str, float]:
+        return {"accuracy": evaluate(network, data, dtype=eval_dtype)[1]}
+
+    known = None if acc_unpruned is None else {"accuracy": acc_unpruned}
+    batches = recalibration_batches(data, recalibrate, batch_size)
+    pruned, report = _measure(
+        model,
+        pruned.to(device),
+        plan,
+        official.to(device),
+        report,
+        accuracy,
+        batches,
+        recalibrate,
+        known,
+    )
+    acc = {way: values["accuracy"] for way, values in report.measured.items()}
+    report.acc_unpruned, report.acc_masked = acc["unpruned"], acc["official"]
+    report.acc_compensated, report.acc_recalibrated = acc["compensated"], acc.get("recalibrated")
+    return pruned, report
 
 
 #: How many groups of channels the check after surgery may keep whole before giving up.
@@ -431,8 +574,10 @@ def _checked_surgery(
             warnings.simplefilter("ignore")
             group = find_culprit(model, plan, lambda g, like=plan: plan_on(g, like))
             label = plan.graph.groups[group].label
-            reason = (f"removing channels of {label} broke the pruned network "
-                      f"({verdict.failure}); kept whole, found by running it after surgery")  # fmt: skip
+            reason = (
+                f"removing channels of {label} broke the pruned network "
+                f"({verdict.failure}); kept whole, found by running it after surgery"
+            )
             plan = plan_on(keep_group(plan.graph, group, reason))
     if not compensate:
         return official, plan, official, verdict
@@ -504,4 +649,10 @@ def save(
         meta["kind"] = kind
     if arch and arch.startswith("ultralytics:") and isinstance(getattr(model, "yaml", None), dict):
         meta["yaml"] = model.yaml  # what it was built from, so that it rebuilds without the file
+        # its class names, for Ultralytics' metadata when it is exported
+        names = getattr(model, "names", None)
+        if isinstance(names, dict) and all(
+            isinstance(k, int) and isinstance(v, str) for k, v in names.items()
+        ):
+            meta["names"] = dict(names)
     save_checkpoint(pruned_checkpoint(model, report, meta), path)

@@ -38,11 +38,18 @@ def _load_data(args: argparse.Namespace) -> ImageData:
     from netslim.runtime.device import pick_device
 
     return open_dataset(
-        args.dataset, args.data_root, device=pick_device(distributed.local_device(args.device)),
-        seed=args.seed, download=args.download, train_size=args.train_size,
-        test_size=args.test_size, image_size=args.image_size, resize=args.resize,
-        loader=getattr(args, "loader", "memory"), workers=getattr(args, "workers", None),
-    )  # fmt: skip
+        args.dataset,
+        args.data_root,
+        device=pick_device(distributed.local_device(args.device)),
+        seed=args.seed,
+        download=args.download,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        image_size=args.image_size,
+        resize=args.resize,
+        loader=getattr(args, "loader", "memory"),
+        workers=getattr(args, "workers", None),
+    )
 
 
 def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
@@ -50,17 +57,28 @@ def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
     recipe = resolve(args.recipe, vars(args))
     auto = args.lam == "auto"
     return TrainConfig(
-        arch=arch, dataset=args.dataset, data_root=args.data_root,
-        lam=LAM_START if auto else args.lam, lam_auto=auto,
-        target_ratio=getattr(args, "target_ratio", None), seed=args.seed,
-        sparsity_threshold=args.sparsity_threshold, precision=args.precision,
-        device=args.device, train_size=args.train_size, test_size=args.test_size,
-        compile=args.compile, image_size=args.image_size, resize=args.resize,
-        sync_bn=args.sync_bn, recipe=args.recipe, **recipe,
+        arch=arch,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        lam=LAM_START if auto else args.lam,
+        lam_auto=auto,
+        target_ratio=getattr(args, "target_ratio", None),
+        seed=args.seed,
+        sparsity_threshold=args.sparsity_threshold,
+        precision=args.precision,
+        device=args.device,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        compile=args.compile,
+        image_size=args.image_size,
+        resize=args.resize,
+        sync_bn=args.sync_bn,
+        recipe=args.recipe,
+        **recipe,
         prune_when_stable=getattr(args, "prune_when_stable", None),
         stable_tol=getattr(args, "stable_tol", DEFAULTS.stable_tol),
         stable_epochs=getattr(args, "stable_epochs", DEFAULTS.stable_epochs),
-    )  # fmt: skip
+    )
 
 
 YOLO_STEP = {"multipass": "train", "demo": "lab"}  # the YOLO step nearest a classifier command
@@ -118,13 +136,21 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         if args.recalibrate < 0:
             raise NetslimError(f"--recalibrate must be >= 0 batches, got {args.recalibrate}")
-        train_prune_finetune(config, data, model, args.out,
-                             finetune_epochs=_or(args.finetune_epochs, config.epochs),
-                             recalibrate=args.recalibrate, meta=_meta(args.arch, model, data.image_size),
-                             resume=args.resume)  # fmt: skip
+        train_prune_finetune(
+            config,
+            data,
+            model,
+            args.out,
+            finetune_epochs=_or(args.finetune_epochs, config.epochs),
+            recalibrate=args.recalibrate,
+            meta=_meta(args.arch, model, data.image_size),
+            resume=args.resume,
+        )
         if distributed.is_main():
-            print(f"done: sparsity training in {args.out}/, the pruned network in "
-                  f"{args.out}/pruned.pth, fine-tuned in {args.out}/finetune/")  # fmt: skip
+            print(
+                f"done: sparsity training in {args.out}/, the pruned network in "
+                f"{args.out}/pruned.pth, fine-tuned in {args.out}/finetune/"
+            )
         return
     meta = _meta(args.arch, model, data.image_size, kind="train")
     fit(config, data, model, args.out, meta=meta, resume=args.resume)
@@ -188,11 +214,19 @@ def cmd_prune(args: argparse.Namespace) -> None:
         raise NetslimError("--train-size/--test-size need --dataset")
     dtype = pick_precision("auto", data.device) if data is not None else None
     size = (1, 3, args.image_size, args.image_size)
-    pruned, report = prune_model(model, ratio, target_macs=args.target_macs,
-                                 compensate=args.compensate, min_keep=args.min_keep,
-                                 round_to=args.round_to, data=data,
-                                 recalibrate=args.recalibrate, eval_dtype=dtype,
-                                 input_size=size, ignore=args.ignore)  # fmt: skip
+    pruned, report = prune_model(
+        model,
+        ratio,
+        target_macs=args.target_macs,
+        compensate=args.compensate,
+        min_keep=args.min_keep,
+        round_to=args.round_to,
+        data=data,
+        recalibrate=args.recalibrate,
+        eval_dtype=dtype,
+        input_size=size,
+        ignore=args.ignore,
+    )
     meta = _meta(arch_name(ckpt, model), model, args.image_size, source=str(args.checkpoint))
     save_checkpoint(pruned_checkpoint(pruned, report, meta), args.out)
     print(report.text())
@@ -205,17 +239,26 @@ def cmd_multipass(args: argparse.Namespace) -> None:
 
     check_run_folder(args.out)
     config, data, model = _new_run(args)
-    run_multipass(config, data, model, args.out, passes=args.passes, ratio=args.ratio,
-                  layer_cap=args.layer_cap, finetune_epochs=_or(args.finetune_epochs, config.epochs),
-                  recalibrate=args.recalibrate)  # fmt: skip
+    run_multipass(
+        config,
+        data,
+        model,
+        args.out,
+        passes=args.passes,
+        ratio=args.ratio,
+        layer_cap=args.layer_cap,
+        finetune_epochs=_or(args.finetune_epochs, config.epochs),
+        recalibrate=args.recalibrate,
+    )
     print(f"done: summary in {args.out}/summary.json")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     from netslim.checkpoint import describe
 
-    info = describe(args.checkpoint, sparsity_threshold=args.sparsity_threshold,
-                    trust=args.trust_module)  # fmt: skip
+    info = describe(
+        args.checkpoint, sparsity_threshold=args.sparsity_threshold, trust=args.trust_module
+    )
     size = info["image_size"]
     if args.json:
         print(json.dumps(info, indent=2))
@@ -241,8 +284,12 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(
             f"pruned   ratio {prune['ratio']}, {100 * prune['pruned_share']:.1f}% of channels removed"
         )
-        steps = [("unpruned", "acc_unpruned"), ("official masking", "acc_masked"),
-                 ("bias compensation", "acc_compensated"), ("BN recalibrated", "acc_recalibrated")]  # fmt: skip
+        steps = [
+            ("unpruned", "acc_unpruned"),
+            ("official masking", "acc_masked"),
+            ("bias compensation", "acc_compensated"),
+            ("BN recalibrated", "acc_recalibrated"),
+        ]
         measured = [
             f"{name} {prune[key]:.2f}%" for name, key in steps if prune.get(key) is not None
         ]
@@ -255,20 +302,52 @@ def cmd_export(args: argparse.Namespace) -> None:
     from netslim.export import DEFAULT_OPSET, export
 
     if str(args.checkpoint).endswith(".pt"):  # an Ultralytics file: its model, read safely
-        model, size = _ultralytics_model(args.checkpoint), args.image_size or 640
+        try:
+            from netslim.yolo.export import read_for_export
+        except ImportError as e:
+            raise NetslimError(
+                f"{args.checkpoint} is an Ultralytics checkpoint; reading it needs Ultralytics "
+                f"({e}): pip install 'netslim[yolo]'"
+            ) from None
+        model, size = read_for_export(args.checkpoint)  # the imgsz it records, else None: 640
+        size = args.image_size or size
     else:
         ckpt = read_checkpoint(args.checkpoint)
         model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
         size = args.image_size or image_size_of(ckpt, args.checkpoint)
-    result = export(model, args.out, args.format, fold=args.fold,
-                    opset=args.opset or DEFAULT_OPSET, image_size=size)  # fmt: skip
+    result = export(
+        model,
+        args.out,
+        args.format,
+        fold=args.fold,
+        dynamic=args.dynamic,
+        opset=args.opset or DEFAULT_OPSET,
+        image_size=size,
+    )
     opset = f", opset {result.opset}" if result.opset is not None else ""
     folded = "BatchNorm folded" if result.folded else "BatchNorm kept"
+    meta = result.metadata
+    ultralytics = (
+        f", Ultralytics' metadata: task {meta.get('task')}, {len(meta.get('names') or {})} "
+        f"classes, stride {meta.get('stride')}"
+        if meta
+        else ""
+    )
+    checked = (
+        f"checked against PyTorch on {result.checked_on}: max relative difference "
+        f"{result.max_rel_diff:.2g}"
+        if not result.checked_on.startswith("not checked")
+        else result.checked_on
+    )
     print(
         f"wrote {result.path} ({result.format}{opset}, {folded}, {result.image_size}x"
-        f"{result.image_size} images); checked against PyTorch on {result.checked_on}: max "
-        f"relative difference {result.max_rel_diff:.2g}"
+        f"{result.image_size} images{ultralytics}); {checked}"
     )
+    if meta or result.checked_on.startswith("not checked"):  # written by Ultralytics' exporter
+        print(
+            f"run it with Ultralytics: yolo predict model={result.path} imgsz={result.image_size}"
+            f" (or yolo val model={result.path} data=DATA.yaml imgsz={result.image_size})"
+        )
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -300,17 +379,28 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if len(set(stems)) == len(stems)
         else [f"{i}: {p}" for i, p in enumerate(args.checkpoints)]
     )
-    models = {label: _ultralytics_model(path) if str(path).endswith(".pt")
-              else load(path, trust=args.trust_module)
-              for label, path in zip(labels, args.checkpoints)}  # fmt: skip
-    timings = benchmark(models, batches, runtimes, repeats=args.repeats,
-                        image_size=args.image_size, device=pick_device(args.device),
-                        stat=args.stat)  # fmt: skip
+    models = {
+        label: _ultralytics_model(path)
+        if str(path).endswith(".pt")
+        else load(path, trust=args.trust_module)
+        for label, path in zip(labels, args.checkpoints)
+    }
+    timings = benchmark(
+        models,
+        batches,
+        runtimes,
+        repeats=args.repeats,
+        image_size=args.image_size,
+        device=pick_device(args.device),
+        stat=args.stat,
+    )
     if args.json:
         print(json.dumps([t.to_dict() for t in timings], indent=2))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.stat} of "
-          f"{args.repeats} interleaved rounds; fp32, BatchNorm folded")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.stat} of "
+        f"{args.repeats} interleaved rounds; fp32, BatchNorm folded"
+    )
     print(format_table(timings))
 
 
@@ -378,6 +468,7 @@ def cmd_yolo(args: argparse.Namespace) -> None:
     try:
         from netslim.yolo import files, prune, settings, train
         from netslim.yolo.data import check_data
+        from netslim.yolo.run import SPARSITY_LOG
     except ImportError as e:
         raise NetslimError(
             f"netslim yolo needs Ultralytics ({e}); install it with: pip install 'netslim[yolo]'"
@@ -397,48 +488,98 @@ def cmd_yolo(args: argparse.Namespace) -> None:
         model = args.model
         if model.endswith((".pt", ".pth")) and not args.resume:  # read without running code
             model = files.read_yolo(model, trust_pickle=args.trust_pickle)
-        out = train.train(model, args.data, args.out, lam=args.lam, epochs=args.epochs,
-                          resume=args.resume, sparsity_threshold=args.sparsity_threshold,
-                          target_ratio=args.target_ratio, prune_when_stable=args.prune_when_stable,
-                          stable_tol=args.stable_tol, stable_epochs=args.stable_epochs,
-                          **{**run, **_passed_through(args.settings, step)})  # fmt: skip
+        out = train.train(
+            model,
+            args.data,
+            args.out,
+            lam=args.lam,
+            epochs=args.epochs,
+            resume=args.resume,
+            sparsity_threshold=args.sparsity_threshold,
+            target_ratio=args.target_ratio,
+            prune_when_stable=args.prune_when_stable,
+            stable_tol=args.stable_tol,
+            stable_epochs=args.stable_epochs,
+            **{**run, **_passed_through(args.settings, step)},
+        )
         print(
-            f"done: {out}/weights/last.pt, best.pt; gamma sparsity per epoch in {out}/{train.SPARSITY_LOG}"
+            f"done: {out}/weights/last.pt, best.pt; gamma sparsity per epoch in {out}/{SPARSITY_LOG}"
         )
     elif step == "prune":
-        prune.prune(args.checkpoint, args.out, ratio=args.ratio, target_macs=args.target_macs,
-                    data=args.data, imgsz=args.image_size, batch=args.batch_size,
-                    recalibrate=args.recalibrate, compensate=args.compensate,
-                    round_to=args.round_to, min_keep=args.min_keep, device=device or "cpu",
-                    trust_pickle=args.trust_pickle, force=args.force)  # fmt: skip
+        prune.prune(
+            args.checkpoint,
+            args.out,
+            ratio=args.ratio,
+            target_macs=args.target_macs,
+            data=args.data,
+            imgsz=args.image_size,
+            batch=args.batch_size,
+            recalibrate=args.recalibrate,
+            compensate=args.compensate,
+            round_to=args.round_to,
+            min_keep=args.min_keep,
+            device=device or "cpu",
+            trust_pickle=args.trust_pickle,
+            force=args.force,
+        )
     elif step == "finetune":
-        out = train.finetune(args.checkpoint, args.data, args.out, epochs=args.epochs,
-                             resume=args.resume, trust_pickle=args.trust_pickle,
-                             **{**run, **_passed_through(args.settings, step)})  # fmt: skip
+        out = train.finetune(
+            args.checkpoint,
+            args.data,
+            args.out,
+            epochs=args.epochs,
+            resume=args.resume,
+            trust_pickle=args.trust_pickle,
+            **{**run, **_passed_through(args.settings, step)},
+        )
         print(f"done: {out}/weights/best.pt (ultralytics.YOLO loads it) and {out}/finetuned.pth")
     elif step == "lab":
         from netslim.config import YoloLab
         from netslim.yolo.lab import run_lab
 
-        lab = YoloLab(model=args.model, data=str(Path(args.data).resolve()), lams=args.lams,
-                      prune_lam=args.prune_lam, ratios=args.ratios, sweep=args.sweep,
-                      epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                      imgsz=args.image_size, batch=args.batch_size, recalibrate=args.recalibrate,
-                      device=device, settings=_passed_through(args.settings, step),
-                      command=shlex.join(["netslim", *args.argv]))  # fmt: skip
+        lab = YoloLab(
+            model=args.model,
+            data=str(Path(args.data).resolve()),
+            lams=args.lams,
+            prune_lam=args.prune_lam,
+            ratios=args.ratios,
+            sweep=args.sweep,
+            epochs=args.epochs,
+            finetune_epochs=args.finetune_epochs,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            recalibrate=args.recalibrate,
+            device=device,
+            settings=_passed_through(args.settings, step),
+            command=shlex.join(["netslim", *args.argv]),
+        )
         print(f"report: {run_lab(lab, args.out)}")
     else:  # val
         model = files.read_yolo(args.checkpoint, trust_pickle=args.trust_pickle)
         check_data(Path(args.data), train.task_of(model))
-        metrics = prune.validate(model, args.data, imgsz=args.image_size, batch=args.batch_size,
-                                 device=device or "cpu")  # fmt: skip
-        print(json.dumps(metrics, indent=2) if args.json else
-              "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))  # fmt: skip
+        metrics = prune.validate(
+            model, args.data, imgsz=args.image_size, batch=args.batch_size, device=device or "cpu"
+        )
+        print(
+            json.dumps(metrics, indent=2)
+            if args.json
+            else "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        )
 
 
-COMMANDS = {"train": cmd_train, "prune": cmd_prune, "finetune": cmd_finetune, "info": cmd_info,
-            "multipass": cmd_multipass, "export": cmd_export, "bench": cmd_bench,
-            "lab": cmd_lab, "demo": cmd_lab, "report": cmd_report, "yolo": cmd_yolo}  # fmt: skip
+COMMANDS = {
+    "train": cmd_train,
+    "prune": cmd_prune,
+    "finetune": cmd_finetune,
+    "info": cmd_info,
+    "multipass": cmd_multipass,
+    "export": cmd_export,
+    "bench": cmd_bench,
+    "lab": cmd_lab,
+    "demo": cmd_lab,
+    "report": cmd_report,
+    "yolo": cmd_yolo,
+}
 
 
 def check_torchrun_command(command: str) -> None:

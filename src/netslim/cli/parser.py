@@ -111,118 +111,266 @@ def _flag(*names: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
 FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     # what to train: the network and the data
     "arch": _flag("--arch", type=arch_type, default=DEFAULTS.arch, help=ARCH_HELP),
-    "dataset": _flag("--dataset", choices=DATASETS, default="cifar10",
-                     help="dataset (default: %(default)s); 'synthetic' is built in and needs no files"),
-    "data_root": _flag("--data-root", default=DEFAULTS.data_root,
-                       help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default: %(default)s)"),
-    "download": _flag("--no-download", dest="download", action="store_false",
-                      help="never download CIFAR; fail if it is not under --data-root"),
-    "train_size": _flag("--train-size", type=int, default=None,
-                        help="use only the first N training images"),
-    "test_size": _flag("--test-size", type=int, default=None, help="use only the first N test images"),
-    "device": _flag("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps"),
-    "seed": _flag("--seed", type=int, default=DEFAULTS.seed, help="random seed (default: %(default)s)"),
-    "image_size": _flag("--image-size", type=image_size_type, default=DEFAULTS.image_size,
-                        help="imagefolder: images are resized to this square size; the network is "
-                        "traced and measured at it (default: %(default)s)"),
-    "resize": _flag("--resize", choices=RESIZE_POLICIES, default=DEFAULTS.resize,
-                    help="imagefolder: 'crop' scales the shorter side and cuts the centre square, "
-                    "'stretch' ignores the aspect ratio (default: %(default)s)"),
-    "loader": _flag("--loader", choices=LOADERS, default="auto",
-                    help="imagefolder: 'memory' decodes all images once, 'stream' decodes each "
-                    "batch in DataLoader workers; auto: memory if it fits (default: %(default)s)"),
-    "workers": _flag("--workers", type=int, default=None,
-                     help="imagefolder: image-decoding processes (default: CPUs per process, at most 8)"),
+    "dataset": _flag(
+        "--dataset",
+        choices=DATASETS,
+        default="cifar10",
+        help="dataset (default: %(default)s); 'synthetic' is built in and needs no files",
+    ),
+    "data_root": _flag(
+        "--data-root",
+        default=DEFAULTS.data_root,
+        help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default: %(default)s)",
+    ),
+    "download": _flag(
+        "--no-download",
+        dest="download",
+        action="store_false",
+        help="never download CIFAR; fail if it is not under --data-root",
+    ),
+    "train_size": _flag(
+        "--train-size", type=int, default=None, help="use only the first N training images"
+    ),
+    "test_size": _flag(
+        "--test-size", type=int, default=None, help="use only the first N test images"
+    ),
+    "device": _flag(
+        "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps"
+    ),
+    "seed": _flag(
+        "--seed", type=int, default=DEFAULTS.seed, help="random seed (default: %(default)s)"
+    ),
+    "image_size": _flag(
+        "--image-size",
+        type=image_size_type,
+        default=DEFAULTS.image_size,
+        help="imagefolder: images are resized to this square size; the network is "
+        "traced and measured at it (default: %(default)s)",
+    ),
+    "resize": _flag(
+        "--resize",
+        choices=RESIZE_POLICIES,
+        default=DEFAULTS.resize,
+        help="imagefolder: 'crop' scales the shorter side and cuts the centre square, "
+        "'stretch' ignores the aspect ratio (default: %(default)s)",
+    ),
+    "loader": _flag(
+        "--loader",
+        choices=LOADERS,
+        default="auto",
+        help="imagefolder: 'memory' decodes all images once, 'stream' decodes each "
+        "batch in DataLoader workers; auto: memory if it fits (default: %(default)s)",
+    ),
+    "workers": _flag(
+        "--workers",
+        type=int,
+        default=None,
+        help="imagefolder: image-decoding processes (default: CPUs per process, at most 8)",
+    ),
     # the recipe: --recipe sets defaults, each flag overrides one (None: the recipe's)
-    "recipe": _flag("--recipe", choices=RECIPES, default="paper",
-                    help="default settings: 'paper' (Liu et al. 2017) or 'fast' (warm-up and linear "
-                    "decay, Nesterov, label smoothing, batch 256); any flag below overrides one "
-                    "(default: %(default)s)"),
+    "recipe": _flag(
+        "--recipe",
+        choices=RECIPES,
+        default="paper",
+        help="default settings: 'paper' (Liu et al. 2017) or 'fast' (warm-up and linear "
+        "decay, Nesterov, label smoothing, batch 256); any flag below overrides one "
+        "(default: %(default)s)",
+    ),
     "epochs": _flag("--epochs", type=int, help=recipe_default("epochs")),
     "batch_size": _flag("--batch-size", type=int, help=recipe_default("batch_size")),
     "lr": _flag("--lr", type=float, help="peak learning rate; " + recipe_default("lr")),
     "momentum": _flag("--momentum", type=float, help=recipe_default("momentum")),
     "weight_decay": _flag("--weight-decay", type=float, help=recipe_default("weight_decay")),
-    "schedule": _flag("--schedule", choices=SCHEDULES,
-                      help="'step': lr divided by 10 at 50%% and 75%% of the epochs; 'linear': "
-                      "warm-up, then linear decay to 0, every step; " + recipe_default("schedule")),
-    "warmup_epochs": _flag("--warmup-epochs", type=float,
-                           help="linear schedule: epochs of lr warm-up (at most half the epochs); "
-                           + recipe_default("warmup_epochs")),
-    "nesterov": _flag("--nesterov", action=argparse.BooleanOptionalAction,
-                      help="Nesterov momentum; " + recipe_default("nesterov")),
-    "label_smoothing": _flag("--label-smoothing", type=float, help=recipe_default("label_smoothing")),
+    "schedule": _flag(
+        "--schedule",
+        choices=SCHEDULES,
+        help="'step': lr divided by 10 at 50%% and 75%% of the epochs; 'linear': "
+        "warm-up, then linear decay to 0, every step; " + recipe_default("schedule"),
+    ),
+    "warmup_epochs": _flag(
+        "--warmup-epochs",
+        type=float,
+        help="linear schedule: epochs of lr warm-up (at most half the epochs); "
+        + recipe_default("warmup_epochs"),
+    ),
+    "nesterov": _flag(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        help="Nesterov momentum; " + recipe_default("nesterov"),
+    ),
+    "label_smoothing": _flag(
+        "--label-smoothing", type=float, help=recipe_default("label_smoothing")
+    ),
     # sparsity training
-    "lam": _flag("--lam", type=float, help="L1 weight on BN gammas, e.g. 1e-4 (default: %(default)s)"),
-    "target_ratio": _flag("--target-ratio", type=float, metavar="R",
-                          help="with --lam auto: the share of |gamma| that should end below "
-                          "--sparsity-threshold"),
-    "sparsity_threshold": _flag("--sparsity-threshold", type=threshold_type,
-                                default=DEFAULTS.sparsity_threshold,
-                                help="|gamma| below this counts as sparse in the logs (default: %(default)s)"),
+    "lam": _flag(
+        "--lam", type=float, help="L1 weight on BN gammas, e.g. 1e-4 (default: %(default)s)"
+    ),
+    "target_ratio": _flag(
+        "--target-ratio",
+        type=float,
+        metavar="R",
+        help="with --lam auto: the share of |gamma| that should end below --sparsity-threshold",
+    ),
+    "sparsity_threshold": _flag(
+        "--sparsity-threshold",
+        type=threshold_type,
+        default=DEFAULTS.sparsity_threshold,
+        help="|gamma| below this counts as sparse in the logs (default: %(default)s)",
+    ),
     "precision": _flag("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP),
-    "out": _flag("--out", required=True, help="run folder for metrics.jsonl, last.pth and best.pth"),
-    "resume": _flag("--resume", action="store_true", help="continue the run in --out from last.pth"),
-    "compile": _flag("--compile", action="store_true",
-                     help="torch.compile the model (slow to start; bench/RESULTS.md says when it pays)"),
-    "sync_bn": _flag("--sync-bn", action="store_true",
-                     help="under torchrun on GPUs: BatchNorm statistics over the global batch"),
-    "threads": _flag("--threads", type=int, default=None, metavar="N",
-                     help="CPU threads for PyTorch, fixed: a --resume then continues the run bit "
-                     "for bit (so does a set OMP_NUM_THREADS). Default: the physical cores this "
-                     "process may use, tuned to the load while training (see the README)"),
+    "out": _flag(
+        "--out", required=True, help="run folder for metrics.jsonl, last.pth and best.pth"
+    ),
+    "resume": _flag(
+        "--resume", action="store_true", help="continue the run in --out from last.pth"
+    ),
+    "compile": _flag(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (slow to start; bench/RESULTS.md says when it pays)",
+    ),
+    "sync_bn": _flag(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun on GPUs: BatchNorm statistics over the global batch",
+    ),
+    "threads": _flag(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for PyTorch, fixed: a --resume then continues the run bit "
+        "for bit (so does a set OMP_NUM_THREADS). Default: the physical cores this "
+        "process may use, tuned to the load while training (see the README)",
+    ),
     # early pruning (netslim.train.control)
-    "prune_when_stable": _flag("--prune-when-stable", type=float, metavar="R",
-                               help="each epoch, plan pruning at ratio R; once that mask changes "
-                               "by at most --stable-tol of the channels for --stable-epochs epochs "
-                               "in a row, stop sparsity training, prune at R (recalibrated) and "
-                               "fine-tune into OUT/finetune/"),
-    "stable_tol": _flag("--stable-tol", type=float, default=DEFAULTS.stable_tol,
-                        help="share of channels the mask may change by and count as settled "
-                        "(default: %(default)s)"),
-    "stable_epochs": _flag("--stable-epochs", type=int, default=DEFAULTS.stable_epochs,
-                           help="epochs in a row the mask must stay settled (default: %(default)s)"),
-    "finetune_epochs": _flag("--finetune-epochs", type=int,
-                             help="with --prune-when-stable (default: the same as --epochs)"),
-    "recalibrate": _flag("--recalibrate", type=int, default=16, metavar="N",
-                         help="BN recalibration batches of 128 training images after pruning "
-                         "(0: off; default: %(default)s)"),
+    "prune_when_stable": _flag(
+        "--prune-when-stable",
+        type=float,
+        metavar="R",
+        help="each epoch, plan pruning at ratio R; once that mask changes "
+        "by at most --stable-tol of the channels for --stable-epochs epochs "
+        "in a row, stop sparsity training, prune at R (recalibrated) and "
+        "fine-tune into OUT/finetune/",
+    ),
+    "stable_tol": _flag(
+        "--stable-tol",
+        type=float,
+        default=DEFAULTS.stable_tol,
+        help="share of channels the mask may change by and count as settled (default: %(default)s)",
+    ),
+    "stable_epochs": _flag(
+        "--stable-epochs",
+        type=int,
+        default=DEFAULTS.stable_epochs,
+        help="epochs in a row the mask must stay settled (default: %(default)s)",
+    ),
+    "finetune_epochs": _flag(
+        "--finetune-epochs",
+        type=int,
+        help="with --prune-when-stable (default: the same as --epochs)",
+    ),
+    "recalibrate": _flag(
+        "--recalibrate",
+        type=int,
+        default=16,
+        metavar="N",
+        help="BN recalibration batches of 128 training images after pruning "
+        "(0: off; default: %(default)s)",
+    ),
     # the lab
-    "lams": _flag("--lams", type=float, nargs="+", metavar="λ",
-                  help="L1 weights on BN gammas, one sparsity training each (default: %(default)s)"),
-    "prune_lam": _flag("--prune-lam", type=float, metavar="λ",
-                       help="which of --lams to prune and fine-tune (default: %(default)s)"),
-    "ratios": _flag("--ratios", type=float, nargs="+", metavar="R",
-                    help="prune ratios to prune at and fine-tune (default: %(default)s)"),
-    "sweep": _flag("--sweep", type=float, nargs="*", metavar="R",
-                   help="extra ratios, pruned but not fine-tuned, for the accuracy-vs-ratio "
-                   "figure (default: %(default)s)"),
+    "lams": _flag(
+        "--lams",
+        type=float,
+        nargs="+",
+        metavar="λ",
+        help="L1 weights on BN gammas, one sparsity training each (default: %(default)s)",
+    ),
+    "prune_lam": _flag(
+        "--prune-lam",
+        type=float,
+        metavar="λ",
+        help="which of --lams to prune and fine-tune (default: %(default)s)",
+    ),
+    "ratios": _flag(
+        "--ratios",
+        type=float,
+        nargs="+",
+        metavar="R",
+        help="prune ratios to prune at and fine-tune (default: %(default)s)",
+    ),
+    "sweep": _flag(
+        "--sweep",
+        type=float,
+        nargs="*",
+        metavar="R",
+        help="extra ratios, pruned but not fine-tuned, for the accuracy-vs-ratio "
+        "figure (default: %(default)s)",
+    ),
     # pruning
-    "ratio": _flag("--ratio", type=float, help="share of BN channels (gammas) to remove, in [0, 1)"),
-    "target_macs": _flag("--target-macs", type=float, metavar="F",
-                         help="instead of --ratio: find the threshold that leaves the share F of the MACs"),
-    "min_keep": _flag("--min-keep", type=float, default=0.01,
-                      help="per-layer floor: share of each layer's channels always kept, at least "
-                      "one (default: %(default)s)"),
-    "round_to": _flag("--round-to", type=int, default=1, metavar="N",
-                      help="keep a multiple of N channels in every layer (rounded up with the "
-                      "next-best |gamma|), the widths fast kernels like, e.g. 8 (default: %(default)s)"),
-    "ignore": _flag("--ignore", action="append", default=[], metavar="MODULE",
-                    help="leave this module unpruned (its name in the network, e.g. fc or "
-                    "layer4.1; a module's whole subtree; repeatable)"),
-    "force": _flag("--force", action="store_true",
-                   help="allow --out to be the input checkpoint itself (it is replaced)"),
-    "trust_module": _flag("--trust-module", action="append", default=[], metavar="MODULE",
-                          help="build a checkpoint saved from your own module MODULE (its --arch "
-                          "MODULE:fn), importing it; netslim imports no module a file names "
-                          "without this (repeatable)"),
+    "ratio": _flag(
+        "--ratio", type=float, help="share of BN channels (gammas) to remove, in [0, 1)"
+    ),
+    "target_macs": _flag(
+        "--target-macs",
+        type=float,
+        metavar="F",
+        help="instead of --ratio: find the threshold that leaves the share F of the MACs",
+    ),
+    "min_keep": _flag(
+        "--min-keep",
+        type=float,
+        default=0.01,
+        help="per-layer floor: share of each layer's channels always kept, at least "
+        "one (default: %(default)s)",
+    ),
+    "round_to": _flag(
+        "--round-to",
+        type=int,
+        default=1,
+        metavar="N",
+        help="keep a multiple of N channels in every layer (rounded up with the "
+        "next-best |gamma|), the widths fast kernels like, e.g. 8 (default: %(default)s)",
+    ),
+    "ignore": _flag(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="leave this module unpruned (its name in the network, e.g. fc or "
+        "layer4.1; a module's whole subtree; repeatable)",
+    ),
+    "force": _flag(
+        "--force",
+        action="store_true",
+        help="allow --out to be the input checkpoint itself (it is replaced)",
+    ),
+    "trust_module": _flag(
+        "--trust-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="build a checkpoint saved from your own module MODULE (its --arch "
+        "MODULE:fn), importing it; netslim imports no module a file names "
+        "without this (repeatable)",
+    ),
     # reading and writing
     "json": _flag("--json", action="store_true", help="print machine-readable JSON"),
-}  # fmt: skip
+}
 
 DATA = ("dataset", "data_root", "download", "train_size", "test_size", "device", "seed")
-RECIPE = ("recipe", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule",
-          "warmup_epochs", "nesterov", "label_smoothing")  # fmt: skip
+RECIPE = (
+    "recipe",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "warmup_epochs",
+    "nesterov",
+    "label_smoothing",
+)
 FROM_CHECKPOINT = "the checkpoint's, else 32"
 
 
@@ -234,22 +382,45 @@ def add(p: argparse.ArgumentParser, *keys: str, **overrides: dict[str, Any]) -> 
         p.add_argument(*names, **{**kwargs, **overrides.get(key, {})})
 
 
-def _add_training(p: argparse.ArgumentParser, lam: float, auto: bool) -> None:
+def _add_training(p: argparse.ArgumentParser, lam: float, auto: bool, resume: bool = True) -> None:
     """The flags of a training run (train, finetune, multipass)."""
     add(p, *DATA)
     if auto:
-        add(p, "lam", "target_ratio", lam=dict(
-            type=lam_type, default=lam, help="L1 weight on BN gammas, e.g. 1e-4, or 'auto': "
-            "adapted each epoch to reach --target-ratio (default: %(default)s)"))  # fmt: skip
+        add(
+            p,
+            "lam",
+            "target_ratio",
+            lam=dict(
+                type=lam_type,
+                default=lam,
+                help="L1 weight on BN gammas, e.g. 1e-4, or 'auto': "
+                "adapted each epoch to reach --target-ratio (default: %(default)s)",
+            ),
+        )
     else:
         add(p, "lam", lam=dict(default=lam))
-    add(p, *RECIPE, "sparsity_threshold", "precision", "out", "resume", "compile", "threads")
+    add(
+        p,
+        *RECIPE,
+        "sparsity_threshold",
+        "precision",
+        "out",
+        *["resume"] * resume,
+        "compile",
+        "threads",
+    )
 
 
 def _add_images(p: argparse.ArgumentParser, train: bool, checkpoint: bool) -> None:
     """Your own images: size and resizing; for training also how they are fed."""
-    size = {"default": None, "help": FLAGS["image_size"][1]["help"].replace(
-        "%(default)s", FROM_CHECKPOINT)} if checkpoint else {}  # fmt: skip
+    size = (
+        {
+            "default": None,
+            "help": FLAGS["image_size"][1]["help"].replace("%(default)s", FROM_CHECKPOINT),
+        }
+        if checkpoint
+        else {}
+    )
     add(p, "image_size", "resize", image_size=size)
     if train:
         add(p, "loader", "workers", "sync_bn")
@@ -274,57 +445,97 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"netslim {netslim.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="(sparsity) training from scratch",
-                       description="Train a network with an L1 penalty on its BatchNorm gammas.")  # fmt: skip
+    p = sub.add_parser(
+        "train",
+        help="(sparsity) training from scratch",
+        description="Train a network with an L1 penalty on its BatchNorm gammas.",
+    )
     add(p, "arch")
     _add_training(p, lam=1e-4, auto=True)
-    add(p, "prune_when_stable", "stable_tol", "stable_epochs", "finetune_epochs", "recalibrate",
-        recalibrate=dict(help="with --prune-when-stable: BN recalibration batches of 128 "
-                         "(default: %(default)s)"))  # fmt: skip
+    add(
+        p,
+        "prune_when_stable",
+        "stable_tol",
+        "stable_epochs",
+        "finetune_epochs",
+        "recalibrate",
+        recalibrate=dict(
+            help="with --prune-when-stable: BN recalibration batches of 128 (default: %(default)s)"
+        ),
+    )
     _add_images(p, train=True, checkpoint=False)
 
     p = sub.add_parser(
-        "prune", help="prune channels of a trained checkpoint",
+        "prune",
+        help="prune channels of a trained checkpoint",
         description="Remove the share RATIO of all channels with the smallest |gamma| and save "
         "the physically smaller network.",
-    )  # fmt: skip
+    )
     p.add_argument("checkpoint", help="trained checkpoint (netslim's or the paper's code's)")
     add(p.add_mutually_exclusive_group(required=True), "ratio", "target_macs")
     add(p, "out", out=dict(help="path of the pruned checkpoint to write"))
     add(p, "force")
-    p.add_argument("--no-compensate", dest="compensate", action="store_false",
-                   help="save exactly the official code's network: no bias compensation and no "
-                   "BN recalibration (with --dataset the report still measures both, on copies)")  # fmt: skip
-    add(p, "min_keep", "round_to", "ignore", *DATA, "recalibrate", dataset=dict(default=None),
-        recalibrate=dict(help="with --dataset: re-estimate BN statistics on N batches of 128 "
-                         "training images (0: off; default: %(default)s); with --no-compensate "
-                         "only measured, not saved"))  # fmt: skip
+    p.add_argument(
+        "--no-compensate",
+        dest="compensate",
+        action="store_false",
+        help="save exactly the official code's network: no bias compensation and no "
+        "BN recalibration (with --dataset the report still measures both, on copies)",
+    )
+    add(
+        p,
+        "min_keep",
+        "round_to",
+        "ignore",
+        *DATA,
+        "recalibrate",
+        dataset=dict(default=None),
+        recalibrate=dict(
+            help="with --dataset: re-estimate BN statistics on N batches of 128 "
+            "training images (0: off; default: %(default)s); with --no-compensate "
+            "only measured, not saved"
+        ),
+    )
     _add_images(p, train=False, checkpoint=True)
     add(p, "threads", "trust_module")
 
-    p = sub.add_parser("finetune", help="fine-tune a pruned checkpoint",
-                       description="Fine-tune a pruned network with the training recipe.")  # fmt: skip
-    p.add_argument("checkpoint",
-                   help="pruned checkpoint written by 'netslim prune' (or the paper's vggprune.py)")  # fmt: skip
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pruned checkpoint",
+        description="Fine-tune a pruned network with the training recipe.",
+    )
+    p.add_argument(
+        "checkpoint",
+        help="pruned checkpoint written by 'netslim prune' (or the paper's vggprune.py)",
+    )
     _add_training(p, lam=0.0, auto=False)
     _add_images(p, train=True, checkpoint=True)
     add(p, "trust_module")
 
     p = sub.add_parser(
-        "multipass", help="several rounds of sparsity training and pruning, then fine-tuning",
+        "multipass",
+        help="several rounds of sparsity training and pruning, then fine-tuning",
         description="The paper's multi-pass scheme: sparsity-train, prune --ratio with at most "
         "--layer-cap of any layer removed, repeat --passes times, then fine-tune. Run the same "
         "command again to continue an interrupted run.",
-    )  # fmt: skip
+    )
     add(p, "arch")
     p.add_argument("--passes", type=int, default=2, help="default: %(default)s")
     add(p, "ratio", ratio=dict(default=0.5, help="share removed per pass (default: %(default)s)"))
-    p.add_argument("--layer-cap", type=float, default=0.5,
-                   help="most of one layer's channels a pass may remove (default: %(default)s)")  # fmt: skip
-    add(p, "finetune_epochs", "recalibrate",
+    p.add_argument(
+        "--layer-cap",
+        type=float,
+        default=0.5,
+        help="most of one layer's channels a pass may remove (default: %(default)s)",
+    )
+    add(
+        p,
+        "finetune_epochs",
+        "recalibrate",
         finetune_epochs=dict(help="default: the same as --epochs"),
-        recalibrate=dict(help="default: %(default)s"))  # fmt: skip
-    _add_training(p, lam=1e-4, auto=True)
+        recalibrate=dict(help="default: %(default)s"),
+    )
+    _add_training(p, lam=1e-4, auto=True, resume=False)  # it continues when run again
     _add_images(p, train=True, checkpoint=False)
 
     p = sub.add_parser(
@@ -332,65 +543,117 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a checkpoint as ONNX, torch.export (.pt2) or the paper's layout, checked",
         description="Export a checkpoint (pruned or not) in eval mode (BatchNorm folded for "
         "ONNX and .pt2), run the written file against the PyTorch network on random batches, "
-        "and keep it only if they agree (relative difference <= 1e-4).",
+        "and keep it only if they agree (relative difference <= 1e-4). A YOLO (a .pt, or a "
+        "netslim .pth of one) is written by Ultralytics' own exporter, with its metadata, so "
+        "that yolo val / yolo predict and YOLO() run the file; --format then also takes "
+        "Ultralytics' formats (openvino, engine, coreml, litert, ...) where installed.",
     )
-    p.add_argument("checkpoint", help="any checkpoint netslim reads")
-    add(p, "out", out=dict(help="file to write: .onnx, .pt2 or .pth.tar"))
-    p.add_argument("--format", default=None,
-                   help="onnx, pt2, or official: the paper's {'cfg', 'state_dict'} file, which its "
-                   "main.py --refine reads (default: from the --out suffix: .onnx, .pt2, .pth.tar)")  # fmt: skip
-    p.add_argument("--no-fold", dest="fold", action="store_false",
-                   help="keep BatchNorm layers instead of folding them into the conv or linear before")  # fmt: skip
+    p.add_argument("checkpoint", help="any checkpoint netslim reads, or an Ultralytics .pt")
+    out_help = "file to write: .onnx, .pt2 or .pth.tar; a YOLO also NAME_openvino_model, ..."
+    add(p, "out", out=dict(help=out_help + " as Ultralytics names them"))
+    p.add_argument(
+        "--format",
+        default=None,
+        help="onnx, pt2, or official: the paper's {'cfg', 'state_dict'} file, which its "
+        "main.py --refine reads; a YOLO also any of Ultralytics' export formats "
+        "(default: from the --out suffix: .onnx, .pt2, .pth.tar, _openvino_model, ...)",
+    )
+    p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="a YOLO: free batch, height and width (Ultralytics' dynamic=True; default: a "
+        "batch of 1 at the image size, as yolo export writes)",
+    )
+    p.add_argument(
+        "--no-fold",
+        dest="fold",
+        action="store_false",
+        help="keep BatchNorm layers instead of folding them into the conv or linear before",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset, 9 to 20 (default: 18)")
-    add(p, "image_size", "trust_module",
-        image_size=dict(default=None, help=f"input height and width (default: {FROM_CHECKPOINT})"))  # fmt: skip
+    add(
+        p,
+        "image_size",
+        "trust_module",
+        image_size=dict(
+            default=None,
+            help=f"input height and width (default: {FROM_CHECKPOINT}; "
+            "a YOLO .pt: the imgsz it was trained at, else 640)",
+        ),
+    )
 
     p = sub.add_parser(
-        "bench", help="latency and throughput of checkpoints, side by side",
+        "bench",
+        help="latency and throughput of checkpoints, side by side",
         description="Time checkpoints on this machine, interleaved: warm-up, then the median of "
         "repeated forward passes, in fp32 with BatchNorm folded. Speed-ups are against the first "
         "checkpoint; efficiency is speed-up / MACs reduction.",
-    )  # fmt: skip
+    )
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
     p.add_argument(
         "--batch", default="1,64", help="batch sizes, comma-separated (default: %(default)s)"
     )
-    p.add_argument("--runtime", default="torch",
-                   help="comma-separated: torch (eager), onnxruntime (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        help="comma-separated: torch (eager), onnxruntime (default: %(default)s)",
+    )
     p.add_argument("--repeats", type=int, default=20, help="timed rounds (default: %(default)s)")
-    p.add_argument("--stat", default="median", choices=("median", "min"),
-                   help="latency of a network: the median of its rounds, or the fastest (on a "
-                   "machine busy with other work, where preempted calls inflate the median; "
-                   "default: %(default)s)")  # fmt: skip
-    add(p, "image_size", "trust_module", "device", "json",
+    p.add_argument(
+        "--stat",
+        default="median",
+        choices=("median", "min"),
+        help="latency of a network: the median of its rounds, or the fastest (on a "
+        "machine busy with other work, where preempted calls inflate the median; "
+        "default: %(default)s)",
+    )
+    add(
+        p,
+        "image_size",
+        "trust_module",
+        "device",
+        "json",
         image_size=dict(help="input height and width (default: %(default)s)"),
-        device=dict(default="cpu", help="device of the torch runtime (default: cpu)"))  # fmt: skip
+        device=dict(default="cpu", help="device of the torch runtime (default: cpu)"),
+    )
 
-    p = sub.add_parser("info", help="describe a checkpoint",
-                       description="Architecture, parameters, MACs and sparsity of a checkpoint.")  # fmt: skip
+    p = sub.add_parser(
+        "info",
+        help="describe a checkpoint",
+        description="Architecture, parameters, MACs and sparsity of a checkpoint.",
+    )
     p.add_argument("checkpoint")
     add(p, "sparsity_threshold", "trust_module", "json", sparsity_threshold=dict(help=None))
 
     for name, preset, out, help_, description in (
-        ("lab", LabConfig(), "runs/lab",
-         "the whole experiment: sparsity training, pruning, fine-tuning, report",
-         "Sparsity-train at each --lams, prune the --prune-lam model at each --ratios (three "
-         "ways), fine-tune, and write report.md and report.html with figures into --out. "
-         "Resumable: run the same command again to continue."),
-        ("demo", DEMO, "runs/demo", "the lab on built-in synthetic data, under 5 minutes on a "
-         "2-core CPU",
-         f"netslim lab with a small preset: {DEMO.arch} on {DEMO.train_size:,} synthetic images, "
-         f"{DEMO.epochs} + {DEMO.finetune_epochs} epochs, λ {' '.join(map(lam_name, DEMO.lams))}, "
-         f"pruning the {lam_name(DEMO.prune_lam)} model. It prints where it is and the time "
-         "left every 10 seconds. Any lab flag overrides the preset."),
-    ):  # fmt: skip
+        (
+            "lab",
+            LabConfig(),
+            "runs/lab",
+            "the whole experiment: sparsity training, pruning, fine-tuning, report",
+            "Sparsity-train at each --lams, prune the --prune-lam model at each --ratios (three "
+            "ways), fine-tune, and write report.md and report.html with figures into --out. "
+            "Resumable: run the same command again to continue.",
+        ),
+        (
+            "demo",
+            DEMO,
+            "runs/demo",
+            "the lab on built-in synthetic data, under 5 minutes on a 2-core CPU",
+            f"netslim lab with a small preset: {DEMO.arch} on {DEMO.train_size:,} synthetic images, "
+            f"{DEMO.epochs} + {DEMO.finetune_epochs} epochs, λ {' '.join(map(lam_name, DEMO.lams))}, "
+            f"pruning the {lam_name(DEMO.prune_lam)} model. It prints where it is and the time "
+            "left every 10 seconds. Any lab flag overrides the preset.",
+        ),
+    ):
         _add_lab(sub.add_parser(name, help=help_, description=description), preset, out)
 
     p = sub.add_parser(
-        "report", help="re-render the report of a lab run folder",
+        "report",
+        help="re-render the report of a lab run folder",
         description="Write report.md, report.html and figures/ from a finished lab's logged "
         "metrics and checkpoints, without training.",
-    )  # fmt: skip
+    )
     p.add_argument("run_dir", help="run folder of netslim lab or netslim demo")
     _add_yolo(sub)
     return parser
@@ -425,91 +688,173 @@ def _settings_type(text: str) -> str:
 
 
 RUN_HELP = "the run folder: Ultralytics' weights/, results.csv, and netslim's sparsity.jsonl"
-YOLO_SETTINGS = ("Ultralytics training settings passed through as they are, e.g. lr0=0.01 "
-                 "mosaic=0.5 workers=4 amp=False (see Ultralytics' docs)")  # fmt: skip
+YOLO_SETTINGS = (
+    "Ultralytics training settings passed through as they are, e.g. lr0=0.01 "
+    "mosaic=0.5 workers=4 amp=False (see Ultralytics' docs)"
+)
 
 
 def _add_yolo(sub: argparse._SubParsersAction) -> None:
     """``netslim yolo STEP``: the same steps for an Ultralytics YOLO, through its trainer."""
     p = sub.add_parser(
-        "yolo", help="slim an Ultralytics YOLO: sparsity training, pruning, fine-tuning, lab",
+        "yolo",
+        help="slim an Ultralytics YOLO: sparsity training, pruning, fine-tuning, lab",
         description="Network slimming of Ultralytics YOLO detectors and segmenters, trained and "
         "validated by Ultralytics' own trainer and validator (pip install 'netslim[yolo]').",
-    )  # fmt: skip
+    )
     steps = p.add_subparsers(dest="yolo_command", required=True, metavar="STEP")
-    common = dict(device=dict(help="auto, cpu, cuda, cuda:N (default: %(default)s)"),
-                  image_size=dict(default=640, help="input size (Ultralytics' imgsz; default: %(default)s)"),
-                  batch_size=dict(default=16, help="images per batch (default: %(default)s)"))  # fmt: skip
+    common = dict(
+        device=dict(help="auto, cpu, cuda, cuda:N (default: %(default)s)"),
+        image_size=dict(default=640, help="input size (Ultralytics' imgsz; default: %(default)s)"),
+        batch_size=dict(default=16, help="images per batch (default: %(default)s)"),
+    )
 
-    t = steps.add_parser("train", help="(sparsity) training through Ultralytics' trainer",
-                         description="Train a YOLO with an L1 penalty on its BatchNorm gammas, "
-                         "by Ultralytics' own trainer (AMP, EMA, DDP, its augmentation).")  # fmt: skip
-    t.add_argument("--model", required=True,
-                   help="an Ultralytics model YAML (yolov8n.yaml, yolo11n-seg.yaml: fresh weights) "
-                   "or a trained .pt (read without running its code)")  # fmt: skip
+    t = steps.add_parser(
+        "train",
+        help="(sparsity) training through Ultralytics' trainer",
+        description="Train a YOLO with an L1 penalty on its BatchNorm gammas, "
+        "by Ultralytics' own trainer (AMP, EMA, DDP, its augmentation).",
+    )
+    t.add_argument(
+        "--model",
+        required=True,
+        help="an Ultralytics model YAML (yolov8n.yaml, yolo11n-seg.yaml: fresh weights) "
+        "or a trained .pt (read without running its code)",
+    )
     t.add_argument("--data", required=True, help="an Ultralytics data.yaml")
-    add(t, "lam", "target_ratio", "prune_when_stable", "stable_tol", "stable_epochs", "epochs",
-        "image_size", "batch_size", "device", "sparsity_threshold", "out", "resume",
-        lam=dict(default=1e-3, type=lam_type, help="L1 weight on BN gammas, per optimizer step "
-                 "(default: %(default)s; 0: plain training), or 'auto': adapted each epoch to "
-                 "reach --target-ratio (with optimizer=SGD)"),
-        prune_when_stable=dict(help="each epoch, plan pruning at ratio R; once that mask changes "
-                               "by at most --stable-tol of the channels for --stable-epochs epochs "
-                               "in a row, stop (then prune the run's last.pt)"),
-        epochs=dict(default=100, help="default: %(default)s"), out=dict(help=RUN_HELP), **common)  # fmt: skip
+    add(
+        t,
+        "lam",
+        "target_ratio",
+        "prune_when_stable",
+        "stable_tol",
+        "stable_epochs",
+        "epochs",
+        "image_size",
+        "batch_size",
+        "device",
+        "sparsity_threshold",
+        "out",
+        "resume",
+        lam=dict(
+            default=1e-3,
+            type=lam_type,
+            help="L1 weight on BN gammas, per optimizer step "
+            "(default: %(default)s; 0: plain training), or 'auto': adapted each epoch to "
+            "reach --target-ratio (with optimizer=SGD)",
+        ),
+        prune_when_stable=dict(
+            help="each epoch, plan pruning at ratio R; once that mask changes "
+            "by at most --stable-tol of the channels for --stable-epochs epochs "
+            "in a row, stop (then prune the run's last.pt)"
+        ),
+        epochs=dict(default=100, help="default: %(default)s"),
+        out=dict(help=RUN_HELP),
+        **common,
+    )
     _add_pickle(t)
     t.add_argument(
         "settings", nargs="*", type=_settings_type, metavar="KEY=VALUE", help=YOLO_SETTINGS
     )
 
-    q = steps.add_parser("prune", help="prune a YOLO, mAP measured right after three ways",
-                         description="Prune a trained YOLO (.pt or netslim .pth) and measure mAP "
-                         "with Ultralytics' validator: unpruned, official, compensated, recalibrated.")  # fmt: skip
+    q = steps.add_parser(
+        "prune",
+        help="prune a YOLO, mAP measured right after three ways",
+        description="Prune a trained YOLO (.pt or netslim .pth) and measure mAP "
+        "with Ultralytics' validator: unpruned, official, compensated, recalibrated.",
+    )
     q.add_argument("checkpoint", help="an Ultralytics .pt or a netslim .pth of a YOLO")
     add(q.add_mutually_exclusive_group(required=True), "ratio", "target_macs")
     q.add_argument(
         "--data", help="an Ultralytics data.yaml: measure mAP and recalibrate (optional)"
     )
-    add(q, "out", "force", "image_size", "batch_size", "device", "recalibrate", "round_to",
+    add(
+        q,
+        "out",
+        "force",
+        "image_size",
+        "batch_size",
+        "device",
+        "recalibrate",
+        "round_to",
         "min_keep",
         out=dict(help="the pruned checkpoint NAME.pth to write (NAME.pt beside it)"),
-        recalibrate=dict(help="BN recalibration batches of --batch-size training images, "
-                         "Ultralytics' augmentation, mosaic off (0: off; default: %(default)s)"),
-        **common)  # fmt: skip
-    q.add_argument("--no-compensate", dest="compensate", action="store_false",
-                   help="save the official network: no bias compensation, no recalibration")  # fmt: skip
+        recalibrate=dict(
+            help="BN recalibration batches of --batch-size training images, "
+            "Ultralytics' augmentation, mosaic off (0: off; default: %(default)s)"
+        ),
+        **common,
+    )
+    q.add_argument(
+        "--no-compensate",
+        dest="compensate",
+        action="store_false",
+        help="save the official network: no bias compensation, no recalibration",
+    )
     _add_pickle(q)
 
-    f = steps.add_parser("finetune", help="fine-tune a pruned YOLO with Ultralytics' trainer",
-                         description="Fine-tune a pruned YOLO, keeping its pruned widths (never "
-                         "rebuilt from its YAML); OUT/weights/best.pt loads with ultralytics.YOLO.")  # fmt: skip
+    f = steps.add_parser(
+        "finetune",
+        help="fine-tune a pruned YOLO with Ultralytics' trainer",
+        description="Fine-tune a pruned YOLO, keeping its pruned widths (never "
+        "rebuilt from its YAML); OUT/weights/best.pt loads with ultralytics.YOLO.",
+    )
     f.add_argument("checkpoint", help="the pruned .pth (or .pt) 'netslim yolo prune' wrote")
     f.add_argument("--data", required=True, help="an Ultralytics data.yaml")
-    add(f, "epochs", "image_size", "batch_size", "device", "out", "resume",
-        epochs=dict(default=100, help="default: %(default)s"), out=dict(help=RUN_HELP), **common)  # fmt: skip
+    add(
+        f,
+        "epochs",
+        "image_size",
+        "batch_size",
+        "device",
+        "out",
+        "resume",
+        epochs=dict(default=100, help="default: %(default)s"),
+        out=dict(help=RUN_HELP),
+        **common,
+    )
     _add_pickle(f)
     f.add_argument(
         "settings", nargs="*", type=_settings_type, metavar="KEY=VALUE", help=YOLO_SETTINGS
     )
 
     lab = YoloLab(model="", data="")  # its defaults
-    b = steps.add_parser("lab", help="the seed lab's experiment for a YOLO, with its report",
-                         description="λ sweep, pruning at --ratios and --sweep (mAP right after, "
-                         "three ways), fine-tuning, and the report in mAP; run the same command "
-                         "again to continue a stopped lab. Put KEY=VALUE settings before flags "
-                         "that take lists (--lams, --ratios, --sweep).")  # fmt: skip
+    b = steps.add_parser(
+        "lab",
+        help="the seed lab's experiment for a YOLO, with its report",
+        description="λ sweep, pruning at --ratios and --sweep (mAP right after, "
+        "three ways), fine-tuning, and the report in mAP; run the same command "
+        "again to continue a stopped lab. Put KEY=VALUE settings before flags "
+        "that take lists (--lams, --ratios, --sweep).",
+    )
     b.add_argument("--model", required=True, help="an Ultralytics model YAML or a trained .pt")
     b.add_argument("--data", required=True, help="an Ultralytics data.yaml")
-    add(b, "lams", "prune_lam", "ratios", "sweep", "epochs", "finetune_epochs", "image_size",
-        "batch_size", "device", "recalibrate", "out", **common,
-        lams=dict(default=lab.lams), prune_lam=dict(help="which of --lams to prune and fine-tune "
-                                                    "(default: the largest)"),
-        ratios=dict(default=lab.ratios), sweep=dict(default=lab.sweep),
+    add(
+        b,
+        "lams",
+        "prune_lam",
+        "ratios",
+        "sweep",
+        "epochs",
+        "finetune_epochs",
+        "image_size",
+        "batch_size",
+        "device",
+        "recalibrate",
+        "out",
+        **common,
+        lams=dict(default=lab.lams),
+        prune_lam=dict(help="which of --lams to prune and fine-tune (default: the largest)"),
+        ratios=dict(default=lab.ratios),
+        sweep=dict(default=lab.sweep),
         epochs=dict(default=lab.epochs, help="sparsity-training epochs (default: %(default)s)"),
         finetune_epochs=dict(default=lab.finetune_epochs, help="default: %(default)s"),
-        recalibrate=dict(help="BN recalibration batches of --batch-size training images "
-                         "(0: off; default: %(default)s)"),
-        out=dict(help="the lab folder; the same command again continues a stopped lab"))  # fmt: skip
+        recalibrate=dict(
+            help="BN recalibration batches of --batch-size training images "
+            "(0: off; default: %(default)s)"
+        ),
+        out=dict(help="the lab folder; the same command again continues a stopped lab"),
+    )
     b.add_argument(
         "settings", nargs="*", type=_settings_type, metavar="KEY=VALUE", help=YOLO_SETTINGS
     )
@@ -524,9 +869,12 @@ def _add_yolo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pickle(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="read an Ultralytics .pt naming code outside Ultralytics' and torch's layers "
-                   "with the full unpickler, which runs that code: only for files you trust")  # fmt: skip
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read an Ultralytics .pt naming code outside Ultralytics' and torch's layers "
+        "with the full unpickler, which runs that code: only for files you trust",
+    )
 
 
 def _add_lab(p: argparse.ArgumentParser, preset: LabConfig, out: str) -> None:
@@ -550,19 +898,38 @@ def _add_lab(p: argparse.ArgumentParser, preset: LabConfig, out: str) -> None:
         batch_size=dict(help=lab_default(preset, "batch_size")),
         lr=dict(help="peak learning rate; " + lab_default(preset, "lr")),
     )
-    add(p, "prune_when_stable", "stable_tol", "stable_epochs", "target_ratio", "recalibrate",
-        "precision", "out", "threads",
-        prune_when_stable=dict(help="each epoch, plan pruning at ratio R; once that mask changes "
-                               "by at most --stable-tol of the channels for --stable-epochs epochs "
-                               "in a row, stop sparsity training, (the --prune-lam run only) and "
-                               "go on with the lab"),
-        target_ratio=dict(help="λ auto for the --prune-lam run: start at --prune-lam and adapt λ "
-                          "each epoch so that the share R of |gamma| ends below the sparsity "
-                          "threshold"),
-        recalibrate=dict(default=None, help="re-estimate BN statistics after pruning on N batches "
-                         "of 128 training images (0: off; default: %(default)s)"),
+    add(
+        p,
+        "prune_when_stable",
+        "stable_tol",
+        "stable_epochs",
+        "target_ratio",
+        "recalibrate",
+        "precision",
+        "out",
+        "threads",
+        prune_when_stable=dict(
+            help="each epoch, plan pruning at ratio R; once that mask changes "
+            "by at most --stable-tol of the channels for --stable-epochs epochs "
+            "in a row, stop sparsity training, (the --prune-lam run only) and "
+            "go on with the lab"
+        ),
+        target_ratio=dict(
+            help="λ auto for the --prune-lam run: start at --prune-lam and adapt λ "
+            "each epoch so that the share R of |gamma| ends below the sparsity "
+            "threshold"
+        ),
+        recalibrate=dict(
+            default=None,
+            help="re-estimate BN statistics after pruning on N batches "
+            "of 128 training images (0: off; default: %(default)s)",
+        ),
         precision=dict(default=None),
-        out=dict(required=False, help="run folder (default: %(default)s); running the same "
-                 "command again continues an interrupted lab there"))  # fmt: skip
+        out=dict(
+            required=False,
+            help="run folder (default: %(default)s); running the same "
+            "command again continues an interrupted lab there",
+        ),
+    )
     # The recipe's settings stay None here: the command resolves them (commands.lab_config).
     p.set_defaults(**{**asdict(preset), **dict.fromkeys(LAB_RECIPE_KEYS)}, preset=preset, out=out)

@@ -64,14 +64,27 @@ def train_prune_finetune(
     fit(config, data, model, out, meta={**meta, "kind": "train"}, resume=resume, log=log)
     log(f"== pruning at ratio {config.prune_when_stable:g} into {out / 'pruned.pth'}")
     # Every process calls on_main (it waits for rank 0), which alone prunes.
-    distributed.on_main(prune_stage, out / "last.pth", out / "pruned.pth", out / "prune.json",
-                        config.prune_when_stable, data=data, meta=meta, trust=config.arch,
-                        log=log, recalibrate=recalibrate,
-                        eval_dtype=pick_precision(config.precision, data.device))  # fmt: skip
+    distributed.on_main(
+        prune_stage,
+        out / "last.pth",
+        out / "pruned.pth",
+        out / "prune.json",
+        config.prune_when_stable,
+        data=data,
+        meta=meta,
+        trust=config.arch,
+        log=log,
+        recalibrate=recalibrate,
+        eval_dtype=pick_precision(config.precision, data.device),
+    )
     tune = finetune_of(config, finetune_epochs)
     log(f"== fine-tuning the pruned network, {finetune_epochs} epochs: {out / 'finetune'}")
-    tune_meta = {**meta, "kind": "finetune", "source": str(out / "pruned.pth"),
-                 "prune": read_json(out / "prune.json")["prune"]}  # fmt: skip
+    tune_meta = {
+        **meta,
+        "kind": "finetune",
+        "source": str(out / "pruned.pth"),
+        "prune": read_json(out / "prune.json")["prune"],
+    }
     train_stage(
         tune,
         data,

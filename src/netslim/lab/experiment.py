@@ -153,14 +153,23 @@ def lab_stages(config: LabConfig, train_size: int, test_size: int) -> list[Stage
         cost = pruned_cost(ratio)
         return test_size * (1 + 2 * cost) + recalibration * cost
 
-    stages = [Stage(f"train λ={lam_name(lam)}", config.epochs * epoch, kind="train")
-              for lam in config.lams]  # fmt: skip
-    stages += [Stage(f"prune ratio {r:g}", test_size + measured(r), kind="prune")
-               for r in config.ratios]  # fmt: skip
+    stages = [
+        Stage(f"train λ={lam_name(lam)}", config.epochs * epoch, kind="train")
+        for lam in config.lams
+    ]
+    stages += [
+        Stage(f"prune ratio {r:g}", test_size + measured(r), kind="prune") for r in config.ratios
+    ]
     sweep = test_size + sum(measured(r) for r in config.sweep_ratios())
     stages.append(Stage("sweep", sweep, kind="prune"))
-    stages += [Stage(f"fine-tune ratio {r:g}", config.finetune_epochs * epoch * pruned_cost(r),
-                     kind="fine-tune") for r in config.ratios]  # fmt: skip
+    stages += [
+        Stage(
+            f"fine-tune ratio {r:g}",
+            config.finetune_epochs * epoch * pruned_cost(r),
+            kind="fine-tune",
+        )
+        for r in config.ratios
+    ]
     stages.append(Stage("report", seconds=REPORT_SECONDS, kind="report"))
     return stages
 
@@ -189,15 +198,33 @@ def _prune_ratio(
     record = prune_path(run, config.prune_lam, ratio, ".json")
     if record.exists():
         progress.skip()
-    prune_stage(source, record.with_suffix(".pth"), record, ratio, data=data,
-                meta={"arch": config.arch}, trust=config.arch, log=progress.log,
-                layout=lambda info, report: {**info, "lam": config.prune_lam, "prune": report},
-                recalibrate=config.recalibrate,
-                eval_dtype=dtype)  # fmt: skip
+    prune_stage(
+        source,
+        record.with_suffix(".pth"),
+        record,
+        ratio,
+        data=data,
+        meta={"arch": config.arch},
+        trust=config.arch,
+        log=progress.log,
+        layout=lambda info, report: {**info, "lam": config.prune_lam, "prune": report},
+        recalibrate=config.recalibrate,
+        eval_dtype=dtype,
+    )
 
 
-SWEEP_KEYS = ("ratio", "threshold", "pruned_share", "floored", "params_after", "macs_after",
-              "acc_unpruned", "acc_masked", "acc_compensated", "acc_recalibrated")  # fmt: skip
+SWEEP_KEYS = (
+    "ratio",
+    "threshold",
+    "pruned_share",
+    "floored",
+    "params_after",
+    "macs_after",
+    "acc_unpruned",
+    "acc_masked",
+    "acc_compensated",
+    "acc_recalibrated",
+)
 
 
 def sweep_stage(
@@ -226,12 +253,20 @@ def sweep_stage(
             progress.update(i / len(ratios), f"ratio {i + 1}/{len(ratios)} ({ratio:g})")
         with warnings.catch_warnings():  # floored layers are recorded in the point instead
             warnings.simplefilter("ignore", UserWarning)
-            _, report = prune_model(model, ratio, data=data, recalibrate=config.recalibrate,
-                                    eval_dtype=dtype, acc_unpruned=acc_unpruned)  # fmt: skip
+            _, report = prune_model(
+                model,
+                ratio,
+                data=data,
+                recalibrate=config.recalibrate,
+                eval_dtype=dtype,
+                acc_unpruned=acc_unpruned,
+            )
         acc_unpruned = report.acc_unpruned
         points.append({k: report.to_dict()[k] for k in SWEEP_KEYS})
-        accuracies = "  ".join(f"{label} {_pct(points[-1][f'acc_{label}'])}"
-                               for label in ("masked", "compensated", "recalibrated"))  # fmt: skip
+        accuracies = "  ".join(
+            f"{label} {_pct(points[-1][f'acc_{label}'])}"
+            for label in ("masked", "compensated", "recalibrated")
+        )
         log(f"   ratio {ratio:4.2f}: {accuracies}")
     write_json(path, {"lam": config.prune_lam, "recalibrate": config.recalibrate, "points": points})
 
@@ -266,9 +301,13 @@ def run_lab(
     # Loaded before lab.json is written: a lab whose data cannot load leaves no folder behind.
     with distributed.main_first():  # one process downloads, the others then read
         data = load_dataset(
-            config.dataset, config.data_root, seed=config.seed, download=download,
-            train_size=config.train_size, test_size=config.test_size,
-        ).to(device)  # fmt: skip
+            config.dataset,
+            config.data_root,
+            seed=config.seed,
+            download=download,
+            train_size=config.train_size,
+            test_size=config.test_size,
+        ).to(device)
     stages = lab_stages(config, len(data.train_labels), len(data.test_labels))
     tracker = progress(stages, log)  # prints on rank 0 alone
     # Under torchrun only training is shared; the other stages run on rank 0 alone.
@@ -307,16 +346,24 @@ def _run_stages(
         headline = f"== sparsity training λ={lam_name(lam)}, {config.epochs} epochs: {run_dir}"
         with progress.stage(next(stage), headline):
             meta = {"arch": config.arch, "num_classes": data.num_classes, "kind": "train"}
-            train_stage(config.train_config(lam), data, fresh_model, run_dir, meta, log,
-                        on_step=_train_hook(progress, data))  # fmt: skip
+            train_stage(
+                config.train_config(lam),
+                data,
+                fresh_model,
+                run_dir,
+                meta,
+                log,
+                on_step=_train_hook(progress, data),
+            )
 
     for ratio in config.ratios:
         record = prune_path(out, config.prune_lam, ratio, ".json")
         headline = f"== pruning λ={lam_name(config.prune_lam)} at ratio {ratio:g}: {record}"
         with progress.stage(next(stage), headline):
             distributed.on_main(_prune_ratio, config, data, out, ratio, dtype, progress)
-    headline = (f"== pruning sweep over {len(config.sweep_ratios())} ratios, no training: "
-                f"{sweep_path(out)}")  # fmt: skip
+    headline = (
+        f"== pruning sweep over {len(config.sweep_ratios())} ratios, no training: {sweep_path(out)}"
+    )
     with progress.stage(next(stage), headline):
         distributed.on_main(sweep_stage, config, data, out, dtype, log, progress)
 
@@ -325,11 +372,21 @@ def _run_stages(
         run_dir = finetune_dir(out, ratio)
         headline = f"== fine-tuning ratio {ratio:g}, {config.finetune_epochs} epochs: {run_dir}"
         with progress.stage(next(stage), headline):
-            meta = {"arch": config.arch, "kind": "finetune", "source": str(source),
-                    "prune": read_json(source.with_suffix(".json"))["prune"]}  # fmt: skip
-            train_stage(config.finetune_config(), data,
-                        lambda s=source: load(s, trust=config.arch), run_dir, meta, log,
-                        on_step=_train_hook(progress, data))  # fmt: skip
+            meta = {
+                "arch": config.arch,
+                "kind": "finetune",
+                "source": str(source),
+                "prune": read_json(source.with_suffix(".json"))["prune"],
+            }
+            train_stage(
+                config.finetune_config(),
+                data,
+                lambda s=source: load(s, trust=config.arch),
+                run_dir,
+                meta,
+                log,
+                on_step=_train_hook(progress, data),
+            )
 
     with progress.stage(next(stage), "== report"):
         report = distributed.on_main(render_report, out)

@@ -77,8 +77,9 @@ def run_multipass(
     out = Path(out)
     with runlock.hold(out):
         remove_temp_files(out)
-        return _multipass(config, data, model, out, passes, ratio, layer_cap, finetune_epochs,
-                          recalibrate, log)  # fmt: skip
+        return _multipass(
+            config, data, model, out, passes, ratio, layer_cap, finetune_epochs, recalibrate, log
+        )
 
 
 def _multipass(
@@ -102,34 +103,63 @@ def _multipass(
         folder = out / f"pass-{k}"
         log(f"== pass {k}/{passes}: sparsity training (lambda {config.lam:g}) into {folder}")
         current = model
-        train_stage(config, data, lambda m=current: m, folder / "train",
-                    {**meta, "kind": "train", "pass": k}, log)  # fmt: skip
+        train_stage(
+            config,
+            data,
+            lambda m=current: m,
+            folder / "train",
+            {**meta, "kind": "train", "pass": k},
+            log,
+        )
         pruned_file = folder / "pruned.pth"
         log(f"== pass {k}/{passes}: pruning at ratio {ratio:g} into {pruned_file}")
-        report = prune_stage(folder / "train" / "last.pth", pruned_file, folder / "prune.json",
-                             ratio, data=data, meta={**meta, "pass": k}, trust=config.arch,
-                             log=log, layout=lambda info, report: report,
-                             min_keep=1.0 - layer_cap, recalibrate=recalibrate,
-                             eval_dtype=dtype, input_size=input_size)  # fmt: skip
+        report = prune_stage(
+            folder / "train" / "last.pth",
+            pruned_file,
+            folder / "prune.json",
+            ratio,
+            data=data,
+            meta={**meta, "pass": k},
+            trust=config.arch,
+            log=log,
+            layout=lambda info, report: report,
+            min_keep=1.0 - layer_cap,
+            recalibrate=recalibrate,
+            eval_dtype=dtype,
+            input_size=input_size,
+        )
         model = load(pruned_file, trust=config.arch)
         reports.append(report)
-        summary.append({
-            "pass": k, "trained_acc": read_metrics(folder / "train")[-1]["test_acc"],
-            "params": report["params_after"], "macs": report["macs_after"],
-            "pruned_acc": report["acc_recalibrated"] if recalibrate else report["acc_compensated"],
-        })  # fmt: skip
+        summary.append(
+            {
+                "pass": k,
+                "trained_acc": read_metrics(folder / "train")[-1]["test_acc"],
+                "params": report["params_after"],
+                "macs": report["macs_after"],
+                "pruned_acc": report["acc_recalibrated"]
+                if recalibrate
+                else report["acc_compensated"],
+            }
+        )
     log(f"== fine-tuning the pass-{passes} network into {out / 'finetune'}")
     tune = finetune_of(config, finetune_epochs)
     train_stage(tune, data, lambda: model, out / "finetune", {**meta, "kind": "finetune"}, log)
     history = read_metrics(out / "finetune")
     final = load(out / "finetune" / "last.pth", trust=config.arch)
-    summary.append({
-        "pass": "finetune", "trained_acc": history[-1]["test_acc"],
-        "params": count_params(final), "macs": count_macs(final, input_size),
-        "params_original": reports[0]["params_before"], "macs_original": reports[0]["macs_before"],
-    })  # fmt: skip
+    summary.append(
+        {
+            "pass": "finetune",
+            "trained_acc": history[-1]["test_acc"],
+            "params": count_params(final),
+            "macs": count_macs(final, input_size),
+            "params_original": reports[0]["params_before"],
+            "macs_original": reports[0]["macs_before"],
+        }
+    )
     write_json(out / "summary.json", summary)
     for r in summary:
-        log(f"pass {r['pass']}: test acc {r['trained_acc']:.2f}%  params {r['params']:,}  "
-            f"MACs {r['macs']:,}")  # fmt: skip
+        log(
+            f"pass {r['pass']}: test acc {r['trained_acc']:.2f}%  params {r['params']:,}  "
+            f"MACs {r['macs']:,}"
+        )
     return summary

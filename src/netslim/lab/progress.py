@@ -226,9 +226,11 @@ class LabProgress:
 
     def summary(self) -> str:
         """Where this run's time went, stage by stage (skipped stages left out)."""
-        parts = [f"{stage.name} {duration(seconds)}"
-                 for stage, share, seconds in zip(self.stages, self._shares, self._seconds)
-                 if share.done > 0]  # fmt: skip
+        parts = [
+            f"{stage.name} {duration(seconds)}"
+            for stage, share, seconds in zip(self.stages, self._shares, self._seconds)
+            if share.done > 0
+        ]
         return f"{self.label} took {duration(self.clock() - self._start)}: {', '.join(parts)}"
 
     # -- lines -------------------------------------------------------------------------

@@ -6,31 +6,31 @@ reports, the sweep, the trained checkpoints -- and writes ``figures/*.png``,
 so the one file opens anywhere). Nothing is trained or measured here, which is what
 ``netslim report`` relies on to re-render a finished lab.
 
-The report is first built as a list of blocks (heading, paragraph, table, figure,
-code), then written out twice, as Markdown and as HTML, so both always say the same.
-Figures use matplotlib's object API (no pyplot), which renders PNGs with Agg and
-leaves no global state behind.
+The document fills the skeleton every lab report shares (:mod:`netslim.lab.document`),
+which writes it as Markdown and as HTML.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from netslim.checkpoint import read_checkpoint, stored_gammas
 from netslim.config import LabConfig, TrainConfig, lam_name
 from netslim.errors import NetslimError
-from netslim.files import atomic_write, atomic_write_text
+from netslim.lab.document import (
+    Block,
+    epoch_axis,
+    gamma_panels,
+    panels,
+    slimming_document,
+    write_report,
+)
 from netslim.lab.folder import (
     finetune_dir,
     prune_path,
@@ -53,13 +53,14 @@ FIGURES = {  # stable file names under figures/
 # drawn only when the lab stopped its pruned run early or adapted its λ
 OPTIONAL_FIGURES = {"control": "fig6_early_pruning_and_lam.png"}
 FIGURE_FILES = {**FIGURES, **OPTIONAL_FIGURES}
-DPI = 110
 MAX_LAYER_NAMES = 40  # figure 4 names at most this many groups; deeper nets every k-th
 CLOSE = 1.0  # percentage points: "holds up" in the sweep summary means within this of unpruned
 # One colour and dash pattern per lab ratio in figure 2 (C3 dotted is the sparsity threshold):
 # two thresholds close together stay apart by pattern as well as colour.
-THRESHOLD_STYLES = (["C1", "C2", "C4", "C5", "C6"],
-                    ["--", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 1)), (0, (8, 3))])  # fmt: skip
+THRESHOLD_STYLES = (
+    ["C1", "C2", "C4", "C5", "C6"],
+    ["--", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 1)), (0, (8, 3))],
+)
 METHODS = (  # the three ways of pruning without training, as the prune reports name them
     ("acc_masked", "official masking"),
     ("acc_compensated", "bias compensation"),
@@ -116,8 +117,10 @@ def load_results(run: str | Path) -> LabResults:
         return read_json(path)
 
     train = {lam: metrics(train_dir(run, lam), config.epochs) for lam in config.lams}
-    prune = {r: json_file(prune_path(run, config.prune_lam, r, ".json")).get("prune", {})
-             for r in config.ratios}  # fmt: skip
+    prune = {
+        r: json_file(prune_path(run, config.prune_lam, r, ".json")).get("prune", {})
+        for r in config.ratios
+    }
     sweep = json_file(sweep_path(run))
     finetune = {r: metrics(finetune_dir(run, r), config.finetune_epochs) for r in config.ratios}
     if missing:
@@ -132,11 +135,17 @@ def load_results(run: str | Path) -> LabResults:
     train_config = TrainConfig.from_dict(first_run)
     first = next(iter(checkpoints.values()))
     return LabResults(
-        run=run, config=config, info=info, train_config=train_config,
-        num_classes=int(first["netslim"]["num_classes"]), train=train,
+        run=run,
+        config=config,
+        info=info,
+        train_config=train_config,
+        num_classes=int(first["netslim"]["num_classes"]),
+        train=train,
         gammas={lam: stored_gammas(c).numpy() for lam, c in checkpoints.items()},
-        prune=prune, sweep=sweep, finetune=finetune,
-    )  # fmt: skip
+        prune=prune,
+        sweep=sweep,
+        finetune=finetune,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -144,35 +153,35 @@ def load_results(run: str | Path) -> LabResults:
 # --------------------------------------------------------------------------------------
 
 
-def _panels(n: int, width: float = 4.3, height: float = 3.5) -> tuple[Figure, list[Any]]:
-    fig = Figure(figsize=(width * n, height), layout="constrained")
-    return fig, list(fig.subplots(1, n, squeeze=False)[0])
-
-
 def _column(records: list[dict[str, Any]], key: str) -> np.ndarray:
     return np.array([r[key] for r in records], dtype=float)
 
 
-def _epoch_axis(ax: Any) -> None:
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-
-
 def figure_training(res: LabResults) -> Figure:
     """Figure 1: per λ, accuracy (left axis) and sparsity (right axis) against epoch."""
-    fig, axes = _panels(len(res.config.lams))
+    fig, axes = panels(len(res.config.lams))
     for i, (ax, lam) in enumerate(zip(axes, res.config.lams)):
         records = res.train[lam]
         epochs = _column(records, "epoch")
         ax.plot(epochs, _column(records, "train_acc"), "o-", color="C0", label="train accuracy")
-        ax.plot(epochs, _column(records, "test_acc"), "s--", color="C0", alpha=0.7,
-                label="test accuracy")  # fmt: skip
+        ax.plot(
+            epochs,
+            _column(records, "test_acc"),
+            "s--",
+            color="C0",
+            alpha=0.7,
+            label="test accuracy",
+        )
         ax.set_ylim(-2, 102)
-        _epoch_axis(ax)
+        epoch_axis(ax)
         right = ax.twinx()
-        right.plot(epochs, 100 * _column(records, "sparsity"), "^-", color="C3",
-                   label=f"sparsity (share of |γ| < {res.sparsity_threshold:g})")  # fmt: skip
+        right.plot(
+            epochs,
+            100 * _column(records, "sparsity"),
+            "^-",
+            color="C3",
+            label=f"sparsity (share of |γ| < {res.sparsity_threshold:g})",
+        )
         right.set_ylim(-2, 102)
         if i == 0:  # the axes are the same in every panel: label them once, on the outside
             ax.set_ylabel("accuracy (%)", color="C0")
@@ -201,7 +210,7 @@ def figure_control(res: LabResults) -> Figure | None:
         return None
     records = res.train[res.config.prune_lam]
     epochs = _column(records, "epoch")
-    fig, (left, right) = _panels(2)
+    fig, (left, right) = panels(2)
     if res.config.prune_when_stable is not None:
         distance = [r.get("mask_distance") for r in records]
         left.plot(epochs, [np.nan if d is None else 100 * d for d in distance], "o-", color="C0")
@@ -212,45 +221,31 @@ def figure_control(res: LabResults) -> Figure | None:
         left.legend(frameon=False)
     left.set_ylabel("channels whose decision changed (%)")
     left.set_title(f"Prune mask at ratio {res.config.prune_when_stable or 0:g}, epoch to epoch")
-    _epoch_axis(left)
+    epoch_axis(left)
     right.semilogy(epochs, _column(records, "lam"), "s-", color="C2", label="λ")
     right.set_ylabel("λ")
     right.set_title("λ used in each epoch")
     if "gamma_quantile" in records[0]:  # λ auto steered a quantile of |γ|
         twin = right.twinx()
-        twin.semilogy(epochs, _column(records, "gamma_quantile"), "o-", color="C1",
-                      label=f"{res.config.target_ratio:g}-quantile of |γ|")  # fmt: skip
-        twin.semilogy(epochs, _column(records, "gamma_quantile_path"), ":", color="C1",
-                      label="its path to the threshold")  # fmt: skip
+        twin.semilogy(
+            epochs,
+            _column(records, "gamma_quantile"),
+            "o-",
+            color="C1",
+            label=f"{res.config.target_ratio:g}-quantile of |γ|",
+        )
+        twin.semilogy(
+            epochs,
+            _column(records, "gamma_quantile_path"),
+            ":",
+            color="C1",
+            label="its path to the threshold",
+        )
         twin.set_ylabel("|γ|")
         right.set_title("λ of each epoch, and the quantile of |γ| it steers")
         handles = [*right.get_legend_handles_labels()[0], *twin.get_legend_handles_labels()[0]]
         twin.legend(handles=handles, frameon=False)
-    _epoch_axis(right)
-    return fig
-
-
-def gamma_panels(gammas: dict[float, np.ndarray], lams: list[float],
-                 title: Callable[[float], str], lines: Callable[[float], list[tuple]],
-                 headroom: float) -> Figure:  # fmt: skip
-    """Per λ, the histogram of |γ| on log-spaced bins, one x range for all, with the vertical
-    lines ``lines(lam)`` gives as ``(x, label, matplotlib style)``; the YOLO report's too."""
-    floor = 1e-8  # exact zeros have no logarithm; they and anything smaller count here
-    values = {lam: np.maximum(np.abs(g), floor) for lam, g in gammas.items()}
-    low = np.floor(np.log10(min(v.min() for v in values.values())))
-    high = np.ceil(np.log10(max(v.max() for v in values.values())))
-    bins = np.logspace(low, high, int(20 * (high - low)) + 1)  # 20 per decade: peaks are narrow
-    fig, axes = _panels(len(lams))
-    for ax, lam in zip(axes, lams):
-        ax.hist(values[lam], bins=bins, color="C0")
-        ax.set_xscale("log")
-        for x, label, style in lines(lam):
-            ax.axvline(x, label=label, **style)
-        ax.set_title(f"{title(lam)}: median |γ| = {np.median(values[lam]):.2g}")
-        ax.set_xlabel("|γ| (log scale)")
-        ax.set_ylabel("BN channels")
-        ax.set_ylim(0, headroom * ax.get_ylim()[1])  # headroom: the legend sits above the bars
-        ax.legend(fontsize="small", loc="upper left")
+    epoch_axis(right)
     return fig
 
 
@@ -258,18 +253,28 @@ def figure_gammas(res: LabResults) -> Figure:
     """Figure 2: per λ, the histogram of |γ| on log-spaced bins, one x range for all."""
 
     def lines(lam: float) -> list[tuple]:
-        drawn = [(res.sparsity_threshold, f"sparsity threshold {res.sparsity_threshold:g}",
-                  {"color": "C3", "linestyle": ":"})]  # fmt: skip
+        drawn = [
+            (
+                res.sparsity_threshold,
+                f"sparsity threshold {res.sparsity_threshold:g}",
+                {"color": "C3", "linestyle": ":"},
+            )
+        ]
         if lam == res.config.prune_lam:
             for i, (ratio, report) in enumerate(res.prune.items()):
                 color, style = (styles[i % len(styles)] for styles in THRESHOLD_STYLES)
-                drawn.append((report["threshold"],
-                              f"prune threshold, ratio {ratio:g}: {report['threshold']:.2g}",
-                              {"color": color, "linestyle": style, "linewidth": 1.6}))  # fmt: skip
+                drawn.append(
+                    (
+                        report["threshold"],
+                        f"prune threshold, ratio {ratio:g}: {report['threshold']:.2g}",
+                        {"color": color, "linestyle": style, "linewidth": 1.6},
+                    )
+                )
         return drawn
 
-    return gamma_panels(res.gammas, res.config.lams, lambda lam: f"λ = {lam_name(lam)}", lines,
-                        headroom=1.45)  # fmt: skip
+    return gamma_panels(
+        res.gammas, res.config.lams, lambda lam: f"λ = {lam_name(lam)}", lines, headroom=1.45
+    )
 
 
 def figure_finetune(res: LabResults) -> Figure:
@@ -279,28 +284,56 @@ def figure_finetune(res: LabResults) -> Figure:
     without recalibration), marked apart from the official masking's accuracy there.
     """
     start_label, _ = _start_accuracy(res.config, next(iter(res.prune.values())))
-    fig, axes = _panels(len(res.config.ratios))
+    fig, axes = panels(len(res.config.ratios))
     for ax, ratio in zip(axes, res.config.ratios):
         records, report = res.finetune[ratio], res.prune[ratio]
         epochs = _column(records, "epoch")
         _, start = _start_accuracy(res.config, report)
         ax.plot(epochs, _column(records, "train_acc"), "o-", color="C0", label="train accuracy")
-        ax.plot(np.r_[0, epochs], np.r_[start, _column(records, "test_acc")], "s--", color="C1",
-                label="test accuracy")  # fmt: skip
-        ax.plot(0, start, "*", color="C1", markersize=14, markeredgecolor="k",
-                label=f"epoch 0: {start_label}, where fine-tuning starts")  # fmt: skip
-        ax.plot(0, report["acc_masked"], "X", color="C3", markersize=10, markeredgecolor="k",
-                label="epoch 0: pruned, official masking")  # fmt: skip
-        ax.axhline(report["acc_unpruned"], color="k", linestyle=":",
-                   label="sparse model before pruning (test)")  # fmt: skip
+        ax.plot(
+            np.r_[0, epochs],
+            np.r_[start, _column(records, "test_acc")],
+            "s--",
+            color="C1",
+            label="test accuracy",
+        )
+        ax.plot(
+            0,
+            start,
+            "*",
+            color="C1",
+            markersize=14,
+            markeredgecolor="k",
+            label=f"epoch 0: {start_label}, where fine-tuning starts",
+        )
+        ax.plot(
+            0,
+            report["acc_masked"],
+            "X",
+            color="C3",
+            markersize=10,
+            markeredgecolor="k",
+            label="epoch 0: pruned, official masking",
+        )
+        ax.axhline(
+            report["acc_unpruned"],
+            color="k",
+            linestyle=":",
+            label="sparse model before pruning (test)",
+        )
         ax.set_ylim(-2, 102)
         ax.set_ylabel("accuracy (%)")
-        _epoch_axis(ax)
+        epoch_axis(ax)
         ticks = [int(e) for e in ax.get_xticks() if 0 <= e <= epochs.max()]
         ax.set_xticks(ticks, [f"{t}" if t else "0\n(pruned)" for t in ticks])
         ax.set_title(f"ratio {ratio:g}: {100 * report['pruned_share']:.0f}% of channels removed")
-    fig.legend(handles=axes[0].get_legend_handles_labels()[0], loc="outside lower center",
-               ncols=2, frameon=False, fontsize="small")  # fmt: skip
+    fig.legend(
+        handles=axes[0].get_legend_handles_labels()[0],
+        loc="outside lower center",
+        ncols=2,
+        frameon=False,
+        fontsize="small",
+    )
     return fig
 
 
@@ -318,8 +351,7 @@ def figure_channels(res: LabResults) -> Figure:
     ResNet, a residual stream is one group); deep networks show every k-th name.
     """
     groups = len(next(iter(res.prune.values()))["layers"])
-    fig, axes = _panels(len(res.config.ratios), width=min(max(5.0, 0.14 * groups), 14.0),
-                        height=4.2)  # fmt: skip
+    fig, axes = panels(len(res.config.ratios), width=min(max(5.0, 0.14 * groups), 14.0), height=4.2)
     for ax, ratio in zip(axes, res.config.ratios):
         report = res.prune[ratio]
         names = [name for name, _, _ in report["layers"]]
@@ -330,8 +362,15 @@ def figure_channels(res: LabResults) -> Figure:
         ax.bar(x, kept, color="C0", label="kept")
         if len(kept) <= 20:  # beyond that the numbers overlap; the bars still tell
             for xi, k in zip(x, kept):
-                ax.annotate(str(k), (xi, k), ha="center", va="bottom", fontsize=7,
-                            xytext=(0, 1), textcoords="offset points")  # fmt: skip
+                ax.annotate(
+                    str(k),
+                    (xi, k),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    xytext=(0, 1),
+                    textcoords="offset points",
+                )
         step = -(-len(x) // MAX_LAYER_NAMES)  # every step-th name: at most MAX_LAYER_NAMES
         ax.set_xticks(x[::step], names[::step], rotation=90, fontsize=7)
         ax.set_xlim(-0.7, len(x) - 0.3)
@@ -355,8 +394,13 @@ def figure_sweep(res: LabResults) -> Figure:
     ax.axhline(100 / res.num_classes, color="0.5", linestyle="--", label="chance")
     floored = [p["ratio"] for p in points if p["floored"]]
     if floored:
-        ax.axvspan(min(floored) - 0.02, ratios.max() + 0.02, color="0.9", zorder=0,
-                   label="per-layer floor active")  # fmt: skip
+        ax.axvspan(
+            min(floored) - 0.02,
+            ratios.max() + 0.02,
+            color="0.9",
+            zorder=0,
+            label="per-layer floor active",
+        )
     ax.set_xlabel("prune ratio (share of all channels removed, by global |γ| threshold)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(-2, 102)
@@ -367,12 +411,6 @@ def figure_sweep(res: LabResults) -> Figure:
         handles=ax.get_legend_handles_labels()[0], loc="outside right upper", fontsize="small"
     )
     return fig
-
-
-def png_bytes(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
-    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------------------
@@ -386,31 +424,61 @@ def _acc(value: float | None) -> str:
 
 def training_table(res: LabResults) -> tuple[list[str], list[list[str]]]:
     """One row per λ: the last epoch's accuracies and sparsity, and the best test accuracy."""
-    header = ["λ", "train acc (%)", "test acc (%)", "best test acc (%)",
-              f"sparsity (|γ| < {res.sparsity_threshold:g}, %)", "median |γ|"]  # fmt: skip
+    header = [
+        "λ",
+        "train acc (%)",
+        "test acc (%)",
+        "best test acc (%)",
+        f"sparsity (|γ| < {res.sparsity_threshold:g}, %)",
+        "median |γ|",
+    ]
     rows = []
     for lam in res.config.lams:
         last = res.train[lam][-1]
         best = max(r["test_acc"] for r in res.train[lam])
         median = np.median(np.abs(res.gammas[lam]))
-        rows.append([lam_name(lam), _acc(last["train_acc"]), _acc(last["test_acc"]), _acc(best),
-                     f"{100 * last['sparsity']:.1f}", f"{median:.3g}"])  # fmt: skip
+        rows.append(
+            [
+                lam_name(lam),
+                _acc(last["train_acc"]),
+                _acc(last["test_acc"]),
+                _acc(best),
+                f"{100 * last['sparsity']:.1f}",
+                f"{median:.3g}",
+            ]
+        )
     return header, rows
 
 
 def accuracy_table(res: LabResults) -> tuple[list[str], list[list[str]]]:
     """One row per (λ, ratio): test accuracy before, right after pruning and after fine-tuning."""
-    header = ["λ", "ratio", "channels removed (%)", "sparse model", "masked (official)",
-              "compensated", "recalibrated", "fine-tuned (last epoch)",
-              "fine-tuned (best)"]  # fmt: skip
+    header = [
+        "λ",
+        "ratio",
+        "channels removed (%)",
+        "sparse model",
+        "masked (official)",
+        "compensated",
+        "recalibrated",
+        "fine-tuned (last epoch)",
+        "fine-tuned (best)",
+    ]
     rows = []
     for ratio in res.config.ratios:
         p, tuned = res.prune[ratio], res.finetune[ratio]
-        rows.append([lam_name(res.config.prune_lam), f"{ratio:g}",
-                     f"{100 * p['pruned_share']:.1f}", _acc(p["acc_unpruned"]),
-                     _acc(p["acc_masked"]), _acc(p["acc_compensated"]),
-                     _acc(p["acc_recalibrated"]), _acc(tuned[-1]["test_acc"]),
-                     _acc(max(r["test_acc"] for r in tuned))])  # fmt: skip
+        rows.append(
+            [
+                lam_name(res.config.prune_lam),
+                f"{ratio:g}",
+                f"{100 * p['pruned_share']:.1f}",
+                _acc(p["acc_unpruned"]),
+                _acc(p["acc_masked"]),
+                _acc(p["acc_compensated"]),
+                _acc(p["acc_recalibrated"]),
+                _acc(tuned[-1]["test_acc"]),
+                _acc(max(r["test_acc"] for r in tuned)),
+            ]
+        )
     return header, rows
 
 
@@ -419,15 +487,32 @@ def size_table(res: LabResults) -> tuple[list[str], list[list[str]]]:
     header = ["λ", "ratio", "params", "params removed (%)", "MACs", "MACs removed (%)", "cfg"]
     first = next(iter(res.prune.values()))
     original = str(VGG_CFGS.get(res.config.arch, "-")).replace("'", "")
-    rows = [["", "0 (unpruned)", f"{first['params_before']:,}", "0.0",
-             f"{first['macs_before']:,}", "0.0", original]]  # fmt: skip
+    rows = [
+        [
+            "",
+            "0 (unpruned)",
+            f"{first['params_before']:,}",
+            "0.0",
+            f"{first['macs_before']:,}",
+            "0.0",
+            original,
+        ]
+    ]
     for ratio in res.config.ratios:
         p = res.prune[ratio]
         fewer_params = 100 * (1 - p["params_after"] / p["params_before"])
         fewer_macs = 100 * (1 - p["macs_after"] / p["macs_before"])
-        rows.append([lam_name(res.config.prune_lam), f"{ratio:g}", f"{p['params_after']:,}",
-                     f"{fewer_params:.1f}", f"{p['macs_after']:,}", f"{fewer_macs:.1f}",
-                     str(p["cfg"] or "-").replace("'", "")])  # fmt: skip
+        rows.append(
+            [
+                lam_name(res.config.prune_lam),
+                f"{ratio:g}",
+                f"{p['params_after']:,}",
+                f"{fewer_params:.1f}",
+                f"{p['macs_after']:,}",
+                f"{fewer_macs:.1f}",
+                str(p["cfg"] or "-").replace("'", ""),
+            ]
+        )
     return header, rows
 
 
@@ -455,8 +540,6 @@ def sweep_summary(res: LabResults) -> str:
 # The document, as blocks, and its Markdown and HTML forms
 # --------------------------------------------------------------------------------------
 
-Block = tuple[Union[str, list, tuple], ...]  # ("h2", text), ("table", header, rows), ...
-
 
 def build_document(res: LabResults) -> list[Block]:
     """The report's content in order; figures are referred to by their key in FIGURES."""
@@ -464,77 +547,124 @@ def build_document(res: LabResults) -> list[Block]:
     lams = ", ".join(lam_name(x) for x in c.lams)
     ratios = ", ".join(f"{r:g}" for r in c.ratios)
     floored = [f"{p['ratio']:g}" for p in res.sweep["points"] if p["floored"]]
-    return [
-        ("h1", f"Network slimming lab: {c.arch} on {c.dataset}"),
-        ("p", f"Sparsity training at λ = {lams} ({_epochs(c.epochs)} each, same initial weights, "
-              f"recipe '{c.recipe}'), pruning of the λ = {lam_name(c.prune_lam)} model at "
-              f"ratios {ratios}, and {_epochs(c.finetune_epochs)} of fine-tuning of each pruned "
-              f"network.{_control_sentence(res)} Accuracies are in %, on the test set"
-              f"{f' (its first {c.test_size} images)' if c.test_size else ''}."),
-        ("h2", "Sparsity training"),
-        ("table", *training_table(res)),
-        ("figure", "training", "Figure 1: accuracy and sparsity during sparsity training",
-         f"Per λ: train and test accuracy (left axis) and the share of BN channels whose "
-         f"scaling factor |γ| is below {res.sparsity_threshold:g} (right axis) after each "
-         f"epoch. {_schedule_sentence(res.train_config)}"),
-        ("figure", "gammas", "Figure 2: BN scaling factors at the end of training",
-         "Histogram of |γ| of all BN channels, on a logarithmic axis shared by all panels: a "
-         "large λ pushes many γ down by orders of magnitude (to 1e-5 and below), which a "
-         "linear axis would squeeze into one bar at 0, while the log axis shows every "
-         "distribution's shape and lets the panels be compared directly. "
-         "Values below 1e-8 (exact zeros included) are counted at 1e-8. Dotted: the sparsity "
-         "threshold of figure 1; dashed and dash-dotted, one colour each: the global prune "
-         "thresholds of the lab's ratios (channels left of a line are removed)."),
-        *([("figure", "control", "Figure 6: early pruning and λ of the pruned run",
-            "Left: the share of BN channels whose keep/remove decision at the early-pruning "
-            "ratio changed since the previous epoch; sparsity training stops once it stays at "
-            "most --stable-tol for --stable-epochs epochs in a row. Right: the λ of each "
-            "epoch (adapted by --target-ratio when set).")] if _controlled(res) else []),
-        ("h2", f"Pruning the λ = {lam_name(c.prune_lam)} model"),
-        ("p", "Test accuracy (%) of the sparse model, right after pruning -- with the "
-              "official masking (pruned γ and β zeroed), with the pruned channels' constant "
-              "output folded into the next layer (bias compensation), and with compensation "
-              f"plus BN statistics re-estimated on {c.recalibrate} batches of 128 training "
-              "images (recalibration; n/a when off) -- and after fine-tuning the network "
-              "saved by pruning (the recalibrated one, or the compensated one without "
-              "recalibration)."),
-        ("table", *accuracy_table(res)),
-        ("p", "Size of each network: parameters, multiply-accumulates per 32x32 image, and the "
-              "pruned cfg of a VGG (channels per conv layer, M = max-pool; '-' for other "
-              "networks)."),
-        ("table", *size_table(res)),
-        ("figure", "finetune", "Figure 3: fine-tuning the pruned networks",
-         "Per ratio: train and test accuracy after each fine-tuning epoch. Epoch 0 (star) is "
-         "the network fine-tuning starts from, right after pruning: "
-         + ("with BN recalibration, " if c.recalibrate else "with bias compensation, ")
-         + "not the official masking's accuracy, which is marked apart (X). The dotted line "
-         "is the sparse model's test accuracy before pruning, the level fine-tuning has to "
-         "recover."),
-        ("figure", "channels", "Figure 4: channels kept per layer",
-         "Per ratio: channels of each channel group (a conv layer's outputs; in a residual "
-         "network, a whole residual stream), named by the BatchNorm layer that scales it, "
-         f"before pruning (grey) and kept (blue); a deep network names every k-th group (at "
-         f"most {MAX_LAYER_NAMES}). One global threshold on |γ| decides, so layers are pruned "
-         "unevenly."),
-        ("figure", "sweep", "Figure 5: where pruning breaks the network",
-         f"Test accuracy right after pruning the λ = {lam_name(c.prune_lam)} model at each "
-         "ratio, without any fine-tuning. "
-         + (f"At ratio{'s' if len(floored) > 1 else ''} {', '.join(floored)} the per-layer floor (1% of each layer, at least "
-            "one channel) kept some layers alive, so slightly fewer channels than asked were "
-            "removed (shaded). " if floored else "")
-         + sweep_summary(res)),
-        ("h2", "Reproducing this run"),
-        ("p", "This command reproduces the lab (it continues the run folder if it exists):"),
-        ("code", res.info.get("command", c.command(res.run))),
-        ("p", "Its settings, as stored in `lab.json`:"),
-        ("code", json.dumps(asdict(c), indent=2)),
-        ("p", "Software and hardware that ran it (one row per environment that ran a part):"),
-        ("table", *_software_table(res.info.get("software", []))),
-        ("p", "Files: `train/lam=<λ>/` and `finetune/ratio=<r>/` hold each run's "
-              "`metrics.jsonl`, `config.json`, `last.pth` and `best.pth`; `prune/` the pruned "
-              "networks and their reports; `sweep.json` the data of figure 5. "
-              "`netslim report <run folder>` re-renders this report from them."),
-    ]  # fmt: skip
+    return slimming_document(
+        title=f"Network slimming lab: {c.arch} on {c.dataset}",
+        summary=f"Sparsity training at λ = {lams} ({_epochs(c.epochs)} each, same initial weights, "
+        f"recipe '{c.recipe}'), pruning of the λ = {lam_name(c.prune_lam)} model at "
+        f"ratios {ratios}, and {_epochs(c.finetune_epochs)} of fine-tuning of each pruned "
+        f"network.{_control_sentence(res)} Accuracies are in %, on the test set"
+        f"{f' (its first {c.test_size} images)' if c.test_size else ''}.",
+        training=[
+            ("table", *training_table(res)),
+            (
+                "figure",
+                "training",
+                "Figure 1: accuracy and sparsity during sparsity training",
+                f"Per λ: train and test accuracy (left axis) and the share of BN channels whose "
+                f"scaling factor |γ| is below {res.sparsity_threshold:g} (right axis) after each "
+                f"epoch. {_schedule_sentence(res.train_config)}",
+            ),
+            (
+                "figure",
+                "gammas",
+                "Figure 2: BN scaling factors at the end of training",
+                "Histogram of |γ| of all BN channels, on a logarithmic axis shared by all panels: a "
+                "large λ pushes many γ down by orders of magnitude (to 1e-5 and below), which a "
+                "linear axis would squeeze into one bar at 0, while the log axis shows every "
+                "distribution's shape and lets the panels be compared directly. "
+                "Values below 1e-8 (exact zeros included) are counted at 1e-8. Dotted: the sparsity "
+                "threshold of figure 1; dashed and dash-dotted, one colour each: the global prune "
+                "thresholds of the lab's ratios (channels left of a line are removed).",
+            ),
+            *(
+                [
+                    (
+                        "figure",
+                        "control",
+                        "Figure 6: early pruning and λ of the pruned run",
+                        "Left: the share of BN channels whose keep/remove decision at the early-pruning "
+                        "ratio changed since the previous epoch; sparsity training stops once it stays at "
+                        "most --stable-tol for --stable-epochs epochs in a row. Right: the λ of each "
+                        "epoch (adapted by --target-ratio when set).",
+                    )
+                ]
+                if _controlled(res)
+                else []
+            ),
+        ],
+        pruning_title=f"Pruning the λ = {lam_name(c.prune_lam)} model",
+        pruning=[
+            (
+                "p",
+                "Test accuracy (%) of the sparse model, right after pruning -- with the "
+                "official masking (pruned γ and β zeroed), with the pruned channels' constant "
+                "output folded into the next layer (bias compensation), and with compensation "
+                f"plus BN statistics re-estimated on {c.recalibrate} batches of 128 training "
+                "images (recalibration; n/a when off) -- and after fine-tuning the network "
+                "saved by pruning (the recalibrated one, or the compensated one without "
+                "recalibration).",
+            ),
+            ("table", *accuracy_table(res)),
+            (
+                "p",
+                "Size of each network: parameters, multiply-accumulates per 32x32 image, and the "
+                "pruned cfg of a VGG (channels per conv layer, M = max-pool; '-' for other "
+                "networks).",
+            ),
+            ("table", *size_table(res)),
+            (
+                "figure",
+                "finetune",
+                "Figure 3: fine-tuning the pruned networks",
+                "Per ratio: train and test accuracy after each fine-tuning epoch. Epoch 0 (star) is "
+                "the network fine-tuning starts from, right after pruning: "
+                + ("with BN recalibration, " if c.recalibrate else "with bias compensation, ")
+                + "not the official masking's accuracy, which is marked apart (X). The dotted line "
+                "is the sparse model's test accuracy before pruning, the level fine-tuning has to "
+                "recover.",
+            ),
+            (
+                "figure",
+                "channels",
+                "Figure 4: channels kept per layer",
+                "Per ratio: channels of each channel group (a conv layer's outputs; in a residual "
+                "network, a whole residual stream), named by the BatchNorm layer that scales it, "
+                f"before pruning (grey) and kept (blue); a deep network names every k-th group (at "
+                f"most {MAX_LAYER_NAMES}). One global threshold on |γ| decides, so layers are pruned "
+                "unevenly.",
+            ),
+            (
+                "figure",
+                "sweep",
+                "Figure 5: where pruning breaks the network",
+                f"Test accuracy right after pruning the λ = {lam_name(c.prune_lam)} model at each "
+                "ratio, without any fine-tuning. "
+                + (
+                    f"At ratio{'s' if len(floored) > 1 else ''} {', '.join(floored)} the per-layer floor (1% of each layer, at least "
+                    "one channel) kept some layers alive, so slightly fewer channels than asked were "
+                    "removed (shaded). "
+                    if floored
+                    else ""
+                )
+                + sweep_summary(res),
+            ),
+        ],
+        reproduce=[
+            ("p", "This command reproduces the lab (it continues the run folder if it exists):"),
+            ("code", res.info.get("command", c.command(res.run))),
+            ("p", "Its settings, as stored in `lab.json`:"),
+            ("code", json.dumps(asdict(c), indent=2)),
+            ("p", "Software and hardware that ran it (one row per environment that ran a part):"),
+            ("table", *_software_table(res.info.get("software", []))),
+            (
+                "p",
+                "Files: `train/lam=<λ>/` and `finetune/ratio=<r>/` hold each run's "
+                "`metrics.jsonl`, `config.json`, `last.pth` and `best.pth`; `prune/` the pruned "
+                "networks and their reports; `sweep.json` the data of figure 5. "
+                "`netslim report <run folder>` re-renders this report from them.",
+            ),
+        ],
+    )
 
 
 def _epochs(n: int) -> str:
@@ -544,8 +674,10 @@ def _epochs(n: int) -> str:
 def _schedule_sentence(config: TrainConfig) -> str:
     if config.schedule == "step":
         return "The learning rate drops tenfold at 50% and 75% of the epochs."
-    return (f"The learning rate rises linearly over the first {warmup_epochs(config):g} "
-            "epochs, then falls linearly to 0 by the last epoch set.")  # fmt: skip
+    return (
+        f"The learning rate rises linearly over the first {warmup_epochs(config):g} "
+        "epochs, then falls linearly to 0 by the last epoch set."
+    )
 
 
 def _control_sentence(res: LabResults) -> str:
@@ -553,87 +685,22 @@ def _control_sentence(res: LabResults) -> str:
     c = res.config
     parts = []
     if c.target_ratio is not None:
-        parts.append(f"λ was adapted by λ auto toward a share of "
-                     f"{c.target_ratio:g} of |γ| below {res.sparsity_threshold:g}")  # fmt: skip
+        parts.append(
+            f"λ was adapted by λ auto toward a share of "
+            f"{c.target_ratio:g} of |γ| below {res.sparsity_threshold:g}"
+        )
     stop = _stop_epoch(res.train[c.prune_lam])
     if stop is not None:
-        parts.append(f"training stopped after epoch {stop}, when the prune mask at ratio "
-                     f"{c.prune_when_stable:g} had settled")  # fmt: skip
+        parts.append(
+            f"training stopped after epoch {stop}, when the prune mask at ratio "
+            f"{c.prune_when_stable:g} had settled"
+        )
     return f" In the λ = {lam_name(c.prune_lam)} run, {' and '.join(parts)}." if parts else ""
 
 
 def _software_table(envs: list[dict[str, str]]) -> tuple[list[str], list[list[str]]]:
     keys = ["python", "torch", "numpy", "matplotlib", "netslim", "device", "autocast", "platform"]
     return keys, [[env.get(k, "") for k in keys] for env in envs]
-
-
-def to_markdown(doc: list[Block], files: dict[str, str] = FIGURE_FILES) -> str:
-    """The document as Markdown; figure ``key`` is the image ``figures/files[key]``."""
-    out: list[str] = []
-    for kind, *rest in doc:
-        if kind in ("h1", "h2"):
-            out.append(f"{'#' * int(kind[1])} {rest[0]}")
-        elif kind == "p":
-            out.append(rest[0])
-        elif kind == "code":
-            out.append(f"```\n{rest[0]}\n```")
-        elif kind == "table":
-            header, rows = rest
-            lines = [header, ["---"] * len(header), *rows]
-            cells = [[c.replace("|", "\\|") for c in line] for line in lines]  # |γ| in a cell
-            out.append("\n".join("| " + " | ".join(line) + " |" for line in cells))
-        elif kind == "figure":
-            key, title, caption = rest
-            out.append(f"![{title}](figures/{files[key]})\n\n*{title}.* {caption}")
-    return "\n\n".join(out) + "\n"
-
-
-def _inline(text: str) -> str:
-    """Escape text for HTML and turn `code` spans into <code>."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
-
-
-STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1500px; margin: 2em auto; padding: 0 1em;
-       line-height: 1.45; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
-th { background: #f3f3f3; }
-td:last-child { text-align: left; }
-pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; white-space: pre-wrap; }
-figure { margin: 2em 0; }
-img { max-width: 100%; }
-figcaption { max-width: 60em; }
-"""
-
-
-def to_html(doc: list[Block], images: dict[str, bytes]) -> str:
-    """A self-contained page: every figure is a data URI, nothing refers outside the file."""
-    title = next(rest[0] for kind, *rest in doc if kind == "h1")
-    out = [f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-           f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"]  # fmt: skip
-    for kind, *rest in doc:
-        if kind in ("h1", "h2"):
-            out.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
-        elif kind == "p":
-            out.append(f"<p>{_inline(rest[0])}</p>")
-        elif kind == "code":
-            out.append(f"<pre><code>{html.escape(rest[0])}</code></pre>")
-        elif kind == "table":
-            header, rows = rest
-            cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                           for row in rows)  # fmt: skip
-            out.append(f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>")
-        elif kind == "figure":
-            key, title, caption = rest
-            data = base64.b64encode(images[key]).decode("ascii")
-            img = f"<img src='data:image/png;base64,{data}' alt='{html.escape(title)}'>"
-            out.append(f"<figure>{img}"
-                       f"<figcaption><b>{html.escape(title)}.</b> {_inline(caption)}</figcaption>"
-                       "</figure>")  # fmt: skip
-    out.append("</body></html>\n")
-    return "\n".join(out)
 
 
 FIGURE_MAKERS = {
@@ -653,10 +720,4 @@ def render_report(run: str | Path) -> Path:
     """
     res = load_results(run)
     figures = {key: make(res) for key, make in FIGURE_MAKERS.items()}
-    images = {key: png_bytes(fig) for key, fig in figures.items() if fig is not None}
-    for key, data in images.items():
-        atomic_write(res.run / "figures" / FIGURE_FILES[key], lambda f, d=data: f.write(d))
-    doc = build_document(res)
-    atomic_write_text(res.run / "report.md", to_markdown(doc))
-    atomic_write_text(res.run / "report.html", to_html(doc, images))
-    return res.run / "report.html"
+    return write_report(res.run, build_document(res), figures, FIGURE_FILES)

@@ -61,8 +61,7 @@ def train_stage(
             write_metrics(run_dir, read_checkpoint(run_dir / "last.pth")["netslim"]["history"])
         log(f"   done already ({done} epochs): {run_dir}")
         return
-    fit(config, data, make_model(), run_dir, meta=meta, resume=done > 0, log=log,
-        on_step=on_step)  # fmt: skip
+    fit(config, data, make_model(), run_dir, meta=meta, resume=done > 0, log=log, on_step=on_step)
 
 
 def prune_stage(

@@ -31,6 +31,10 @@ def finetune_dir(out: Path, lam: float, ratio: float) -> Path:
     return out / f"ft-{pruned_name(lam, ratio)}"
 
 
+#: Settings of lab.json that netslim 0.1's first YOLO labs named as Ultralytics does.
+LEGACY_NAMES = {"imgsz": "image_size", "batch": "batch_size"}
+
+
 def read_lab(out: str | Path) -> YoloLab:
     path = Path(out) / LAB_FILE
     if not path.is_file():
@@ -39,6 +43,9 @@ def read_lab(out: str | Path) -> YoloLab:
         settings = json.loads(path.read_text())
         if not isinstance(settings, dict):
             raise ValueError(f"it holds a {type(settings).__name__}, not the lab's settings")
+        for old, new in LEGACY_NAMES.items():  # a lab.json written before they were renamed
+            if old in settings and new not in settings:
+                settings[new] = settings.pop(old)
         return YoloLab(**settings)
     except (ValueError, TypeError, UnicodeDecodeError, NetslimError) as e:
         detail = str(e).splitlines()[0][:160] if str(e) else type(e).__name__

@@ -6,13 +6,16 @@
    ``out/lam{λ}/`` (Ultralytics' run folder, with netslim's ``sparsity.jsonl``);
 2. each run's final network (``weights/last.pth``, in fp32) pruned at every ratio of ``ratios`` and ``sweep``, mAP measured
    right after pruning the three ways (:func:`netslim.yolo.prune.prune`):
-   ``out/pruned/lam{λ}-p{ratio%}.pth`` and ``.json``;
+   ``out/pruned/lam{λ}-p{ratio%}.json`` (and the network, ``.pth`` and ``.pt``, where step 3
+   fine-tunes it);
 3. the ``ratios`` of the ``prune_lam`` run fine-tuned: ``out/ft-lam{λ}-p{ratio%}/``;
 4. the report (:mod:`netslim.yolo.report`): ``out/report.md`` and ``out/report.html``.
 
 Every step whose result exists is skipped and an interrupted training run resumes, so
 running the same command again continues a stopped lab; ``out/lab.json`` holds the
-settings, and a folder holding another lab's is refused.
+settings, and a folder holding another lab's is refused. The lab keeps only the files its
+report and its resume read (:data:`UNNEEDED_TRAIN`, :data:`UNNEEDED_FINETUNE`), and prints
+one line per stage rather than Ultralytics' settings (they are in each run's ``args.yaml``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from netslim.errors import NetslimError
 from netslim.files import write_json
 from netslim.train import runlock
 from netslim.yolo import prune as yolo_prune
+from netslim.yolo import run as yolo_run
+from netslim.yolo import seam
 from netslim.yolo import train as yolo_train
 from netslim.yolo.data import check_data
 from netslim.yolo.files import read_checkpoint, read_yolo
@@ -37,22 +42,40 @@ from netslim.yolo.settings import check_epochs, check_settings
 def finished(run: Path) -> bool:
     """Whether the training run in ``run`` ran to its end: netslim marked it so, or
     Ultralytics stripped its last.pt (epoch -1), which it does once a run is over."""
-    info = run / yolo_train.RUN_FILE
+    info = run / yolo_run.RUN_FILE
     if info.is_file() and json.loads(info.read_text()).get("finished"):
         return True
     last = run / "weights" / "last.pt"
-    return last.is_file() and read_checkpoint(last).get("epoch") == -1
+    return last.is_file() and seam.finished_checkpoint(read_checkpoint(last))
+
+
+# The files of a finished run that neither the report, nor pruning, nor a resumed lab reads
+# (the report reads sparsity.jsonl, results.csv and a training run's last.pt, pruning its
+# last.pth; a fine-tune's network is finetuned.pth, and its best.pt stays for Ultralytics'
+# own exporter); Ultralytics' plots are off (netslim.yolo.run.DEFAULTS).
+UNNEEDED_TRAIN = ("weights/best.pt", "weights/best.pth", "weights/start.pt")
+UNNEEDED_FINETUNE = ("weights/last.pt", "weights/last.pth", "weights/best.pth", "weights/start.pt")
 
 
 def _run_once(
-    run: Path, done: bool, start: Callable[[bool], Any], log: Callable[[str], None]
+    run: Path,
+    done: bool,
+    start: Callable[[bool], Any],
+    log: Callable[[str], None],
+    unneeded: tuple[str, ...] = (),
 ) -> None:
-    """``start(resume)`` unless the run is ``done``; resuming when it had begun."""
-    if done:
-        return
-    resume = (run / "weights" / "last.pt").is_file()
-    log(f"{'resuming' if resume else 'starting'} {run}")
-    start(resume)
+    """``start(resume)`` unless the run is ``done``; resuming when it had begun. Then the
+    ``unneeded`` files of the finished run are deleted."""
+    if not done:
+        resume = (run / "weights" / "last.pt").is_file()
+        # one line per stage: Ultralytics' own settings dump is off, they are in args.yaml
+        log(
+            f"{'resuming' if resume else 'starting'} {run} (Ultralytics' settings: "
+            f"{run / 'args.yaml'})"
+        )
+        start(resume)
+    for name in unneeded:
+        (run / name).unlink(missing_ok=True)
 
 
 def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -> Path:
@@ -61,12 +84,13 @@ def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -
 
     out = Path(out)
     data = Path(lab.data)
-    options: dict[str, Any] = {"imgsz": lab.imgsz, "batch": lab.batch, **lab.settings}
+    options: dict[str, Any] = {"imgsz": lab.image_size, "batch": lab.batch_size, **lab.settings}
     if lab.device is not None:
         options["device"] = lab.device
     # every setting and the data set checked before the lab writes anything
-    check_settings({k: v for k, v in options.items() if k != "imgsz"}, epochs=lab.epochs,
-                   imgsz=lab.imgsz)  # fmt: skip
+    check_settings(
+        {k: v for k, v in options.items() if k != "imgsz"}, epochs=lab.epochs, imgsz=lab.image_size
+    )
     check_epochs(lab.finetune_epochs, "--finetune-epochs")
     check_data(data)
     with runlock.hold(out):  # one lab per folder at a time (its runs hold their own)
@@ -84,27 +108,55 @@ def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -
         model = read_yolo(lab.model) if lab.model.endswith((".pt", ".pth")) else lab.model
         for lam in lab.lams:
             run = train_dir(out, lam)
-            _run_once(run, finished(run), lambda resume, lam=lam, run=run: yolo_train.train(
-                model, data, run, lam=lam, epochs=lab.epochs, resume=resume, **options), log)  # fmt: skip
+            _run_once(
+                run,
+                finished(run),
+                lambda resume, lam=lam, run=run: yolo_train.train(
+                    model, data, run, lam=lam, epochs=lab.epochs, resume=resume, **options
+                ),
+                log,
+                UNNEEDED_TRAIN,
+            )
         for lam in lab.lams:
             weights = train_dir(out, lam) / "weights"
             # the network the run ended with, as the paper prunes: best.pt is the epoch of best
             # mAP, in a sparsity run often an early one whose γs are not yet sparse
-            final = weights / yolo_train.LAST_FP32
+            final = weights / yolo_run.LAST_FP32
             final = final if final.is_file() else weights / "last.pt"
+            unpruned = None  # the unpruned network's mAPs, validated once per λ
             for ratio in lab.all_ratios():
                 target = pruned_path(out, lam, ratio)
                 if not target.with_suffix(".json").is_file():
                     log(f"pruning {final} at {ratio:g} into {target}")
-                    yolo_prune.prune(final, target, ratio=ratio, data=data, imgsz=lab.imgsz,
-                                     batch=lab.batch, recalibrate=lab.recalibrate,
-                                     device=lab.device or "cpu", log=log)  # fmt: skip
+                    report = yolo_prune.prune(
+                        final,
+                        target,
+                        ratio=ratio,
+                        data=data,
+                        imgsz=lab.image_size,
+                        batch=lab.batch_size,
+                        recalibrate=lab.recalibrate,
+                        unpruned=unpruned,
+                        device=lab.device or "cpu",
+                        log=log,
+                    )
+                    unpruned = report.measured["unpruned"]
+                if lam != lab.prune_lam or ratio not in lab.ratios:
+                    # measured only (the report reads its .json): no fine-tune reads the network
+                    for network in (target, target.with_suffix(".pt")):
+                        network.unlink(missing_ok=True)
         for ratio in lab.ratios:
             source, run = (
                 pruned_path(out, lab.prune_lam, ratio),
                 finetune_dir(out, lab.prune_lam, ratio),
             )
-            _run_once(run, (run / "finetuned.pth").is_file(), lambda resume, source=source, run=run:
-                      yolo_train.finetune(source, data, run, epochs=lab.finetune_epochs,
-                                          resume=resume, **options), log)  # fmt: skip
+            _run_once(
+                run,
+                (run / "finetuned.pth").is_file(),
+                lambda resume, source=source, run=run: yolo_train.finetune(
+                    source, data, run, epochs=lab.finetune_epochs, resume=resume, **options
+                ),
+                log,
+                UNNEEDED_FINETUNE,
+            )
         return render_report(out)

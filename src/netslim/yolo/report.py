@@ -2,8 +2,7 @@
 
 :func:`render_report` reads the lab folder -- ``sparsity.jsonl`` of every run, the prune
 reports, the trained ``last.pt`` files -- and writes ``figures/*.png``, ``report.md`` and
-``report.html``, with the blocks and writers of the classifier report
-(:mod:`netslim.lab.report`). Nothing is trained or measured here.
+``report.html``, filling the skeleton every lab report shares (:mod:`netslim.lab.document`). Nothing is trained or measured here.
 
 "mAP" is Ultralytics' mAP50-95 on the data set's val split: of the boxes for a detector,
 of the masks for a segmenter.
@@ -22,19 +21,18 @@ from matplotlib.figure import Figure
 from netslim.config import YoloLab
 from netslim.engine.sparsity import bn_gammas
 from netslim.errors import NetslimError
-from netslim.files import atomic_write, atomic_write_text
-from netslim.lab.report import (
+from netslim.lab.document import (
     Block,
-    _epoch_axis,
-    _panels,
+    epoch_axis,
     gamma_panels,
-    png_bytes,
-    to_html,
-    to_markdown,
+    panels,
+    slimming_document,
+    write_report,
 )
+from netslim.yolo import seam
 from netslim.yolo.files import read_model
 from netslim.yolo.folder import finetune_dir, pruned_path, read_lab, train_dir
-from netslim.yolo.train import read_sparsity
+from netslim.yolo.run import read_sparsity
 
 FIGURES = {
     "training": "fig1_training.png",
@@ -42,9 +40,11 @@ FIGURES = {
     "sweep": "fig3_prune_sweep.png",
     "finetune": "fig4_finetuning.png",
 }
-METHODS = (("official", "official (threshold and copy)"),
-           ("compensated", "bias compensation"),
-           ("recalibrated", "BN recalibration"))  # fmt: skip
+METHODS = (
+    ("official", "official (threshold and copy)"),
+    ("compensated", "bias compensation"),
+    ("recalibrated", "BN recalibration"),
+)
 
 
 @dataclass
@@ -78,9 +78,9 @@ def load_results(out: str | Path) -> YoloResults:
             prune[lam, ratio] = json.loads(report.read_text())["prune"]
     for ratio in lab.ratios:
         finetune[ratio] = read_sparsity(finetune_dir(out, lab.prune_lam, ratio))
-    first = next(iter(prune.values()))["extra"]["map"]["unpruned"]
+    first = next(iter(prune.values()))["measured"]["unpruned"]
     metric = "mask mAP50-95" if "mask mAP50-95" in first else "mAP50-95"
-    key = "metrics/mAP50-95(M)" if metric.startswith("mask") else "metrics/mAP50-95(B)"
+    key = seam.metric_key(metric)
     return YoloResults(out, lab, metric, key, train, gammas, prune, finetune)
 
 
@@ -88,11 +88,11 @@ def best_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The epoch Ultralytics keeps as best.pt: the highest fitness."""
     if not records:
         return None
-    return max(records, key=lambda r: r.get("fitness", r.get("metrics/mAP50-95(B)", 0.0)))
+    return max(records, key=seam.fitness)
 
 
 def _map(report: dict[str, Any], way: str, metric: str) -> float:
-    return report["extra"]["map"][way][metric]
+    return report["measured"][way][metric]
 
 
 # --------------------------------------------------------------------------------------
@@ -102,13 +102,13 @@ def _map(report: dict[str, Any], way: str, metric: str) -> float:
 
 def figure_training(res: YoloResults) -> Figure:
     """Per λ: mAP (left axis) and the share of sparse γ (right axis) against epoch."""
-    fig, axes = _panels(len(res.lab.lams))
+    fig, axes = panels(len(res.lab.lams))
     for ax, lam in zip(axes, res.lab.lams):
         records = res.train[lam]
         epochs = [r["epoch"] for r in records]
         ax.plot(epochs, [r.get(res.key, np.nan) for r in records], color="C0", marker=".")
         ax.set_ylabel(res.metric, color="C0")
-        _epoch_axis(ax)
+        epoch_axis(ax)
         right = ax.twinx()
         right.plot(epochs, [100 * r["sparsity"] for r in records], color="C1", linestyle="--")
         right.set_ylabel("sparse γ (%)", color="C1")
@@ -121,42 +121,59 @@ def figure_gammas(res: YoloResults) -> Figure:
     """Per λ: the histogram of |γ| of last.pt (log bins), with the prune thresholds."""
 
     def lines(lam: float) -> list[tuple]:
-        return [(res.prune[lam, ratio]["threshold"],
-                 f"prune threshold at {ratio:g}: {res.prune[lam, ratio]['threshold']:.3g}",
-                 {"color": f"C{i + 1}", "linestyle": "--"})
-                for i, ratio in enumerate(res.lab.ratios)]  # fmt: skip
+        return [
+            (
+                res.prune[lam, ratio]["threshold"],
+                f"prune threshold at {ratio:g}: {res.prune[lam, ratio]['threshold']:.3g}",
+                {"color": f"C{i + 1}", "linestyle": "--"},
+            )
+            for i, ratio in enumerate(res.lab.ratios)
+        ]
 
-    return gamma_panels(res.gammas, res.lab.lams, lambda lam: f"λ = {lam:g}", lines,
-                        headroom=1.3)  # fmt: skip
+    return gamma_panels(res.gammas, res.lab.lams, lambda lam: f"λ = {lam:g}", lines, headroom=1.3)
 
 
 def figure_finetune(res: YoloResults) -> Figure:
     """Per fine-tuned ratio: mAP against epoch, with the unpruned run and right after pruning."""
-    fig, axes = _panels(len(res.lab.ratios))
+    fig, axes = panels(len(res.lab.ratios))
     unpruned = best_record(res.train[res.lab.prune_lam]) or {}
     for ax, ratio in zip(axes, res.lab.ratios):
         records, report = res.finetune[ratio], res.prune[res.lab.prune_lam, ratio]
-        ax.plot([r["epoch"] for r in records], [r.get(res.key, np.nan) for r in records],
-                color="C0", marker=".", label="fine-tuning")  # fmt: skip
+        ax.plot(
+            [r["epoch"] for r in records],
+            [r.get(res.key, np.nan) for r in records],
+            color="C0",
+            marker=".",
+            label="fine-tuning",
+        )
         ax.axhline(unpruned.get(res.key, np.nan), color="C2", linestyle="--", label="unpruned")
         for way, color in (("recalibrated", "C3"), ("official", "C4")):
-            ax.axhline(_map(report, way, res.metric), color=color, linestyle=":",
-                       label=f"right after pruning, {way}")  # fmt: skip
+            ax.axhline(
+                _map(report, way, res.metric),
+                color=color,
+                linestyle=":",
+                label=f"right after pruning, {way}",
+            )
         ax.set_ylabel(res.metric)
         ax.set_title(f"λ = {res.lab.prune_lam:g}, {ratio:.0%} of BN channels pruned")
-        _epoch_axis(ax)
+        epoch_axis(ax)
         ax.legend(fontsize="small")
     return fig
 
 
 def figure_sweep(res: YoloResults) -> Figure:
     """Per λ: mAP right after pruning against the ratio, the three ways."""
-    fig, axes = _panels(len(res.lab.lams))
+    fig, axes = panels(len(res.lab.lams))
     ratios = res.lab.all_ratios()
     for ax, lam in zip(axes, res.lab.lams):
         for i, (way, label) in enumerate(METHODS):
-            ax.plot(ratios, [_map(res.prune[lam, r], way, res.metric) for r in ratios],
-                    marker="o", color=f"C{i}", label=label)  # fmt: skip
+            ax.plot(
+                ratios,
+                [_map(res.prune[lam, r], way, res.metric) for r in ratios],
+                marker="o",
+                color=f"C{i}",
+                label=label,
+            )
         unpruned = _map(res.prune[lam, ratios[0]], "unpruned", res.metric)
         ax.axhline(unpruned, color="k", linestyle="--", linewidth=1, label="unpruned")
         ax.set_xlabel("share of BN channels pruned")
@@ -167,8 +184,12 @@ def figure_sweep(res: YoloResults) -> Figure:
     return fig
 
 
-FIGURE_MAKERS = {"training": figure_training, "gammas": figure_gammas,
-                 "finetune": figure_finetune, "sweep": figure_sweep}  # fmt: skip
+FIGURE_MAKERS = {
+    "training": figure_training,
+    "gammas": figure_gammas,
+    "finetune": figure_finetune,
+    "sweep": figure_sweep,
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -179,14 +200,11 @@ FIGURE_MAKERS = {"training": figure_training, "gammas": figure_gammas,
 def wall_seconds(run: Path) -> float | None:
     """Training time of an Ultralytics run, from the cumulative ``time`` of its results.csv
     (which starts again from 0 when a run is resumed: each restart adds its own)."""
-    csv = run / "results.csv"
-    if not csv.is_file():
+    times = seam.results_column(run, seam.TIME_COLUMN)
+    if times is None:
         return None
-    lines = csv.read_text().splitlines()
-    column = [c.strip() for c in lines[0].split(",")].index("time")
     total, previous = 0.0, 0.0
-    for line in lines[1:]:
-        now = float(line.split(",")[column])
+    for now in times:
         total += now - previous if now >= previous else now
         previous = now
     return total
@@ -197,36 +215,68 @@ def _minutes(seconds: float | None) -> str:
 
 
 def training_table(res: YoloResults) -> tuple[list[str], list[list[str]]]:
-    header = ["λ", "epochs", f"best {res.metric} (epoch)", f"last {res.metric} (pruned)",
-              "sparse γ (last)", "wall time"]  # fmt: skip
+    header = [
+        "λ",
+        "epochs",
+        f"best {res.metric} (epoch)",
+        f"last {res.metric} (pruned)",
+        "sparse γ (last)",
+        "wall time",
+    ]
     rows = []
     for lam in res.lab.lams:
         records, best = res.train[lam], best_record(res.train[lam]) or {}
         last = records[-1] if records else {}
-        rows.append([f"{lam:g}", str(len(records)),
-                     f"{best.get(res.key, np.nan):.4f} ({best.get('epoch', '-')})",
-                     f"{last.get(res.key, np.nan):.4f}",
-                     f"{100 * last['sparsity']:.1f}%" if last else "n/a",
-                     _minutes(wall_seconds(train_dir(res.out, lam)))])  # fmt: skip
+        rows.append(
+            [
+                f"{lam:g}",
+                str(len(records)),
+                f"{best.get(res.key, np.nan):.4f} ({best.get('epoch', '-')})",
+                f"{last.get(res.key, np.nan):.4f}",
+                f"{100 * last['sparsity']:.1f}%" if last else "n/a",
+                _minutes(wall_seconds(train_dir(res.out, lam))),
+            ]
+        )
     return header, rows
 
 
 def pruning_table(res: YoloResults) -> tuple[list[str], list[list[str]]]:
-    header = ["λ", "ratio", "BN channels removed", "params", "MACs", "unpruned", "official",
-              "compensated", "recalibrated", "fine-tuned"]  # fmt: skip
+    header = [
+        "λ",
+        "ratio",
+        "BN channels removed",
+        "params",
+        "MACs",
+        "unpruned",
+        "official",
+        "compensated",
+        "recalibrated",
+        "fine-tuned",
+    ]
     rows = []
     for (lam, ratio), report in res.prune.items():
         tuned = ""
         if lam == res.lab.prune_lam and ratio in res.lab.ratios:
             best = best_record(res.finetune[ratio]) or {}
             seconds = wall_seconds(finetune_dir(res.out, lam, ratio))
-            tuned = (f"{best.get(res.key, np.nan):.4f} ({_epochs(len(res.finetune[ratio]))}, "
-                     f"{_minutes(seconds)})")  # fmt: skip
-        rows.append([f"{lam:g}", f"{ratio:g}", f"{report['pruned_share']:.1%}",
-                     f"{report['params_after'] / 1e6:.2f}M ({report['params_after'] / report['params_before']:.0%})",
-                     f"{report['macs_after'] / 1e9:.3f}G ({report['macs_after'] / report['macs_before']:.0%})",
-                     *(f"{_map(report, w, res.metric):.4f}" for w in ("unpruned", "official", "compensated", "recalibrated")),
-                     tuned])  # fmt: skip
+            tuned = (
+                f"{best.get(res.key, np.nan):.4f} ({_epochs(len(res.finetune[ratio]))}, "
+                f"{_minutes(seconds)})"
+            )
+        rows.append(
+            [
+                f"{lam:g}",
+                f"{ratio:g}",
+                f"{report['pruned_share']:.1%}",
+                f"{report['params_after'] / 1e6:.2f}M ({report['params_after'] / report['params_before']:.0%})",
+                f"{report['macs_after'] / 1e9:.3f}G ({report['macs_after'] / report['macs_before']:.0%})",
+                *(
+                    f"{_map(report, w, res.metric):.4f}"
+                    for w in ("unpruned", "official", "compensated", "recalibrated")
+                ),
+                tuned,
+            ]
+        )
     return header, rows
 
 
@@ -236,68 +286,63 @@ def _epochs(n: int) -> str:
 
 def build_document(res: YoloResults) -> list[Block]:
     lab = res.lab
-    doc: list[Block] = [
-        ("h1", f"Network slimming of {lab.model} on {Path(lab.data).name}"),
-        (
-            "p",
+    return slimming_document(
+        title=f"Network slimming of {lab.model} on {Path(lab.data).name}",
+        summary=(
             f"Sparsity training at λ in {{{', '.join(f'{x:g}' for x in lab.lams)}}} for "
-            f"{_epochs(lab.epochs)} by Ultralytics' trainer at {lab.imgsz} pixels, pruning of each "
+            f"{_epochs(lab.epochs)} by Ultralytics' trainer at {lab.image_size} pixels, pruning of each "
             f"run's final network at {', '.join(f'{r:g}' for r in lab.all_ratios())} of its BatchNorm "
             f"channels, and fine-tuning of the λ = {lab.prune_lam:g} run pruned at "
             f"{', '.join(f'{r:g}' for r in lab.ratios)} for {_epochs(lab.finetune_epochs)}. "
-            f"{res.metric} by Ultralytics' validator on the val split.",
-        ),  # fmt: skip
-        ("h2", "Sparsity training"),
-        ("table", *training_table(res)),
-        (
-            "figure",
-            "training",
-            "Figure 1: training",
-            f"{res.metric} of each epoch's EMA model "
-            "(left axis) and the share of BN γ under the sparsity threshold (right axis).",
+            f"{res.metric} by Ultralytics' validator on the val split."
         ),
-        (
-            "figure",
-            "gammas",
-            "Figure 2: |γ| after training",
-            "Histogram of |γ| of every "
-            "run's final network (the one pruned) on a log scale, with the global prune thresholds.",
-        ),
-        ("h2", "Pruning and fine-tuning"),
-        (
-            "p",
-            "Right after pruning, three ways: official (threshold and copy, what the public "
-            "YOLO-slimming repositories do), with the pruned channels' constant output folded "
-            f"into the next layers (compensated), and then BatchNorm statistics re-estimated on "
-            f"{lab.recalibrate} batch{'es' * (lab.recalibrate != 1)} of {lab.batch} training images (recalibrated: the network saved).",
-        ),
-        ("table", *pruning_table(res)),
-        (
-            "figure",
-            "sweep",
-            "Figure 3: pruning without fine-tuning",
-            f"{res.metric} right after pruning against the share of BN channels removed.",
-        ),
-        (
-            "figure",
-            "finetune",
-            "Figure 4: fine-tuning",
-            f"{res.metric} per fine-tuning epoch, against the unpruned run and right after pruning.",
-        ),
-        ("h2", "How to reproduce"),
-        ("code", lab.command or "(the lab was started from Python)"),
-    ]
-    return doc
+        training=[
+            ("table", *training_table(res)),
+            (
+                "figure",
+                "training",
+                "Figure 1: training",
+                f"{res.metric} of each epoch's EMA model "
+                "(left axis) and the share of BN γ under the sparsity threshold (right axis).",
+            ),
+            (
+                "figure",
+                "gammas",
+                "Figure 2: |γ| after training",
+                "Histogram of |γ| of every "
+                "run's final network (the one pruned) on a log scale, with the global prune thresholds.",
+            ),
+        ],
+        pruning_title="Pruning and fine-tuning",
+        pruning=[
+            (
+                "p",
+                "Right after pruning, three ways: official (threshold and copy, what the public "
+                "YOLO-slimming repositories do), with the pruned channels' constant output folded "
+                f"into the next layers (compensated), and then BatchNorm statistics re-estimated on "
+                f"{lab.recalibrate} batch{'es' * (lab.recalibrate != 1)} of {lab.batch_size} training images (recalibrated: the network saved).",
+            ),
+            ("table", *pruning_table(res)),
+            (
+                "figure",
+                "sweep",
+                "Figure 3: pruning without fine-tuning",
+                f"{res.metric} right after pruning against the share of BN channels removed.",
+            ),
+            (
+                "figure",
+                "finetune",
+                "Figure 4: fine-tuning",
+                f"{res.metric} per fine-tuning epoch, against the unpruned run and right after pruning.",
+            ),
+        ],
+        reproduce=[("code", lab.command or "(the lab was started from Python)")],
+    )
 
 
 def render_report(out: str | Path) -> Path:
     """Write ``figures/*.png``, ``report.md`` and ``report.html`` of the YOLO lab in ``out``;
     returns the path of ``report.html``."""
     res = load_results(out)
-    images = {key: png_bytes(make(res)) for key, make in FIGURE_MAKERS.items()}
-    for key, data in images.items():
-        atomic_write(res.out / "figures" / FIGURES[key], lambda f, d=data: f.write(d))
-    doc = build_document(res)
-    atomic_write_text(res.out / "report.md", to_markdown(doc, FIGURES))
-    atomic_write_text(res.out / "report.html", to_html(doc, images))
-    return res.out / "report.html"
+    figures = {key: make(res) for key, make in FIGURE_MAKERS.items()}
+    return write_report(res.out, build_document(res), figures, FIGURES)
