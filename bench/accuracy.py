@@ -26,8 +26,13 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=10000)
     p.add_argument("--recalibrate", type=int, default=8)
     args = p.parse_args()
-    data = netslim.load_dataset("cifar10", args.data_root, download=False,
-                                train_size=args.train_size, test_size=args.test_size)  # fmt: skip
+    data = netslim.load_dataset(
+        "cifar10",
+        args.data_root,
+        download=False,
+        train_size=args.train_size,
+        test_size=args.test_size,
+    )
     for path in args.checkpoints:
         model = netslim.load(path)
         pruned = (read_checkpoint(path).get("netslim") or {}).get("kind") == "pruned"

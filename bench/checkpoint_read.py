@@ -29,9 +29,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pth"
         netslim.save(netslim.build_model(args.arch), path, arch=args.arch)
-        steps = {"CRC check": lambda: _check_archive(path),
-                 "torch.load": lambda: torch.load(path, weights_only=True),
-                 "read_checkpoint (both)": lambda: read_checkpoint(path)}  # fmt: skip
+        steps = {
+            "CRC check": lambda: _check_archive(path),
+            "torch.load": lambda: torch.load(path, weights_only=True),
+            "read_checkpoint (both)": lambda: read_checkpoint(path),
+        }
         times: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(args.repeats):
             for name, step in steps.items():

@@ -23,8 +23,13 @@ COMMANDS = (["--help"], ["train", "--help"], ["--version"])
 def seconds(src: str, argv: list[str]) -> float:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "netslim", *argv], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "netslim", *argv],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 

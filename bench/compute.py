@@ -31,9 +31,15 @@ def stage_compute(run: Path) -> dict:
     records = read_metrics(run)
     images = config["train_size"] or FULL_SIZES[config["dataset"]]
     macs = count_macs(load(run / "last.pth"))
-    return {"run": str(run), "epochs": len(records), "images": images, "macs": macs,
-            "compute": len(records) * images * macs, "test_acc": records[-1]["test_acc"],
-            "seconds": sum(r["seconds"] for r in records)}  # fmt: skip
+    return {
+        "run": str(run),
+        "epochs": len(records),
+        "images": images,
+        "macs": macs,
+        "compute": len(records) * images * macs,
+        "test_acc": records[-1]["test_acc"],
+        "seconds": sum(r["seconds"] for r in records),
+    }
 
 
 def main(runs: list[str]) -> None:
@@ -46,8 +52,10 @@ def main(runs: list[str]) -> None:
     folders = list({folder.resolve(): folder for folder in folders}.values())
     stages = [stage_compute(folder) for folder in folders]
     for s in stages:
-        print(f"{s['run']}: {s['epochs']} epochs x {s['images']} images x {s['macs']:,} MACs "
-              f"= {s['compute']:.4g}, test acc {s['test_acc']:.2f}%, {s['seconds']:.0f} s")  # fmt: skip
+        print(
+            f"{s['run']}: {s['epochs']} epochs x {s['images']} images x {s['macs']:,} MACs "
+            f"= {s['compute']:.4g}, test acc {s['test_acc']:.2f}%, {s['seconds']:.0f} s"
+        )
     total = sum(s["compute"] for s in stages)
     print(
         f"total {total:.4g} image-MACs, final test acc {stages[-1]['test_acc']:.2f}%, "

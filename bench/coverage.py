@@ -47,17 +47,52 @@ from netslim.errors import NetslimError
 
 # one model per timm family (per source module), the smallest variant
 TIMM = [
-    "resnet10t", "efficientnet_b0", "mobilenetv3_small_050", "regnetx_002", "rexnet_100",
-    "cs3darknet_s", "repvgg_a0", "dpn48b", "ese_vovnet19b_slim_dw", "densenet121", "dla46_c",
-    "hrnet_w18_small", "ghostnet_050", "res2net50_48w_2s", "resnest14d", "hardcorenas_a",
-    "selecsls42b", "inception_v3", "resnetv2_18", "repghostnet_050", "hgnetv2_b0",
-    "legacy_seresnet18", "xception41p", "tresnet_m", "convmixer_768_32", "skresnet18",
-    "fastvit_t8", "efficientvit_b0", "mobilevit_xxs", "levit_128s", "repvit_m0_9",
-    "starnet_s050", "fasternet_t0", "legacy_xception", "nf_regnet_b0",
-]  # fmt: skip
+    "resnet10t",
+    "efficientnet_b0",
+    "mobilenetv3_small_050",
+    "regnetx_002",
+    "rexnet_100",
+    "cs3darknet_s",
+    "repvgg_a0",
+    "dpn48b",
+    "ese_vovnet19b_slim_dw",
+    "densenet121",
+    "dla46_c",
+    "hrnet_w18_small",
+    "ghostnet_050",
+    "res2net50_48w_2s",
+    "resnest14d",
+    "hardcorenas_a",
+    "selecsls42b",
+    "inception_v3",
+    "resnetv2_18",
+    "repghostnet_050",
+    "hgnetv2_b0",
+    "legacy_seresnet18",
+    "xception41p",
+    "tresnet_m",
+    "convmixer_768_32",
+    "skresnet18",
+    "fastvit_t8",
+    "efficientvit_b0",
+    "mobilevit_xxs",
+    "levit_128s",
+    "repvit_m0_9",
+    "starnet_s050",
+    "fasternet_t0",
+    "legacy_xception",
+    "nf_regnet_b0",
+]
 # the input side a model needs at least (32 for the rest)
-MIN_SIZE = {"inception_v3": 75, "maxvit_t": 224, "levit_128s": 224, "alexnet": 64,
-            "legacy_xception": 64, "efficientvit_b0": 64, "mobilevit_xxs": 64}  # fmt: skip
+MIN_SIZE = {
+    "inception_v3": 75,
+    "maxvit_t": 224,
+    "levit_128s": 224,
+    "alexnet": 64,
+    "legacy_xception": 64,
+    "efficientvit_b0": 64,
+    "mobilevit_xxs": 64,
+}
 SKIP = {"torchvision:regnet_y_128gf": "637M parameters: too large for this 24 GB machine"}
 
 
@@ -147,9 +182,14 @@ def run_netslim(model: nn.Module, graph, size: int) -> dict:
     fixed = list(plan.fixed_reasons)
     status = ("exact, fixed" if fixed else "exact") if exact else "WRONG"
     unit = (1, 3, size, size)
-    return {"status": status, "error_off": err_off, "error_on": err_on, "fixed": fixed,
-            "removed": 1 - bn_channels(pruned) / bn_channels(model),
-            "macs_kept": count_macs(pruned, unit) / count_macs(model, unit)}  # fmt: skip
+    return {
+        "status": status,
+        "error_off": err_off,
+        "error_on": err_on,
+        "fixed": fixed,
+        "removed": 1 - bn_channels(pruned) / bn_channels(model),
+        "macs_kept": count_macs(pruned, unit) / count_macs(model, unit),
+    }
 
 
 def run_torch_pruning(model: nn.Module, size: int, classes: int) -> dict:
@@ -160,12 +200,20 @@ def run_torch_pruning(model: nn.Module, size: int, classes: int) -> dict:
     original, model = model, copy.deepcopy(model).eval()
     unit = (1, 3, size, size)
     macs, channels = count_macs(model, unit), bn_channels(model)
-    heads = [m for m in model.modules() if (isinstance(m, nn.Linear) and m.out_features == classes)
-             or (isinstance(m, nn.Conv2d) and m.out_channels == classes)]  # fmt: skip
+    heads = [
+        m
+        for m in model.modules()
+        if (isinstance(m, nn.Linear) and m.out_features == classes)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == classes)
+    ]
     pruner = tp.pruner.BNScalePruner(
-        model, torch.randn(unit), importance=tp.importance.BNScaleImportance(),
-        global_pruning=True, pruning_ratio=0.5, ignored_layers=heads,
-    )  # fmt: skip
+        model,
+        torch.randn(unit),
+        importance=tp.importance.BNScaleImportance(),
+        global_pruning=True,
+        pruning_ratio=0.5,
+        ignored_layers=heads,
+    )
     pruner.step()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -179,9 +227,12 @@ def run_torch_pruning(model: nn.Module, size: int, classes: int) -> dict:
             masks[name] = torch.isin(bn.weight.detach(), pruned_bns[name].weight.detach())
     with torch.no_grad():
         error = relative_error(out, reference_network_of(original, masks)(x))
-    return {"status": "runs, exact" if error <= 1e-4 else "runs, differs", "error": error,
-            "removed": 1 - bn_channels(model) / channels,
-            "macs_kept": count_macs(model, unit) / macs}  # fmt: skip
+    return {
+        "status": "runs, exact" if error <= 1e-4 else "runs, differs",
+        "error": error,
+        "removed": 1 - bn_channels(model) / channels,
+        "macs_kept": count_macs(model, unit) / macs,
+    }
 
 
 def reference_network_of(model: nn.Module, masks: dict) -> nn.Module:
@@ -266,8 +317,10 @@ def _meta(spec: str, classes: int) -> nn.Module:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| model | px | netslim | removed | MACs kept | Torch-Pruning | removed | MACs kept |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| model | px | netslim | removed | MACs kept | Torch-Pruning | removed | MACs kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         ns, tp = r["netslim"], r["torch_pruning"]
         why = ns.get("reason") or ("; ".join(ns["fixed"][:2]) if ns.get("fixed") else "")
@@ -296,10 +349,12 @@ def summary(records: list[dict]) -> str:
         wrong = sum(r["netslim"]["status"] == "WRONG" for r in rs)
         runs = sum(r["torch_pruning"]["status"].startswith("runs") for r in rs)
         tp = sum(r["torch_pruning"]["status"] == "runs, exact" for r in rs)
-        out.append(f"{source}: {len(rs)} models with BatchNorm; netslim exact on {exact} "
-                   f"({100 * exact / len(rs):.0f}%; {whole} with no group fixed), wrong on "
-                   f"{wrong}; Torch-Pruning runs on {runs} and equals its masked network on "
-                   f"{tp} ({100 * tp / len(rs):.0f}%)")  # fmt: skip
+        out.append(
+            f"{source}: {len(rs)} models with BatchNorm; netslim exact on {exact} "
+            f"({100 * exact / len(rs):.0f}%; {whole} with no group fixed), wrong on "
+            f"{wrong}; Torch-Pruning runs on {runs} and equals its masked network on "
+            f"{tp} ({100 * tp / len(rs):.0f}%)"
+        )
     nobn = [r for r in records if not r["batchnorm"]]
     refused = sum(r["netslim"]["status"] == "refused" for r in nobn)
     out.append(f"without BatchNorm: {len(nobn)} models, netslim refuses {refused} in one line")
@@ -325,8 +380,11 @@ def main() -> None:
         done[spec] = record
         with out.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        print(f"{spec}: {record['netslim']['status']} | {record['torch_pruning']['status']} "
-              f"({record.get('seconds', 0)} s)", flush=True)  # fmt: skip
+        print(
+            f"{spec}: {record['netslim']['status']} | {record['torch_pruning']['status']} "
+            f"({record.get('seconds', 0)} s)",
+            flush=True,
+        )
     records = [done[s] for s in specs if s in done]
     print(table(records))
     print()

@@ -29,11 +29,28 @@ from netslim.engine.plan import masked_copy
 from netslim.engine.stats import count_macs
 from netslim.models import model_inputs
 
-YOLO = ["yolov5nu", "yolov5su", "yolov5mu", "yolov8n", "yolov8s", "yolov8m", "yolo11n", "yolo11s",
-        "yolo11m", "yolov8n-seg", "yolo11n-seg", "yolov8n-cls"]  # fmt: skip
-TORCHVISION = ["fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn",
-               "ssdlite320_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50",
-               "lraspp_mobilenet_v3_large"]  # fmt: skip
+YOLO = [
+    "yolov5nu",
+    "yolov5su",
+    "yolov5mu",
+    "yolov8n",
+    "yolov8s",
+    "yolov8m",
+    "yolo11n",
+    "yolo11s",
+    "yolo11m",
+    "yolov8n-seg",
+    "yolo11n-seg",
+    "yolov8n-cls",
+]
+TORCHVISION = [
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "retinanet_resnet50_fpn",
+    "ssdlite320_mobilenet_v3_large",
+    "deeplabv3_mobilenet_v3_large",
+    "fcn_resnet50",
+    "lraspp_mobilenet_v3_large",
+]
 
 
 def build(name: str) -> torch.nn.Module:
@@ -81,8 +98,10 @@ def netslim_row(name: str, size: int) -> str:
         exact = f"NO ({str(e).splitlines()[0][:60]})"
     macs = count_macs(pruned, shape) / count_macs(model, shape)
     not_out = total - outputs_fixed
-    return (f"| {name} | traced | {1 - fixed / total:.1%} | {(not_out - (fixed - outputs_fixed)) / not_out:.1%} "
-            f"| {'; '.join(reasons) or '-'} | {plan.pruned_share:.1%} | {macs:.1%} | {exact} |")  # fmt: skip
+    return (
+        f"| {name} | traced | {1 - fixed / total:.1%} | {(not_out - (fixed - outputs_fixed)) / not_out:.1%} "
+        f"| {'; '.join(reasons) or '-'} | {plan.pruned_share:.1%} | {macs:.1%} | {exact} |"
+    )
 
 
 def _fixed_by_output(graph) -> int:
@@ -108,9 +127,14 @@ def torch_pruning_row(name: str, size: int) -> str:
     try:
         with torch.no_grad():
             before = [t.shape for t in outputs(model, torch.randn(shape))]
-        pruner = tp.pruner.BNScalePruner(model, example, importance=tp.importance.BNScaleImportance(),
-                                         pruning_ratio=0.5, global_pruning=True,
-                                         ignored_layers=list(output_layers(model)))  # fmt: skip
+        pruner = tp.pruner.BNScalePruner(
+            model,
+            example,
+            importance=tp.importance.BNScaleImportance(),
+            pruning_ratio=0.5,
+            global_pruning=True,
+            ignored_layers=list(output_layers(model)),
+        )
         pruner.step()
         with torch.no_grad():
             after = [t.shape for t in outputs(model.eval(), torch.randn(shape))]
@@ -128,8 +152,10 @@ def main() -> None:
     args = p.parse_args()
     names = args.only or [*YOLO, *TORCHVISION]
     if not args.torch_pruning_only:
-        print("| network | netslim | BN channels prunable | of those not returned | fixed because | "
-              "removed at 0.5 | MACs kept | exact |\n|---|---|--:|--:|---|--:|--:|---|")  # fmt: skip
+        print(
+            "| network | netslim | BN channels prunable | of those not returned | fixed because | "
+            "removed at 0.5 | MACs kept | exact |\n|---|---|--:|--:|---|--:|--:|---|"
+        )
         for name in names:
             print(netslim_row(name, args.size), flush=True)
     print(

@@ -50,10 +50,13 @@ def chain(layers: int, channels: int, seed: int = 0) -> nn.Module:
     """L blocks of conv 3x3, BatchNorm, ReLU, with random gammas (half of them tiny)."""
     torch.manual_seed(seed)
     blocks = [
-        nn.Sequential(nn.Conv2d(3 if i == 0 else channels, channels, 3, padding=1),
-                      nn.BatchNorm2d(channels), nn.ReLU())
+        nn.Sequential(
+            nn.Conv2d(3 if i == 0 else channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+        )
         for i in range(layers)
-    ]  # fmt: skip
+    ]
     model = nn.Sequential(*blocks)
     with torch.no_grad():
         for _, bn in batchnorms(model):
@@ -96,8 +99,10 @@ def chain_table(layer_counts: list[int], channel_counts: list[int]) -> None:
         if len(rows) > 1:
             low, high = min(rows), max(rows)
             ratios = [rows[high][s][0] / max(rows[low][s][0], 1e-9) for s in STAGES]
-            print(f"time({high:,}) / time({low:,}), CPU (linear: {high / low:.3g}): "
-                  + "  ".join(f"{s} {r:.1f}" for s, r in zip(STAGES, ratios)))  # fmt: skip
+            print(
+                f"time({high:,}) / time({low:,}), CPU (linear: {high / low:.3g}): "
+                + "  ".join(f"{s} {r:.1f}" for s, r in zip(STAGES, ratios))
+            )
 
 
 def _max_rss() -> int:
@@ -122,13 +127,18 @@ def yolo_row(size: int) -> tuple[float, float, float, int, int]:
 
 def yolo_table(sizes: list[int]) -> None:
     print("\nyolov8n (80 classes, fresh weights), prune_model at ratio 0.5, one torch thread")
-    print(f"{'size':>6} {'CPU s':>8} {'wall s':>8} {'estimated s':>12} "
-          f"{'estimated peak':>15} {'measured peak':>14}")  # fmt: skip
+    print(
+        f"{'size':>6} {'CPU s':>8} {'wall s':>8} {'estimated s':>12} "
+        f"{'estimated peak':>15} {'measured peak':>14}"
+    )
     for size in sizes:
         with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh peak per size
             cpu, wall, seconds, peak, measured = pool.apply(yolo_row, (size,))
-        print(f"{size:>6} {cpu:8.1f} {wall:8.1f} {seconds:12.1f} {peak / 2**30:11.2f} GiB "
-              f"{measured / 2**30:10.2f} GiB", flush=True)  # fmt: skip
+        print(
+            f"{size:>6} {cpu:8.1f} {wall:8.1f} {seconds:12.1f} {peak / 2**30:11.2f} GiB "
+            f"{measured / 2**30:10.2f} GiB",
+            flush=True,
+        )
 
 
 def main() -> None:

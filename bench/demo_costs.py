@@ -42,8 +42,15 @@ def train_ms(model: torch.nn.Module, data, batch_size: int, dtype, rounds: int) 
     for r in range(rounds + 1):  # the first round warms oneDNN's kernel caches up
         generator = torch.Generator().manual_seed(r)
         start = time.thread_time()
-        train_epoch(model, data, optimizer, lam=1e-3, batch_size=batch_size,
-                    generator=generator, dtype=dtype)  # fmt: skip
+        train_epoch(
+            model,
+            data,
+            optimizer,
+            lam=1e-3,
+            batch_size=batch_size,
+            generator=generator,
+            dtype=dtype,
+        )
         if r:
             best = min(best, time.thread_time() - start)
     return 1000 * best / len(data.train_labels)
@@ -96,8 +103,10 @@ def main() -> None:
     device = torch.device("cpu")
     dtype = pick_precision(args.precision, device)
     data = load_dataset("synthetic", train_size=args.images, test_size=args.test_images)
-    print(f"{args.arch}, torch {torch.__version__}, 1 thread, autocast {dtype}; CPU ms per "
-          f"image, best of {args.rounds}")  # fmt: skip
+    print(
+        f"{args.arch}, torch {torch.__version__}, 1 thread, autocast {dtype}; CPU ms per "
+        f"image, best of {args.rounds}"
+    )
 
     torch.manual_seed(0)
     dense = build_model(args.arch, num_classes=data.num_classes)
@@ -105,14 +114,18 @@ def main() -> None:
     test = eval_ms(dense, data, dtype, args.rounds)
     first = args.batch_sizes[0]
     for b, ms in train.items():
-        print(f"unpruned  train batch {b:4d}: {ms:6.3f}  ({ms / test:.2f} evaluated images, "
-              f"{train[first] / ms:.2f}x the speed of batch {first})")  # fmt: skip
+        print(
+            f"unpruned  train batch {b:4d}: {ms:6.3f}  ({ms / test:.2f} evaluated images, "
+            f"{train[first] / ms:.2f}x the speed of batch {first})"
+        )
     print(f"unpruned  evaluate batch 1000: {test:6.3f}")
     for ratio, model in sorted(pruned_networks(args.arch, args.lab, args.ratios, data).items()):
         tr = train_ms(model, data, first, dtype, args.rounds)
         ev = eval_ms(model, data, dtype, args.rounds)
-        print(f"pruned {ratio:g}: train batch {first}: {tr:6.3f} ({tr / train[first]:.2f} of "
-              f"unpruned), evaluate: {ev:6.3f} ({ev / test:.2f} of unpruned)")  # fmt: skip
+        print(
+            f"pruned {ratio:g}: train batch {first}: {tr:6.3f} ({tr / train[first]:.2f} of "
+            f"unpruned), evaluate: {ev:6.3f} ({ev / test:.2f} of unpruned)"
+        )
 
 
 if __name__ == "__main__":

@@ -38,9 +38,11 @@ def bench(arch: str, image_size: int | None, repeats: int) -> None:
     reference = for_deployment(copy.deepcopy(model))
     inputs = check_inputs(size)
     before = [("", torch.randn(n, 3, size, size)) for n in (1, 7)]
-    steps = {"8 images, plain (before)": lambda: _plain(reference, before),
-             "12 images, plain": lambda: _plain(reference, inputs),
-             "12 images, watched": lambda: _run_watched(reference, inputs, size)}  # fmt: skip
+    steps = {
+        "8 images, plain (before)": lambda: _plain(reference, before),
+        "12 images, plain": lambda: _plain(reference, inputs),
+        "12 images, watched": lambda: _run_watched(reference, inputs, size),
+    }
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():

@@ -66,8 +66,11 @@ def main() -> None:
             recalibrate_bn(pruned, recalibration_batches(data, 16, 128))
             acc = evaluate(pruned, data, dtype=dtype)[1]
             kept = [f"{int(plan.keep[g.units].sum())}/{g.size}" for g in streams]
-            print(f"{name:<6}{ratio:>6}{plan.pruned_share:>9.1%}{count_macs(pruned) / base:>11.1%}"
-                  f"{acc:>13.2f}%  {' '.join(kept)}", flush=True)  # fmt: skip
+            print(
+                f"{name:<6}{ratio:>6}{plan.pruned_share:>9.1%}{count_macs(pruned) / base:>11.1%}"
+                f"{acc:>13.2f}%  {' '.join(kept)}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ def main() -> None:
             warnings.simplefilter("ignore")
             plan = plan_pruning(model, ratio)
             pruned = apply_plan(model, plan)
-            print(f"prune {ratio:.0%}: trace + plan + surgery took "
-                  f"{time.perf_counter() - start:.3f} s")  # fmt: skip
+            print(
+                f"prune {ratio:.0%}: trace + plan + surgery took "
+                f"{time.perf_counter() - start:.3f} s"
+            )
             models[f"pruned {ratio:.0%}"] = pruned.eval()
             kept = plan.graph.residual_kept()
             if kept is not None:
@@ -96,8 +98,10 @@ def main() -> None:
             )
             for name, m in models.items():
                 macs, ms = count_macs(m), 1000 * seconds[name]
-                print(f"{name:<16} {macs / 1e6:>9.1f}M {base_macs / macs:>6.2f}x {precision:>5} "
-                      f"{batch:>6} {ms:>9.2f} {seconds['unpruned'] / seconds[name]:>7.2f}x")  # fmt: skip
+                print(
+                    f"{name:<16} {macs / 1e6:>9.1f}M {base_macs / macs:>6.2f}x {precision:>5} "
+                    f"{batch:>6} {ms:>9.2f} {seconds['unpruned'] / seconds[name]:>7.2f}x"
+                )
 
 
 if __name__ == "__main__":

@@ -57,9 +57,11 @@ def main_bench() -> None:
     args = parser.parse_args()
     oracle = torch.load(args.files / "outputs.pt", map_location="cpu", weights_only=True)
     x = oracle["input"]
-    print("| file | params | MACs | read: max abs diff vs paper | info s | prune 0.4: removed, "
-          "params, MACs | prune s | saved, reloaded: max abs diff | finetune 1 epoch s | "
-          "export official, reread: max abs diff vs paper |")  # fmt: skip
+    print(
+        "| file | params | MACs | read: max abs diff vs paper | info s | prune 0.4: removed, "
+        "params, MACs | prune s | saved, reloaded: max abs diff | finetune 1 epoch s | "
+        "export official, reread: max abs diff vs paper |"
+    )
     print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -72,8 +74,17 @@ def main_bench() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 pruned, report = prune_model(model, 0.4)
-            t_ft = cli("finetune", str(pruned_path), *TINY, "--epochs", "1", "--batch-size", "32",
-                       "--out", str(tmp / f"{name}.ft"))  # fmt: skip
+            t_ft = cli(
+                "finetune",
+                str(pruned_path),
+                *TINY,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--out",
+                str(tmp / f"{name}.ft"),
+            )
             netslim.load(tmp / f"{name}.ft" / "last.pth")
             cli("export", path, "--format", "official", "--out", str(tmp / f"{name}.paper.pth"))
             print(
@@ -85,8 +96,15 @@ def main_bench() -> None:
                 f"| {diff(netslim.load(tmp / f'{name}.paper.pth'), x, oracle[key]):.1e} |"
             )
         paper = tmp / "respruned.pth"
-        cli("prune", str(args.files / "resnet164.pth.tar"), "--ratio", "0.4", "--no-compensate",
-            "--out", str(paper))  # fmt: skip
+        cli(
+            "prune",
+            str(args.files / "resnet164.pth.tar"),
+            "--ratio",
+            "0.4",
+            "--no-compensate",
+            "--out",
+            str(paper),
+        )
         same = (
             netslim.read_checkpoint(paper)["channels"]
             == netslim.read_checkpoint(args.files / "resnet164_pruned40.pth.tar")["channels"]

@@ -55,8 +55,10 @@ def main() -> None:
                 ops[node] = e["args"]["op_name"]
                 by_node[node] += e["dur"]
                 shapes[node] = e["args"].get("output_type_shape")
-            print(f"\n{path.stem}, batch {args.batch}: {total / 1000 / (args.runs + 2):.2f} ms "
-                  f"per run in kernels, {len(by_node)} nodes")  # fmt: skip
+            print(
+                f"\n{path.stem}, batch {args.batch}: {total / 1000 / (args.runs + 2):.2f} ms "
+                f"per run in kernels, {len(by_node)} nodes"
+            )
             for op, t in by_op.most_common():
                 nodes = sum(o == op for o in ops.values())
                 print(f"  {op:<20} {100 * t / total:5.1f}%  {nodes:>4} nodes")

@@ -48,8 +48,14 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for precision in ("fp32", args.precision):
-            config = TrainConfig(arch=args.arch, dataset=name, lam=args.lam, epochs=args.epochs,
-                                 precision=precision, seed=seed)  # fmt: skip
+            config = TrainConfig(
+                arch=args.arch,
+                dataset=name,
+                lam=args.lam,
+                epochs=args.epochs,
+                precision=precision,
+                seed=seed,
+            )
             torch.manual_seed(seed)
             with tempfile.TemporaryDirectory() as out:
                 history = fit(config, data, build_model(args.arch, data.num_classes), out)

@@ -46,17 +46,22 @@ class PerSampleCifar(torch.utils.data.Dataset):
         return torch.from_numpy(x.transpose(2, 0, 1).copy()), self.labels[i]
 
 
-def reference_loader(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                     batch_size: int = 64) -> torch.utils.data.DataLoader:  # fmt: skip
+def reference_loader(
+    images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 64
+) -> torch.utils.data.DataLoader:
     cuda = device.type == "cuda"
     return torch.utils.data.DataLoader(
-        PerSampleCifar(images, labels), batch_size=batch_size, shuffle=True,
-        num_workers=1 if cuda else 0, pin_memory=cuda,
-    )  # fmt: skip
+        PerSampleCifar(images, labels),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=1 if cuda else 0,
+        pin_memory=cuda,
+    )
 
 
-def reference_train(model: torch.nn.Module, loader, device: torch.device, lam: float,
-                    max_images: int | None = None) -> float:  # fmt: skip
+def reference_train(
+    model: torch.nn.Module, loader, device: torch.device, lam: float, max_images: int | None = None
+) -> float:
     """One epoch of the official loop; returns images/s."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     model.train()

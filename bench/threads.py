@@ -57,8 +57,13 @@ def _setting(text: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=_setting, nargs="+", default=["1", "2", "auto"],
-                   help="thread counts, or auto (netslim's default)")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        type=_setting,
+        nargs="+",
+        default=["1", "2", "auto"],
+        help="thread counts, or auto (netslim's default)",
+    )
     p.add_argument("--load", type=int, nargs="+", default=[0, 3], help="busy processes")
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=3)
@@ -76,8 +81,10 @@ def main() -> None:
                 for t in args.threads:
                     out = subprocess.run(
                         [sys.executable, __file__, "--worker", t, "--images", str(args.images)],
-                        capture_output=True, text=True, check=True,
-                    )  # fmt: skip
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
                     rate, count = out.stdout.split()[-2:]
                     rates[t].append(float(rate))
                     ended[t].append(count)
@@ -88,8 +95,10 @@ def main() -> None:
         for t, r in rates.items():
             runs = " ".join(f"{x:.0f}" for x in r)
             end = f", ended at {' '.join(ended[t])} threads" if t == "auto" else ""
-            print(f"{load} busy processes added (1-min load average {machine:.1f}), {t} threads: "
-                  f"median {statistics.median(r):.0f} images/s  (runs: {runs}{end})")  # fmt: skip
+            print(
+                f"{load} busy processes added (1-min load average {machine:.1f}), {t} threads: "
+                f"median {statistics.median(r):.0f} images/s  (runs: {runs}{end})"
+            )
 
 
 if __name__ == "__main__":

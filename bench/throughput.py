@@ -25,21 +25,38 @@ from netslim.runtime.device import pick_device, pick_precision
 from netslim.train.loop import make_optimizer, train_epoch
 
 
-def netslim_train(model, data, device, lam: float, precision: str, batch_size: int,
-                  compile: bool = False) -> float:  # fmt: skip
+def netslim_train(
+    model, data, device, lam: float, precision: str, batch_size: int, compile: bool = False
+) -> float:
     model = model.to(device, memory_format=torch.channels_last)
     opt = make_optimizer(model, TrainConfig())  # what netslim trains with
     run_model = torch.compile(model) if compile else model
     if compile:  # compile outside the timed epoch: one step on a few images
-        warm = replace(data, train_images=data.train_images[:batch_size],
-                       train_labels=data.train_labels[:batch_size])  # fmt: skip
-        train_epoch(run_model, warm, opt, lam=lam, batch_size=batch_size,
-                    generator=torch.Generator(device=device).manual_seed(1),
-                    dtype=pick_precision(precision, device))  # fmt: skip
+        warm = replace(
+            data,
+            train_images=data.train_images[:batch_size],
+            train_labels=data.train_labels[:batch_size],
+        )
+        train_epoch(
+            run_model,
+            warm,
+            opt,
+            lam=lam,
+            batch_size=batch_size,
+            generator=torch.Generator(device=device).manual_seed(1),
+            dtype=pick_precision(precision, device),
+        )
     generator = torch.Generator(device=device).manual_seed(0)
     start = time.perf_counter()
-    train_epoch(run_model, data, opt, lam=lam, batch_size=batch_size, generator=generator,
-                dtype=pick_precision(precision, device))  # fmt: skip
+    train_epoch(
+        run_model,
+        data,
+        opt,
+        lam=lam,
+        batch_size=batch_size,
+        generator=generator,
+        dtype=pick_precision(precision, device),
+    )
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(data.train_labels) / (time.perf_counter() - start)
@@ -67,8 +84,10 @@ def main() -> None:
     name = "cifar10" if args.data_root else "synthetic"
     data = load_dataset(name, args.data_root, train_size=args.images, test_size=100, download=False)
     gpu_data = data.to(device)
-    print(f"device {device}, data {name}, {args.images} images, batch {args.batch_size}, "
-          f"netslim precision {args.precision} -> {pick_precision(args.precision, device)}")  # fmt: skip
+    print(
+        f"device {device}, data {name}, {args.images} images, batch {args.batch_size}, "
+        f"netslim precision {args.precision} -> {pick_precision(args.precision, device)}"
+    )
     extra = f" {'compiled img/s':>15} {'ratio':>6}" if args.compile else ""
     print(f"{'model':<12} {'reference img/s':>16} {'netslim img/s':>14} {'ratio':>6}{extra}")
     for arch in args.archs:
@@ -78,12 +97,24 @@ def main() -> None:
             loader = reference_loader(data.train_images, data.train_labels, device)
             ref.append(reference_train(build_model(arch).to(device), loader, device, lam=1e-4))
             torch.manual_seed(0)
-            ours.append(netslim_train(build_model(arch), gpu_data, device, 1e-4, args.precision,
-                                      args.batch_size))  # fmt: skip
+            ours.append(
+                netslim_train(
+                    build_model(arch), gpu_data, device, 1e-4, args.precision, args.batch_size
+                )
+            )
             if args.compile:
                 torch.manual_seed(0)
-                compiled.append(netslim_train(build_model(arch), gpu_data, device, 1e-4,
-                                              args.precision, args.batch_size, compile=True))  # fmt: skip
+                compiled.append(
+                    netslim_train(
+                        build_model(arch),
+                        gpu_data,
+                        device,
+                        1e-4,
+                        args.precision,
+                        args.batch_size,
+                        compile=True,
+                    )
+                )
         r, o, c = max(ref), max(ours), max(compiled)  # best of the repeats: least disturbed
         extra = f" {c:>15.0f} {c / r:>5.2f}x" if args.compile else ""
         print(f"{arch:<12} {r:>16.0f} {o:>14.0f} {o / r:>5.2f}x{extra}")

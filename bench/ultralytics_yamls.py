@@ -83,9 +83,11 @@ def check_cost(name: str, size: int, repeats: int = 3) -> None:
     finally:
         slim._checked_surgery = checked_surgery
     times = {label: min(t) for label, t in best.items()}
-    print(f"prune_model({name}, 0.5) at {size} px, compensated, least CPU time of {repeats}: "
-          + ", ".join(f"{label} {t:.2f} s" for label, t in times.items())
-          + f" (the check: +{times['with the check'] / times['without'] - 1:.0%})")  # fmt: skip
+    print(
+        f"prune_model({name}, 0.5) at {size} px, compensated, least CPU time of {repeats}: "
+        + ", ".join(f"{label} {t:.2f} s" for label, t in times.items())
+        + f" (the check: +{times['with the check'] / times['without'] - 1:.0%})"
+    )
 
 
 def row(result: YamlResult, checked: str) -> str:
@@ -108,9 +110,14 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="YAML file names (default: all shipped)")
     parser.add_argument("--size", type=int, default=64, help="input size in px (default 64)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--cost", metavar="PX", type=int, nargs="*",
-                        help="only time prune_model of the first NAME (default yolov8n.yaml) at "
-                             "these sizes, with and without the check after surgery")  # fmt: skip
+    parser.add_argument(
+        "--cost",
+        metavar="PX",
+        type=int,
+        nargs="*",
+        help="only time prune_model of the first NAME (default yolov8n.yaml) at "
+        "these sizes, with and without the check after surgery",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     if args.cost is not None:
@@ -121,8 +128,10 @@ def main() -> None:
     print(
         f"{len(names)} YAMLs, {args.size} px, torch {torch.__version__}, {args.threads} thread(s)"
     )
-    print("| YAML | builds | traced | px | prunable | removed | exact, official (max rel. diff.) "
-          "| exact, compensated | prune_model's check (official / compensated) | s |")  # fmt: skip
+    print(
+        "| YAML | builds | traced | px | prunable | removed | exact, official (max rel. diff.) "
+        "| exact, compensated | prune_model's check (official / compensated) | s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     refused, start = [], time.perf_counter()
     for name in names:

@@ -40,8 +40,10 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     print(f"{images} images (train + val) in {args.data}")
-    print(f"first run {first:.3f} s; then median {median:.3f} s, fastest {min(times):.3f} s "
-          f"of {args.runs}; {1e3 * median / images:.3f} ms per image")  # fmt: skip
+    print(
+        f"first run {first:.3f} s; then median {median:.3f} s, fastest {min(times):.3f} s "
+        f"of {args.runs}; {1e3 * median / images:.3f} ms per image"
+    )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ def main() -> None:
                 ok, detail = False, str(e)[:160]
             same += ok
             params = sum(p.numel() for p in model.parameters())
-            print(f"{name:<28} {'same' if ok else 'DIFFERS':<10} {params:>11,} "
-                  f"{time.perf_counter() - start:6.1f}  {detail}")  # fmt: skip
+            print(
+                f"{name:<28} {'same' if ok else 'DIFFERS':<10} {params:>11,} "
+                f"{time.perf_counter() - start:6.1f}  {detail}"
+            )
     print(f"{same} read back exactly, {refused} refused, {len(names) - same - refused} differ")
 
 

@@ -55,17 +55,65 @@ def main() -> None:
     netslim = [sys.executable, "-m", "netslim"]
     lab = out  # the data set sits in it, under data/
     lams = [0.0, *args.lams]
-    run([*netslim, "yolo", "lab", "--model", "yolov8n.yaml", "--data", data, "optimizer=SGD",
-         "lr0=0.01", "workers=2", "--lams", *lams, "--ratios", 0.3, 0.5,
-         "--sweep", 0.1, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, "--epochs", args.epochs,
-         "--finetune-epochs", args.finetune_epochs, "--image-size", SIZE, "--batch-size", BATCH,
-         "--device", "cpu", "--out", lab])  # fmt: skip
+    run(
+        [
+            *netslim,
+            "yolo",
+            "lab",
+            "--model",
+            "yolov8n.yaml",
+            "--data",
+            data,
+            "optimizer=SGD",
+            "lr0=0.01",
+            "workers=2",
+            "--lams",
+            *lams,
+            "--ratios",
+            0.3,
+            0.5,
+            "--sweep",
+            0.1,
+            0.2,
+            0.4,
+            0.6,
+            0.7,
+            0.8,
+            0.9,
+            "--epochs",
+            args.epochs,
+            "--finetune-epochs",
+            args.finetune_epochs,
+            "--image-size",
+            SIZE,
+            "--batch-size",
+            BATCH,
+            "--device",
+            "cpu",
+            "--out",
+            lab,
+        ]
+    )
     tuned = [lab / f"ft-lam{max(lams):g}-p{r}" / "finetuned.pth" for r in (30, 50)]
     for size in (160, 640):
         if not (out / f"bench-{size}.txt").exists():
-            run([*netslim, "bench", lab / "lam0" / "weights" / "best.pt", *tuned, "--runtime",
-                 "onnxruntime", "--batch", "1,16", "--image-size", size, "--repeats", 20],
-                save=out / f"bench-{size}.txt")  # fmt: skip
+            run(
+                [
+                    *netslim,
+                    "bench",
+                    lab / "lam0" / "weights" / "best.pt",
+                    *tuned,
+                    "--runtime",
+                    "onnxruntime",
+                    "--batch",
+                    "1,16",
+                    "--image-size",
+                    size,
+                    "--repeats",
+                    20,
+                ],
+                save=out / f"bench-{size}.txt",
+            )
 
 
 if __name__ == "__main__":

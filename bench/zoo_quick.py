@@ -29,21 +29,41 @@ from netslim.engine.trace import trace_channels
 from netslim.errors import NetslimError
 
 MODELS = [
-    ("torchvision:resnet18", 32), ("torchvision:resnet50", 32),
-    ("torchvision:mobilenet_v3_small", 32), ("torchvision:efficientnet_b0", 32),
-    ("torchvision:shufflenet_v2_x0_5", 32), ("torchvision:regnet_y_400mf", 32),
-    ("torchvision:resnext50_32x4d", 32), ("torchvision:densenet121", 32),
-    ("torchvision:googlenet", 32), ("torchvision:inception_v3", 75),
-    ("torchvision:mnasnet0_5", 32), ("torchvision:convnext_tiny", 32),
-    ("torchvision:alexnet", 64), ("torchvision:squeezenet1_0", 64),
-    ("timm:efficientnet_b0", 32), ("timm:mobilenetv3_small_100", 32), ("timm:rexnet_100", 32),
-    ("timm:cspresnet50", 64), ("timm:repvgg_a0", 32), ("timm:dpn68", 32),
-    ("timm:ese_vovnet19b_dw", 64), ("timm:ghostnet_100", 32), ("timm:res2net50_14w_8s", 32),
-    ("timm:regnetx_002", 32), ("timm:hrnet_w18_small", 64), ("timm:dla34", 64),
-    ("timm:resnest14d", 64), ("timm:mixnet_s", 32), ("timm:tf_efficientnet_b0", 32),
-    ("timm:lcnet_050", 32), ("timm:selecsls42b", 64), ("timm:semnasnet_050", 32),
-    ("timm:tresnet_m", 64), ("timm:densenet121", 32),
-]  # fmt: skip
+    ("torchvision:resnet18", 32),
+    ("torchvision:resnet50", 32),
+    ("torchvision:mobilenet_v3_small", 32),
+    ("torchvision:efficientnet_b0", 32),
+    ("torchvision:shufflenet_v2_x0_5", 32),
+    ("torchvision:regnet_y_400mf", 32),
+    ("torchvision:resnext50_32x4d", 32),
+    ("torchvision:densenet121", 32),
+    ("torchvision:googlenet", 32),
+    ("torchvision:inception_v3", 75),
+    ("torchvision:mnasnet0_5", 32),
+    ("torchvision:convnext_tiny", 32),
+    ("torchvision:alexnet", 64),
+    ("torchvision:squeezenet1_0", 64),
+    ("timm:efficientnet_b0", 32),
+    ("timm:mobilenetv3_small_100", 32),
+    ("timm:rexnet_100", 32),
+    ("timm:cspresnet50", 64),
+    ("timm:repvgg_a0", 32),
+    ("timm:dpn68", 32),
+    ("timm:ese_vovnet19b_dw", 64),
+    ("timm:ghostnet_100", 32),
+    ("timm:res2net50_14w_8s", 32),
+    ("timm:regnetx_002", 32),
+    ("timm:hrnet_w18_small", 64),
+    ("timm:dla34", 64),
+    ("timm:resnest14d", 64),
+    ("timm:mixnet_s", 32),
+    ("timm:tf_efficientnet_b0", 32),
+    ("timm:lcnet_050", 32),
+    ("timm:selecsls42b", 64),
+    ("timm:semnasnet_050", 32),
+    ("timm:tresnet_m", 64),
+    ("timm:densenet121", 32),
+]
 
 
 def build(spec: str) -> nn.Module:
@@ -121,8 +141,10 @@ def check(spec: str, px: int) -> str:
     macs = plan.macs / count_macs(model, size)
     verdict = "exact" if off < 1e-4 and not on >= 1e-4 else "WRONG"
     first = plan.fixed_reasons[0][:90] if plan.fixed_reasons else ""
-    return (f"{verdict:6} off {off:.1e} on {on:.1e} removed {plan.pruned_share:5.1%} "
-            f"MACs kept {macs:5.1%} fixed {len(plan.fixed_reasons):2d} {first}")  # fmt: skip
+    return (
+        f"{verdict:6} off {off:.1e} on {on:.1e} removed {plan.pruned_share:5.1%} "
+        f"MACs kept {macs:5.1%} fixed {len(plan.fixed_reasons):2d} {first}"
+    )
 
 
 def main() -> None:

@@ -23,8 +23,15 @@ TRAIN_CFG = [16, "M", 32, "M", 32, "M", 64, "M", 64]  # learns synthetic data to
 
 def tiny_config(**overrides) -> TrainConfig:
     """A short fp32 CPU run on synthetic data (a tiny VGG passed to fit), with overrides."""
-    base = dict(arch="tiny", dataset="synthetic", lam=1e-4, epochs=3, batch_size=64,
-                precision="fp32", device="cpu")  # fmt: skip
+    base = dict(
+        arch="tiny",
+        dataset="synthetic",
+        lam=1e-4,
+        epochs=3,
+        batch_size=64,
+        precision="fp32",
+        device="cpu",
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -46,8 +53,9 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def make_sparse(model: torch.nn.Module, input_size=(1, 3, 32, 32), share: float = 0.5,
-                seed: int = 0):  # fmt: skip
+def make_sparse(
+    model: torch.nn.Module, input_size=(1, 3, 32, 32), share: float = 0.5, seed: int = 0
+):
     """``model`` with random BN statistics, and a random ``share`` of each channel group's
     units made unimportant in *all* the BNs that scale them, as sparsity training would;
     returns the model (in eval mode) and its channel graph."""
@@ -95,9 +103,19 @@ def trained(tmp_path_factory, tiny_data):
 
 # A lab small enough for the tests (about 20 s on 2 CPUs): test_report reads it, the
 # reliability tests copy it.
-MICRO_LAB = LabConfig(arch="vgg11-small", dataset="synthetic", train_size=256, test_size=128,
-                      epochs=2, finetune_epochs=1, batch_size=128, recalibrate=2, sweep=[0.3, 0.7],
-                      precision="fp32", device="cpu")  # fmt: skip
+MICRO_LAB = LabConfig(
+    arch="vgg11-small",
+    dataset="synthetic",
+    train_size=256,
+    test_size=128,
+    epochs=2,
+    finetune_epochs=1,
+    batch_size=128,
+    recalibrate=2,
+    sweep=[0.3, 0.7],
+    precision="fp32",
+    device="cpu",
+)
 
 
 @pytest.fixture(scope="session")

@@ -34,11 +34,32 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_torchvision_resnet18_train_prune_finetune_info(tmp_path, capsys):
     run_dir, pruned, tuned = tmp_path / "sparse", tmp_path / "pruned.pth", tmp_path / "tuned"
-    code, _, err = run(capsys, "train", "--arch", "torchvision:resnet18", *TINY, "--epochs", "1",
-                       "--lam", "1e-3", "--out", str(run_dir))  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "train",
+        "--arch",
+        "torchvision:resnet18",
+        *TINY,
+        "--epochs",
+        "1",
+        "--lam",
+        "1e-3",
+        "--out",
+        str(run_dir),
+    )
     assert code == 0, err
-    code, out, err = run(capsys, "prune", str(run_dir / "last.pth"), "--ratio", "0.5",
-                         "--out", str(pruned), *DATA, "--recalibrate", "1")  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "prune",
+        str(run_dir / "last.pth"),
+        "--ratio",
+        "0.5",
+        "--out",
+        str(pruned),
+        *DATA,
+        "--recalibrate",
+        "1",
+    )
     assert code == 0, err
     assert "BN recalibrated" in out
     model = netslim.load(pruned)  # rebuilt from the stored spec and channel counts
@@ -49,8 +70,7 @@ def test_torchvision_resnet18_train_prune_finetune_info(tmp_path, capsys):
     assert meta["arch"] == "torchvision:resnet18" and meta["image_size"] == 32
     assert meta["prune"]["params_after"] == netslim.count_params(model)
 
-    code, _, err = run(capsys, "finetune", str(pruned), *TINY, "--epochs", "1",
-                       "--out", str(tuned))  # fmt: skip
+    code, _, err = run(capsys, "finetune", str(pruned), *TINY, "--epochs", "1", "--out", str(tuned))
     assert code == 0, err
     code, out, _ = run(capsys, "info", str(tuned / "last.pth"), "--json")
     info = json.loads(out)
@@ -84,18 +104,41 @@ def test_your_own_builder_from_the_command_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(tmp_path / "code")])}
 
     def netslim_cli(*argv: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "netslim", *argv], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "netslim", *argv],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    netslim_cli("train", "--arch", "mypkg.mymod:build", *TINY, "--epochs", "1",
-                "--out", str(tmp_path / "run"))  # fmt: skip
+    netslim_cli(
+        "train",
+        "--arch",
+        "mypkg.mymod:build",
+        *TINY,
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    )
     # a checkpoint naming your module is built only with your consent (issue 20)
-    netslim_cli("prune", str(tmp_path / "run" / "last.pth"), "--ratio", "0.4",
-                "--out", str(tmp_path / "p.pth"), "--trust-module", "mypkg.mymod")  # fmt: skip
-    info = json.loads(netslim_cli("info", str(tmp_path / "p.pth"), "--json",
-                                  "--trust-module", "mypkg"))  # fmt: skip
+    netslim_cli(
+        "prune",
+        str(tmp_path / "run" / "last.pth"),
+        "--ratio",
+        "0.4",
+        "--out",
+        str(tmp_path / "p.pth"),
+        "--trust-module",
+        "mypkg.mymod",
+    )
+    info = json.loads(
+        netslim_cli("info", str(tmp_path / "p.pth"), "--json", "--trust-module", "mypkg")
+    )
     assert info["arch"] == "mypkg.mymod:build"
     assert info["conv_channels"][0] < 16 or info["conv_channels"][1] < 24
 
@@ -132,13 +175,16 @@ def test_pruned_own_module_loads_with_its_builder(tmp_path):
 @pytest.mark.parametrize(
     ("arch", "message"),
     [
-        ("torchvision:resnet19", "no torchvision classification model 'resnet19'; did you mean resnet18"),
+        (
+            "torchvision:resnet19",
+            "no torchvision classification model 'resnet19'; did you mean resnet18",
+        ),
         ("timm:resnet_18", "no timm model 'resnet_18'; did you mean resnet18"),
         ("nosuchpkg.models:build", "cannot import nosuchpkg.models (No module named 'nosuchpkg')"),
         ("os:getcwd", "--arch os:getcwd: building the model failed: TypeError"),
         ("os.path:sep", "os.path has no callable named 'sep'"),
     ],
-)  # fmt: skip
+)
 def test_an_architecture_that_cannot_be_built_is_one_clear_line(tmp_path, capsys, arch, message):
     code, _, err = run(capsys, "train", "--arch", arch, *TINY, "--out", str(tmp_path / "r"))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
@@ -161,10 +207,17 @@ def test_a_malformed_spec_is_refused_by_the_parser(capsys):
 
 
 def test_the_core_never_imports_torchvision_or_timm():
-    code = ("import sys, netslim, netslim.cli.commands; netslim.build_model('resnet18'); "
-            "print(sorted(m for m in ('torchvision', 'timm') if m in sys.modules))")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": SRC}, timeout=120)  # fmt: skip
+    code = (
+        "import sys, netslim, netslim.cli.commands; netslim.build_model('resnet18'); "
+        "print(sorted(m for m in ('torchvision', 'timm') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -175,8 +228,9 @@ def test_prune_and_info_work_at_the_image_size_the_checkpoint_records(tmp_path, 
     spec = "torchvision:inception_v3"
     model = randomize_bn(netslim.build_model(spec, 10))
     netslim.save(model, tmp_path / "m.pth", arch=spec, image_size=80)
-    code, _, err = run(capsys, "prune", str(tmp_path / "m.pth"), "--ratio", "0.3",
-                       "--out", str(tmp_path / "p.pth"))  # fmt: skip
+    code, _, err = run(
+        capsys, "prune", str(tmp_path / "m.pth"), "--ratio", "0.3", "--out", str(tmp_path / "p.pth")
+    )
     assert code == 0, err
     pruned = netslim.load(tmp_path / "p.pth")
     meta = torch.load(tmp_path / "p.pth", weights_only=True)["netslim"]
@@ -187,8 +241,16 @@ def test_prune_and_info_work_at_the_image_size_the_checkpoint_records(tmp_path, 
 
 
 def test_the_lab_takes_a_spec_and_checks_it_before_training(tmp_path, capsys):
-    code, _, err = run(capsys, "lab", "--arch", "torchvision:resnet19", "--dataset", "synthetic",
-                       "--out", str(tmp_path / "lab"))  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "lab",
+        "--arch",
+        "torchvision:resnet19",
+        "--dataset",
+        "synthetic",
+        "--out",
+        str(tmp_path / "lab"),
+    )
     assert code == 2 and "no torchvision classification model 'resnet19'" in err
     assert not (tmp_path / "lab").exists()
     netslim.LabConfig(arch="torchvision:resnet18").check()  # a good spec passes

@@ -18,11 +18,31 @@ LINE = re.compile(
     r"(?P<elapsed>\S+) elapsed, (?:~(?P<left>\S+) left|time left not known yet)$"
 )
 # A lab of the demo's shape (three λ, two ratios) that runs in seconds: 2 batches an epoch.
-SMALL_LAB = LabConfig(arch="vgg5-small", dataset="synthetic", train_size=128, test_size=64,
-                      epochs=2, finetune_epochs=1, lams=[0.0, 1e-3, 5e-3], prune_lam=5e-3,
-                      sweep=[0.3, 0.7], recalibrate=1, precision="fp32", device="cpu")  # fmt: skip
-STAGES = ["train λ=0", "train λ=1e-3", "train λ=5e-3", "prune ratio 0.5", "prune ratio 0.9",
-          "sweep", "fine-tune ratio 0.5", "fine-tune ratio 0.9", "report"]  # fmt: skip
+SMALL_LAB = LabConfig(
+    arch="vgg5-small",
+    dataset="synthetic",
+    train_size=128,
+    test_size=64,
+    epochs=2,
+    finetune_epochs=1,
+    lams=[0.0, 1e-3, 5e-3],
+    prune_lam=5e-3,
+    sweep=[0.3, 0.7],
+    recalibrate=1,
+    precision="fp32",
+    device="cpu",
+)
+STAGES = [
+    "train λ=0",
+    "train λ=1e-3",
+    "train λ=5e-3",
+    "prune ratio 0.5",
+    "prune ratio 0.9",
+    "sweep",
+    "fine-tune ratio 0.5",
+    "fine-tune ratio 0.9",
+    "report",
+]
 
 
 def seconds(text: str) -> int:
@@ -54,8 +74,12 @@ class ManualClock:
 def small_lab_lines(tmp_path_factory) -> list[str]:
     """Every line SMALL_LAB prints (about 4 s on 2 quiet cores)."""
     lines: list[str] = []
-    run_lab(SMALL_LAB, tmp_path_factory.mktemp("progress") / "lab", log=lines.append,
-            progress=SteadyProgress)  # fmt: skip
+    run_lab(
+        SMALL_LAB,
+        tmp_path_factory.mktemp("progress") / "lab",
+        log=lines.append,
+        progress=SteadyProgress,
+    )
     return lines
 
 
@@ -75,15 +99,20 @@ def test_training_lines_count_every_epoch_and_batch(small_lab_lines):
     for stage, epochs in [("train λ=1e-3", 2), ("fine-tune ratio 0.9", 1)]:
         details = [m["detail"] for m in found if m["stage"] == stage and m["detail"]]
         # 128 images in batches of 64: 2 batches an epoch
-        assert details == [f"epoch {e}/{epochs}, batch {b}/2"
-                           for e in range(1, epochs + 1) for b in (1, 2)]  # fmt: skip
+        assert details == [
+            f"epoch {e}/{epochs}, batch {b}/2" for e in range(1, epochs + 1) for b in (1, 2)
+        ]
 
 
 def test_sweep_lines_count_its_ratios(small_lab_lines):
     details = [m["detail"] for m in progress_lines(small_lab_lines) if m["stage"] == "sweep"]
     # 0.3 and 0.7 of --sweep, and the lab's ratios 0.5 and 0.9
-    assert [d for d in details if d] == ["ratio 1/4 (0.3)", "ratio 2/4 (0.5)",
-                                         "ratio 3/4 (0.7)", "ratio 4/4 (0.9)"]  # fmt: skip
+    assert [d for d in details if d] == [
+        "ratio 1/4 (0.3)",
+        "ratio 2/4 (0.5)",
+        "ratio 3/4 (0.7)",
+        "ratio 4/4 (0.9)",
+    ]
 
 
 def test_time_left_is_shown_from_the_first_batch_and_falls_to_the_report(small_lab_lines):
@@ -106,8 +135,9 @@ def test_the_lab_ends_with_where_its_time_went(small_lab_lines):
 
 def test_lines_come_at_most_once_per_interval():
     clock, lines = ManualClock(), []
-    progress = LabProgress([Stage("train", 100.0)], lines.append, every=10, clock=clock,
-                           heartbeat=False)  # fmt: skip
+    progress = LabProgress(
+        [Stage("train", 100.0)], lines.append, every=10, clock=clock, heartbeat=False
+    )
     with progress.stage(0):
         for t in range(1, 36):  # an event every second for 35 seconds
             clock.now = t
@@ -141,8 +171,9 @@ def test_only_the_main_process_prints_progress(monkeypatch):
 
 def test_stages_an_earlier_run_did_count_neither_as_done_nor_as_left():
     clock = ManualClock()
-    progress = LabProgress([Stage("a", 100.0), Stage("b", 100.0)], lambda line: None,
-                           clock=clock, heartbeat=False)  # fmt: skip
+    progress = LabProgress(
+        [Stage("a", 100.0), Stage("b", 100.0)], lambda line: None, clock=clock, heartbeat=False
+    )
     with progress.stage(0):
         progress.skip()  # done already
     with progress.stage(1):
@@ -153,8 +184,7 @@ def test_stages_an_earlier_run_did_count_neither_as_done_nor_as_left():
 
 def test_epochs_a_resumed_training_skips_are_not_counted_as_work():
     clock = ManualClock()
-    progress = LabProgress([Stage("train", 400.0)], lambda line: None, clock=clock,
-                           heartbeat=False)  # fmt: skip
+    progress = LabProgress([Stage("train", 400.0)], lambda line: None, clock=clock, heartbeat=False)
     with progress.stage(0):
         hook = progress.train_hook()
         hook(3, 4, 1, 1)  # resumed after 2 of 4 epochs: this run's first batch ends epoch 3
@@ -165,8 +195,11 @@ def test_epochs_a_resumed_training_skips_are_not_counted_as_work():
 
 def test_a_kind_of_stage_is_timed_at_its_own_rate_once_it_has_run():
     clock = ManualClock()
-    stages = [Stage("train", 100.0, kind="train"), Stage("fine-tune", 100.0, kind="fine-tune"),
-              Stage("fine-tune 2", 100.0, kind="fine-tune")]  # fmt: skip
+    stages = [
+        Stage("train", 100.0, kind="train"),
+        Stage("fine-tune", 100.0, kind="fine-tune"),
+        Stage("fine-tune 2", 100.0, kind="fine-tune"),
+    ]
     progress = LabProgress(stages, lambda line: None, clock=clock, heartbeat=False)
     with progress.stage(0):
         clock.now = 10.0  # training: 10 units a second
@@ -180,4 +213,9 @@ def test_a_kind_of_stage_is_timed_at_its_own_rate_once_it_has_run():
 
 def test_durations_read_as_seconds_minutes_and_hours():
     assert [duration(s) for s in (0.4, 45, 72, 3599, 7380)] == [
-        "0s", "45s", "1m12s", "59m59s", "2h03m"]  # fmt: skip
+        "0s",
+        "45s",
+        "1m12s",
+        "59m59s",
+        "2h03m",
+    ]

@@ -25,12 +25,22 @@ from netslim.models import model_inputs
 
 pytestmark = pytest.mark.slow  # not in make test-fast
 
-YOLO = {"yolov5nu": "yolov5nu.yaml", "yolov8n": "yolov8n.yaml", "yolo11n": "yolo11n.yaml",
-        "yolov8n-seg": "yolov8n-seg.yaml", "yolo11n-seg": "yolo11n-seg.yaml",
-        "yolov8n-cls": "yolov8n-cls.yaml"}  # fmt: skip
-TORCHVISION = ["fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn",
-               "ssdlite320_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50",
-               "lraspp_mobilenet_v3_large"]  # fmt: skip
+YOLO = {
+    "yolov5nu": "yolov5nu.yaml",
+    "yolov8n": "yolov8n.yaml",
+    "yolo11n": "yolo11n.yaml",
+    "yolov8n-seg": "yolov8n-seg.yaml",
+    "yolo11n-seg": "yolo11n-seg.yaml",
+    "yolov8n-cls": "yolov8n-cls.yaml",
+}
+TORCHVISION = [
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "retinanet_resnet50_fpn",
+    "ssdlite320_mobilenet_v3_large",
+    "deeplabv3_mobilenet_v3_large",
+    "fcn_resnet50",
+    "lraspp_mobilenet_v3_large",
+]
 SMALL = {"retinanet_resnet50_fpn": {"min_size": 160, "max_size": 160}}  # keep it fast
 
 

@@ -26,21 +26,53 @@ pytestmark = pytest.mark.slow  # not in make test-fast
 
 WORKER = Path(__file__).with_name("torchrun_worker.py")
 SRC = Path(netslim.__file__).resolve().parents[1]  # where `-m netslim` finds the package
-TRAIN = ["train", "--dataset", "synthetic", "--train-size", "512", "--test-size", "256",
-         "--arch", "vgg11-small", "--epochs", "2", "--batch-size", "64", "--lr", "0.05",
-         "--lam", "1e-2", "--precision", "fp32", "--device", "cpu"]  # fmt: skip
+TRAIN = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--train-size",
+    "512",
+    "--test-size",
+    "256",
+    "--arch",
+    "vgg11-small",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.05",
+    "--lam",
+    "1e-2",
+    "--precision",
+    "fp32",
+    "--device",
+    "cpu",
+]
 
 
 def torchrun(dump: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
     """``torchrun --standalone --nproc_per_node 2 torchrun_worker.py dump args...``."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", str(WORKER), str(dump), *args]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "NETSLIM_DIST_TIMEOUT": "1",
-                   "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-                   **(env or {})}  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        str(dump),
+        *args,
+    ]
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "NETSLIM_DIST_TIMEOUT": "1",
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
     dump.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(command, env=environment, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
 def state(path: Path) -> dict[str, torch.Tensor]:
@@ -155,8 +187,9 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.sum_over_ranks(torch.tensor(2.0), 3) == [2.0, 3.0]
 
 
-@pytest.mark.parametrize("command", [["prune", "x.pth", "--ratio", "0.5", "--out", "y"],
-                                     ["info", "x.pth"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "command", [["prune", "x.pth", "--ratio", "0.5", "--out", "y"], ["info", "x.pth"]]
+)
 def test_commands_that_are_not_distributed_refuse_torchrun(monkeypatch, capsys, command):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -176,10 +209,29 @@ def test_world_size_without_torchrun_variables_is_a_clear_error(monkeypatch, cap
 def test_two_processes_stream_an_image_folder(tmp_path):
     write_images(tmp_path / "images", "train", 16, seed=0)
     write_images(tmp_path / "images", "val", 6, seed=1)
-    args = ["train", "--dataset", "imagefolder", "--data-root", str(tmp_path / "images"),
-            "--loader", "stream", "--workers", "1", "--arch", "vgg11-small",
-            "--epochs", "1", "--batch-size", "12", "--precision", "fp32", "--device", "cpu",
-            "--out", str(tmp_path / "run")]  # fmt: skip
+    args = [
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        str(tmp_path / "images"),
+        "--loader",
+        "stream",
+        "--workers",
+        "1",
+        "--arch",
+        "vgg11-small",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "12",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     done = torchrun(tmp_path / "dump", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert same(state(tmp_path / "dump" / "rank0.pt"), state(tmp_path / "dump" / "rank1.pt"))
@@ -191,10 +243,34 @@ def test_two_processes_stream_an_image_folder(tmp_path):
 
 
 def test_the_lab_under_torchrun(tmp_path):
-    args = ["demo", "--train-size", "256", "--test-size", "128", "--epochs", "1",
-            "--finetune-epochs", "1", "--lams", "0", "1e-2", "--prune-lam", "1e-2",
-            "--ratios", "0.5", "--sweep", "0.3", "--recalibrate", "1", "--precision", "fp32",
-            "--device", "cpu", "--out", str(tmp_path / "lab")]  # fmt: skip
+    args = [
+        "demo",
+        "--train-size",
+        "256",
+        "--test-size",
+        "128",
+        "--epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--lams",
+        "0",
+        "1e-2",
+        "--prune-lam",
+        "1e-2",
+        "--ratios",
+        "0.5",
+        "--sweep",
+        "0.3",
+        "--recalibrate",
+        "1",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "lab"),
+    ]
     done = torchrun(tmp_path / "dump", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     lab = tmp_path / "lab"
@@ -213,8 +289,14 @@ def test_the_lab_under_torchrun(tmp_path):
 def test_fewer_training_images_than_processes_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     data = make_synthetic(n_train=1, n_test=4, seed=0)
-    config = netslim.TrainConfig(arch="vgg11-small", dataset="synthetic", epochs=1,
-                                 batch_size=2, precision="fp32", device="cpu")  # fmt: skip
+    config = netslim.TrainConfig(
+        arch="vgg11-small",
+        dataset="synthetic",
+        epochs=1,
+        batch_size=2,
+        precision="fp32",
+        device="cpu",
+    )
     with pytest.raises(NetslimError, match="1 images, fewer than the 2 processes"):
         netslim.fit(config, data, netslim.build_model("vgg11-small"), tmp_path / "run")
     assert not (tmp_path / "run").exists()

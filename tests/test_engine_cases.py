@@ -198,8 +198,16 @@ class BatchNormAct(nn.BatchNorm2d):
         self.drop, self.act = nn.Identity(), act
 
     def forward(self, x):
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                         self.training, self.momentum, self.eps)  # fmt: skip
+        x = F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training,
+            self.momentum,
+            self.eps,
+        )
         return self.act(self.drop(x))
 
 
@@ -366,10 +374,12 @@ class NoBatchNorm(nn.Module):
 
 @pytest.mark.parametrize(
     ("norm", "message"),
-    [(None, r"^nothing to slim in NoBatchNorm: no BatchNorm scales any prunable channel$"),
-     (nn.GroupNorm(2, 8), r"no BatchNorm scales any prunable channel$"),
-     (nn.LayerNorm([8, 30, 30]), r"no BatchNorm scales any prunable channel$")],
-)  # fmt: skip
+    [
+        (None, r"^nothing to slim in NoBatchNorm: no BatchNorm scales any prunable channel$"),
+        (nn.GroupNorm(2, 8), r"no BatchNorm scales any prunable channel$"),
+        (nn.LayerNorm([8, 30, 30]), r"no BatchNorm scales any prunable channel$"),
+    ],
+)
 def test_a_network_without_batchnorm_is_a_one_line_error(norm, message):
     with pytest.raises(NetslimError, match=message):
         prune_model(NoBatchNorm(norm), 0.5)

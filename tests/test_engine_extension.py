@@ -31,10 +31,16 @@ class MixChannels(nn.Module):
 def network(middle: nn.Module) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), middle,
-        nn.Conv2d(8, 12, 3), nn.BatchNorm2d(12), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10),
-    )  # fmt: skip
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        middle,
+        nn.Conv2d(8, 12, 3),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 10),
+    )
     return randomize_bn(model)
 
 
@@ -62,8 +68,9 @@ def test_a_registered_activation_is_pruned_exactly(registry):
     assert pruned[0].out_channels < 8
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(pruned(x), masked_copy(model, plan.masks)(x), rtol=1e-4,
-                                   atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            pruned(x), masked_copy(model, plan.masks)(x), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_a_registered_function_is_per_channel(registry):
@@ -113,8 +120,10 @@ def test_ignoring_a_module_that_is_not_there_is_one_line():
 def test_importance_replaces_gamma_as_gammas_of_those_values_would():
     """Scoring by importance gives the plan that gammas equal to those scores give."""
     model = randomize_bn(netslim.build_model("resnet56"), seed=3)
-    scores = {name: torch.rand(bn.num_features, generator=torch.Generator().manual_seed(i))
-              for i, (name, bn) in enumerate(netslim.engine.sparsity.batchnorms(model))}  # fmt: skip
+    scores = {
+        name: torch.rand(bn.num_features, generator=torch.Generator().manual_seed(i))
+        for i, (name, bn) in enumerate(netslim.engine.sparsity.batchnorms(model))
+    }
     by_importance = engine.plan_pruning(model, 0.4, importance=lambda name, bn: scores[name])
     same = randomize_bn(netslim.build_model("resnet56"), seed=3)
     with torch.no_grad():
@@ -140,7 +149,20 @@ def test_prune_model_and_the_command_line_take_ignore(tmp_path, capsys):
     netslim.save(model, tmp_path / "m.pth", arch="vgg11-small")
     from netslim.cli import main
 
-    assert main(["prune", str(tmp_path / "m.pth"), "--ratio", "0.5", "--ignore", "feature.0",
-                 "--out", str(tmp_path / "p.pth")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prune",
+                str(tmp_path / "m.pth"),
+                "--ratio",
+                "0.5",
+                "--ignore",
+                "feature.0",
+                "--out",
+                str(tmp_path / "p.pth"),
+            ]
+        )
+        == 0
+    )
     assert "excluded by ignore= (feature.0)" in capsys.readouterr().out
     assert netslim.load(tmp_path / "p.pth").feature[0].out_channels == model.feature[0].out_channels

@@ -179,14 +179,27 @@ def test_cli_export_and_bench(tmp_path, capsys):
     code, out, err = run(capsys, "export", tmp_path / "small.pth", "--out", tmp_path / "s.x")
     assert code == 2 and "--format" in err and not (tmp_path / "s.x").exists()
 
-    code, out, err = run(capsys, "bench", tmp_path / "big.pth", tmp_path / "small.pth",
-                         "--batch", "1,3", "--runtime", "torch,onnxruntime", "--repeats", "3",
-                         "--json")  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "bench",
+        tmp_path / "big.pth",
+        tmp_path / "small.pth",
+        "--batch",
+        "1,3",
+        "--runtime",
+        "torch,onnxruntime",
+        "--repeats",
+        "3",
+        "--json",
+    )
     assert code == 0, err
     rows = json.loads(out)
     assert [(r["runtime"], r["batch"]) for r in rows[::2]] == [
-        ("torch", 1), ("torch", 3), ("onnxruntime", 1), ("onnxruntime", 3)
-    ]  # fmt: skip
+        ("torch", 1),
+        ("torch", 3),
+        ("onnxruntime", 1),
+        ("onnxruntime", 3),
+    ]
     reduction = count_macs(model) / count_macs(small_net)
     for big, little in zip(rows[::2], rows[1::2]):
         assert big["speedup"] == 1.0 and big["macs"] == count_macs(model)

@@ -117,23 +117,69 @@ def test_bad_folders_and_files_are_clear_errors(folder, tmp_path):
 
 
 def test_an_image_size_the_network_cannot_take_is_a_clear_error(folder, tmp_path, capsys):
-    train = ["train", "--dataset", "imagefolder", "--data-root", str(folder), "--arch",
-             "vgg11-small", "--image-size", "64", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    train = [
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        str(folder),
+        "--arch",
+        "vgg11-small",
+        "--image-size",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.main(train) == 2
     assert "cannot take 64x64 images" in capsys.readouterr().err
 
 
 def test_train_streamed_then_prune_on_the_command_line(folder, tmp_path, capsys):
     run = tmp_path / "run"
-    train = ["train", "--dataset", "imagefolder", "--data-root", str(folder), "--arch",
-             "vgg11-small", "--epochs", "2", "--batch-size", "12", "--lam", "1e-3",
-             "--precision", "fp32", "--device", "cpu", "--loader", "stream", "--workers", "1",
-             "--out", str(run)]  # fmt: skip
+    train = [
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        str(folder),
+        "--arch",
+        "vgg11-small",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "12",
+        "--lam",
+        "1e-3",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--loader",
+        "stream",
+        "--workers",
+        "1",
+        "--out",
+        str(run),
+    ]
     assert cli.main(train) == 0, capsys.readouterr().err
     assert load(run / "last.pth").num_classes == 3
     pruned = tmp_path / "pruned.pth"
-    prune = ["prune", str(run / "last.pth"), "--ratio", "0.3", "--out", str(pruned),
-             "--dataset", "imagefolder", "--data-root", str(folder), "--recalibrate", "2"]  # fmt: skip
+    prune = [
+        "prune",
+        str(run / "last.pth"),
+        "--ratio",
+        "0.3",
+        "--out",
+        str(pruned),
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        str(folder),
+        "--recalibrate",
+        "2",
+    ]
     assert cli.main(prune) == 0, capsys.readouterr().err
     assert "recalibrated" in capsys.readouterr().out.lower()
     small = load(pruned)

@@ -25,9 +25,27 @@ pytestmark = pytest.mark.slow  # not in make test-fast
 # A reduced demo: the demo's arch and data, a few seconds of work. One fixed thread: a
 # resumed lab is bit-identical only at a fixed count (a count that follows a busy
 # machine's load differs between the runs; README, "Threads").
-TINY = ["--train-size", "256", "--test-size", "128", "--epochs", "2", "--finetune-epochs", "1",
-        "--sweep", "0.3", "0.7", "--recalibrate", "2", "--precision", "fp32",
-        "--device", "cpu", "--threads", "1"]  # fmt: skip
+TINY = [
+    "--train-size",
+    "256",
+    "--test-size",
+    "128",
+    "--epochs",
+    "2",
+    "--finetune-epochs",
+    "1",
+    "--sweep",
+    "0.3",
+    "0.7",
+    "--recalibrate",
+    "2",
+    "--precision",
+    "fp32",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 LAMS, RATIOS, SWEEP = [0.0, 1e-3, 8e-3], [0.5, 0.9], [0.3, 0.5, 0.7, 0.9]  # the demo prunes 8e-3
 TIMING = ("seconds", "images_per_s")  # the only fields of a metrics record that may differ
 
@@ -194,8 +212,16 @@ def test_bad_lab_settings_give_one_clear_line(tmp_path, capsys, argv, message):
 
 def test_a_lab_whose_data_cannot_load_leaves_no_folder(tmp_path, capsys):
     out = tmp_path / "lab"
-    code, _ = run_cli("lab", "--dataset", "cifar10", "--data-root", str(tmp_path / "nodata"),
-                      "--no-download", "--out", str(out))  # fmt: skip
+    code, _ = run_cli(
+        "lab",
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        str(tmp_path / "nodata"),
+        "--no-download",
+        "--out",
+        str(out),
+    )
     assert code == 2 and "cifar-10-batches-py" in capsys.readouterr().err
     assert not out.exists()  # so the corrected command starts afresh instead of being refused
 
@@ -209,8 +235,12 @@ def test_a_folder_that_is_not_a_lab_is_left_alone(tmp_path, capsys):
 
 def test_lam_names_are_short_and_distinct():
     assert [lam_name(x) for x in (0.0, 1e-4, 1e-2, 2.5e-3, 0.5)] == [
-        "0", "1e-4", "1e-2", "2.5e-3", "0.5"
-    ]  # fmt: skip
+        "0",
+        "1e-4",
+        "1e-2",
+        "2.5e-3",
+        "0.5",
+    ]
     assert lam_name(1e-4) != lam_name(1.5e-4)
 
 
@@ -232,8 +262,9 @@ def test_the_demo_prunes_a_model_sparse_enough_to_lose_nothing_at_half(tmp_path)
     sparsity threshold 0.01 (every γ starts at 0.5), and almost no accuracy with the
     official method. (A narrower VGG at this λ ends at 71%: too little to learn from.)
     """
-    config = replace(DEMO.train_config(DEMO.prune_lam), test_size=500, precision="fp32",
-                     device="cpu")  # fmt: skip
+    config = replace(
+        DEMO.train_config(DEMO.prune_lam), test_size=500, precision="fp32", device="cpu"
+    )
     data = netslim.load_dataset(DEMO.dataset, train_size=config.train_size, test_size=500)
     torch.manual_seed(config.seed)
     netslim.fit(config, data, netslim.build_model(DEMO.arch), tmp_path, log=lambda line: None)

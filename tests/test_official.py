@@ -29,8 +29,12 @@ from netslim.official import official_checkpoint
 from netslim.slim import prune_model, pruned_checkpoint
 
 # shared/ lies beside the clone (CI); NETSLIM_OFFICIAL_CHECKPOINTS points elsewhere (a worktree)
-FILES = Path(os.environ.get("NETSLIM_OFFICIAL_CHECKPOINTS",
-                            Path(__file__).parents[1] / ".." / "shared" / "official-checkpoints"))  # fmt: skip
+FILES = Path(
+    os.environ.get(
+        "NETSLIM_OFFICIAL_CHECKPOINTS",
+        Path(__file__).parents[1] / ".." / "shared" / "official-checkpoints",
+    )
+)
 needs_files = pytest.mark.skipif(
     not FILES.is_dir(), reason=f"the paper's checkpoints are not in {FILES.resolve()}"
 )
@@ -117,13 +121,17 @@ def test_further_pruned_equals_masked(name, oracle):
     plan = quiet_plan(model, 0.4)
     assert plan.pruned_share > 0.3
     x = oracle["input"]
-    same(logits(apply_plan(model, plan, compensate=False), x),
-         logits(masked_copy(model, plan.masks, zero_beta=True), x))  # fmt: skip
+    same(
+        logits(apply_plan(model, plan, compensate=False), x),
+        logits(masked_copy(model, plan.masks, zero_beta=True), x),
+    )
     for m in model.modules():  # wrap-around padding: compensation is exact everywhere
         if isinstance(m, torch.nn.Conv2d):
             m.padding_mode = "circular"
-    same(logits(apply_plan(model, plan, compensate=True), x),
-         logits(masked_copy(model, plan.masks, zero_beta=False), x))  # fmt: skip
+    same(
+        logits(apply_plan(model, plan, compensate=True), x),
+        logits(masked_copy(model, plan.masks, zero_beta=False), x),
+    )
 
 
 @needs_files
@@ -167,10 +175,23 @@ def test_save_official_refuses_what_the_paper_cannot_express(tmp_path, capsys):
     with pytest.raises(NetslimError, match="pre-activated input, the paper's the raw input"):
         save_official(netslim.build_model("resnet164"), tmp_path / "x.pth")
     pruned, _ = prune_model(randomize_bn(netslim.load(FILES / PRUNED[0])), 0.4)  # compensated
-    torch.save({"netslim": {"arch": "resnet164"}, "channels": channel_counts(pruned),
-                "state_dict": pruned.state_dict()}, tmp_path / "comp.pth")  # fmt: skip
-    code, out, err = run(capsys, "export", str(tmp_path / "comp.pth"), "--format", "official",
-                         "--out", str(tmp_path / "paper.pth"))  # fmt: skip
+    torch.save(
+        {
+            "netslim": {"arch": "resnet164"},
+            "channels": channel_counts(pruned),
+            "state_dict": pruned.state_dict(),
+        },
+        tmp_path / "comp.pth",
+    )
+    code, out, err = run(
+        capsys,
+        "export",
+        str(tmp_path / "comp.pth"),
+        "--format",
+        "official",
+        "--out",
+        str(tmp_path / "paper.pth"),
+    )
     assert code == 2 and "has a bias" in err and "--no-compensate" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "paper.pth").exists()
 
@@ -209,12 +230,23 @@ def test_cli_info_prune_load(name, tmp_path, capsys, oracle):
 @pytest.mark.parametrize("name", PRUNED)
 def test_cli_prune_with_data_and_finetune(name, tmp_path, capsys):
     path, pruned, tuned = str(FILES / name), tmp_path / "p.pth", tmp_path / "ft"
-    code, out, err = run(capsys, "prune", path, "--ratio", "0.4", "--out", str(pruned), *TINY,
-                         "--recalibrate", "1")  # fmt: skip
+    code, out, err = run(
+        capsys, "prune", path, "--ratio", "0.4", "--out", str(pruned), *TINY, "--recalibrate", "1"
+    )
     assert code == 0, err
     assert "official masking" in out and "BN recalibrated" in out
-    code, out, err = run(capsys, "finetune", str(pruned), *TINY, "--epochs", "1",
-                         "--batch-size", "16", "--out", str(tuned))  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "finetune",
+        str(pruned),
+        *TINY,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--out",
+        str(tuned),
+    )
     assert code == 0, err
     before, after = netslim.load(pruned), netslim.load(tuned / "last.pth")
     assert channel_counts(after) == channel_counts(before)

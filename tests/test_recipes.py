@@ -32,8 +32,17 @@ from netslim.train.runfolder import read_metrics
 pytestmark = pytest.mark.slow  # not in make test-fast
 
 QUIET = {"log": lambda s: None}
-FAST = {"epochs": 40, "batch_size": 256, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4,
-        "schedule": "linear", "warmup_epochs": 2.0, "nesterov": True, "label_smoothing": 0.1}  # fmt: skip
+FAST = {
+    "epochs": 40,
+    "batch_size": 256,
+    "lr": 0.2,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "schedule": "linear",
+    "warmup_epochs": 2.0,
+    "nesterov": True,
+    "label_smoothing": 0.1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +75,21 @@ def test_cli_flags_override_the_recipe_and_config_records_the_resolved_values():
     assert asdict(_cli_config()) == asdict(replace(TrainConfig(), lam=1e-4, dataset="synthetic"))
     config = _cli_config("--recipe", "fast", "--lr", "0.3", "--no-nesterov", "--epochs", "7")
     assert config.recipe == "fast"
-    assert {k: getattr(config, k) for k in FAST} == {**FAST, "lr": 0.3, "nesterov": False,
-                                                     "epochs": 7}  # fmt: skip
+    assert {k: getattr(config, k) for k in FAST} == {
+        **FAST,
+        "lr": 0.3,
+        "nesterov": False,
+        "epochs": 7,
+    }
     auto = _cli_config("--lam", "auto", "--target-ratio", "0.6")
     assert (auto.lam_auto, auto.lam, auto.target_ratio) == (True, control.LAM_START, 0.6)
 
 
 def test_finetune_multipass_and_lab_take_the_recipe_too():
     for command in (["finetune", "p.pth"], ["multipass"]):
-        args = build_parser().parse_args([*command, "--recipe", "fast", "--out", "x",
-                                          "--weight-decay", "0"])  # fmt: skip
+        args = build_parser().parse_args(
+            [*command, "--recipe", "fast", "--out", "x", "--weight-decay", "0"]
+        )
         config = _train_config(args, "vgg19")
         assert {k: getattr(config, k) for k in FAST} == {**FAST, "weight_decay": 0.0}
     lab = lab_config(build_parser().parse_args(["lab", "--recipe", "fast", "--lr", "0.2"]))
@@ -139,9 +153,17 @@ def test_l1_term_under_the_fast_schedule_equals_the_documented_formula():
         before = [bn.weight.detach().clone() for _, bn in batchnorms(model)]
         optimizer = make_optimizer(model, config)
         generator = torch.Generator().manual_seed(7)
-        train_epoch(model, data, optimizer, lam=lam, batch_size=32, generator=generator,
-                    dtype=None, label_smoothing=config.label_smoothing,
-                    lr_of_step=lambda step: recipes.lr_at_step(config, 3, step, 1))  # fmt: skip
+        train_epoch(
+            model,
+            data,
+            optimizer,
+            lam=lam,
+            batch_size=32,
+            generator=generator,
+            dtype=None,
+            label_smoothing=config.label_smoothing,
+            lr_of_step=lambda step: recipes.lr_at_step(config, 3, step, 1),
+        )
         moved[lam] = [bn.weight.detach() - b for (_, bn), b in zip(batchnorms(model), before)]
     # The gradient of the smoothed loss, by hand, on the same batch in training mode.
     torch.manual_seed(0)
@@ -209,9 +231,17 @@ def test_early_pruning_triggers_on_a_handmade_gamma_trajectory_at_the_right_epoc
 
 
 def _early(config_kw=None, **kw) -> TrainConfig:
-    settings = {**FAST, "epochs": 6, "batch_size": 64, "lam_auto": True, "lam": 1e-4,
-                "target_ratio": 0.5, "prune_when_stable": 0.5, "stable_tol": 1.0,
-                "stable_epochs": 3}  # fmt: skip
+    settings = {
+        **FAST,
+        "epochs": 6,
+        "batch_size": 64,
+        "lam_auto": True,
+        "lam": 1e-4,
+        "target_ratio": 0.5,
+        "prune_when_stable": 0.5,
+        "stable_tol": 1.0,
+        "stable_epochs": 3,
+    }
     return tiny_config(**{**settings, **(config_kw or {}), **kw})
 
 
@@ -219,8 +249,16 @@ def test_early_pruning_stops_prunes_and_fine_tunes_the_smaller_network(tmp_path,
     # A tolerance of 1 counts every epoch after the first as settled: stop after epoch 4.
     torch.manual_seed(0)
     out = tmp_path / "run"
-    tuned = train_prune_finetune(_early(), small_data, VGG(TRAIN_CFG), out, finetune_epochs=2,
-                                 recalibrate=1, meta={"arch": "tiny"}, **QUIET)  # fmt: skip
+    tuned = train_prune_finetune(
+        _early(),
+        small_data,
+        VGG(TRAIN_CFG),
+        out,
+        finetune_epochs=2,
+        recalibrate=1,
+        meta={"arch": "tiny"},
+        **QUIET,
+    )
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert [r.get("stopped_early", False) for r in records] == [False] * 3 + [True]
@@ -272,8 +310,10 @@ def test_lam_auto_raises_lambda_when_sparsity_lags(tmp_path, small_data):
     lams = [r["lam"] for r in records]
     assert lams[0] == 1e-4
     steps = -(-len(small_data.train_labels) // config.batch_size)
-    epoch_lr = [sum(recipes.lr_at_step(config, e, s, steps) for s in range(steps))
-                / (1 - config.momentum) for e in range(config.epochs)]  # fmt: skip
+    epoch_lr = [
+        sum(recipes.lr_at_step(config, e, s, steps) for s in range(steps)) / (1 - config.momentum)
+        for e in range(config.epochs)
+    ]
     best = float("-inf")
     for r, next_lam in zip(records, lams[1:]):  # each decision follows the documented formula
         assert r["sparsity"] < 0.9  # a tiny run is never sparse at 90%
@@ -328,10 +368,17 @@ def test_resume_in_the_middle_of_each_stage_reproduces_the_uninterrupted_run(
     train_prune_finetune(config, small_data, VGG(TRAIN_CFG), tmp_path / "full", **run, **QUIET)
     torch.manual_seed(0)
     with pytest.raises(Interrupt):
-        train_prune_finetune(config, small_data, VGG(TRAIN_CFG), tmp_path / "cut", **run,
-                             log=_stop_at_epoch_line(cut))  # fmt: skip
-    train_prune_finetune(config, small_data, VGG([4]), tmp_path / "cut", resume=True, **run,
-                         **QUIET)  # fmt: skip
+        train_prune_finetune(
+            config,
+            small_data,
+            VGG(TRAIN_CFG),
+            tmp_path / "cut",
+            **run,
+            log=_stop_at_epoch_line(cut),
+        )
+    train_prune_finetune(
+        config, small_data, VGG([4]), tmp_path / "cut", resume=True, **run, **QUIET
+    )
     full, cut_dir = tmp_path / "full", tmp_path / "cut"
     for stage in ("", "finetune"):
         assert without_timing(read_metrics(full / stage)) == without_timing(
@@ -345,12 +392,42 @@ def test_resume_in_the_middle_of_each_stage_reproduces_the_uninterrupted_run(
 
 def test_lab_stops_the_pruned_run_early_and_plots_it(tmp_path):
     out = tmp_path / "lab"
-    argv = ["demo", "--train-size", "256", "--test-size", "64", "--lams", "1e-3",
-            "--prune-lam", "1e-3", "--ratios", "0.5", "--sweep", "--epochs", "5",
-            "--finetune-epochs", "1", "--recalibrate", "1", "--precision", "fp32",
-            "--device", "cpu", "--recipe", "fast", "--prune-when-stable", "0.5",
-            "--stable-tol", "1", "--stable-epochs", "2", "--target-ratio", "0.5",
-            "--out", str(out)]  # fmt: skip
+    argv = [
+        "demo",
+        "--train-size",
+        "256",
+        "--test-size",
+        "64",
+        "--lams",
+        "1e-3",
+        "--prune-lam",
+        "1e-3",
+        "--ratios",
+        "0.5",
+        "--sweep",
+        "--epochs",
+        "5",
+        "--finetune-epochs",
+        "1",
+        "--recalibrate",
+        "1",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--recipe",
+        "fast",
+        "--prune-when-stable",
+        "0.5",
+        "--stable-tol",
+        "1",
+        "--stable-epochs",
+        "2",
+        "--target-ratio",
+        "0.5",
+        "--out",
+        str(out),
+    ]
     code, printed = _run_cli(argv)
     assert code == 0, printed
     records = read_metrics(out / "train" / "lam=1e-3")
@@ -382,10 +459,31 @@ def test_early_pruning_and_lam_auto_under_torchrun(tmp_path):
     """Two gloo processes take the same decisions: one stop, one λ, identical networks."""
     from test_distributed import TRAIN, same, state, torchrun
 
-    argv = [*TRAIN, "--epochs", "3", "--recipe", "fast", "--batch-size", "64", "--lam", "auto",
-            "--target-ratio", "0.5", "--prune-when-stable", "0.5", "--stable-tol", "1",
-            "--stable-epochs", "1", "--finetune-epochs", "1", "--recalibrate", "1",
-            "--out", str(tmp_path / "run")]  # fmt: skip
+    argv = [
+        *TRAIN,
+        "--epochs",
+        "3",
+        "--recipe",
+        "fast",
+        "--batch-size",
+        "64",
+        "--lam",
+        "auto",
+        "--target-ratio",
+        "0.5",
+        "--prune-when-stable",
+        "0.5",
+        "--stable-tol",
+        "1",
+        "--stable-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--recalibrate",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     done = torchrun(tmp_path / "dump", *argv, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"

@@ -45,11 +45,15 @@ def chain(layers: int, channels: int = 4, seed: int = 0, residual: bool = False)
     """``layers`` blocks of conv 3x3, BatchNorm, ReLU (or residual ones after a first plain
     block), then a linear head; random BatchNorm statistics, every other channel's gamma tiny."""
     blocks = [
-        Residual(channels) if residual and i else
-        nn.Sequential(nn.Conv2d(3 if i == 0 else channels, channels, 3, padding=1),
-                      nn.BatchNorm2d(channels), nn.ReLU())
+        Residual(channels)
+        if residual and i
+        else nn.Sequential(
+            nn.Conv2d(3 if i == 0 else channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+        )
         for i in range(layers)
-    ]  # fmt: skip
+    ]
     torch.manual_seed(seed)
     model = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 5))
     randomize_bn(model, seed)
@@ -117,8 +121,11 @@ def test_pruning_twice_the_layers_calls_no_function_more_than_twice_as_often(one
         quiet_prune(model, 0.5, input_size=(3, 8, 8), ignore=[nn.ReLU])
 
     small, large = call_counts(lambda: prune(60)), call_counts(lambda: prune(120))
-    grew = {f"{f[0].split('/')[-1]}:{f[1]} {f[2]}": (small.get(f, 0), n)
-            for f, n in large.items() if n > 2.2 * small.get(f, 0) + 50}  # fmt: skip
+    grew = {
+        f"{f[0].split('/')[-1]}:{f[1]} {f[2]}": (small.get(f, 0), n)
+        for f, n in large.items()
+        if n > 2.2 * small.get(f, 0) + 50
+    }
     assert not grew, grew
     assert sum(large.values()) < 2.1 * sum(small.values())
 
@@ -168,8 +175,14 @@ def test_an_input_size_that_is_no_shape_is_refused_in_one_line():
 
 
 def small_net() -> nn.Module:
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())  # fmt: skip
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+    )
     return randomize_bn(model)
 
 
@@ -206,8 +219,11 @@ def test_yolov8n_at_4096_pixels_is_refused_at_once_on_a_16_gib_machine(monkeypat
 
 def test_pruning_estimated_to_take_longer_than_max_seconds_is_refused_naming_both(monkeypatch):
     monkeypatch.delenv("NETSLIM_MAX_PRUNE_SECONDS", raising=False)
-    monkeypatch.setattr(guard, "estimate_prune_cost", lambda m, s: guard.PruneCost(
-        1234.5, 2**20, ((64, 64), (128, 128))))  # fmt: skip
+    monkeypatch.setattr(
+        guard,
+        "estimate_prune_cost",
+        lambda m, s: guard.PruneCost(1234.5, 2**20, ((64, 64), (128, 128))),
+    )
     with pytest.raises(NetslimError) as error:
         netslim.prune_model(small_net(), 0.5, input_size=(3, 1024, 1024), max_seconds=60)
     message = str(error.value)

@@ -146,15 +146,38 @@ def _traced(model: nn.Module, result: YamlResult, seed: int):
 # YAMLs Ultralytics ships that netslim does not build: RT-DETR decoders, a TorchVision
 # backbone (it would fetch weights), open-vocabulary heads wanting text embeddings from a
 # CLIP model (World, YOLOE), and the depth and semantic tasks.
-UNBUILDABLE = {"rtdetr-l.yaml", "rtdetr-resnet50.yaml", "rtdetr-resnet101.yaml", "rtdetr-x.yaml",
-               "yolov8-rtdetr.yaml", "yolo11-cls-resnet18.yaml", "yolo26-depth.yaml",
-               "yolo26-sem.yaml", "yoloe-11.yaml", "yoloe-11-seg.yaml", "yoloe-26.yaml",
-               "yoloe-26-seg.yaml", "yoloe-v8.yaml", "yoloe-v8-seg.yaml", "yolov8-world.yaml",
-               "yolov8-worldv2.yaml"}  # fmt: skip
+UNBUILDABLE = {
+    "rtdetr-l.yaml",
+    "rtdetr-resnet50.yaml",
+    "rtdetr-resnet101.yaml",
+    "rtdetr-x.yaml",
+    "yolov8-rtdetr.yaml",
+    "yolo11-cls-resnet18.yaml",
+    "yolo26-depth.yaml",
+    "yolo26-sem.yaml",
+    "yoloe-11.yaml",
+    "yoloe-11-seg.yaml",
+    "yoloe-26.yaml",
+    "yoloe-26-seg.yaml",
+    "yoloe-v8.yaml",
+    "yoloe-v8-seg.yaml",
+    "yolov8-world.yaml",
+    "yolov8-worldv2.yaml",
+}
 # A few of every generation and task, in the default run; the others only in make test-all.
-QUICK = {"yolov3-tiny.yaml", "yolov5.yaml", "yolov8.yaml", "yolov8-pose.yaml", "yolov10n.yaml",
-         "yolo11-obb.yaml", "yolo12.yaml", "yolo26.yaml", "yolo26-cls.yaml", "rtdetr-l.yaml",
-         "yolov8-worldv2.yaml"}  # fmt: skip
+QUICK = {
+    "yolov3-tiny.yaml",
+    "yolov5.yaml",
+    "yolov8.yaml",
+    "yolov8-pose.yaml",
+    "yolov10n.yaml",
+    "yolo11-obb.yaml",
+    "yolo12.yaml",
+    "yolo26.yaml",
+    "yolo26-cls.yaml",
+    "rtdetr-l.yaml",
+    "yolov8-worldv2.yaml",
+}
 EVERY = (pytest.mark.slow, pytest.mark.exhaustive)
 YAMLS = [pytest.param(n, marks=() if n in QUICK else EVERY) for n in shipped_yamls()]
 
@@ -173,8 +196,9 @@ def plan_of(model: nn.Module, size: int = 16, ratio: float = 0.5):
 
 
 def block(c_in: int, c_out: int, k: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2), nn.BatchNorm2d(c_out),
-                         nn.ReLU())  # fmt: skip
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, k, padding=k // 2), nn.BatchNorm2d(c_out), nn.ReLU()
+    )
 
 
 def assert_exact(model: nn.Module, plan, size: int = 16) -> None:
@@ -282,13 +306,20 @@ def test_a_network_the_tracer_cannot_follow_is_repaired_by_the_check_after_surge
         for r in kept
     )
     assert report.layers == [("w.1", 4, 8)]
-    masks = {"a.1": torch.ones(8, dtype=torch.bool), "v.1": torch.ones(8, dtype=torch.bool),
-             "w.1": model.w[1].weight.abs() > report.threshold}  # fmt: skip
+    masks = {
+        "a.1": torch.ones(8, dtype=torch.bool),
+        "v.1": torch.ones(8, dtype=torch.bool),
+        "w.1": model.w[1].weight.abs() > report.threshold,
+    }
     x = torch.randn(2, 3, 16, 16)
     expected = netslim.engine.plan.masked_copy(model, masks, zero_beta=not compensate).eval()
     if compensate:  # exact away from the borders: compare the centre
-        assert max_relative([outputs(pruned, x)[0][..., 4:-4, 4:-4]],
-                            [outputs(expected, x)[0][..., 4:-4, 4:-4]]) < TOLERANCE  # fmt: skip
+        assert (
+            max_relative(
+                [outputs(pruned, x)[0][..., 4:-4, 4:-4]], [outputs(expected, x)[0][..., 4:-4, 4:-4]]
+            )
+            < TOLERANCE
+        )
     else:
         assert max_relative(outputs(pruned, x), outputs(expected, x)) < TOLERANCE
     assert "checked after surgery on the traced input and a random input" in report.text()
@@ -380,8 +411,9 @@ def test_a_number_read_from_tensor_values_keeps_the_channels_it_is_added_to(read
     graph, plan = plan_of(model)
     assert graph.value_reads
     assert bool(graph.fixed[graph.norms["bn"]].all())
-    assert any("computes with a number that may come from tensor values" in r
-               for r in graph.fixed_reasons)  # fmt: skip
+    assert any(
+        "computes with a number that may come from tensor values" in r for r in graph.fixed_reasons
+    )
     assert plan.kept["c.1"][0] < 8  # the branch the number never reaches still prunes
     assert_exact(model, plan)
 

@@ -75,9 +75,16 @@ def module_checkpoint(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "marking", raising=False)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
-                                       nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                       nn.Linear(8, 10)))  # fmt: skip
+    model = randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 10),
+        )
+    )
     netslim.save(model, tmp_path / "model.pth", arch="marking:build")
     return tmp_path / "model.pth"
 
@@ -101,10 +108,15 @@ def flip_bytes(path: Path, count: int = 64, bit: bool = False) -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [["info"], ["prune", "--ratio", "0.5", "--out", "p.pth"], ["export", "--out", "m.onnx"],
-     ["bench", "--repeats", "1", "--batch", "1"], ["finetune", *DATA, "--out", "ft"]],
+    [
+        ["info"],
+        ["prune", "--ratio", "0.5", "--out", "p.pth"],
+        ["export", "--out", "m.onnx"],
+        ["bench", "--repeats", "1", "--batch", "1"],
+        ["finetune", *DATA, "--out", "ft"],
+    ],
     ids=["info", "prune", "export", "bench", "finetune"],
-)  # fmt: skip
+)
 def test_a_checkpoint_naming_a_module_in_the_current_folder_imports_nothing(
     module_checkpoint, capsys, command
 ):
@@ -124,15 +136,25 @@ def test_netslim_load_of_a_file_naming_a_module_imports_nothing(module_checkpoin
 
 def test_a_checkpoint_naming_a_standard_library_module_imports_nothing(tmp_path):
     """``this:build`` would print the Zen of Python from any folder: it is not imported."""
-    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(),
-                                       nn.Linear(4 * 32 * 32, 10)))  # fmt: skip
+    model = randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 32 * 32, 10)
+        )
+    )
     netslim.save(model, tmp_path / "this.pth", arch="this:build")
-    code = ("import sys, netslim\ntry:\n    netslim.load(sys.argv[1])\n"
-            "except netslim.NetslimError as e:\n    print(e)\n"
-            "print('imported' if 'this' in sys.modules else 'not imported')")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "this.pth")], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    code = (
+        "import sys, netslim\ntry:\n    netslim.load(sys.argv[1])\n"
+        "except netslim.NetslimError as e:\n    print(e)\n"
+        "print('imported' if 'this' in sys.modules else 'not imported')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "this.pth")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "The Zen of Python" not in done.stdout
     assert done.stdout.splitlines()[-1] == "not imported"
@@ -153,8 +175,20 @@ def test_trusting_the_module_or_its_package_loads_the_checkpoint(module_checkpoi
 def test_a_run_of_your_own_module_resumes_without_being_told_again(module_checkpoint, capsys):
     """The module --arch named at the start is the run's own: --resume builds it again."""
     out = module_checkpoint.parent / "run"
-    train = ["train", "--arch", "marking:build", *DATA, "--batch-size", "32", "--precision",
-             "fp32", "--threads", "1", "--out", out]  # fmt: skip
+    train = [
+        "train",
+        "--arch",
+        "marking:build",
+        *DATA,
+        "--batch-size",
+        "32",
+        "--precision",
+        "fp32",
+        "--threads",
+        "1",
+        "--out",
+        out,
+    ]
     assert run(capsys, *train, "--epochs", "1")[0] == 0
     code, _, err = run(capsys, *train, "--epochs", "2", "--resume")
     assert code == 2 and "settings differ" in err  # the run's epochs are part of its settings
@@ -169,14 +203,25 @@ def test_a_run_of_your_own_module_resumes_without_being_told_again(module_checkp
 
 @pytest.mark.parametrize(
     "argv",
-    [["train", *DATA, "--image-size", "100000", "--out", "r"],
-     ["train", "--dataset", "imagefolder", "--data-root", "imgs", "--image-size", "100000",
-      "--out", "r"],
-     ["export", "m.pth", "--out", "m.onnx", "--image-size", "100000"],
-     ["bench", "m.pth", "--image-size", "5000"],
-     ["prune", "m.pth", "--ratio", "0.5", "--out", "p.pth", "--image-size", "4097"]],
+    [
+        ["train", *DATA, "--image-size", "100000", "--out", "r"],
+        [
+            "train",
+            "--dataset",
+            "imagefolder",
+            "--data-root",
+            "imgs",
+            "--image-size",
+            "100000",
+            "--out",
+            "r",
+        ],
+        ["export", "m.pth", "--out", "m.onnx", "--image-size", "100000"],
+        ["bench", "m.pth", "--image-size", "5000"],
+        ["prune", "m.pth", "--ratio", "0.5", "--out", "p.pth", "--image-size", "4097"],
+    ],
     ids=["train", "imagefolder", "export", "bench", "prune"],
-)  # fmt: skip
+)
 def test_an_image_size_beyond_the_maximum_is_refused_before_any_work(
     tmp_path, capsys, monkeypatch, argv
 ):
@@ -193,8 +238,16 @@ def test_an_image_size_of_zero_is_refused_not_replaced(tmp_path, capsys, tiny_vg
     """``export --image-size 0`` exported at 32 without a word."""
     netslim.save(tiny_vgg, tmp_path / "m.pth", arch="vgg11")
     with pytest.raises(SystemExit):
-        main(["export", str(tmp_path / "m.pth"), "--out", str(tmp_path / "m.pt2"),
-              "--image-size", "0"])  # fmt: skip
+        main(
+            [
+                "export",
+                str(tmp_path / "m.pth"),
+                "--out",
+                str(tmp_path / "m.pt2"),
+                "--image-size",
+                "0",
+            ]
+        )
     assert "must be from 8 to" in capsys.readouterr().err
     assert not (tmp_path / "m.pt2").exists()
 
@@ -209,8 +262,17 @@ def test_a_checkpoint_recording_an_impossible_image_size_is_refused(tmp_path, ca
 def test_a_thread_count_beyond_the_cpus_is_refused(tmp_path, capsys):
     """1,000 threads on 2 cores: a run of 8 s had not ended after 300 s."""
     before = torch.get_num_threads()
-    code, _, err = run(capsys, "prune", "--threads", "1000", tmp_path / "m.pth", "--ratio", "0.5",
-                       "--out", tmp_path / "p.pth")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "prune",
+        "--threads",
+        "1000",
+        tmp_path / "m.pth",
+        "--ratio",
+        "0.5",
+        "--out",
+        tmp_path / "p.pth",
+    )
     most = limits.cpu_count()
     assert (
         code == 2 and f"--threads 1000 is more than the CPUs this process may use ({most})" in err
@@ -225,15 +287,26 @@ def test_workers_beyond_the_cpus_are_refused(tmp_path):
 
 def test_a_batch_larger_than_memory_is_refused(tmp_path, capsys, tiny_vgg):
     netslim.save(tiny_vgg, tmp_path / "m.pth", arch="vgg11")
-    code, _, err = run(capsys, "bench", tmp_path / "m.pth", "--batch", "100000", "--image-size",
-                       "2048")  # fmt: skip
+    code, _, err = run(
+        capsys, "bench", tmp_path / "m.pth", "--batch", "100000", "--image-size", "2048"
+    )
     assert code == 2 and "a batch of 100000 images of 2048x2048 takes" in one_line(err)
     assert "lower --batch or --image-size" in err
 
 
 def test_a_synthetic_set_larger_than_memory_is_refused(capsys, tmp_path):
-    code, _, err = run(capsys, "train", "--dataset", "synthetic", "--train-size", "10000000000",
-                       "--device", "cpu", "--out", tmp_path / "r")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "train",
+        "--dataset",
+        "synthetic",
+        "--train-size",
+        "10000000000",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "r",
+    )
     assert code == 2 and "painting 10,000,000,000 synthetic images takes" in one_line(err)
 
 
@@ -271,8 +344,11 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, capsys, tiny_vgg, 
     path = tmp_path / "m.pth"
     netslim.save(tiny_vgg, path, arch="vgg11")
     flip_bytes(path, bit=bit)
-    extra = {"info": [], "prune": ["--ratio", "0.5", "--out", tmp_path / "p.pth"],
-             "export": ["--out", tmp_path / "m.pt2"]}[command]  # fmt: skip
+    extra = {
+        "info": [],
+        "prune": ["--ratio", "0.5", "--out", tmp_path / "p.pth"],
+        "export": ["--out", tmp_path / "m.pt2"],
+    }[command]
     code, _, err = run(capsys, command, path, *extra)
     line = one_line(err)
     assert code == 2 and f"{path} is damaged" in line and "fails its CRC-32 check" in line
@@ -283,8 +359,10 @@ def test_an_intact_checkpoint_reads_back_exactly(tmp_path, tiny_vgg):
     """The CRC check refuses only damaged files: an intact one reads back bit for bit."""
     netslim.save(tiny_vgg, tmp_path / "m.pth", arch="vgg11")
     loaded = netslim.load(tmp_path / "m.pth")
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
-                                                 tiny_vgg.state_dict().values()))  # fmt: skip
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), tiny_vgg.state_dict().values())
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -306,8 +384,10 @@ def test_the_export_check_fails_on_nan_outputs(tiny_vgg):
 
     def worst(run) -> float:  # over the check's own inputs, as export compares them
         with torch.no_grad():
-            return max(relative_difference(output_tensors(tiny_vgg(x)), output_tensors(run(x)))
-                       for _, x in check_inputs(32))  # fmt: skip
+            return max(
+                relative_difference(output_tensors(tiny_vgg(x)), output_tensors(run(x)))
+                for _, x in check_inputs(32)
+            )
 
     assert worst(lambda x: torch.full((len(x), 10), float("nan"))) == float("inf")
     with torch.no_grad():
@@ -340,13 +420,30 @@ def test_multipass_counts_the_final_macs_at_the_run_image_size(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     small = make_synthetic(64, 32)
     grow = lambda x: x.repeat_interleave(2, -1).repeat_interleave(2, -2)  # noqa: E731  64x64
-    data = replace(small, train_images=grow(small.train_images),
-                   test_images=grow(small.test_images))  # fmt: skip
-    config = TrainConfig(arch="tinynet:build", dataset="synthetic", epochs=1, batch_size=32,
-                         precision="fp32", device="cpu", image_size=64)  # fmt: skip
+    data = replace(
+        small, train_images=grow(small.train_images), test_images=grow(small.test_images)
+    )
+    config = TrainConfig(
+        arch="tinynet:build",
+        dataset="synthetic",
+        epochs=1,
+        batch_size=32,
+        precision="fp32",
+        device="cpu",
+        image_size=64,
+    )
     model = netslim.build_model("tinynet:build")
-    summary = run_multipass(config, data, model, tmp_path / "mp", passes=1, ratio=0.5,
-                            finetune_epochs=1, recalibrate=1, log=lambda s: None)  # fmt: skip
+    summary = run_multipass(
+        config,
+        data,
+        model,
+        tmp_path / "mp",
+        passes=1,
+        ratio=0.5,
+        finetune_epochs=1,
+        recalibrate=1,
+        log=lambda s: None,
+    )
     final = netslim.load(tmp_path / "mp" / "finetune" / "last.pth", trust="tinynet")
     assert summary[-1]["macs"] == netslim.count_macs(final, (1, 3, 64, 64))
     assert summary[-1]["macs"] > netslim.count_macs(final, (1, 3, 32, 32))
@@ -355,8 +452,11 @@ def test_multipass_counts_the_final_macs_at_the_run_image_size(tmp_path, monkeyp
 
 @pytest.mark.parametrize("command", ["train", "info"])
 def test_a_sparsity_threshold_of_nan_is_refused(tmp_path, capsys, command):
-    argv = (["train", *DATA, "--out", tmp_path / "r"] if command == "train"
-            else ["info", tmp_path / "m.pth"])  # fmt: skip
+    argv = (
+        ["train", *DATA, "--out", tmp_path / "r"]
+        if command == "train"
+        else ["info", tmp_path / "m.pth"]
+    )
     with pytest.raises(SystemExit):
         main([str(a) for a in [*argv, "--sparsity-threshold", "nan"]])
     assert "--sparsity-threshold: must be > 0 and finite" in capsys.readouterr().err
@@ -451,11 +551,19 @@ def test_a_network_mixing_affine_and_non_affine_batchnorm_prunes_exactly():
     """pruning._scores looked every BatchNorm up among the affine ones: a KeyError."""
     torch.manual_seed(0)
     model = nn.Sequential(  # unpadded: compensation is exact too (no borders)
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
-        nn.Conv2d(8, 12, 3), nn.BatchNorm2d(12), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10),
-    )  # fmt: skip
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3),
+        nn.BatchNorm2d(8, affine=False),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 10),
+    )
     for bn in (model[1], model[7]):
         randomize_bn(bn)
     plan = plan_pruning(model, 0.5)
@@ -489,8 +597,9 @@ def test_a_png_declaring_50000_by_50000_pixels_is_one_line(tmp_path):
 @pytest.mark.parametrize(
     "source, kind", [("def build(:\n", "SyntaxError"), ("raise ValueError('no')\n", "ValueError")]
 )
-def test_a_builder_module_that_fails_on_import_is_one_line(tmp_path, capsys, monkeypatch,
-                                                           source, kind):  # fmt: skip
+def test_a_builder_module_that_fails_on_import_is_one_line(
+    tmp_path, capsys, monkeypatch, source, kind
+):
     (tmp_path / "broken.py").write_text(source)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "broken", raising=False)

@@ -40,8 +40,12 @@ def write_cifar10(root: Path, protocol: int = 2, labels: list[int] | None = None
     train = []
     for name in CIFAR10_FILES:
         data = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
-        batch = {"batch_label": name, "labels": labels or [3, 7], "data": data,
-                 "filenames": [b"a.png", b"b.png"]}  # fmt: skip
+        batch = {
+            "batch_label": name,
+            "labels": labels or [3, 7],
+            "data": data,
+            "filenames": [b"a.png", b"b.png"],
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
         train += [data] if name != "test_batch" else []
     return np.concatenate(train)
@@ -125,8 +129,9 @@ def test_prune_and_finetune_refuse_a_dataset_with_other_classes(tmp_path, capsys
     ckpt = tmp_path / "m.pth"
     torch.save({"state_dict": netslim.build_model("vgg11-small").state_dict()}, ckpt)
     data = ["--dataset", "imagefolder", "--data-root", tmp_path, "--device", "cpu"]
-    code, prune_err = run(capsys, "prune", ckpt, "--ratio", "0.5", "--out", tmp_path / "p.pth",
-                          *data)  # fmt: skip
+    code, prune_err = run(
+        capsys, "prune", ckpt, "--ratio", "0.5", "--out", tmp_path / "p.pth", *data
+    )
     assert code == 2 and "10 outputs but dataset imagefolder has 2 classes" in prune_err
     assert not (tmp_path / "p.pth").exists()
     code, finetune_err = run(capsys, "finetune", ckpt, "--out", tmp_path / "ft", *data)
@@ -145,7 +150,7 @@ def test_prune_and_finetune_refuse_a_dataset_with_other_classes(tmp_path, capsys
         (["train", "--lam", "-5"], "--lam must be >= 0"),
         (["lab", "--lams", "0", "-1e-4"], "--lams must all be >= 0"),
     ],
-)  # fmt: skip
+)
 def test_negative_numbers_reach_the_range_check(tmp_path, capsys, argv, message):
     """A negative number after a flag is read as a value and refused by its range check."""
     code, err = run(capsys, *argv, "--dataset", "synthetic", "--out", tmp_path / "r")
@@ -155,16 +160,28 @@ def test_negative_numbers_reach_the_range_check(tmp_path, capsys, argv, message)
 @pytest.mark.parametrize(
     "argv, message, internal",
     [
-        (["prune", "{ckpt}", "--ratio", "0.5", "--min-keep", "-1", "--out", "{tmp}/p.pth"],
-         "--min-keep must be", "min_keep"),
-        (["train", "--dataset", "synthetic", "--train-size", "0", "--out", "{tmp}/r"],
-         "--train-size must be", "train_size"),
-        (["train", "--dataset", "synthetic", "--test-size", "-3", "--out", "{tmp}/r"],
-         "--test-size must be", "test_size"),
-        (["train", "--dataset", "synthetic", "--seed", "-1", "--out", "{tmp}/r"],
-         "--seed must be >= 0", "make_synthetic"),
+        (
+            ["prune", "{ckpt}", "--ratio", "0.5", "--min-keep", "-1", "--out", "{tmp}/p.pth"],
+            "--min-keep must be",
+            "min_keep",
+        ),
+        (
+            ["train", "--dataset", "synthetic", "--train-size", "0", "--out", "{tmp}/r"],
+            "--train-size must be",
+            "train_size",
+        ),
+        (
+            ["train", "--dataset", "synthetic", "--test-size", "-3", "--out", "{tmp}/r"],
+            "--test-size must be",
+            "test_size",
+        ),
+        (
+            ["train", "--dataset", "synthetic", "--seed", "-1", "--out", "{tmp}/r"],
+            "--seed must be >= 0",
+            "make_synthetic",
+        ),
     ],
-)  # fmt: skip
+)
 def test_messages_name_the_flag_not_the_parameter(tmp_path, capsys, argv, message, internal):
     """Errors for a flag's bad value name the flag (--min-keep), not netslim's internals."""
     ckpt = tmp_path / "m.pth"
@@ -198,8 +215,12 @@ def test_a_file_not_written_by_torch_save_is_one_clear_line(tmp_path, capsys, ki
 
 def imported_modules(*argv: str) -> set[str]:
     """The modules ``python -m netslim ARGV`` imports, from ``-X importtime``'s list."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "netslim", *argv],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "netslim", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [
         line.split("|") for line in done.stderr.splitlines() if line.startswith("import time:")
@@ -217,8 +238,12 @@ def test_help_and_version_do_not_import_torch():
 
 def test_version_prints_the_package_version():
     """`netslim --version` prints `netslim <version>` and exits 0."""
-    done = subprocess.run([sys.executable, "-m", "netslim", "--version"], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(SRC)})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "netslim", "--version"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
     assert done.returncode == 0 and done.stdout.strip() == f"netslim {netslim.__version__}"
 
 

@@ -91,12 +91,27 @@ def test_no_compensate_with_dataset_saves_exactly_the_official_network(trained, 
     (pure surgery) saves, while its report still measures all three accuracies."""
     ckpt = trained / "last.pth"
     measured, plain, default = tmp_path / "m.pth", tmp_path / "p.pth", tmp_path / "d.pth"
-    code, out, _ = run(capsys, "prune", ckpt, "--ratio", "0.5", "--no-compensate", *DATA,
-                       "--recalibrate", "2", "--out", measured)  # fmt: skip
+    code, out, _ = run(
+        capsys,
+        "prune",
+        ckpt,
+        "--ratio",
+        "0.5",
+        "--no-compensate",
+        *DATA,
+        "--recalibrate",
+        "2",
+        "--out",
+        measured,
+    )
     assert code == 0 and "saved the pruned network (official masking)" in out
     assert run(capsys, "prune", ckpt, "--ratio", "0.5", "--no-compensate", "--out", plain)[0] == 0
-    assert run(capsys, "prune", ckpt, "--ratio", "0.5", *DATA, "--recalibrate", "2",
-               "--out", default)[0] == 0  # fmt: skip
+    assert (
+        run(capsys, "prune", ckpt, "--ratio", "0.5", *DATA, "--recalibrate", "2", "--out", default)[
+            0
+        ]
+        == 0
+    )
     a, b, c = (torch.load(p, weights_only=True) for p in (measured, plain, default))
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
@@ -167,8 +182,12 @@ def test_resume_over_a_papers_checkpoint_is_refused_in_one_line(tmp_path, capsys
     """train --resume over a last.pth of the paper's main.py: one line, exit 2."""
     model = netslim.build_model("vgg11-small")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    paper = {"epoch": 3, "state_dict": model.state_dict(), "best_prec1": 0.5,
-             "optimizer": opt.state_dict()}  # fmt: skip
+    paper = {
+        "epoch": 3,
+        "state_dict": model.state_dict(),
+        "best_prec1": 0.5,
+        "optimizer": opt.state_dict(),
+    }
     (tmp_path / "run").mkdir()
     torch.save(paper, tmp_path / "run" / "last.pth")
     code, _, err = run(capsys, *TRAIN, "--epochs", "4", "--out", tmp_path / "run", "--resume")
@@ -226,8 +245,21 @@ def test_run_at_zero_accuracy_still_writes_best(tmp_path, data, monkeypatch):
 
 def test_test_size_one_run_announces_only_files_it_wrote(tmp_path, capsys):
     """train --test-size 1: the closing line names best.pth, and best.pth exists."""
-    argv = ["train", "--arch", "vgg11-small", "--dataset", "synthetic", "--train-size", "128",
-            "--test-size", "1", "--device", "cpu", "--batch-size", "64"]  # fmt: skip
+    argv = [
+        "train",
+        "--arch",
+        "vgg11-small",
+        "--dataset",
+        "synthetic",
+        "--train-size",
+        "128",
+        "--test-size",
+        "1",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "64",
+    ]
     code, out, _ = run(capsys, *argv, "--epochs", "1", "--out", tmp_path / "r")
     assert code == 0
     assert "(last.pth, best.pth)" in out and (tmp_path / "r" / "best.pth").is_file()
@@ -290,8 +322,11 @@ time.sleep(60)
 @pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
 def test_lock_of_a_killed_run_is_taken_over(tmp_path, data):
     """A run killed with -9 leaves its lock file; the next run takes the folder over."""
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_AND_WAIT, str(tmp_path / runlock.LOCK_NAME)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_AND_WAIT, str(tmp_path / runlock.LOCK_NAME)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(NetslimError, match=f"pid {holder.pid}"):
         _fit(data, tmp_path, epochs=1)
@@ -343,8 +378,9 @@ def test_prune_refuses_nonfinite_gamma(tmp_path, capsys):
     with torch.no_grad():
         model.feature[1].weight[0] = float("nan")
     torch.save({"state_dict": model.state_dict()}, tmp_path / "nan.pth")
-    code, _, err = run(capsys, "prune", tmp_path / "nan.pth", "--ratio", "0.5",
-                       "--out", tmp_path / "p.pth")  # fmt: skip
+    code, _, err = run(
+        capsys, "prune", tmp_path / "nan.pth", "--ratio", "0.5", "--out", tmp_path / "p.pth"
+    )
     _one_line_error(code, err, "NaN or Inf", "feature.1.weight", "earlier checkpoint")
     assert not (tmp_path / "p.pth").exists()
 
@@ -369,8 +405,9 @@ def test_train_out_under_a_file_is_refused(tmp_path, capsys):
     _one_line_error(code, err, "which is a file")
 
 
-def test_prune_out_that_is_a_folder_is_refused_before_the_work(trained, tmp_path, capsys,
-                                                               monkeypatch):  # fmt: skip
+def test_prune_out_that_is_a_folder_is_refused_before_the_work(
+    trained, tmp_path, capsys, monkeypatch
+):
     """prune --out FOLDER fails before pruning anything."""
     # the CLI imports prune_model from netslim.slim when the command runs
     monkeypatch.setattr(slim_module, "prune_model", lambda *a, **k: pytest.fail("pruned first"))
@@ -431,9 +468,19 @@ def test_read_only_out_gives_one_line(command, trained, tmp_path, capsys, read_o
         "train": [*TRAIN, "--epochs", "1", "--out", out / "run"],
         "resume": [*TRAIN, "--epochs", "2", "--out", out / "run", "--resume"],
         "prune": ["prune", trained / "last.pth", "--ratio", "0.5", "--out", out / "p.pth"],
-        "lab": ["lab", "--arch", "vgg11-small", *DATA, "--epochs", "1", "--finetune-epochs",
-                "1", "--out", out / "lab"],
-    }[command]  # fmt: skip
+        "lab": [
+            "lab",
+            "--arch",
+            "vgg11-small",
+            *DATA,
+            "--epochs",
+            "1",
+            "--finetune-epochs",
+            "1",
+            "--out",
+            out / "lab",
+        ],
+    }[command]
     if command == "resume":
         assert run(capsys, *TRAIN, "--epochs", "1", "--out", out / "run")[0] == 0
         before = sorted(p.name for p in (out / "run").iterdir())
@@ -484,9 +531,15 @@ def full_disk(monkeypatch):
 
     def fill(room):
         _FullDisk.room = room
-        monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: (
-            _FullDisk(real_fdopen(fd, mode, *a, **k)) if "w" in mode
-            else real_fdopen(fd, mode, *a, **k)))  # fmt: skip
+        monkeypatch.setattr(
+            os,
+            "fdopen",
+            lambda fd, mode="r", *a, **k: (
+                _FullDisk(real_fdopen(fd, mode, *a, **k))
+                if "w" in mode
+                else real_fdopen(fd, mode, *a, **k)
+            ),
+        )
 
     return fill
 
@@ -503,20 +556,27 @@ def test_full_disk_after_an_epoch_gives_one_line_and_no_partial_files(tmp_path, 
 def test_full_disk_during_prune_gives_one_line(trained, tmp_path, capsys, full_disk):
     """prune onto a full disk: one line, no pruned file, no .tmp."""
     full_disk(1000)
-    code, _, err = run(capsys, "prune", trained / "last.pth", "--ratio", "0.5",
-                       "--out", tmp_path / "p.pth")  # fmt: skip
+    code, _, err = run(
+        capsys, "prune", trained / "last.pth", "--ratio", "0.5", "--out", tmp_path / "p.pth"
+    )
     _one_line_error(code, err, "No space left on device")
     assert not (tmp_path / "p.pth").exists() and _no_temp_files(tmp_path)
 
 
 @pytest.mark.parametrize(
     "flag, value, words",
-    [("--momentum", "-5", "--momentum must be in [0, 1)"), ("--momentum", "1", "--momentum"),
-     ("--weight-decay", "-1e-4", "--weight-decay must be >= 0"), ("--lr", "0", "--lr must be > 0"),
-     ("--lr", "nan", "--lr"), ("--lr", "inf", "--lr"), ("--epochs", "0", "--epochs"),
-     ("--batch-size", "0", "--batch-size must be at least 1"),
-     ("--threads", "0", "--threads must be at least 1")],
-)  # fmt: skip
+    [
+        ("--momentum", "-5", "--momentum must be in [0, 1)"),
+        ("--momentum", "1", "--momentum"),
+        ("--weight-decay", "-1e-4", "--weight-decay must be >= 0"),
+        ("--lr", "0", "--lr must be > 0"),
+        ("--lr", "nan", "--lr"),
+        ("--lr", "inf", "--lr"),
+        ("--epochs", "0", "--epochs"),
+        ("--batch-size", "0", "--batch-size must be at least 1"),
+        ("--threads", "0", "--threads must be at least 1"),
+    ],
+)
 def test_numbers_out_of_range_are_refused_in_one_line(flag, value, words, tmp_path, capsys):
     """--momentum -5 and other impossible numbers: one line naming the flag, no folder."""
     code, _, err = run(capsys, *TRAIN, f"{flag}={value}", "--out", tmp_path / "r")
@@ -560,8 +620,17 @@ def test_threads_option_sets_the_thread_count(tmp_path, capsys):
     """--threads N makes PyTorch compute with N threads."""
     before = torch.get_num_threads()
     try:
-        code, _, _ = run(capsys, "prune", "--threads", "1", tmp_path / "missing.pth",
-                         "--ratio", "0.5", "--out", tmp_path / "p.pth")  # fmt: skip
+        code, _, _ = run(
+            capsys,
+            "prune",
+            "--threads",
+            "1",
+            tmp_path / "missing.pth",
+            "--ratio",
+            "0.5",
+            "--out",
+            tmp_path / "p.pth",
+        )
         assert code == 2 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -600,8 +669,13 @@ def test_collapsing_throughput_prints_a_threads_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     lines = []
     torch.manual_seed(0)
-    fit(_config(epochs=3), make_synthetic(n_train=64, n_test=64), VGG(TRAIN_CFG), tmp_path,
-        log=lines.append)  # fmt: skip
+    fit(
+        _config(epochs=3),
+        make_synthetic(n_train=64, n_test=64),
+        VGG(TRAIN_CFG),
+        tmp_path,
+        log=lines.append,
+    )
     hints = [line for line in lines if line.startswith("note:")]
     assert len(hints) == 1 and lines.index(hints[0]) == 2  # after epoch 2's line, once
     assert "--threads 2" in hints[0] and "OMP_NUM_THREADS=2" in hints[0]
@@ -616,8 +690,15 @@ def test_under_torchrun_rank_0_holds_the_lock_and_names_the_holder(tmp_path):
     from test_distributed import torchrun
 
     with runlock.hold(tmp_path / "run"):
-        done = torchrun(tmp_path / "dump", *DDP_TRAIN, "--epochs", "1", "--out",
-                        str(tmp_path / "run"), timeout=180)  # fmt: skip
+        done = torchrun(
+            tmp_path / "dump",
+            *DDP_TRAIN,
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            timeout=180,
+        )
     assert done.returncode != 0
     assert (
         f"error (rank 0): {tmp_path / 'run'} is in use by another netslim run: pid {os.getpid()}"

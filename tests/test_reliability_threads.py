@@ -52,8 +52,9 @@ class FakeMachine:
         self.switches.append(count)
 
     def tuner(self, **kw) -> ThreadTuner:
-        return ThreadTuner(threads.candidates(self.count), apply=self.apply,
-                           clock=lambda: self.now, **kw)  # fmt: skip
+        return ThreadTuner(
+            threads.candidates(self.count), apply=self.apply, clock=lambda: self.now, **kw
+        )
 
     def load(self, others: float):
         """A fake cpu_load: other processes take ``others`` cores all the time."""
@@ -316,6 +317,11 @@ def test_no_threads_hint_while_threads_follow_the_load(tmp_path, monkeypatch):
     monkeypatch.setattr(threads, "_tuner", CountingTuner())
     lines = []
     torch.manual_seed(0)
-    fit(tiny_config(epochs=3), make_synthetic(n_train=64, n_test=64), VGG(TRAIN_CFG), tmp_path,
-        log=lines.append)  # fmt: skip
+    fit(
+        tiny_config(epochs=3),
+        make_synthetic(n_train=64, n_test=64),
+        VGG(TRAIN_CFG),
+        tmp_path,
+        log=lines.append,
+    )
     assert len(lines) == 3 and not any(line.startswith("note:") for line in lines)

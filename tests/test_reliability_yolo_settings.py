@@ -42,8 +42,19 @@ def refused(capsys, out: Path, *argv) -> str:
 
 def train(capsys, tmp_path, data, *extra) -> str:
     """``netslim yolo train`` on ``data`` refused; its one line."""
-    return refused(capsys, tmp_path / "run", "yolo", "train", "--model", "yolov8n.yaml",
-                   "--data", data, "--image-size", "64", *extra)  # fmt: skip
+    return refused(
+        capsys,
+        tmp_path / "run",
+        "yolo",
+        "train",
+        "--model",
+        "yolov8n.yaml",
+        "--data",
+        data,
+        "--image-size",
+        "64",
+        *extra,
+    )
 
 
 def edit_label(data: Path, name: str, text: str) -> None:
@@ -73,8 +84,16 @@ def test_model_as_a_setting_names_the_model_flag(tmp_path, capsys, data):
 
 
 def test_model_as_a_finetune_setting_names_the_checkpoint_argument(tmp_path, capsys, data):
-    line = refused(capsys, tmp_path / "run", "yolo", "finetune", tmp_path / "p.pth", "--data",
-                   data, "model=yolov8s.yaml")  # fmt: skip
+    line = refused(
+        capsys,
+        tmp_path / "run",
+        "yolo",
+        "finetune",
+        tmp_path / "p.pth",
+        "--data",
+        data,
+        "model=yolov8s.yaml",
+    )
     assert "the network to fine-tune is the CHECKPOINT argument" in line
 
 
@@ -85,8 +104,17 @@ def test_resume_as_a_setting_names_the_resume_flag(tmp_path, capsys, data):
 
 
 def test_resume_as_a_lab_setting_says_the_lab_continues_when_run_again(tmp_path, capsys, data):
-    line = refused(capsys, tmp_path / "lab", "yolo", "lab", "--model", "yolov8n.yaml", "--data",
-                   data, "resume=True")  # fmt: skip
+    line = refused(
+        capsys,
+        tmp_path / "lab",
+        "yolo",
+        "lab",
+        "--model",
+        "yolov8n.yaml",
+        "--data",
+        data,
+        "resume=True",
+    )
     assert "run the same command again" in line
 
 
@@ -201,8 +229,17 @@ def test_a_batch_size_of_zero_as_a_flag_is_refused(tmp_path, capsys, data):
 
 
 def test_a_batch_size_of_zero_is_refused_when_pruning_too(tmp_path, capsys, data):
-    line = refused(capsys, tmp_path / "p.pth", "yolo", "prune", tmp_path / "y.pt", "--ratio",
-                   "0.5", "--batch-size", "0")  # fmt: skip
+    line = refused(
+        capsys,
+        tmp_path / "p.pth",
+        "yolo",
+        "prune",
+        tmp_path / "y.pt",
+        "--ratio",
+        "0.5",
+        "--batch-size",
+        "0",
+    )
     assert "--batch-size must be a whole number of images" in line
 
 
@@ -217,14 +254,33 @@ def test_multi_scale_past_the_image_size_bound_is_refused(tmp_path, capsys, data
 
 
 def test_lab_epochs_and_finetune_epochs_are_checked_before_the_lab_starts(tmp_path, capsys, data):
-    line = refused(capsys, tmp_path / "lab", "yolo", "lab", "--model", "yolov8n.yaml", "--data",
-                   data, "--finetune-epochs", "0")  # fmt: skip
+    line = refused(
+        capsys,
+        tmp_path / "lab",
+        "yolo",
+        "lab",
+        "--model",
+        "yolov8n.yaml",
+        "--data",
+        data,
+        "--finetune-epochs",
+        "0",
+    )
     assert "--finetune-epochs must be a whole number of epochs, at least 1, got 0" in line
 
 
 def test_a_bad_lab_setting_is_refused_before_the_lab_writes_its_folder(tmp_path, capsys, data):
-    line = refused(capsys, tmp_path / "lab", "yolo", "lab", "--model", "yolov8n.yaml", "--data",
-                   data, "mosaic=2")  # fmt: skip
+    line = refused(
+        capsys,
+        tmp_path / "lab",
+        "yolo",
+        "lab",
+        "--model",
+        "yolov8n.yaml",
+        "--data",
+        data,
+        "mosaic=2",
+    )
     assert "mosaic=2: mosaic takes a number from 0 to 1" in line
 
 
@@ -234,8 +290,15 @@ def test_the_settings_the_docs_and_tests_use_pass_valued_as_ultralytics_values_t
     from netslim.yolo.settings import check_settings, parse_settings
 
     settings = parse_settings([*QUICK, "optimizer=SGD", "lr0=0.01"])
-    assert settings == {"workers": 0, "nbs": 8, "amp": False, "warmup_epochs": 0, "mosaic": 0,
-                        "optimizer": "SGD", "lr0": 0.01}  # fmt: skip
+    assert settings == {
+        "workers": 0,
+        "nbs": 8,
+        "amp": False,
+        "warmup_epochs": 0,
+        "mosaic": 0,
+        "optimizer": "SGD",
+        "lr0": 0.01,
+    }
     given = {**settings, "batch": 8, "device": "cpu", "fraction": 1}
     check_settings(given, epochs=1, imgsz=64)
     assert given["fraction"] == 1 and type(given["fraction"]) is int  # Ultralytics' check_cfg
@@ -279,8 +342,10 @@ def test_a_gpu_index_beyond_the_gpus_names_those_there_are(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(NetslimError, match="--device cuda:7: this machine has no CUDA GPU 7; its "
-                       "devices: cpu, cuda:0, cuda:1"):  # fmt: skip
+    with pytest.raises(
+        NetslimError,
+        match="--device cuda:7: this machine has no CUDA GPU 7; its devices: cpu, cuda:0, cuda:1",
+    ):
         check_device("cuda:7")
 
 
@@ -340,7 +405,7 @@ def test_devices_that_exist_reach_ultralytics_by_its_names(monkeypatch):
         "polygon outside",
         "flat polygon",
         "mixed",
-    ],  # fmt: skip
+    ],
 )
 def test_a_bad_label_line_names_the_file_the_line_and_the_fault(
     tmp_path, capsys, data, label, says
@@ -418,8 +483,18 @@ def test_images_without_a_label_file_are_background_and_pass(data):
 
 
 def test_a_segment_model_given_box_labels_is_refused(tmp_path, capsys, data):
-    line = refused(capsys, tmp_path / "run", "yolo", "train", "--model", "yolov8n-seg.yaml",
-                   "--data", data, "--image-size", "64")  # fmt: skip
+    line = refused(
+        capsys,
+        tmp_path / "run",
+        "yolo",
+        "train",
+        "--model",
+        "yolov8n-seg.yaml",
+        "--data",
+        data,
+        "--image-size",
+        "64",
+    )
     assert "5 values, but a segment model's line is class x1 y1 x2 y2" in line
 
 

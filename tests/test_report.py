@@ -102,8 +102,13 @@ def test_tables_equal_the_logged_metrics(lab):
         params, macs = netslim.count_params(pruned), netslim.count_macs(pruned)
         fewer_params = 100 * (1 - params / netslim.count_params(original))
         fewer_macs = 100 * (1 - macs / netslim.count_macs(original))
-        assert row[1:6] == [f"{ratio:g}", f"{params:,}", f"{fewer_params:.1f}", f"{macs:,}",
-                            f"{fewer_macs:.1f}"]  # fmt: skip
+        assert row[1:6] == [
+            f"{ratio:g}",
+            f"{params:,}",
+            f"{fewer_params:.1f}",
+            f"{macs:,}",
+            f"{fewer_macs:.1f}",
+        ]
         assert row[6] == str(pruned.cfg).replace("'", "")
 
 
@@ -167,8 +172,11 @@ def test_figure_3_marks_epoch_0_as_the_recalibrated_start_not_the_official(lab):
         assert list(star.get_xydata()[0]) == [0, res.prune[ratio]["acc_recalibrated"]]
         assert list(official.get_xydata()[0]) == [0, res.prune[ratio]["acc_masked"]]
     # without recalibration, fine-tuning starts from the bias-compensated network
-    plain = replace(res, config=replace(res.config, recalibrate=0),
-                    prune={r: {**p, "acc_recalibrated": None} for r, p in res.prune.items()})  # fmt: skip
+    plain = replace(
+        res,
+        config=replace(res.config, recalibrate=0),
+        prune={r: {**p, "acc_recalibrated": None} for r, p in res.prune.items()},
+    )
     fig = figure_finetune(plain)
     (star,) = labelled_lines(fig.axes[0], "epoch 0: pruned + bias compensation, where")
     assert star.get_xydata()[0][1] == res.prune[CONFIG.ratios[0]]["acc_compensated"]

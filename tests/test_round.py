@@ -89,8 +89,21 @@ def test_cli_prune_round_to_reports_both_ways(tmp_path, capsys):
     netslim.save_checkpoint(
         {"cfg": model.cfg, "state_dict": model.state_dict()}, tmp_path / "a.pth"
     )
-    assert main(["prune", str(tmp_path / "a.pth"), "--ratio", "0.5", "--round-to", "8",
-                 "--out", str(tmp_path / "p.pth")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prune",
+                str(tmp_path / "a.pth"),
+                "--ratio",
+                "0.5",
+                "--round-to",
+                "8",
+                "--out",
+                str(tmp_path / "p.pth"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert (
         "before rounding to a multiple of 8" in out and "before rounding to multiples of 8:" in out
@@ -98,6 +111,19 @@ def test_cli_prune_round_to_reports_both_ways(tmp_path, capsys):
     pruned = netslim.load(tmp_path / "p.pth")
     widths = [c for c in pruned.cfg if c != "M"]
     assert all(w % 8 == 0 or w == full for w, full in zip(widths, [32, 48, 40, 24, 64]))
-    assert main(["prune", str(tmp_path / "a.pth"), "--ratio", "0.5", "--round-to", "0",
-                 "--out", str(tmp_path / "q.pth")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "prune",
+                str(tmp_path / "a.pth"),
+                "--ratio",
+                "0.5",
+                "--round-to",
+                "0",
+                "--out",
+                str(tmp_path / "q.pth"),
+            ]
+        )
+        == 2
+    )
     assert "--round-to" in capsys.readouterr().err and not (tmp_path / "q.pth").exists()

@@ -94,8 +94,18 @@ def test_metrics_and_checkpoints(tmp_path, tiny_data):
     history = fit(_config(epochs=2), tiny_data, VGG(TRAIN_CFG), tmp_path, **QUIET)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == history
-    keys = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "sparsity",
-            "gamma_quantiles", "seconds", "images_per_s"}  # fmt: skip
+    keys = {
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "sparsity",
+        "gamma_quantiles",
+        "seconds",
+        "images_per_s",
+    }
     assert keys <= history[0].keys()
     ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
     assert {"epoch", "state_dict", "best_prec1", "optimizer", "cfg"} <= ckpt.keys()
@@ -139,8 +149,10 @@ def test_real_divergence_is_caught(tmp_path, tiny_data):
     assert not (tmp_path / "last.pth").exists()
 
 
-@pytest.mark.parametrize("bad, match", [({"lam": -1e-4}, "lam"), ({"epochs": 0}, "epochs"),
-                                        ({"precision": "fp8"}, "precision")])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"lam": -1e-4}, "lam"), ({"epochs": 0}, "epochs"), ({"precision": "fp8"}, "precision")],
+)
 def test_bad_settings(tmp_path, tiny_data, bad, match):
     with pytest.raises(NetslimError, match=match):
         fit(_config(**bad), tiny_data, VGG(TRAIN_CFG), tmp_path, **QUIET)

@@ -38,28 +38,75 @@ pytestmark = pytest.mark.slow  # not in make test-fast
 TORCHVISION = torchvision.models.list_models(module=torchvision.models)
 # classification models without any BatchNorm: nothing to slim, and netslim says so
 NO_BATCHNORM = [
-    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny",
-    "squeezenet1_0", "squeezenet1_1", "swin_b", "swin_s", "swin_t", "swin_v2_b", "swin_v2_s",
-    "swin_v2_t", "vgg11", "vgg13", "vgg16", "vgg19", "vit_b_16", "vit_b_32", "vit_h_14",
-    "vit_l_16", "vit_l_32",
-]  # fmt: skip
+    "alexnet",
+    "convnext_base",
+    "convnext_large",
+    "convnext_small",
+    "convnext_tiny",
+    "squeezenet1_0",
+    "squeezenet1_1",
+    "swin_b",
+    "swin_s",
+    "swin_t",
+    "swin_v2_b",
+    "swin_v2_s",
+    "swin_v2_t",
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "vgg19",
+    "vit_b_16",
+    "vit_b_32",
+    "vit_h_14",
+    "vit_l_16",
+    "vit_l_32",
+]
 WITH_BATCHNORM = [name for name in TORCHVISION if name not in NO_BATCHNORM]
 # the smallest model of each torchvision family and block type, in make test; the larger
 # sizes (the same blocks, wider and deeper) and MaxViT (224 px) only in make test-all:
 # 4 minutes more on 2 cores
 QUICK_TORCHVISION = {
-    "resnet18", "resnet50", "resnext50_32x4d", "densenet121", "efficientnet_b0",
-    "efficientnet_v2_s", "regnet_x_400mf", "regnet_y_400mf", "vgg11_bn", "mobilenet_v2",
-    "mobilenet_v3_small", "mnasnet0_5", "shufflenet_v2_x0_5", "googlenet", "inception_v3",
-}  # fmt: skip
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "densenet121",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "regnet_x_400mf",
+    "regnet_y_400mf",
+    "vgg11_bn",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mnasnet0_5",
+    "shufflenet_v2_x0_5",
+    "googlenet",
+    "inception_v3",
+}
 # one model per timm family, the smallest variant (the family is the model's source module)
 TIMM = [
-    "resnet10t", "efficientnet_b0", "mobilenetv3_small_050", "regnetx_002", "rexnet_100",
-    "ese_vovnet19b_slim_dw", "densenet121", "dla46_c", "hrnet_w18_small", "ghostnet_050",
-    "res2net50_48w_2s", "resnest14d", "selecsls42b", "resnetv2_18", "repghostnet_050",
-    "gernet_s", "hgnetv2_b0", "legacy_seresnet18", "xception41p", "inception_v3", "dpn48b",
+    "resnet10t",
+    "efficientnet_b0",
+    "mobilenetv3_small_050",
+    "regnetx_002",
+    "rexnet_100",
+    "ese_vovnet19b_slim_dw",
+    "densenet121",
+    "dla46_c",
+    "hrnet_w18_small",
+    "ghostnet_050",
+    "res2net50_48w_2s",
+    "resnest14d",
+    "selecsls42b",
+    "resnetv2_18",
+    "repghostnet_050",
+    "gernet_s",
+    "hgnetv2_b0",
+    "legacy_seresnet18",
+    "xception41p",
+    "inception_v3",
+    "dpn48b",
     "cs3darknet_s",
-]  # fmt: skip
+]
 # the input side each model needs at least (32 for the rest)
 INPUT_SIZE = {"inception_v3": 75, "maxvit_t": 224}
 # models the engine refuses (or cannot yet prune exactly): the exact one-line error
@@ -159,8 +206,9 @@ def narrow_regnet(name: str) -> nn.Module:
     from torchvision.models.regnet import BlockParams, RegNet
 
     assert name == "regnet_y_128gf"
-    params = BlockParams.from_init_params(depth=27, w_0=56, w_a=20.1, w_m=2.52, group_width=32,
-                                          se_ratio=0.25)  # fmt: skip
+    params = BlockParams.from_init_params(
+        depth=27, w_0=56, w_a=20.1, w_m=2.52, group_width=32, se_ratio=0.25
+    )
     return RegNet(params, num_classes=10)
 
 
@@ -173,10 +221,13 @@ def test_every_torchvision_classification_model_is_listed():
     assert QUICK_TORCHVISION <= set(WITH_BATCHNORM)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=() if name in QUICK_TORCHVISION else pytest.mark.exhaustive)
-    for name in WITH_BATCHNORM
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=() if name in QUICK_TORCHVISION else pytest.mark.exhaustive)
+        for name in WITH_BATCHNORM
+    ],
+)
 def test_torchvision_model_slims_exactly(name, tmp_path):
     size = INPUT_SIZE.get(name, 32)
     if name in REDUCED:  # loads back through the builder, as a user's own module does

@@ -130,8 +130,9 @@ def benchmark(
         raise NetslimError(f"batch sizes must be >= 1, got {list(batches)}")
     device = torch.device(device)
     size = (1, 3, image_size, image_size)
-    folded = {name: for_deployment(fold_bn(m.float().cpu().eval(), size))
-              for name, m in models.items()}  # fmt: skip
+    folded = {
+        name: for_deployment(fold_bn(m.float().cpu().eval(), size)) for name, m in models.items()
+    }
     macs = {name: count_macs(m, size) for name, m in folded.items()}
     params = {name: count_params(m) for name, m in models.items()}
     base = next(iter(models))
@@ -148,16 +149,30 @@ def benchmark(
             )
             for name, s in seconds.items():
                 speedup, reduction = seconds[base] / s, macs[base] / macs[name]
-                timings.append(Timing(name, runtime, batch, macs[name], params[name], 1000 * s,
-                                      batch / s, speedup, reduction, speedup / reduction))  # fmt: skip
+                timings.append(
+                    Timing(
+                        name,
+                        runtime,
+                        batch,
+                        macs[name],
+                        params[name],
+                        1000 * s,
+                        batch / s,
+                        speedup,
+                        reduction,
+                        speedup / reduction,
+                    )
+                )
     return timings
 
 
 def format_table(timings: list[Timing]) -> str:
     """The timings as an aligned text table."""
     width = max([len(t.name) for t in timings] + [7])
-    header = (f"{'network':<{width}} {'runtime':<11} {'batch':>5} {'MACs':>9} {'params':>10} "
-              f"{'ms':>9} {'images/s':>9} {'speed-up':>8} {'MACs ×':>7} {'effic.':>6}")  # fmt: skip
+    header = (
+        f"{'network':<{width}} {'runtime':<11} {'batch':>5} {'MACs':>9} {'params':>10} "
+        f"{'ms':>9} {'images/s':>9} {'speed-up':>8} {'MACs ×':>7} {'effic.':>6}"
+    )
     lines = [header]
     for t in timings:
         lines.append(

@@ -84,9 +84,11 @@ def check_memory(nbytes: int, what: str, fix: str) -> None:
 
 def check_batch_memory(batch: int, image_size: int, flag: str = "--batch-size") -> None:
     """Refuse a float32 input batch that could not fit (the activations are larger still)."""
-    check_memory(4 * 3 * batch * image_size * image_size,
-                 f"a batch of {batch} images of {image_size}x{image_size}",
-                 f"lower {flag} or --image-size")  # fmt: skip
+    check_memory(
+        4 * 3 * batch * image_size * image_size,
+        f"a batch of {batch} images of {image_size}x{image_size}",
+        f"lower {flag} or --image-size",
+    )
 
 
 def prune_seconds_bound(max_seconds: float | None = None) -> float:

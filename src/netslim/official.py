@@ -202,8 +202,13 @@ def _resnet_to_netslim(sd: StateDict, source: str) -> StateDict:
     for s in range(3):
         for b in range(RESNET_BLOCKS):
             p, q = f"layer{s + 1}.{b}.", f"layers.{s}.{b}."
-            index = _selection(sd, p + "select.indexes", sd[p + "bn1.weight"].numel(),
-                               sd[p + "conv1.weight"].shape[1], source)  # fmt: skip
+            index = _selection(
+                sd,
+                p + "select.indexes",
+                sd[p + "bn1.weight"].numel(),
+                sd[p + "conv1.weight"].shape[1],
+                source,
+            )
             out[q + "select.index"] = index
             _copy_bn(sd, p + "bn1", out, q + "bn1", index)
             for i in (1, 2, 3):
@@ -212,8 +217,9 @@ def _resnet_to_netslim(sd: StateDict, source: str) -> StateDict:
             _copy_bn(sd, p + "bn3", out, q + "bn3")
             if b == 0:
                 out[q + "shortcut.weight"] = sd[p + "downsample.0.weight"]
-    index = _selection(sd, "select.indexes", sd["bn.weight"].numel(), sd["fc.weight"].shape[1],
-                       source)  # fmt: skip
+    index = _selection(
+        sd, "select.indexes", sd["bn.weight"].numel(), sd["fc.weight"].shape[1], source
+    )
     out["select.index"] = index
     _copy_bn(sd, "bn", out, "bn", index)
     out["fc.weight"], out["fc.bias"] = sd["fc.weight"], sd["fc.bias"]
@@ -336,8 +342,9 @@ def _resnet_to_paper(model: PreActResNet, sd: StateDict) -> dict[str, Any]:
             p, q = f"layer{s + 1}.{b}.", f"layers.{s}.{b}."
             width = block.conv3.out_channels if b else block.shortcut.in_channels
             if block.conv3.out_channels != 4 * (16 << s):
-                raise NetslimError(f"its residual stream was pruned ({q}conv3): the paper's "
-                                   "model keeps it whole")  # fmt: skip
+                raise NetslimError(
+                    f"its residual stream was pruned ({q}conv3): the paper's model keeps it whole"
+                )
             index = _index(model, q + "select", width)
             _full_bn(sd, q + "bn1", out, p + "bn1", index, width)
             out[p + "select.indexes"] = _flags(index, width)
@@ -403,7 +410,10 @@ def _paper_order(sd: StateDict) -> StateDict:
         parts = key.split(".")
         layer = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else -1
         sub = parts[-2] if len(parts) > 2 else ""
-        return (order.index(head), layer, ["bn1", "select", "conv1"].index(sub)
-                if sub in ("bn1", "select", "conv1") else 0)  # fmt: skip
+        return (
+            order.index(head),
+            layer,
+            ["bn1", "select", "conv1"].index(sub) if sub in ("bn1", "select", "conv1") else 0,
+        )
 
     return {k: sd[k] for k in sorted(sd, key=rank)}

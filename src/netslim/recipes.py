@@ -48,14 +48,28 @@ SCHEDULES = ("step", "linear")
 # The settings a recipe decides; each is a TrainConfig field and a command-line flag.
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {
-        "epochs": 160, "batch_size": 64, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
-        "schedule": "step", "warmup_epochs": 0.0, "nesterov": False, "label_smoothing": 0.0,
+        "epochs": 160,
+        "batch_size": 64,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "schedule": "step",
+        "warmup_epochs": 0.0,
+        "nesterov": False,
+        "label_smoothing": 0.0,
     },
     "fast": {
-        "epochs": 40, "batch_size": 256, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4,
-        "schedule": "linear", "warmup_epochs": 2.0, "nesterov": True, "label_smoothing": 0.1,
+        "epochs": 40,
+        "batch_size": 256,
+        "lr": 0.2,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "linear",
+        "warmup_epochs": 2.0,
+        "nesterov": True,
+        "label_smoothing": 0.1,
     },
-}  # fmt: skip
+}
 RECIPE_KEYS = tuple(RECIPES["paper"])
 
 

@@ -42,8 +42,19 @@ from netslim.runtime import distributed
 
 DEFAULT_ROOT = Path("data")  # where CIFAR lives when no root is given (git-ignored)
 
-__all__ = ["DATASETS", "Dataset", "ImageData", "augment", "eval_batches", "load_dataset",
-           "make_synthetic", "normalize", "num_batches", "open_dataset", "train_batches"]  # fmt: skip
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "ImageData",
+    "augment",
+    "eval_batches",
+    "load_dataset",
+    "make_synthetic",
+    "normalize",
+    "num_batches",
+    "open_dataset",
+    "train_batches",
+]
 
 
 def open_dataset(
@@ -70,12 +81,20 @@ def open_dataset(
     if name == "imagefolder":
         if root is None:
             raise NetslimError("the imagefolder dataset needs a root folder (--data-root DIR)")
-        return open_imagefolder(root, image_size=image_size, resize=resize, loader=loader,
-                                device=device, train_size=train_size, test_size=test_size,
-                                workers=workers)  # fmt: skip
+        return open_imagefolder(
+            root,
+            image_size=image_size,
+            resize=resize,
+            loader=loader,
+            device=device,
+            train_size=train_size,
+            test_size=test_size,
+            workers=workers,
+        )
     with distributed.main_first():  # one process downloads, the others then read
-        data = load_dataset(name, root, seed=seed, download=download, train_size=train_size,
-                            test_size=test_size)  # fmt: skip
+        data = load_dataset(
+            name, root, seed=seed, download=download, train_size=train_size, test_size=test_size
+        )
     return data.to(device)
 
 

@@ -107,8 +107,9 @@ class Dataset:
 
     def test_shard(self, start: int, stop: int) -> Dataset:
         """A copy with only test images ``start:stop``."""
-        return replace(self, test_images=self.test_images[start:stop],
-                       test_labels=self.test_labels[start:stop])  # fmt: skip
+        return replace(
+            self, test_images=self.test_images[start:stop], test_labels=self.test_labels[start:stop]
+        )
 
 
 # --------------------------------------------------------------------------------------

@@ -115,12 +115,17 @@ def _missing_message(info: _CifarInfo, root: Path, reason: str) -> str:
 # The globals an official CIFAR pickle names: numpy's array reconstruction (numpy.core
 # before numpy 2, numpy._core since; _frombuffer for protocol 5), and how Python 3 spells
 # bytes in a protocol-2 pickle. Dicts, lists, str, bytes and ints need none.
-_CIFAR_GLOBALS = frozenset({
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),
-})  # fmt: skip
+_CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+)
 
 
 class _RefusedGlobal(pickle.UnpicklingError):

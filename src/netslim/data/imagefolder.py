@@ -99,9 +99,15 @@ def _list_split(
     files, labels = [], []
     for label, name in enumerate(classes):
         folder = split_dir / name
-        found = sorted(
-            str(p) for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        ) if folder.is_dir() else []  # fmt: skip
+        found = (
+            sorted(
+                str(p)
+                for p in folder.glob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
+            if folder.is_dir()
+            else []
+        )
         if require_all and not found:
             raise NetslimError(
                 f"class folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
@@ -216,8 +222,9 @@ def _decoded_batches(
     images: _DecodedImages, batches: list[list[int]], workers: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 images and labels of each index list in ``batches``, decoded by ``workers``."""
-    loader = DataLoader(images, batch_sampler=batches, num_workers=workers,
-                        pin_memory=device.type == "cuda")  # fmt: skip
+    loader = DataLoader(
+        images, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda"
+    )
     try:
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -288,10 +295,12 @@ def load_imagefolder(
 
 
 def _load(listing: Listing, image_size: int, resize: str, workers: int) -> Dataset:
-    train_images, train_labels = _decode_all(listing.train_files, listing.train_labels,
-                                             image_size, resize, workers)  # fmt: skip
-    test_images, test_labels = _decode_all(listing.test_files, listing.test_labels,
-                                           image_size, resize, workers)  # fmt: skip
+    train_images, train_labels = _decode_all(
+        listing.train_files, listing.train_labels, image_size, resize, workers
+    )
+    test_images, test_labels = _decode_all(
+        listing.test_files, listing.test_labels, image_size, resize, workers
+    )
     mean, std = _channel_stats(train_images[_stats_rows(len(train_images))])
     return Dataset(
         name="imagefolder",
@@ -390,8 +399,9 @@ def stream_imagefolder(
 def _stream(listing: Listing, image_size: int, resize: str, workers: int) -> ImageFolderStream:
     labels = torch.tensor(listing.train_labels)
     rows = _stats_rows(len(listing.train_files))
-    sample, _ = _decode_all([listing.train_files[i] for i in rows], labels[rows], image_size,
-                            resize, workers)  # fmt: skip
+    sample, _ = _decode_all(
+        [listing.train_files[i] for i in rows], labels[rows], image_size, resize, workers
+    )
     mean, std = _channel_stats(sample)
     return ImageFolderStream(
         name="imagefolder",

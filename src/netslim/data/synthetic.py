@@ -43,8 +43,11 @@ def make_synthetic(
     ``(seed, split, block)``, so the first n images do not depend on how many are made.
     """
     # Named by the flags that set them: the command line is where most of them come from.
-    for flag, value, least in (("--train-size", n_train, 1), ("--test-size", n_test, 1),
-                               ("--seed", seed, 0)):  # fmt: skip
+    for flag, value, least in (
+        ("--train-size", n_train, 1),
+        ("--test-size", n_test, 1),
+        ("--seed", seed, 0),
+    ):
         if value < least:
             raise NetslimError(f"{flag} must be >= {least} for the synthetic data, got {value}")
     if not 2 <= num_classes <= _PATTERNS:

@@ -110,8 +110,10 @@ def read_spec(data: Path) -> dict[str, Any]:
         )
     for key in SPLITS:
         entry = spec[key]
-        if not (isinstance(entry, str) or (isinstance(entry, list) and entry
-                                           and all(isinstance(e, str) for e in entry))):  # fmt: skip
+        if not (
+            isinstance(entry, str)
+            or (isinstance(entry, list) and entry and all(isinstance(e, str) for e in entry))
+        ):
             raise NetslimError(
                 f"--data {data}: its {key} entry must be a path or a list of paths, got {entry!r}"
             )
@@ -148,8 +150,13 @@ def keypoint_shape(spec: dict[str, Any], data: Path) -> tuple[int, int] | None:
     shape = spec.get("kpt_shape")
     if shape is None:
         return None
-    valid = (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int for v in shape)
-             and shape[0] >= 1 and shape[1] in (2, 3))  # fmt: skip
+    valid = (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(type(v) is int for v in shape)
+        and shape[0] >= 1
+        and shape[1] in (2, 3)
+    )
     if not valid:
         raise NetslimError(
             f"--data {data}: kpt_shape must be [points, 2 or 3], e.g. [17, 3], got {shape!r}"
@@ -234,8 +241,10 @@ def image_problem(path: str) -> str | None:
             f"{path} is {width}x{height} pixels; Ultralytics skips images under {MIN_SIDE} a side"
         )
     if width * height > Image.MAX_IMAGE_PIXELS:
-        return (f"{path} is {width}x{height} pixels, over PIL's decompression-bomb limit of "
-                f"{Image.MAX_IMAGE_PIXELS:,}; resize it")  # fmt: skip
+        return (
+            f"{path} is {width}x{height} pixels, over PIL's decompression-bomb limit of "
+            f"{Image.MAX_IMAGE_PIXELS:,}; resize it"
+        )
     if kind == "JPEG" and not _ends_jpeg(path):
         return _decode_problem(path)
     return None
@@ -300,8 +309,10 @@ def line_problem(values: list[str], layout: Layout) -> tuple[str | None, str]:
         return "a NaN or infinite value", ""
     cls = numbers[0]
     if not cls.is_integer() or not 0 <= cls < layout.classes:
-        return (f"class {values[0]} is not one of the {layout.classes} classes the data.yaml "
-                f"names (0 to {layout.classes - 1})"), ""  # fmt: skip
+        return (
+            f"class {values[0]} is not one of the {layout.classes} classes the data.yaml "
+            f"names (0 to {layout.classes - 1})"
+        ), ""
     kind = line_kind(len(numbers), layout)
     if kind is None:
         return f"{len(numbers)} values, but {expected_layout(layout)}", ""

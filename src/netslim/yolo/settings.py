@@ -47,8 +47,15 @@ from netslim.limits import (
 )
 
 # The Ultralytics keys a netslim flag sets, and that flag.
-FLAG_KEYS = {"model": "--model", "data": "--data", "epochs": "--epochs", "imgsz": "--image-size",
-             "batch": "--batch-size", "device": "--device", "resume": "--resume"}  # fmt: skip
+FLAG_KEYS = {
+    "model": "--model",
+    "data": "--data",
+    "epochs": "--epochs",
+    "imgsz": "--image-size",
+    "batch": "--batch-size",
+    "device": "--device",
+    "resume": "--resume",
+}
 RUN_FOLDER = "the run folder is --out"
 # The other keys netslim sets or must keep from Ultralytics, and why.
 OWNED = {
