@@ -23,7 +23,7 @@ demo: $(BIN)/netslim
 test: $(BIN)/netslim
 	$(BIN)/python -m pytest
 
-# the engine, the CLI basics and the reliability cases, about 1.5 min on 2 cores
+# the engine, the CLI basics and the reliability cases, about 3 min on 2 cores
 test-fast: $(BIN)/netslim
 	$(BIN)/python -m pytest -m "not slow"
 
