@@ -226,3 +226,25 @@ def test_latencies_are_timed_interleaved(monkeypatch):
         assert benchmark.time_interleaved(fake, repeats=3, warmup=0, stat=stat) == {"a": expected}
     with pytest.raises(NetslimError, match="unknown statistic 'mean'"):
         benchmark.time_interleaved(fake, stat="mean")
+
+
+def test_bench_names_each_network_by_what_it_is_and_says_what_it_is_timing(tmp_path, capsys):
+    """Columns say architecture and pruning (from the files' records), not file stems; each
+    step is announced on stderr while it runs, so stdout stays the table (or the JSON)."""
+    model = netslim.build_model("vgg5-small")
+    pruned_net, report = netslim.prune_model(model, 0.5)
+    netslim.save(model, tmp_path / "a.pth", arch="vgg5-small")
+    netslim.save(pruned_net, tmp_path / "b.pth", report, arch="vgg5-small")
+    argv = ["bench", tmp_path / "a.pth", tmp_path / "b.pth", "--batch", "1,2", "--repeats", "2"]
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    assert [r["name"] for r in json.loads(out)] == ["vgg5-small", "vgg5-small pruned 0.5"] * 2
+    steps = [line for line in err.splitlines() if line.startswith("netslim: [")]
+    assert steps == [
+        "netslim: [1/2] torch, batch 1: 2 networks, 2 interleaved rounds",
+        "netslim: [2/2] torch, batch 2: 2 networks, 2 interleaved rounds",
+    ]
+    netslim.save(model, tmp_path / "c.pth", arch="vgg5-small")  # two alike: file names added
+    code, out, err = run(capsys, "bench", tmp_path / "a.pth", tmp_path / "c.pth", "--repeats", "2")
+    assert code == 0, err
+    assert "vgg5-small (a)" in out and "vgg5-small (c)" in out

@@ -113,6 +113,7 @@ def benchmark(
     image_size: int = 32,
     device: torch.device | str = "cpu",
     stat: str = "median",
+    progress: Callable[[str], None] | None = None,
 ) -> list[Timing]:
     """Time every network at every batch size in every runtime, side by side.
 
@@ -120,7 +121,10 @@ def benchmark(
     BatchNorm folded; ``torch`` runs eagerly under ``inference_mode`` in channels_last on
     ``device``, ``onnxruntime`` on the CPU with as many threads as PyTorch uses.
     ``stat`` is the statistic of the timed rounds (see :func:`time_interleaved`).
+    ``progress`` is called with a line before each step (folding, and each runtime and
+    batch size timed), so that a long measurement says what it is doing.
     """
+    say = progress or (lambda line: None)
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown or not runtimes:
         raise NetslimError(f"unknown runtime {unknown}; choose from: {', '.join(RUNTIMES)}")
@@ -130,6 +134,9 @@ def benchmark(
         raise NetslimError(f"batch sizes must be >= 1, got {list(batches)}")
     device = torch.device(device)
     size = (1, 3, image_size, image_size)
+    say(
+        f"folding BatchNorm and counting MACs of {len(models)} networks at {image_size}x{image_size}"
+    )
     folded = {
         name: for_deployment(fold_bn(m.float().cpu().eval(), size)) for name, m in models.items()
     }
@@ -138,31 +145,35 @@ def benchmark(
     base = next(iter(models))
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     timings = []
-    for runtime in runtimes:
+    steps = [(runtime, batch) for runtime in runtimes for batch in batches]
+    for step, (runtime, batch) in enumerate(steps, 1):
         make = _torch_forward if runtime == "torch" else _onnxruntime_forward
-        for batch in batches:
-            x = torch.randn(batch, *size[1:], generator=torch.Generator().manual_seed(0))
-            x = x.to(device if runtime == "torch" else "cpu")
-            functions = {name: make(m, x) for name, m in folded.items()}
-            seconds = time_interleaved(
-                functions, repeats, sync=sync if runtime == "torch" else None, stat=stat
-            )
-            for name, s in seconds.items():
-                speedup, reduction = seconds[base] / s, macs[base] / macs[name]
-                timings.append(
-                    Timing(
-                        name,
-                        runtime,
-                        batch,
-                        macs[name],
-                        params[name],
-                        1000 * s,
-                        batch / s,
-                        speedup,
-                        reduction,
-                        speedup / reduction,
-                    )
+        say(
+            f"[{step}/{len(steps)}] {runtime}, batch {batch}: {len(folded)} networks, "
+            f"{repeats} interleaved rounds"
+        )
+        x = torch.randn(batch, *size[1:], generator=torch.Generator().manual_seed(0))
+        x = x.to(device if runtime == "torch" else "cpu")
+        functions = {name: make(m, x) for name, m in folded.items()}
+        seconds = time_interleaved(
+            functions, repeats, sync=sync if runtime == "torch" else None, stat=stat
+        )
+        for name, s in seconds.items():
+            speedup, reduction = seconds[base] / s, macs[base] / macs[name]
+            timings.append(
+                Timing(
+                    name,
+                    runtime,
+                    batch,
+                    macs[name],
+                    params[name],
+                    1000 * s,
+                    batch / s,
+                    speedup,
+                    reduction,
+                    speedup / reduction,
                 )
+            )
     return timings
 
 

@@ -362,6 +362,40 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
+def _network_name(path: str | Path) -> str:
+    """What the network in ``path`` is, for a column of ``netslim bench``: its architecture
+    and how it was made (``vgg19 pruned 0.7 fine-tuned``) where the file records them, else
+    its file name."""
+    from netslim.checkpoint import read_checkpoint
+
+    stem = Path(path).stem
+    if str(path).endswith(".pt"):
+        return stem
+    try:
+        meta = read_checkpoint(path).get("netslim") or {}
+    except NetslimError:
+        return stem  # loading it says what is wrong
+    if not isinstance(meta, dict) or not isinstance(meta.get("arch"), str):
+        return stem
+    ratio = (meta.get("prune") or {}).get("ratio")
+    parts = [meta["arch"].removeprefix("ultralytics:")]
+    parts += [f"pruned {ratio:g}"] if isinstance(ratio, (int, float)) else []
+    parts += ["fine-tuned"] if meta.get("kind") == "finetune" else []
+    return " ".join(parts)
+
+
+def _network_names(paths: list[str]) -> list[str]:
+    """:func:`_network_name` of each file, with the file name added where two are alike."""
+    names = [_network_name(p) for p in paths]
+    names = [
+        f"{n} ({Path(p).stem})" if names.count(n) > 1 and n != Path(p).stem else n
+        for n, p in zip(names, paths)
+    ]
+    if len(set(names)) < len(names):
+        names = [f"{i}: {p}" for i, p in enumerate(paths)]
+    return names
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
@@ -373,12 +407,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for batch in batches:
         check_batch_memory(batch, args.image_size, "--batch")
     runtimes = tuple(r.strip() for r in args.runtime.split(",") if r.strip())
-    stems = [Path(p).stem for p in args.checkpoints]  # short names, unless two files share one
-    labels = (
-        stems
-        if len(set(stems)) == len(stems)
-        else [f"{i}: {p}" for i, p in enumerate(args.checkpoints)]
-    )
+    labels = _network_names(args.checkpoints)
     models = {
         label: _ultralytics_model(path)
         if str(path).endswith(".pt")
@@ -393,6 +422,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         image_size=args.image_size,
         device=pick_device(args.device),
         stat=args.stat,
+        progress=lambda line: print(f"netslim: {line}", file=sys.stderr, flush=True),
     )
     if args.json:
         print(json.dumps([t.to_dict() for t in timings], indent=2))
