@@ -36,6 +36,7 @@ _WHERE = {
     "VGG": "models",
     "build_model": "models",
     "global_threshold": "engine.plan",
+    "plan_for_latency": "engine.plan",
     "plan_for_macs": "engine.plan",
     "plan_pruning": "engine.plan",
     "recalibrate_bn": "engine.recalibrate",

@@ -41,6 +41,7 @@ from netslim.engine.plan import (
     gamma_importance,
     global_threshold,
     ignore_layers,
+    plan_for_latency,
     plan_for_macs,
     plan_pruning,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "global_threshold",
     "ignore_layers",
     "model_inputs",
+    "plan_for_latency",
     "plan_for_macs",
     "plan_pruning",
     "register_opaque",

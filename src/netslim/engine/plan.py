@@ -506,6 +506,122 @@ def plan_for_macs(
     return result
 
 
+#: How long a pruned network takes, in any unit the budget is in: ``latency(plan)``.
+Latency = Callable[[PrunePlan], float]
+
+
+def plan_for_latency(
+    model: nn.Module,
+    budget: float,
+    latency: Latency,
+    min_keep: float = 0.01,
+    *,
+    graph: ChannelGraph | None = None,
+    round_to: int = 1,
+    ignore: Ignore | None = None,
+    importance: Importance | None = None,
+    rules: Rules | None = None,
+) -> PrunePlan:
+    """A plan whose ``latency(plan)`` is at most ``budget``, keeping the most importance.
+
+    Greedy, as HALP's knapsack relaxed: from the unpruned network, each step removes from
+    one prunable group its least important ``round_to`` channels (a group's channels go in
+    order of their score, ``|gamma|`` or ``importance``), choosing the group whose step
+    loses the least importance per unit of time saved, until the budget is met. The time
+    comes from ``latency``, evaluated on each candidate plan, so a runtime's width steps
+    (a width of 33 slower than 40) steer the choice as measured; a step that saves no time
+    is taken only when no step saves any. Then channels are given back, the most importance
+    per unit of time first, while the budget still holds (a step can overshoot it). Against
+    the brute-force optimum on small networks the kept importance fell short by at most 3.7%
+    for budgets from 40% of the unpruned time up, and 19.6% at 20-30%, where a narrow
+    layer's width cliff is past what one step at a time sees (tests/test_plan_latency.py). The floor (``min_keep``), fixed units, ties and
+    ``ignore`` hold as for :func:`plan_pruning`; the plan's ``ratio`` is the share removed
+    and its ``threshold`` NaN (no single threshold decides).
+
+    Raises:
+        NetslimError: a budget that is not a positive number, or one that pruning every
+            group to its floor does not meet.
+    """
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+        raise NetslimError(f"a latency budget must be a positive number, got {budget!r}")
+    _check_min_keep(min_keep)
+    check_round_to(round_to)
+    graph = ignore_layers(model, graph or trace_channels(model, rules=rules), ignore)
+    scores = _unit_scores(graph, channel_scores(model, importance))
+    groups = list(graph.prunable.values())
+    # each group's units, least important first: the order its channels are removed in
+    order = [g.units[torch.argsort(scores[g.units], stable=True)] for g in groups]
+    sizes = [len(g.units) for g in groups]
+    floors = [
+        size
+        if size < round_to
+        else min(size, math.ceil(max(1, math.ceil(min_keep * size)) / round_to) * round_to)
+        for size in sizes
+    ]
+
+    def plan_of(kept: list[int]) -> PrunePlan:
+        keep = torch.ones(graph.num_units, dtype=torch.bool)
+        for units, size, n in zip(order, sizes, kept):
+            keep[units[: size - n]] = False
+        keep |= graph.fixed
+        _keep_ties(graph, scores, keep, round_to)
+        for layer in graph.layers.values():  # every layer keeps an input
+            if len(layer.inputs) and not bool(keep[layer.inputs].any()):
+                keep[layer.inputs[scores[layer.inputs].argmax()]] = True
+        plan = PrunePlan(0.0, float("nan"), graph, keep, [], round_to)
+        return replace(plan, ratio=plan.pruned_share)
+
+    kept = list(sizes)
+    plan = plan_of(kept)
+    time = latency(plan)
+    while time > budget:
+        best = None  # (importance lost per second saved, -seconds saved, group, plan, time)
+        for i, units in enumerate(order):
+            step = min(round_to, kept[i] - floors[i])
+            if step <= 0:
+                continue
+            removed = units[sizes[i] - kept[i] : sizes[i] - kept[i] + step]
+            lost = float(scores[removed].clamp(min=0).sum())
+            if not math.isfinite(lost):
+                continue  # a fixed unit: never removed
+            trial = kept[:i] + [kept[i] - step] + kept[i + 1 :]
+            candidate = plan_of(trial)
+            t = latency(candidate)
+            saved = time - t
+            rate = lost / saved if saved > 0 else math.inf
+            key = (rate, -saved, i)
+            if best is None or key < best[0]:
+                best = (key, trial, candidate, t)
+        if best is None:
+            raise NetslimError(
+                f"cannot reach a latency of {budget:.4g}: pruning every prunable channel down to "
+                f"the floor (--min-keep {min_keep}) leaves {time:.4g}; lower --min-keep or aim higher"
+            )
+        _, kept, plan, time = best
+    # a step can save more time than the budget needed: give back what still fits, the
+    # most importance per unit of time added first
+    while True:
+        best = None
+        for i, units in enumerate(order):
+            step = min(round_to, sizes[i] - kept[i])
+            if step <= 0:
+                continue
+            back = units[sizes[i] - kept[i] - step : sizes[i] - kept[i]]
+            gained = float(scores[back].clamp(min=0).sum())
+            trial = kept[:i] + [kept[i] + step] + kept[i + 1 :]
+            candidate = plan_of(trial)
+            t = latency(candidate)
+            if t > budget or not math.isfinite(gained):
+                continue
+            added = t - time
+            key = (-(gained / added) if added > 0 else -math.inf, i)
+            if best is None or key < best[0]:
+                best = (key, trial, candidate, t)
+        if best is None:
+            return plan
+        _, kept, plan, time = best
+
+
 @torch.no_grad()
 def masked_copy(
     model: nn.Module,
