@@ -301,11 +301,19 @@ def _plan_at(
         if round_to > 1:
             keep[group.units] = round_kept(keep[group.units], scores[group.units], round_to)
     _keep_ties(graph, scores, keep, round_to)
-    for name, layer in graph.layers.items():  # every layer keeps an input
+    floored += _keep_an_input(graph, scores, keep)
+    return PrunePlan(float(ratio), threshold, graph, keep, floored, round_to, tie_break)
+
+
+def _keep_an_input(graph: ChannelGraph, scores: torch.Tensor, keep: torch.Tensor) -> list[str]:
+    """Every layer keeps an input (in place: its best-scored one where it would keep none);
+    returns the layers that needed it."""
+    saved = []
+    for name, layer in graph.layers.items():
         if len(layer.inputs) and not bool(keep[layer.inputs].any()):
             keep[layer.inputs[scores[layer.inputs].argmax()]] = True
-            floored.append(name)
-    return PrunePlan(float(ratio), threshold, graph, keep, floored, round_to, tie_break)
+            saved.append(name)
+    return saved
 
 
 def gamma_counts(graph: ChannelGraph, scores: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -534,8 +542,8 @@ def plan_for_latency(
     per unit of time first, while the budget still holds (a step can overshoot it). Against
     the brute-force optimum on small networks the kept importance fell short by at most 3.7%
     for budgets from 40% of the unpruned time up, and 19.6% at 20-30%, where a narrow
-    layer's width cliff is past what one step at a time sees (tests/test_plan_latency.py). The floor (``min_keep``), fixed units, ties and
-    ``ignore`` hold as for :func:`plan_pruning`; the plan's ``ratio`` is the share removed
+    layer's width cliff is past what one step at a time sees (tests/test_plan_latency.py).
+    The floor (``min_keep``), fixed units, ties and ``ignore`` hold as for :func:`plan_pruning`; the plan's ``ratio`` is the share removed
     and its ``threshold`` NaN (no single threshold decides).
 
     Raises:
@@ -565,9 +573,7 @@ def plan_for_latency(
             keep[units[: size - n]] = False
         keep |= graph.fixed
         _keep_ties(graph, scores, keep, round_to)
-        for layer in graph.layers.values():  # every layer keeps an input
-            if len(layer.inputs) and not bool(keep[layer.inputs].any()):
-                keep[layer.inputs[scores[layer.inputs].argmax()]] = True
+        _keep_an_input(graph, scores, keep)
         plan = PrunePlan(0.0, float("nan"), graph, keep, [], round_to)
         return replace(plan, ratio=plan.pruned_share)
 
