@@ -542,7 +542,7 @@ def plan_for_latency(
     per unit of time first, while the budget still holds (a step can overshoot it). Against
     the brute-force optimum on small networks the kept importance fell short by at most 3.7%
     for budgets from 40% of the unpruned time up, and 19.6% at 20-30%, where a narrow
-    layer's width cliff is past what one step at a time sees (tests/test_plan_latency.py).
+    layer's width cliff is past what one step at a time sees (bench/latency_plan_margin.py).
     The floor (``min_keep``), fixed units, ties and ``ignore`` hold as for :func:`plan_pruning`; the plan's ``ratio`` is the share removed
     and its ``threshold`` NaN (no single threshold decides).
 
