@@ -14,7 +14,7 @@ TORCHVISION ?= torchvision==0.29.1
 $(BIN)/netslim: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)" "$(TORCHVISION)"
-	$(BIN)/python -m pip install -q -e ".[dev,zoo,export,yolo]"
+	$(BIN)/python -m pip install -q -e ".[dev,zoo,export,openvino,yolo]"
 	touch $@
 
 demo: $(BIN)/netslim

@@ -187,7 +187,7 @@ def test_cli_export_and_bench(tmp_path, capsys):
         "--batch",
         "1,3",
         "--runtime",
-        "torch,onnxruntime",
+        "torch,onnxruntime,openvino",
         "--repeats",
         "3",
         "--json",
@@ -199,6 +199,8 @@ def test_cli_export_and_bench(tmp_path, capsys):
         ("torch", 3),
         ("onnxruntime", 1),
         ("onnxruntime", 3),
+        ("openvino", 1),
+        ("openvino", 3),
     ]
     reduction = count_macs(model) / count_macs(small_net)
     for big, little in zip(rows[::2], rows[1::2]):

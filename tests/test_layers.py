@@ -28,7 +28,8 @@ LAYERS = [
     ("adapters", ["netslim.adapters"]),
     ("files", ["netslim.checkpoint", "netslim.official"]),
     ("train", ["netslim.train"]),
-    ("prune, export, time", ["netslim.slim", "netslim.export", "netslim.benchmark"]),
+    ("prune, export, time", ["netslim.slim", "netslim.export", "netslim.benchmark",
+                             "netslim.latency"]),
     ("experiments", ["netslim.lab", "netslim.yolo"]),
     ("command line", ["netslim.cli", "netslim.__main__"]),
 ]  # fmt: skip

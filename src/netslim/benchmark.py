@@ -13,6 +13,7 @@ reduction in MACs (1.0: the time fell exactly as the arithmetic did).
 
 from __future__ import annotations
 
+import importlib.metadata
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +27,13 @@ from netslim.engine.stats import count_macs, count_params
 from netslim.errors import NetslimError
 from netslim.models.external import for_deployment
 
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+#: The package each runtime needs, and how to install it.
+RUNTIME_PACKAGES = {
+    "torch": ("torch", "it is netslim's own dependency"),
+    "onnxruntime": ("onnxruntime", 'pip install "netslim[export]"'),
+    "openvino": ("openvino", 'pip install "netslim[openvino]"'),
+}
 STATISTICS = {"median": statistics.median, "min": min}
 
 
@@ -65,9 +72,49 @@ def time_interleaved(
     return {name: STATISTICS[stat](t) for name, t in times.items()}
 
 
+def runtime_version(runtime: str) -> str:
+    """The installed version of ``runtime``'s package; one line naming how to install it
+    when it is missing."""
+    if runtime not in RUNTIMES:
+        raise NetslimError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    package, install = RUNTIME_PACKAGES[runtime]
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise NetslimError(f"runtime {runtime} is not installed: {install}") from None
+
+
+def forward_on(
+    runtime: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    device: torch.device | str = "cpu",
+    onnx: bytes | None = None,
+) -> Callable[[], Any]:
+    """A function of no arguments running ``model`` on ``x`` in ``runtime``.
+
+    ``torch``: eager, under ``inference_mode``, channels_last, on ``device``; ``onnxruntime``
+    and ``openvino``: on the CPU with as many threads as PyTorch uses, from the network's
+    ONNX export (``onnx``, when already written). The model should be deployed as timed
+    (BatchNorm folded, :func:`netslim.engine.fold.fold_bn`).
+    """
+    runtime_version(runtime)
+    if runtime == "torch":
+        return _torch_forward(model, x.to(device))
+    from netslim.export import DEFAULT_OPSET, FORMATS
+
+    x = x.cpu()
+    if onnx is None:
+        onnx = FORMATS["onnx"].write(model.cpu(), x[:2], DEFAULT_OPSET)
+    return (_onnxruntime_forward if runtime == "onnxruntime" else _openvino_forward)(onnx, x)
+
+
 def _torch_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
-    model = model.to(x.device, memory_format=torch.channels_last)
-    x = x.contiguous(memory_format=torch.channels_last)
+    if x.dim() == 4:
+        model = model.to(x.device, memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        model = model.to(x.device)
 
     def forward() -> Any:
         with torch.inference_mode():
@@ -76,13 +123,22 @@ def _torch_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     return forward
 
 
-def _onnxruntime_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
-    from netslim.export import DEFAULT_OPSET, FORMATS, onnx_session
+def _onnxruntime_forward(onnx: bytes, x: torch.Tensor) -> Callable[[], Any]:
+    from netslim.export import onnx_session
 
-    contents = FORMATS["onnx"].write(model.cpu(), x[:2].cpu(), DEFAULT_OPSET)
-    session = onnx_session(contents, threads=torch.get_num_threads())
-    feed = {"images": x.cpu().numpy()}
+    session = onnx_session(onnx, threads=torch.get_num_threads(), spinning=False)
+    feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: session.run(None, feed)
+
+
+def _openvino_forward(onnx: bytes, x: torch.Tensor) -> Callable[[], Any]:
+    import openvino
+
+    core = openvino.Core()
+    settings = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+    compiled = core.compile_model(core.read_model(onnx), "CPU", settings)
+    request, feed = compiled.create_infer_request(), {0: x.numpy()}
+    return lambda: request.infer(feed)
 
 
 @dataclass
@@ -110,7 +166,7 @@ def benchmark(
     runtimes: tuple[str, ...] = ("torch",),
     *,
     repeats: int = 20,
-    image_size: int = 32,
+    image_size: int | tuple[int, int] = 32,
     device: torch.device | str = "cpu",
     stat: str = "median",
     progress: Callable[[str], None] | None = None,
@@ -125,18 +181,18 @@ def benchmark(
     batch size timed), so that a long measurement says what it is doing.
     """
     say = progress or (lambda line: None)
-    unknown = [r for r in runtimes if r not in RUNTIMES]
-    if unknown or not runtimes:
-        raise NetslimError(f"unknown runtime {unknown}; choose from: {', '.join(RUNTIMES)}")
+    if not runtimes:
+        raise NetslimError(f"give a runtime; choose from: {', '.join(RUNTIMES)}")
+    for runtime in runtimes:
+        runtime_version(runtime)
     if not models:
         raise NetslimError("give at least one network to benchmark")
     if any(b < 1 for b in batches) or not batches:
         raise NetslimError(f"batch sizes must be >= 1, got {list(batches)}")
     device = torch.device(device)
-    size = (1, 3, image_size, image_size)
-    say(
-        f"folding BatchNorm and counting MACs of {len(models)} networks at {image_size}x{image_size}"
-    )
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    size = (1, 3, height, width)
+    say(f"folding BatchNorm and counting MACs of {len(models)} networks at {height}x{width}")
     folded = {
         name: for_deployment(fold_bn(m.float().cpu().eval(), size)) for name, m in models.items()
     }
@@ -147,14 +203,12 @@ def benchmark(
     timings = []
     steps = [(runtime, batch) for runtime in runtimes for batch in batches]
     for step, (runtime, batch) in enumerate(steps, 1):
-        make = _torch_forward if runtime == "torch" else _onnxruntime_forward
         say(
             f"[{step}/{len(steps)}] {runtime}, batch {batch}: {len(folded)} networks, "
             f"{repeats} interleaved rounds"
         )
         x = torch.randn(batch, *size[1:], generator=torch.Generator().manual_seed(0))
-        x = x.to(device if runtime == "torch" else "cpu")
-        functions = {name: make(m, x) for name, m in folded.items()}
+        functions = {name: forward_on(runtime, m, x, device) for name, m in folded.items()}
         seconds = time_interleaved(
             functions, repeats, sync=sync if runtime == "torch" else None, stat=stat
         )

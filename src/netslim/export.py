@@ -158,12 +158,20 @@ def output_tensors(output) -> list[torch.Tensor]:
     return []
 
 
-def onnx_session(contents: bytes | str | Path, threads: int | None = None):
-    """An onnxruntime CPU session on an ONNX file (its path or contents)."""
+def onnx_session(contents: bytes | str | Path, threads: int | None = None, spinning: bool = True):
+    """An onnxruntime CPU session on an ONNX file (its path or contents).
+
+    ``spinning=False`` for sessions timed side by side: onnxruntime's threads spin for
+    work after a run, and two sessions timed in turn then each wait on the other's
+    spinning threads (yolov8n at 640 px on 2 cores: 62 ms alone, 100 ms in turn with
+    another session; 78 ms alone or in turn without spinning; bench/RESULTS.md).
+    """
     ort = _import_onnxruntime()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = str(contents) if isinstance(contents, Path) else contents
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

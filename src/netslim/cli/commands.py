@@ -9,6 +9,7 @@ Each command imports torch and the modules that do the work when it runs, so tha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -17,7 +18,7 @@ import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from netslim.cli.parser import DEFAULTS, LAB_RECIPE_KEYS, parse
 from netslim.config import LAM_START, LabConfig, TrainConfig
@@ -183,26 +184,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(f"done: fine-tuned {run_files(args.out)}")
 
 
-def cmd_prune(args: argparse.Namespace) -> None:
-    from netslim.checkpoint import (
-        arch_name,
-        image_size_of,
-        model_from_checkpoint,
-        read_checkpoint,
-        save_checkpoint,
-    )
-    from netslim.config import check_ratio
+def _checkpoint_to_prune(args: argparse.Namespace, command: str):
+    """``(checkpoint, model, data or None)`` of ``netslim prune`` and ``speed-curve``;
+    sets ``args.image_size``."""
+    from netslim.checkpoint import image_size_of, model_from_checkpoint, read_checkpoint
     from netslim.data.imagefolder import check_image_size
-    from netslim.runtime.device import pick_precision
-    from netslim.slim import check_prune_output, prune_model, pruned_checkpoint
 
-    ratio = check_ratio(args.ratio) if args.ratio is not None else None
     if args.recalibrate < 0:
         raise NetslimError(f"--recalibrate must be >= 0 batches, got {args.recalibrate}")
-    check_prune_output(args.checkpoint, args.out, args.force)
     ckpt = read_checkpoint(args.checkpoint)
     if args.dataset is not None:  # without data, pruning is weight surgery: any network
-        _classifier_only((ckpt.get("netslim") or {}).get("arch", ""), args.checkpoint, "prune")
+        _classifier_only((ckpt.get("netslim") or {}).get("arch", ""), args.checkpoint, command)
     model = model_from_checkpoint(ckpt, args.checkpoint, trust=args.trust_module)
     args.image_size = args.image_size or image_size_of(ckpt, args.checkpoint)
     data = None
@@ -212,12 +204,26 @@ def cmd_prune(args: argparse.Namespace) -> None:
         check_image_size(model, args.image_size)
     elif args.train_size or args.test_size:
         raise NetslimError("--train-size/--test-size need --dataset")
+    return ckpt, model, data
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from netslim.checkpoint import arch_name, save_checkpoint
+    from netslim.config import check_ratio
+    from netslim.runtime.device import pick_precision
+    from netslim.slim import check_prune_output, prune_model, pruned_checkpoint
+
+    ratio = check_ratio(args.ratio) if args.ratio is not None else None
+    budget = latency_budget(args)
+    check_prune_output(args.checkpoint, args.out, args.force)
+    ckpt, model, data = _checkpoint_to_prune(args, "prune")
     dtype = pick_precision("auto", data.device) if data is not None else None
     size = (1, 3, args.image_size, args.image_size)
     pruned, report = prune_model(
         model,
         ratio,
         target_macs=args.target_macs,
+        target_latency=budget,
         compensate=args.compensate,
         min_keep=args.min_keep,
         round_to=args.round_to,
@@ -231,6 +237,65 @@ def cmd_prune(args: argparse.Namespace) -> None:
     save_checkpoint(pruned_checkpoint(pruned, report, meta), args.out)
     print(report.text())
     print(f"saved the pruned network ({report.saved}) to {args.out}")
+
+
+def cmd_speed_curve(args: argparse.Namespace) -> None:
+    from netslim.runtime.device import pick_precision
+    from netslim.slim import format_speed_curve, prune_model, speed_curve
+
+    check = latency_budget(args, budgets=args.budgets)
+    _, model, data = _checkpoint_to_prune(args, "speed-curve")
+    dtype = pick_precision("auto", data.device) if data is not None else None
+    known: dict[str, float] = {}
+
+    def one(budget) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            _, report = prune_model(
+                model,
+                target_latency=budget,
+                min_keep=args.min_keep,
+                data=data,
+                recalibrate=args.recalibrate,
+                eval_dtype=dtype,
+                acc_unpruned=known.get("accuracy"),
+                input_size=(1, 3, args.image_size, args.image_size),
+                ignore=args.ignore,
+            )
+        known.update(report.measured.get("unpruned", {}))
+        return report
+
+    rows = speed_curve(one, args.budgets, args.choices, **_budget_fields(check))
+    print(json.dumps(rows) if args.json else format_speed_curve(rows))  # one line
+
+
+def latency_budget(args: argparse.Namespace, device: str = "cpu", budgets: list | None = None):
+    """The latency budget the flags ask for (checked: one line when wrong), or None.
+    ``budgets``: the shares of a speed curve, each checked (the first stands for all)."""
+    from netslim.latency import LatencyBudget
+
+    for share in budgets or []:
+        LatencyBudget(share=share).check()
+    share = budgets[0] if budgets else getattr(args, "target_latency", None)
+    ms = getattr(args, "target_ms", None)
+    if share is None and ms is None:
+        return None
+    return LatencyBudget(
+        share=share,
+        ms=ms,
+        runtime=args.runtime,
+        batch=args.batch,
+        table=args.latency_table,
+        choice=getattr(args, "latency_choice", "threshold"),
+        device=device if args.runtime == "torch" else "cpu",
+        progress=lambda line: print(f"netslim: {line}", file=sys.stderr, flush=True),
+    ).check()
+
+
+def _budget_fields(budget) -> dict[str, Any]:
+    """What a speed curve's budgets share: all but the share and the choice."""
+    fields = dataclasses.asdict(budget) | {"progress": budget.progress}
+    return {k: v for k, v in fields.items() if k not in ("share", "ms", "choice")}
 
 
 def cmd_multipass(args: argparse.Namespace) -> None:
@@ -535,12 +600,30 @@ def cmd_yolo(args: argparse.Namespace) -> None:
         print(
             f"done: {out}/weights/last.pt, best.pt; gamma sparsity per epoch in {out}/{SPARSITY_LOG}"
         )
+    elif step == "speed-curve":
+        from netslim.slim import format_speed_curve
+
+        budget = latency_budget(args, device or "cpu", budgets=args.budgets)
+        rows = prune.speed_curve(
+            args.checkpoint,
+            args.budgets,
+            data=args.data,
+            imgsz=args.image_size,
+            batch=args.batch_size,
+            recalibrate=args.recalibrate,
+            device=device or "cpu",
+            trust_pickle=args.trust_pickle,
+            choices=args.choices,
+            latency=_budget_fields(budget),
+        )
+        print(json.dumps(rows) if args.json else format_speed_curve(rows))  # one line
     elif step == "prune":
         prune.prune(
             args.checkpoint,
             args.out,
             ratio=args.ratio,
             target_macs=args.target_macs,
+            target_latency=latency_budget(args, device or "cpu"),
             data=args.data,
             imgsz=args.image_size,
             batch=args.batch_size,
@@ -600,6 +683,7 @@ def cmd_yolo(args: argparse.Namespace) -> None:
 COMMANDS = {
     "train": cmd_train,
     "prune": cmd_prune,
+    "speed-curve": cmd_speed_curve,
     "finetune": cmd_finetune,
     "info": cmd_info,
     "multipass": cmd_multipass,

@@ -317,6 +317,50 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         metavar="F",
         help="instead of --ratio: find the threshold that leaves the share F of the MACs",
     ),
+    "target_latency": _flag(
+        "--target-latency",
+        type=float,
+        metavar="F",
+        help="instead of --ratio: prune to the share F of the unpruned network's latency "
+        "measured on --runtime (e.g. 0.6), the most |gamma| kept per millisecond; the "
+        "result is timed and corrected when more than 10%% off",
+    ),
+    "target_ms": _flag(
+        "--target-ms",
+        type=float,
+        metavar="MS",
+        help="instead of --ratio: prune to MS milliseconds per batch on --runtime",
+    ),
+    "runtime": _flag(
+        "--runtime",
+        default="onnxruntime",
+        choices=("onnxruntime", "torch", "openvino"),
+        help="with a latency budget: the runtime the network ships to, where its latency "
+        "table is measured (onnxruntime and openvino on the CPU; default: %(default)s)",
+    ),
+    "batch": _flag(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with a latency budget: images per call when timing (default: %(default)s)",
+    ),
+    "latency_table": _flag(
+        "--latency-table",
+        metavar="PATH",
+        help="with a latency budget: the latency table file, reused when it was measured "
+        "for the same network, runtime, machine, size and batch, else measured again "
+        "(default: one per network in ~/.cache/netslim/latency)",
+    ),
+    "latency_choice": _flag(
+        "--latency-choice",
+        choices=("threshold", "latency"),
+        default="threshold",
+        help="with a latency budget: raise the paper's global |gamma| threshold until the "
+        "measured budget is met (threshold), or keep the most |gamma| per millisecond "
+        "(latency: HALP's greedy, which strips costly early layers; see docs; "
+        "default: %(default)s)",
+    ),
     "min_keep": _flag(
         "--min-keep",
         type=float,
@@ -372,6 +416,30 @@ RECIPE = (
     "label_smoothing",
 )
 FROM_CHECKPOINT = "the checkpoint's, else 32"
+
+
+def _add_curve(p: argparse.ArgumentParser) -> None:
+    """The flags of a speed curve: its budgets, choices and runtime."""
+    p.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=[0.8, 0.6, 0.5, 0.4],
+        metavar="F",
+        help="shares of the unpruned network's measured latency (default: %(default)s)",
+    )
+    p.add_argument(
+        "--choices",
+        nargs="+",
+        choices=("threshold", "latency"),
+        default=["threshold", "latency"],
+        help="how each budget is spent (see --latency-choice; default: both)",
+    )
+    add(p, "runtime", "batch", "latency_table")
+
+
+#: The flags of a latency budget (with --target-latency or --target-ms).
+LATENCY = ("runtime", "batch", "latency_table", "latency_choice")
 
 
 def add(p: argparse.ArgumentParser, *keys: str, **overrides: dict[str, Any]) -> None:
@@ -472,7 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the physically smaller network.",
     )
     p.add_argument("checkpoint", help="trained checkpoint (netslim's or the paper's code's)")
-    add(p.add_mutually_exclusive_group(required=True), "ratio", "target_macs")
+    add(
+        p.add_mutually_exclusive_group(required=True),
+        "ratio",
+        "target_macs",
+        "target_latency",
+        "target_ms",
+    )
+    add(p, *LATENCY)
     add(p, "out", out=dict(help="path of the pruned checkpoint to write"))
     add(p, "force")
     p.add_argument(
@@ -498,6 +573,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_images(p, train=False, checkpoint=True)
     add(p, "threads", "trust_module")
+
+    p = sub.add_parser(
+        "speed-curve",
+        help="what each latency budget buys: speed-up and accuracy right after pruning",
+        description="Prune a checkpoint to each latency budget both ways (the |gamma| "
+        "threshold and the most |gamma| per millisecond), time each beside the unpruned "
+        "network on --runtime and, with --dataset, measure its accuracy right after pruning; "
+        "prints a table and saves no network.",
+    )
+    p.add_argument("checkpoint", help="a sparsity-trained checkpoint")
+    _add_curve(p)
+    add(p, "min_keep", "ignore", *DATA, "recalibrate", dataset=dict(default=None))
+    _add_images(p, train=False, checkpoint=True)
+    add(p, "threads", "trust_module", "json")
 
     p = sub.add_parser(
         "finetune",
@@ -596,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runtime",
         default="torch",
-        help="comma-separated: torch (eager), onnxruntime (default: %(default)s)",
+        help="comma-separated: torch (eager), onnxruntime, openvino (pip install "
+        '"netslim[openvino]"; default: %(default)s)',
     )
     p.add_argument("--repeats", type=int, default=20, help="timed rounds (default: %(default)s)")
     p.add_argument(
@@ -764,7 +854,14 @@ def _add_yolo(sub: argparse._SubParsersAction) -> None:
         "with Ultralytics' validator: unpruned, official, compensated, recalibrated.",
     )
     q.add_argument("checkpoint", help="an Ultralytics .pt or a netslim .pth of a YOLO")
-    add(q.add_mutually_exclusive_group(required=True), "ratio", "target_macs")
+    add(
+        q.add_mutually_exclusive_group(required=True),
+        "ratio",
+        "target_macs",
+        "target_latency",
+        "target_ms",
+    )
+    add(q, *LATENCY)
     q.add_argument(
         "--data", help="an Ultralytics data.yaml: measure mAP and recalibrate (optional)"
     )
@@ -792,6 +889,19 @@ def _add_yolo(sub: argparse._SubParsersAction) -> None:
         help="save the official network: no bias compensation, no recalibration",
     )
     _add_pickle(q)
+
+    c = steps.add_parser(
+        "speed-curve",
+        help="what each latency budget buys: speed-up and mAP right after pruning",
+        description="Prune a YOLO to each latency budget both ways, time each beside the "
+        "unpruned network on --runtime at --image-size and, with --data, measure its mAP "
+        "right after pruning (recalibrated); prints a table and saves no network.",
+    )
+    c.add_argument("checkpoint", help="an Ultralytics .pt or a netslim .pth of a YOLO")
+    _add_curve(c)
+    c.add_argument("--data", help="an Ultralytics data.yaml: measure mAP and recalibrate")
+    add(c, "image_size", "batch_size", "device", "recalibrate", "json", **common)
+    _add_pickle(c)
 
     f = steps.add_parser(
         "finetune",

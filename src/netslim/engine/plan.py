@@ -480,14 +480,54 @@ def plan_for_macs(
     _check_min_keep(min_keep)
     check_round_to(round_to)
     graph = ignore_layers(model, graph or trace_channels(model, rules=rules), ignore)
+    total = _plan_at(
+        graph, _unit_scores(graph, channel_scores(model, importance)), float("-inf"), 0.0, min_keep
+    ).macs
+    return plan_by_threshold(
+        model,
+        fraction * total,
+        lambda plan: plan.macs,
+        min_keep,
+        graph=graph,
+        round_to=round_to,
+        importance=importance,
+        what=f"{fraction:.1%} of the MACs",
+        unit=total,
+    )
+
+
+def plan_by_threshold(
+    model: nn.Module,
+    budget: float,
+    cost: Callable[[PrunePlan], float],
+    min_keep: float = 0.01,
+    *,
+    graph: ChannelGraph | None = None,
+    round_to: int = 1,
+    ignore: Ignore | None = None,
+    importance: Importance | None = None,
+    rules: Rules | None = None,
+    what: str | None = None,
+    unit: float | None = None,
+) -> PrunePlan:
+    """The paper's global threshold, as low as keeps ``cost(plan)`` within ``budget``.
+
+    ``cost`` must not grow as the threshold rises (MACs, or a latency table's prediction,
+    :meth:`netslim.latency.LatencyTable.predict`). The threshold is searched among the
+    gammas by bisection, so the result lands just under the budget; the plan's ``ratio``
+    is the equivalent global ratio. The rule's ties, floor and ``round_to`` hold as for
+    :func:`plan_pruning`. ``what`` names the budget in the error when it cannot be met,
+    and ``unit`` (the unpruned cost) lets that error give shares.
+    """
+    _check_min_keep(min_keep)
+    check_round_to(round_to)
+    graph = ignore_layers(model, graph or trace_channels(model, rules=rules), ignore)
     by_bn = channel_scores(model, importance)
     scores = _unit_scores(graph, by_bn)
     ordered = torch.sort(_all(by_bn)).values
     unpruned = _plan_at(graph, scores, float("-inf"), 0.0, min_keep)
-    if fraction >= 1.0:
+    if cost(unpruned) <= budget:
         return unpruned
-    total = unpruned.macs
-
     gammas = gamma_counts(graph, by_bn)
 
     def plan(k: int) -> PrunePlan:  # the paper's rule removing k + 1 gammas, ties broken
@@ -496,22 +536,54 @@ def plan_for_macs(
         )
 
     lo, hi = 0, len(ordered) - 1
-    least = plan(hi).macs
-    if least > fraction * total:
+    least = cost(plan(hi))
+    if least > budget:
+        leaves = f"{least / unit:.1%}" if unit else f"{least:.4g}"
         raise NetslimError(
-            f"cannot reach {fraction:.1%} of the MACs: pruning every prunable channel down to "
-            f"the floor (--min-keep {min_keep}) leaves {least / total:.1%}; lower "
-            "--min-keep or aim higher"
+            f"cannot reach {what or f'a cost of {budget:.4g}'}: pruning every prunable channel "
+            f"down to the floor (--min-keep {min_keep}) leaves {leaves}; lower --min-keep or "
+            "aim higher"
         )
-    while lo < hi:  # smallest k whose plan is within the target
+    while lo < hi:  # smallest k whose plan is within the budget
         mid = (lo + hi) // 2
-        if plan(mid).macs <= fraction * total:
+        if cost(plan(mid)) <= budget:
             hi = mid
         else:
             lo = mid + 1
     result = plan(lo)
     _warn_floored(result, min_keep)
     return result
+
+
+def plan_keeping(
+    graph: ChannelGraph,
+    kept: list[int],
+    scores: torch.Tensor | None = None,
+    round_to: int = 1,
+    order: list[torch.Tensor] | None = None,
+) -> PrunePlan:
+    """The plan keeping ``kept[i]`` channel units of the i-th prunable group
+    (``graph.prunable``), its best by ``scores`` (per unit; None: its first units).
+
+    The engine's guarantees still hold: fixed units stay, the pieces of a tie (a chunk's
+    halves) keep as many each, and every layer keeps an input. The plan's ``ratio`` is the
+    share removed and its ``threshold`` NaN (no single threshold decides). ``order``:
+    each group's units, least important first, when already sorted.
+    """
+    if scores is None:
+        scores = -torch.arange(graph.num_units, dtype=torch.float)
+    if order is None:
+        order = [
+            g.units[torch.argsort(scores[g.units], stable=True)] for g in graph.prunable.values()
+        ]
+    keep = torch.ones(graph.num_units, dtype=torch.bool)
+    for units, n in zip(order, kept):
+        keep[units[: len(units) - n]] = False
+    keep |= graph.fixed
+    _keep_ties(graph, scores, keep, round_to)
+    _keep_an_input(graph, scores, keep)
+    plan = PrunePlan(0.0, float("nan"), graph, keep, [], round_to)
+    return replace(plan, ratio=plan.pruned_share)
 
 
 #: How long a pruned network takes, in any unit the budget is in: ``latency(plan)``.
@@ -568,14 +640,7 @@ def plan_for_latency(
     ]
 
     def plan_of(kept: list[int]) -> PrunePlan:
-        keep = torch.ones(graph.num_units, dtype=torch.bool)
-        for units, size, n in zip(order, sizes, kept):
-            keep[units[: size - n]] = False
-        keep |= graph.fixed
-        _keep_ties(graph, scores, keep, round_to)
-        _keep_an_input(graph, scores, keep)
-        plan = PrunePlan(0.0, float("nan"), graph, keep, [], round_to)
-        return replace(plan, ratio=plan.pruned_share)
+        return plan_keeping(graph, kept, scores, round_to, order)
 
     kept = list(sizes)
     plan = plan_of(kept)

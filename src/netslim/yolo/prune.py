@@ -23,17 +23,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.files import write_json
+from netslim.latency import LatencyBudget
 from netslim.models import num_outputs
 from netslim.slim import PruneReport, check_prune_output, prune_model, save
+from netslim.slim import speed_curve as slim_speed_curve
 from netslim.yolo import seam
 from netslim.yolo.data import check_data
 from netslim.yolo.files import arch_of, read_yolo, write_model
@@ -119,12 +125,86 @@ def training_images(
         yield from seam.training_batches(trainer, model, batch)
 
 
+def _measured(
+    source: str | Path,
+    data: str | Path | None,
+    imgsz: int,
+    batch: int,
+    device: str,
+    workers: int,
+    trust_pickle: bool,
+) -> tuple[nn.Module, Callable | None, Iterable | None]:
+    """The YOLO in ``source``, and given ``data`` how prune_model measures it (Ultralytics'
+    validator) and the batches it recalibrates on."""
+    model = read_yolo(source, trust_pickle=trust_pickle)
+    if data is None:
+        return model, None, None
+    data = Path(data)
+    check_data(data, task_of(model))
+    check_classes(model, data)
+
+    def measure(network: nn.Module) -> dict[str, float]:
+        threads = torch.get_num_threads()
+        try:
+            return validate(network, data, imgsz=imgsz, batch=batch, device=device)
+        finally:  # Ultralytics' select_device sets it to cores - 1: later timings need it
+            torch.set_num_threads(threads)
+
+    calibration = training_images(
+        model, data, imgsz=imgsz, batch=batch, device=device, workers=workers
+    )
+    return model, measure, calibration
+
+
+def speed_curve(
+    source: str | Path,
+    budgets: Iterable[float],
+    *,
+    data: str | Path | None = None,
+    imgsz: int = 640,
+    batch: int = 16,
+    recalibrate: int = 16,
+    device: str = "cpu",
+    workers: int = 0,
+    trust_pickle: bool = False,
+    choices: Iterable[str] = ("threshold", "latency"),
+    latency: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`netslim.slim.speed_curve` of the YOLO in ``source``: each budget pruned both
+    ways, timed, and (given ``data``) its mAP right after pruning; nothing is written but
+    the latency table. ``latency``: the other fields of LatencyBudget (runtime, batch, ...)."""
+    model, measure, calibration = _measured(
+        source, data, imgsz, batch, device, workers, trust_pickle
+    )
+    if calibration is not None:
+        calibration = list(itertools.islice(calibration, recalibrate))  # for every prune
+    unpruned: dict[str, float] = {}
+
+    def one(budget: LatencyBudget) -> PruneReport:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            _, report = prune_model(
+                model,
+                target_latency=budget,
+                measure=measure,
+                calibration=calibration,
+                recalibrate=recalibrate,
+                unpruned=unpruned or None,
+                input_size=(3, imgsz, imgsz),
+            )
+        unpruned.update(report.measured.get("unpruned", {}))
+        return report
+
+    return slim_speed_curve(one, budgets, choices, **(latency or {}))
+
+
 def prune(
     source: str | Path,
     out: str | Path,
     *,
     ratio: float | None = None,
     target_macs: float | None = None,
+    target_latency: LatencyBudget | None = None,
     data: str | Path | None = None,
     imgsz: int = 640,
     batch: int = 16,
@@ -143,7 +223,9 @@ def prune(
     given ``data``, measure its mAP the four ways (see the module docs); the report's
     ``measured`` holds them, and ``out.json`` the whole report. ``force``: let the files
     written replace ``source``; ``unpruned``: the unpruned network's mAPs, when known (a
-    sweep over ratios measures them once). The network is traced and pruned once, by
+    sweep over ratios measures them once); ``target_latency``: a latency budget in place of
+    ``ratio`` (:class:`netslim.latency.LatencyBudget`, timed at its ``image_size`` or at
+    ``imgsz``). The network is traced and pruned once, by
     :func:`netslim.slim.prune_model`, with Ultralytics' validator as its ``measure``."""
     out = Path(out)
     if out.suffix != ".pth":
@@ -158,26 +240,16 @@ def prune(
         check_prune_output(source, written, force, what)  # never the input, unless forced
     if recalibrate < 0:
         raise NetslimError(f"--recalibrate must be >= 0 batches, got {recalibrate}")
-    model = read_yolo(source, trust_pickle=trust_pickle)
-    if data is not None:
-        data = Path(data)
-        check_data(data, task_of(model))
-        check_classes(model, data)
-    measure = calibration = None
-    if data is not None:
-
-        def measure(network: nn.Module) -> dict[str, float]:
-            return validate(network, data, imgsz=imgsz, batch=batch, device=device)
-
-        calibration = training_images(
-            model, data, imgsz=imgsz, batch=batch, device=device, workers=workers
-        )
+    model, measure, calibration = _measured(
+        source, data, imgsz, batch, device, workers, trust_pickle
+    )
     with warnings.catch_warnings():  # a floored layer is reported in the report
         warnings.simplefilter("ignore", UserWarning)
         saved, report = prune_model(
             model,
             ratio,
             target_macs=target_macs,
+            target_latency=target_latency,
             compensate=compensate,
             min_keep=min_keep,
             round_to=round_to,
