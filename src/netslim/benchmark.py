@@ -95,7 +95,9 @@ def forward_on(
 
     ``torch``: eager, under ``inference_mode``, channels_last, on ``device``; ``onnxruntime``
     and ``openvino``: on the CPU with as many threads as PyTorch uses, from the network's
-    ONNX export (``onnx``, when already written). The model should be deployed as timed
+    ONNX export (``onnx``, when already written). ``openvino`` loads OpenVINO into this
+    process, after which forks may crash: netslim's own timings run it through
+    :func:`in_own_process`. The model should be deployed as timed
     (BatchNorm folded, :func:`netslim.engine.fold.fold_bn`).
     """
     runtime_version(runtime)
@@ -129,6 +131,31 @@ def _onnxruntime_forward(onnx: bytes, x: torch.Tensor) -> Callable[[], Any]:
     session = onnx_session(onnx, threads=torch.get_num_threads(), spinning=False)
     feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: session.run(None, feed)
+
+
+def in_own_process(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in a fresh Python process (spawned), its result returned.
+
+    OpenVINO runs only there: its threading runtime (TBB), once loaded into netslim's
+    process, crashed later forks there (a DataLoader's workers died with a segmentation
+    fault in the test suite). ``function`` and ``args`` must pickle.
+    """
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def time_openvino(
+    onnx: dict[str, bytes], x: Any, repeats: int, stat: str, threads: int
+) -> dict[str, float]:
+    """Seconds per call of each ONNX network on OpenVINO, interleaved as
+    :func:`time_interleaved` times them; meant for :func:`in_own_process`."""
+    torch.set_num_threads(threads)
+    functions = {
+        name: _openvino_forward(model, torch.from_numpy(x)) for name, model in onnx.items()
+    }
+    return time_interleaved(functions, repeats, stat=stat)
 
 
 def _openvino_forward(onnx: bytes, x: torch.Tensor) -> Callable[[], Any]:
@@ -208,10 +235,17 @@ def benchmark(
             f"{repeats} interleaved rounds"
         )
         x = torch.randn(batch, *size[1:], generator=torch.Generator().manual_seed(0))
-        functions = {name: forward_on(runtime, m, x, device) for name, m in folded.items()}
-        seconds = time_interleaved(
-            functions, repeats, sync=sync if runtime == "torch" else None, stat=stat
-        )
+        if runtime == "openvino":  # in a process of its own (in_own_process)
+            from netslim.export import DEFAULT_OPSET, FORMATS
+
+            onnx = {n: FORMATS["onnx"].write(m, x[:2], DEFAULT_OPSET) for n, m in folded.items()}
+            args = (onnx, x.numpy(), repeats, stat, torch.get_num_threads())
+            seconds = in_own_process(time_openvino, *args)
+        else:
+            functions = {name: forward_on(runtime, m, x, device) for name, m in folded.items()}
+            seconds = time_interleaved(
+                functions, repeats, sync=sync if runtime == "torch" else None, stat=stat
+            )
         for name, s in seconds.items():
             speedup, reduction = seconds[base] / s, macs[base] / macs[name]
             timings.append(

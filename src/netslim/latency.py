@@ -51,7 +51,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from netslim.benchmark import RUNTIMES, forward_on, runtime_version, time_interleaved
+from netslim.benchmark import (
+    RUNTIMES,
+    forward_on,
+    in_own_process,
+    runtime_version,
+    time_interleaved,
+    time_openvino,
+)
 from netslim.engine.fold import fold_bn
 from netslim.engine.graph import ChannelGraph, Layer
 from netslim.engine.plan import PrunePlan, plan_keeping
@@ -417,22 +424,36 @@ def _name_fusions(onnx: bytes) -> bytes:
 def _profile(
     runtime: str, model: nn.Module, x: torch.Tensor, names: list[str], device: torch.device | str
 ) -> Profile:
-    wall = forward_on(runtime, model, x, device)
-    wall_ms = 1000 * time_interleaved({"w": wall}, RUNS, stat="min")["w"]
     if runtime == "torch":
+        wall = forward_on(runtime, model, x, device)
+        wall_ms = 1000 * time_interleaved({"w": wall}, RUNS, stat="min")["w"]
         runs = _profile_torch(model, x.to(device), names)
     else:
         from netslim.export import DEFAULT_OPSET, FORMATS
 
         onnx = _name_fusions(FORMATS["onnx"].write(model.cpu(), x[:2], DEFAULT_OPSET))
-        profile = _profile_onnxruntime if runtime == "onnxruntime" else _profile_openvino
-        runs = profile(onnx, x, set(names))
+        if runtime == "onnxruntime":
+            wall = forward_on(runtime, model, x, device, onnx)
+            wall_ms = 1000 * time_interleaved({"w": wall}, RUNS, stat="min")["w"]
+            runs = _profile_onnxruntime(onnx, x, set(names))
+        else:  # OpenVINO in a process of its own (benchmark.in_own_process says why)
+            args = (onnx, x.numpy(), set(names), torch.get_num_threads())
+            wall_ms, runs = in_own_process(_time_and_profile_openvino, *args)
     totals = [sum(ops.values()) + rest for ops, rest in runs]
     layer_ms = {
         name: statistics.median(ops.get(name, 0.0) for ops, _ in runs)
         for name in {n for ops, _ in runs for n in ops}
     }
     return Profile(wall_ms, statistics.median(totals), layer_ms)
+
+
+def _time_and_profile_openvino(
+    onnx: bytes, x: Any, names: set[str], threads: int
+) -> tuple[float, list[Run]]:
+    torch.set_num_threads(threads)
+    x = torch.from_numpy(x)
+    wall = time_openvino({"w": onnx}, x.numpy(), RUNS, "min", threads)["w"]
+    return 1000 * wall, _profile_openvino(onnx, x, names)
 
 
 #: One profiled run: (traced layer -> ms, ms of everything else).
