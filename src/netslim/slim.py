@@ -245,7 +245,13 @@ def speed_curve(
     rows = []
     for share in budgets:
         for choice in choices:
-            report = prune(LatencyBudget(share=share, choice=choice, **budget).check())
+            try:
+                report = prune(LatencyBudget(share=share, choice=choice, **budget).check())
+            except NetslimError as e:  # a budget out of reach is a row of the curve
+                if not str(e).startswith("cannot reach"):
+                    raise
+                rows.append({"budget": share, "choice": choice, "error": str(e)})
+                continue
             latency = report.latency
             way = "recalibrated" if "recalibrated" in report.measured else "compensated"
             rows.append(
@@ -268,13 +274,16 @@ def speed_curve(
 
 def format_speed_curve(rows: list[dict[str, Any]]) -> str:
     """:func:`speed_curve`'s rows as an aligned table (metrics right after pruning)."""
-    names = sorted({name for row in rows for name in row["metrics"]})
+    names = sorted({name for row in rows for name in row.get("metrics", {})})
     header = (
         f"{'budget':>6} {'choice':<9} {'predicted':>10} {'measured':>9} {'speed-up':>8} "
         f"{'MACs ×':>7} {'effic.':>6} {'params':>10}" + "".join(f" {n:>12}" for n in names)
     )
     lines = [header]
     for row in rows:
+        if "error" in row:
+            lines.append(f"{row['budget']:>6.0%} {row['choice']:<9} {row['error']}")
+            continue
         measured = (
             f"{row['measured_ms']:>7.2f}ms" if row["measured_ms"] is not None else f"{'-':>9}"
         )
@@ -285,7 +294,7 @@ def format_speed_curve(rows: list[dict[str, Any]]) -> str:
             f"{speedup} {row['macs_reduction']:>6.2f}× {efficiency} {row['params']:>10,}"
             + "".join(f" {row['metrics'].get(n, float('nan')):>12.4f}" for n in names)
         )
-    unpruned = rows[0]["unpruned"] if rows else {}
+    unpruned = next((row["unpruned"] for row in rows if row.get("unpruned")), {})
     if unpruned:
         lines.append("unpruned: " + "  ".join(f"{k} {v:.4f}" for k, v in unpruned.items()))
     return "\n".join(lines)
