@@ -132,7 +132,7 @@ class LatencyTable:
         layers: layer name -> its :class:`LayerTimes`.
         rest: ``(shares of the layers' output values kept, milliseconds)`` of everything
             not in a layer, per version timed, ascending.
-        scale: the unpruned network's measured time over the sum of its profiled times.
+        scale: what makes the unpruned network's prediction its measured time.
         versions: ``(share of the widths kept, measured milliseconds)`` of each version.
         seconds: how long measuring it took.
     """
@@ -332,9 +332,12 @@ def latency_table(
         whole_ms,
         layers,
         _merge(sorted(rest)),
-        whole_ms / profiles[0].total_ms,
+        1.0,
         [(share, p.wall_ms) for (share, _), p in zip(versions, profiles)],
     )
+    # the unpruned network predicted at its measured time (a layer whose width no version
+    # changes has the mean of its versions' times, which need not add up to that exactly)
+    table.scale = whole_ms / table.predict(plans[0])
     table.seconds = time.perf_counter() - start
     return table
 
