@@ -52,7 +52,6 @@ import torch
 from torch import nn
 
 from netslim.benchmark import (
-    RUNTIMES,
     forward_on,
     in_own_process,
     runtime_version,
@@ -280,7 +279,7 @@ def latency_table(
         step: the width step: versions keep multiples of it (8 suits the CPU runtimes).
         progress: called with a line before each version is timed.
     """
-    check_runtime(runtime)
+    runtime_version(runtime)  # one line when unknown or not installed
     if not isinstance(batch, int) or batch < 1:
         raise NetslimError(f"--batch must be a whole number >= 1, got {batch}")
     say = progress or (lambda line: None)
@@ -635,7 +634,7 @@ class LatencyBudget:
             raise NetslimError(f"--image-size must be a whole number >= 1, got {self.image_size}")
         if not isinstance(self.step, int) or self.step < 1:
             raise NetslimError(f"the width step must be a whole number >= 1, got {self.step}")
-        check_runtime(self.runtime)
+        runtime_version(self.runtime)  # one line when unknown or not installed
         return self
 
 
@@ -681,11 +680,3 @@ def cache_folder() -> Path:
         return Path(os.environ["NETSLIM_CACHE"]) / "latency"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "netslim" / "latency"
-
-
-def check_runtime(runtime: str) -> str:
-    """``runtime`` if netslim knows it and its package is installed, else one line saying so."""
-    if runtime not in RUNTIMES:
-        raise NetslimError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
-    runtime_version(runtime)  # raises when not installed
-    return runtime

@@ -42,6 +42,7 @@ from netslim.engine.plan import (
     Ignore,
     Importance,
     PrunePlan,
+    floor_widths,
     ignore_layers,
     plan_by_threshold,
     plan_for_latency,
@@ -766,11 +767,7 @@ def _latency_plan(
     except NetslimError as e:
         if not str(e).startswith("cannot reach"):
             raise
-        floors = [
-            min(g.size, step * math.ceil(max(1, min_keep * g.size) / step))
-            for g in graph.prunable.values()
-        ]
-        least = table.predict(plan_keeping(graph, floors))
+        least = table.predict(plan_keeping(graph, floor_widths(graph, min_keep, step)))
         raise NetslimError(
             f"cannot reach {budget_ms:.2f} ms ({budget_ms / table.whole_ms:.0%} of the unpruned "
             f"{table.whole_ms:.2f} ms) on {table.key['runtime']}: every prunable channel pruned to "

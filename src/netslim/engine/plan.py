@@ -555,6 +555,15 @@ def plan_by_threshold(
     return result
 
 
+def floor_widths(graph: ChannelGraph, min_keep: float, round_to: int = 1) -> list[int]:
+    """The fewest channel units each prunable group may keep: ``max(1, ceil(min_keep *
+    size))`` rounded up to a multiple of ``round_to``, a group smaller than that whole."""
+    return [
+        min(size, math.ceil(max(1, math.ceil(min_keep * size)) / round_to) * round_to)
+        for size in (g.size for g in graph.prunable.values())
+    ]
+
+
 def plan_keeping(
     graph: ChannelGraph,
     kept: list[int],
@@ -632,12 +641,7 @@ def plan_for_latency(
     # each group's units, least important first: the order its channels are removed in
     order = [g.units[torch.argsort(scores[g.units], stable=True)] for g in groups]
     sizes = [len(g.units) for g in groups]
-    floors = [
-        size
-        if size < round_to
-        else min(size, math.ceil(max(1, math.ceil(min_keep * size)) / round_to) * round_to)
-        for size in sizes
-    ]
+    floors = floor_widths(graph, min_keep, round_to)
 
     def plan_of(kept: list[int]) -> PrunePlan:
         return plan_keeping(graph, kept, scores, round_to, order)
