@@ -452,6 +452,10 @@ def test_the_yolo_lab_runs_the_seed_experiment_and_its_report_shows_its_numbers(
         assert (lab / "figures" / f"{figure}.png").stat().st_size > 1000
         assert f"figures/{figure}.png" in markdown
     assert "netslim yolo lab --model yolov8n.yaml" in markdown
+    # 1 epoch at λ 0.01 leaves the γs dense: said atop the report and on the console
+    dense = "sparsity training left the γs dense: at the end of the λ = 0.01 run"
+    assert f"> **Warning:** {dense}" in markdown.split("## Sparsity training")[0]
+    assert f"netslim: warning: {dense}" in err
     html = (lab / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4
     code, out, err = cli(capsys, "yolo", "report", lab)  # the report alone, from the folder

@@ -14,6 +14,8 @@ would differ by whole learning-rate steps (or fail to load).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import randomize_bn
@@ -48,6 +50,26 @@ SETTINGS = dict(
 )
 
 
+@contextlib.contextmanager
+def interrupted_after_epoch_1(monkeypatch):
+    """Within it, a YOLO run stops as by Ctrl-C once its epoch 1 is saved."""
+    from netslim.yolo import run as yolo_run
+
+    real = yolo_run.SparsityRun.end_epoch
+
+    def killed_after_epoch_1(self, epoch, *args, **kwargs):
+        stop = real(self, epoch, *args, **kwargs)
+        if epoch == 1:
+            raise KeyboardInterrupt  # as Ctrl-C after epoch 1 was saved
+        return stop
+
+    monkeypatch.setattr(yolo_run.SparsityRun, "end_epoch", killed_after_epoch_1)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(yolo_run.SparsityRun, "end_epoch", real)
+
+
 def test_a_resumed_pruned_finetune_keeps_its_widths_and_ends_as_an_uninterrupted_one(
     tmp_path, monkeypatch
 ):
@@ -66,19 +88,9 @@ def test_a_resumed_pruned_finetune_keeps_its_widths_and_ends_as_an_uninterrupted
 
     whole = yolo_train.finetune(source, data, tmp_path / "whole", epochs=3, **SETTINGS)
 
-    real = yolo_run.SparsityRun.end_epoch
-
-    def killed_after_epoch_1(self, epoch, *args, **kwargs):
-        stop = real(self, epoch, *args, **kwargs)
-        if epoch == 1:
-            raise KeyboardInterrupt  # as Ctrl-C after epoch 1 was saved
-        return stop
-
-    monkeypatch.setattr(yolo_run.SparsityRun, "end_epoch", killed_after_epoch_1)
     cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_epoch_1(monkeypatch), pytest.raises(KeyboardInterrupt):
         yolo_train.finetune(source, data, cut, epochs=3, **SETTINGS)
-    monkeypatch.setattr(yolo_run.SparsityRun, "end_epoch", real)
     assert read_checkpoint(cut / "weights" / "last.pt")["epoch"] == 0  # mid-run
     assert not (cut / "finetuned.pth").exists()
 

@@ -25,6 +25,8 @@ ARCHS: tuple[str, ...] = (
     "vgg19",
     "vgg11-small",
     "vgg5-small",
+    "resnet20",
+    "resnet32",
     "resnet56",
     "resnet164",
     "densenet40",
@@ -127,6 +129,11 @@ class TrainConfig:
     prune_when_stable: float | None = None
     stable_tol: float = 0.02
     stable_epochs: int = 3
+    # Distillation while fine-tuning (netslim.train.distill): the teacher's checkpoint
+    # (None: off), the weight of its term and the softening temperature.
+    teacher: str | None = None
+    distill_weight: float = 1.0
+    distill_temperature: float = 4.0
 
     def check(self) -> None:
         """Raise NetslimError naming the first setting that makes no sense."""
@@ -158,6 +165,15 @@ class TrainConfig:
             )
         recipes.check_schedule(self)
         self._check_control()
+        if not 0 <= self.distill_weight < math.inf:
+            raise NetslimError(
+                f"--distill-weight must be >= 0 and finite, e.g. 1.0, got {self.distill_weight}"
+            )
+        if not 0 < self.distill_temperature < math.inf:
+            raise NetslimError(
+                "--distill-temperature must be > 0 and finite, e.g. 4.0, got "
+                f"{self.distill_temperature}"
+            )
 
     def _check_control(self) -> None:
         """λ auto and early pruning (netslim.train.control): settings that make no sense."""
@@ -215,6 +231,10 @@ class LabConfig:
     # λ chosen for the user (netslim.train.control.AutoLam): the prune_lam run starts at
     # prune_lam and adapts λ to reach this share of sparse γ; None: off
     target_ratio: float | None = None
+    # fine-tuning distils from the network it was pruned from (netslim.train.distill)
+    distill: bool = True
+    distill_weight: float = 1.0
+    distill_temperature: float = 4.0
 
     def check(self) -> None:
         """Raise NetslimError naming the first setting that makes no sense."""
@@ -243,6 +263,7 @@ class LabConfig:
             raise NetslimError(f"--recalibrate must be >= 0 batches, got {self.recalibrate}")
         for lam in self.lams:
             self.train_config(lam).check()  # epochs, batch size, lr, precision
+        self.finetune_config().check()  # the distillation's weight and temperature
 
     def train_config(self, lam: float) -> TrainConfig:
         """The recipe of the sparsity training at ``lam`` (early pruning: the prune_lam run's)."""
@@ -271,9 +292,15 @@ class LabConfig:
             target_ratio=target,
         )
 
-    def finetune_config(self) -> TrainConfig:
-        """The recipe of fine-tuning: the training recipe without the L1 term."""
-        return recipes.finetune_of(self.train_config(0.0), self.finetune_epochs)
+    def finetune_config(self, teacher: str | Path | None = None) -> TrainConfig:
+        """The recipe of fine-tuning: the training recipe without the L1 term, distilling
+        from ``teacher`` (the network pruned) unless the lab's distillation is off."""
+        config = recipes.finetune_of(self.train_config(0.0), self.finetune_epochs)
+        if self.distill and teacher is not None:
+            config.teacher = str(teacher)
+        config.distill_weight = self.distill_weight
+        config.distill_temperature = self.distill_temperature
+        return config
 
     def sweep_ratios(self) -> list[float]:
         """The sweep ratios plus the lab's own, sorted, each once."""
@@ -312,6 +339,11 @@ class LabConfig:
             ]
         if self.target_ratio is not None:
             args += ["--target-ratio", repr(self.target_ratio)]
+        if not self.distill:
+            args += ["--no-distill"]
+        else:
+            args += ["--distill-weight", repr(self.distill_weight)]
+            args += ["--distill-temperature", repr(self.distill_temperature)]
         args += ["--out", str(out)]
         return shlex.join(args)
 
@@ -367,10 +399,12 @@ def ratio_name(ratio: float) -> str:
 class YoloLab:
     """What a YOLO lab runs (the folder's ``lab.json``)."""
 
-    model: str  # an Ultralytics YAML (fresh weights) or a .pt
+    model: str  # an Ultralytics YAML (fresh weights), or a trained .pt or netslim .pth
     data: str
-    lams: list[float] = field(default_factory=lambda: [0.0, 5e-3, 2e-2])
-    prune_lam: float | None = None  # the run pruned and fine-tuned; None: the largest λ
+    # one training run per λ; "auto": λ auto (netslim.train.control), toward target_ratio
+    lams: list[float | str] = field(default_factory=lambda: [0.0, 5e-3, 2e-2])
+    # the run pruned and fine-tuned; None: the "auto" run if any, else the largest λ
+    prune_lam: float | str | None = None
     ratios: list[float] = field(default_factory=lambda: [0.3, 0.5])
     sweep: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9])
     epochs: int = 100
@@ -381,22 +415,60 @@ class YoloLab:
     device: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # Ultralytics' key=value, passed on
     command: str = ""  # how it was started, for the report
+    # λ auto's goal (the "auto" run's share of |γ| under 0.01), and early stopping of the
+    # prune_lam run (netslim.train.control, as `netslim yolo train` takes them)
+    target_ratio: float | None = None
+    prune_when_stable: float | None = None
+    stable_tol: float = 0.02
+    stable_epochs: int = 3
+    # fine-tuning distils from the network pruned (Ultralytics' distillation; weight dis=)
+    distill: bool = True
 
     def __post_init__(self) -> None:
         if not self.lams:
             raise NetslimError("--lams needs at least one λ")
+        for lam in self.lams:
+            if lam != "auto" and not (isinstance(lam, (int, float)) and 0 <= lam < math.inf):
+                raise NetslimError(f"--lams takes L1 weights >= 0, or auto, got {lam}")
         if self.prune_lam is None:
-            self.prune_lam = max(self.lams)
+            numbers = [lam for lam in self.lams if lam != "auto"]
+            self.prune_lam = max(numbers) if len(numbers) == len(self.lams) else "auto"
         if self.prune_lam not in self.lams:
-            raise NetslimError(f"--prune-lam {self.prune_lam:g} is not one of --lams")
+            raise NetslimError(f"--prune-lam {self.prune_lam} is not one of --lams")
         for r in [*self.ratios, *self.sweep]:
             if not 0 < r < 1:
                 raise NetslimError(f"a pruning ratio must be in (0, 1), got {r}")
-        for lam in self.lams:
-            if not 0 <= lam < math.inf:
-                raise NetslimError(f"--lams takes L1 weights >= 0, got {lam}")
         if self.recalibrate < 0:
             raise NetslimError(f"--recalibrate must be >= 0 batches, got {self.recalibrate}")
+        self._check_control()
+
+    def _check_control(self) -> None:
+        """λ auto and early stopping: what `netslim yolo train` would refuse, refused before
+        the lab starts."""
+        auto = "auto" in self.lams
+        if auto and (self.target_ratio is None or not 0 < self.target_ratio < 1):
+            raise NetslimError(
+                "--lam auto needs --target-ratio R, the share of |gamma| to make sparse, in "
+                f"(0, 1), got {self.target_ratio}"
+            )
+        if not auto and self.target_ratio is not None:
+            raise NetslimError(
+                "--target-ratio is the goal of λ auto; add --lam auto (auto among --lams) or drop it"
+            )
+        if auto and str(self.settings.get("optimizer", "auto")).lower() != "sgd":
+            raise NetslimError(
+                "--lam auto assumes SGD's step (a γ moves by lr * λ / (1 - momentum)); add "
+                "optimizer=SGD (Ultralytics' auto picks AdamW for short runs)"
+            )
+        if self.prune_when_stable is not None:
+            if not 0 < self.prune_when_stable < 1:
+                raise NetslimError(
+                    f"--prune-when-stable takes a ratio in (0, 1), got {self.prune_when_stable}"
+                )
+            if not 0 <= self.stable_tol <= 1:
+                raise NetslimError(f"--stable-tol must be a share in [0, 1], got {self.stable_tol}")
+            if self.stable_epochs < 1:
+                raise NetslimError(f"--stable-epochs must be at least 1, got {self.stable_epochs}")
 
     def all_ratios(self) -> list[float]:
         return sorted({*self.ratios, *self.sweep})

@@ -957,6 +957,7 @@ def save(
     arch: str | None = None,
     image_size: int = 32,
     kind: str | None = None,
+    teacher: str | Path | None = None,
 ) -> None:
     """Save ``model`` (pruned or not) so that :func:`netslim.load` rebuilds it.
 
@@ -974,8 +975,12 @@ def save(
             and later pruning).
         kind: what the network is, for ``netslim info`` (``"train"``, ``"finetune"``; with
             a report, ``"pruned"``).
+        teacher: the file of the unpruned network ``model`` was pruned from: fine-tuning
+            distils from it by default (:mod:`netslim.train.distill`).
     """
     meta = {"arch": arch, "num_classes": num_outputs(model), "image_size": int(image_size)}
+    if teacher is not None:
+        meta["teacher"] = str(Path(teacher).resolve())
     if kind:
         meta["kind"] = kind
     if arch and arch.startswith("ultralytics:") and isinstance(getattr(model, "yaml", None), dict):

@@ -79,6 +79,8 @@ def _train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
         prune_when_stable=getattr(args, "prune_when_stable", None),
         stable_tol=getattr(args, "stable_tol", DEFAULTS.stable_tol),
         stable_epochs=getattr(args, "stable_epochs", DEFAULTS.stable_epochs),
+        distill_weight=getattr(args, "distill_weight", DEFAULTS.distill_weight),
+        distill_temperature=getattr(args, "distill_temperature", DEFAULTS.distill_temperature),
     )
 
 
@@ -146,6 +148,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             recalibrate=args.recalibrate,
             meta=_meta(args.arch, model, data.image_size),
             resume=args.resume,
+            distill=args.distill,
         )
         if distributed.is_main():
             print(
@@ -163,6 +166,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from netslim.checkpoint import arch_name, image_size_of, model_from_checkpoint, read_checkpoint
     from netslim.data.imagefolder import check_image_size
     from netslim.runtime import distributed
+    from netslim.train.distill import teacher_path
     from netslim.train.loop import fit
     from netslim.train.runfolder import check_run_folder, run_files
 
@@ -174,6 +178,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     args.image_size = args.image_size or image_size_of(ckpt, args.checkpoint)
     config = _train_config(args, arch)
     config.check()
+    info = ckpt.get("netslim") or {}
+    config.teacher = teacher_path(info, args.teacher, args.distill, args.checkpoint)
+    if config.teacher is None and args.distill and not args.resume:
+        print(
+            f"no teacher: {args.checkpoint} names no unpruned network; fine-tuning from the "
+            "labels alone (--teacher PATH distils from one)"
+        )
     data = _load_data(args)
     meta = _meta(arch, model, data.image_size, kind="finetune", source=str(args.checkpoint))
     if "prune" in (ckpt.get("netslim") or {}):
@@ -207,6 +218,25 @@ def _checkpoint_to_prune(args: argparse.Namespace, command: str):
     return ckpt, model, data
 
 
+def _prune_warnings(model: nn.Module, report, data) -> None:
+    """Say when a prune's result means little (:mod:`netslim.lab.health`): a threshold among
+    tied γs, an unpruned network at chance."""
+    from netslim.engine.sparsity import bn_gammas
+    from netslim.lab import health
+
+    accuracy = (report.measured.get("unpruned") or {}).get("accuracy")
+    health.warn(
+        health.found(
+            [
+                health.tied(
+                    report.tie_break, bn_gammas(model).numel(), report.threshold, report.ratio
+                ),
+                health.near_chance(accuracy, data.num_classes) if accuracy is not None else None,
+            ]
+        )
+    )
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     from netslim.checkpoint import arch_name, save_checkpoint
     from netslim.config import check_ratio
@@ -233,8 +263,15 @@ def cmd_prune(args: argparse.Namespace) -> None:
         input_size=size,
         ignore=args.ignore,
     )
-    meta = _meta(arch_name(ckpt, model), model, args.image_size, source=str(args.checkpoint))
+    meta = _meta(
+        arch_name(ckpt, model),
+        model,
+        args.image_size,
+        source=str(args.checkpoint),
+        teacher=str(Path(args.checkpoint).resolve()),  # fine-tuning distils from it
+    )
     save_checkpoint(pruned_checkpoint(pruned, report, meta), args.out)
+    _prune_warnings(model, report, data)
     print(report.text())
     print(f"saved the pruned network ({report.saved}) to {args.out}")
 
@@ -643,6 +680,8 @@ def cmd_yolo(args: argparse.Namespace) -> None:
             epochs=args.epochs,
             resume=args.resume,
             trust_pickle=args.trust_pickle,
+            teacher=args.teacher,
+            distill=args.distill,
             **{**run, **_passed_through(args.settings, step)},
         )
         print(f"done: {out}/weights/best.pt (ultralytics.YOLO loads it) and {out}/finetuned.pth")
@@ -665,6 +704,11 @@ def cmd_yolo(args: argparse.Namespace) -> None:
             device=device,
             settings=_passed_through(args.settings, step),
             command=shlex.join(["netslim", *args.argv]),
+            target_ratio=args.target_ratio,
+            prune_when_stable=args.prune_when_stable,
+            stable_tol=args.stable_tol,
+            stable_epochs=args.stable_epochs,
+            distill=args.distill,
         )
         print(f"report: {run_lab(lab, args.out)}")
     else:  # val

@@ -398,10 +398,36 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         "MODULE:fn), importing it; netslim imports no module a file names "
         "without this (repeatable)",
     ),
+    # distillation while fine-tuning (netslim.train.distill; YOLO: Ultralytics' own)
+    "teacher": _flag(
+        "--teacher",
+        metavar="PATH",
+        help="distil from this network while fine-tuning (default: the unpruned network "
+        "the checkpoint was pruned from, as netslim prune recorded it)",
+    ),
+    "distill": _flag(
+        "--no-distill",
+        dest="distill",
+        action="store_false",
+        help="fine-tune from the labels alone, without the unpruned network as teacher",
+    ),
+    "distill_weight": _flag(
+        "--distill-weight",
+        type=float,
+        default=DEFAULTS.distill_weight,
+        help="weight of the distillation term beside the label loss (default: %(default)s)",
+    ),
+    "distill_temperature": _flag(
+        "--distill-temperature",
+        type=float,
+        default=DEFAULTS.distill_temperature,
+        help="temperature softening both networks' logits (default: %(default)s)",
+    ),
     # reading and writing
     "json": _flag("--json", action="store_true", help="print machine-readable JSON"),
 }
 
+DISTILL = ("teacher", "distill", "distill_weight", "distill_temperature")
 DATA = ("dataset", "data_root", "download", "train_size", "test_size", "device", "seed")
 RECIPE = (
     "recipe",
@@ -526,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stable_tol",
         "stable_epochs",
         "finetune_epochs",
+        "distill",
+        "distill_weight",
+        "distill_temperature",
         "recalibrate",
         recalibrate=dict(
             help="with --prune-when-stable: BN recalibration batches of 128 (default: %(default)s)"
@@ -599,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_training(p, lam=0.0, auto=False)
     _add_images(p, train=True, checkpoint=True)
-    add(p, "trust_module")
+    add(p, "trust_module", *DISTILL)
 
     p = sub.add_parser(
         "multipass",
@@ -919,6 +948,8 @@ def _add_yolo(sub: argparse._SubParsersAction) -> None:
         "device",
         "out",
         "resume",
+        "teacher",
+        "distill",
         epochs=dict(default=100, help="default: %(default)s"),
         out=dict(help=RUN_HELP),
         **common,
@@ -937,12 +968,31 @@ def _add_yolo(sub: argparse._SubParsersAction) -> None:
         "again to continue a stopped lab. Put KEY=VALUE settings before flags "
         "that take lists (--lams, --ratios, --sweep).",
     )
-    b.add_argument("--model", required=True, help="an Ultralytics model YAML or a trained .pt")
+    b.add_argument(
+        "--model",
+        required=True,
+        help="an Ultralytics model YAML (yolov8n.yaml: fresh weights), or a trained .pt or "
+        "netslim .pth to start from (read without running its code; nothing downloads)",
+    )
     b.add_argument("--data", required=True, help="an Ultralytics data.yaml")
+    b.add_argument(
+        "--lams",
+        "--lam",
+        type=lam_type,
+        nargs="+",
+        metavar="λ",
+        default=lab.lams,
+        help="L1 weights on BN gammas, one sparsity training each, or 'auto': λ auto toward "
+        "--target-ratio (with optimizer=SGD); --lam auto alone trains only that run "
+        "(default: %(default)s)",
+    )
     add(
         b,
-        "lams",
         "prune_lam",
+        "target_ratio",
+        "prune_when_stable",
+        "stable_tol",
+        "stable_epochs",
         "ratios",
         "sweep",
         "epochs",
@@ -952,9 +1002,22 @@ def _add_yolo(sub: argparse._SubParsersAction) -> None:
         "device",
         "recalibrate",
         "out",
+        "distill",
         **common,
-        lams=dict(default=lab.lams),
-        prune_lam=dict(help="which of --lams to prune and fine-tune (default: the largest)"),
+        prune_lam=dict(
+            type=lam_type,
+            help="which of --lams to prune and fine-tune (default: auto if listed, else the "
+            "largest)",
+        ),
+        target_ratio=dict(
+            help="with --lam auto: the share of |gamma| that should end below 0.01 (as "
+            "netslim yolo train takes it)"
+        ),
+        prune_when_stable=dict(
+            help="each epoch of the --prune-lam run, plan pruning at ratio R; once that mask "
+            "changes by at most --stable-tol of the channels for --stable-epochs epochs in a "
+            "row, stop its sparsity training and go on with the lab"
+        ),
         ratios=dict(default=lab.ratios),
         sweep=dict(default=lab.sweep),
         epochs=dict(default=lab.epochs, help="sparsity-training epochs (default: %(default)s)"),
@@ -1018,6 +1081,9 @@ def _add_lab(p: argparse.ArgumentParser, preset: LabConfig, out: str) -> None:
         "precision",
         "out",
         "threads",
+        "distill",
+        "distill_weight",
+        "distill_temperature",
         prune_when_stable=dict(
             help="each epoch, plan pruning at ratio R; once that mask changes "
             "by at most --stable-tol of the channels for --stable-epochs epochs "

@@ -1,6 +1,6 @@
 """What every netslim lab report is made of: the skeleton both labs fill, and its writers.
 
-A report is first built as a list of blocks (heading, paragraph, table, figure, code) by
+A report is first built as a list of blocks (heading, warning, paragraph, table, figure, code) by
 :func:`slimming_document`, whose sections are the same for the classifier lab
 (:mod:`netslim.lab.report`) and the YOLO lab (:mod:`netslim.yolo.report`): what was run,
 sparsity training, pruning (and fine-tuning), how to reproduce it. :func:`write_report`
@@ -17,7 +17,7 @@ import base64
 import html
 import io
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -36,16 +36,19 @@ def slimming_document(
     *,
     title: str,
     summary: str,
+    warnings: Sequence[str] = (),
     training: list[Block],
     pruning_title: str,
     pruning: list[Block],
     reproduce: list[Block],
 ) -> list[Block]:
-    """The report's sections, in the order every lab report has them: the title and what
-    was run, sparsity training (its table and figures), pruning and fine-tuning, and how to
+    """The report's sections, in the order every lab report has them: the title, the
+    ``warnings`` that say the run means little (:mod:`netslim.lab.health`), what was run,
+    sparsity training (its table and figures), pruning and fine-tuning, and how to
     reproduce the run."""
     return [
         ("h1", title),
+        *(("warning", line) for line in warnings),
         ("p", summary),
         ("h2", "Sparsity training"),
         *training,
@@ -122,6 +125,8 @@ def to_markdown(doc: list[Block], files: dict[str, str]) -> str:
             out.append(f"{'#' * int(kind[1])} {rest[0]}")
         elif kind == "p":
             out.append(rest[0])
+        elif kind == "warning":
+            out.append(f"> **Warning:** {rest[0]}")
         elif kind == "code":
             out.append(f"```\n{rest[0]}\n```")
         elif kind == "table":
@@ -151,6 +156,7 @@ pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; white-space: pre-wr
 figure { margin: 2em 0; }
 img { max-width: 100%; }
 figcaption { max-width: 60em; }
+.warning { background: #fff3cd; border-left: 4px solid #d39e00; padding: 0.5em 0.8em; }
 """
 
 
@@ -166,6 +172,8 @@ def to_html(doc: list[Block], images: dict[str, bytes]) -> str:
             out.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
         elif kind == "p":
             out.append(f"<p>{_inline(rest[0])}</p>")
+        elif kind == "warning":
+            out.append(f"<p class='warning'><strong>Warning:</strong> {_inline(rest[0])}</p>")
         elif kind == "code":
             out.append(f"<pre><code>{html.escape(rest[0])}</code></pre>")
         elif kind == "table":

@@ -44,6 +44,7 @@ def train_prune_finetune(
     meta: dict[str, Any] | None = None,
     resume: bool = False,
     log: Log = print,
+    distill: bool = True,
 ) -> list[dict[str, Any]]:
     """Run the three stages (see the module docs); returns the fine-tuning's metrics records.
 
@@ -56,6 +57,8 @@ def train_prune_finetune(
         recalibrate: batches of 128 training images for BN recalibration (0: none).
         meta: extra metadata for the checkpoints (e.g. ``{'arch': 'vgg19'}``).
         resume: continue an interrupted run in ``out``.
+        distill: fine-tune with the sparsity-trained network as teacher
+            (:mod:`netslim.train.distill`; its weight and temperature are ``config``'s).
     """
     if finetune_epochs < 1:
         raise NetslimError(f"--finetune-epochs must be at least 1, got {finetune_epochs}")
@@ -78,6 +81,8 @@ def train_prune_finetune(
         eval_dtype=pick_precision(config.precision, data.device),
     )
     tune = finetune_of(config, finetune_epochs)
+    if distill:
+        tune.teacher = str((out / "last.pth").resolve())  # the network pruned
     log(f"== fine-tuning the pruned network, {finetune_epochs} epochs: {out / 'finetune'}")
     tune_meta = {
         **meta,

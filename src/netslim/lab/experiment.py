@@ -378,8 +378,9 @@ def _run_stages(
                 "source": str(source),
                 "prune": read_json(source.with_suffix(".json"))["prune"],
             }
+            teacher = (train_dir(out, config.prune_lam) / "last.pth").resolve()  # the pruned one
             train_stage(
-                config.finetune_config(),
+                config.finetune_config(teacher),
                 data,
                 lambda s=source: load(s, trust=config.arch),
                 run_dir,

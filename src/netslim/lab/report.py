@@ -4,7 +4,8 @@
 reports, the sweep, the trained checkpoints -- and writes ``figures/*.png``,
 ``report.md`` (figures beside it) and ``report.html`` (figures embedded as base64,
 so the one file opens anywhere). Nothing is trained or measured here, which is what
-``netslim report`` relies on to re-render a finished lab.
+``netslim report`` relies on to re-render a finished lab. Where the lab's numbers mean little
+(:mod:`netslim.lab.health`), a warning stands at the report's top and goes to the console.
 
 The document fills the skeleton every lab report shares (:mod:`netslim.lab.document`),
 which writes it as Markdown and as HTML.
@@ -23,6 +24,7 @@ from matplotlib.figure import Figure
 from netslim.checkpoint import read_checkpoint, stored_gammas
 from netslim.config import LabConfig, TrainConfig, lam_name
 from netslim.errors import NetslimError
+from netslim.lab import health
 from netslim.lab.document import (
     Block,
     epoch_axis,
@@ -554,6 +556,7 @@ def build_document(res: LabResults) -> list[Block]:
         f"ratios {ratios}, and {_epochs(c.finetune_epochs)} of fine-tuning of each pruned "
         f"network.{_control_sentence(res)} Accuracies are in %, on the test set"
         f"{f' (its first {c.test_size} images)' if c.test_size else ''}.",
+        warnings=run_warnings(res),
         training=[
             ("table", *training_table(res)),
             (
@@ -667,6 +670,34 @@ def build_document(res: LabResults) -> list[Block]:
     )
 
 
+def run_warnings(res: LabResults) -> list[str]:
+    """What makes the lab's numbers mean little (:mod:`netslim.lab.health`): γs left dense
+    at the largest ratio pruned, a prune threshold among tied γs, an unpruned model at
+    chance."""
+    c = res.config
+    last = res.train[c.prune_lam][-1]
+    total = len(res.gammas[c.prune_lam])
+    first = next(iter(res.prune.values()))
+    return health.found(
+        [
+            health.dense(
+                last["sparsity"],
+                max(c.ratios),
+                res.sparsity_threshold,
+                lam_name(c.prune_lam),
+                auto="",  # the lab's --target-ratio alone turns λ auto on
+            ),
+            *(
+                health.tied(
+                    p.get("tie_break"), total, p["threshold"], ratio, res.sparsity_threshold
+                )
+                for ratio, p in res.prune.items()
+            ),
+            health.near_chance(first["acc_unpruned"], res.num_classes),
+        ]
+    )
+
+
 def _epochs(n: int) -> str:
     return f"{n} epoch{'s' if n != 1 else ''}"
 
@@ -714,10 +745,12 @@ FIGURE_MAKERS = {
 
 
 def render_report(run: str | Path) -> Path:
-    """Write ``figures/*.png``, ``report.md`` and ``report.html`` for the lab in ``run``.
+    """Write ``figures/*.png``, ``report.md`` and ``report.html`` for the lab in ``run``,
+    and warn (:func:`run_warnings`) where its numbers mean little.
 
     Returns the path of ``report.html``. Raises NetslimError if the lab is not finished.
     """
     res = load_results(run)
     figures = {key: make(res) for key, make in FIGURE_MAKERS.items()}
+    health.warn(run_warnings(res))  # on the console too, as the report's top says
     return write_report(res.run, build_document(res), figures, FIGURE_FILES)

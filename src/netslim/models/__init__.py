@@ -5,7 +5,7 @@ BatchNorm, which is what sparsity training and the pruning engine need:
 
 =============== ==============================================================
 ``vgg11..19``   CIFAR VGG with the paper's layout (``vgg11-small``, ``vgg5-small``: small ones)
-``resnet56``    He et al.'s CIFAR ResNet, post-activation basic blocks
+``resnet56``    He et al.'s CIFAR ResNet, post-activation basic blocks (also 20, 32)
 ``resnet164``   the paper's pre-activation bottleneck ResNet
 ``densenet40``  the paper's DenseNet-40, growth rate 12
 ``resnet18``    ImageNet's ResNet-18 with a 32x32 stem
@@ -29,11 +29,21 @@ from netslim.models.densenet import DenseNet, densenet40
 from netslim.models.external import build_external, resolve
 from netslim.models.gather import ChannelGather
 from netslim.models.mobilenet import MobileNetV2, mobilenetv2
-from netslim.models.resnet import PreActResNet, ResNet, resnet18, resnet56, resnet164
+from netslim.models.resnet import (
+    PreActResNet,
+    ResNet,
+    resnet18,
+    resnet20,
+    resnet32,
+    resnet56,
+    resnet164,
+)
 from netslim.models.vgg import VGG, VGG_CFGS, CfgItem, validate_cfg
 
 _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     **{name: (lambda n, cfg=cfg: VGG(list(cfg), num_classes=n)) for name, cfg in VGG_CFGS.items()},
+    "resnet20": resnet20,
+    "resnet32": resnet32,
     "resnet56": resnet56,
     "resnet164": resnet164,
     "densenet40": densenet40,

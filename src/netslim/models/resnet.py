@@ -1,4 +1,4 @@
-"""Residual networks: CIFAR ResNet-56, pre-activation ResNet-164, and ResNet-18 for 32x32.
+"""Residual networks: CIFAR ResNet-20/32/56, pre-activation ResNet-164, and ResNet-18 for 32x32.
 
 All shortcuts that change shape are projections (1x1 conv, plus BN in the post-activation
 nets), never zero-padding: a projection is an ordinary layer the pruning engine can shrink,
@@ -138,9 +138,28 @@ class PreActResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+def cifar_resnet(depth: int, num_classes: int = 10) -> ResNet:
+    """He et al.'s CIFAR ResNet of ``depth`` = 6n + 2 layers: 3 stages of n basic blocks,
+    16/32/64 channels (20, 32, 56: the family the Pareto test compares, bench/pareto.py)."""
+    if (depth - 2) % 6 or depth < 8:
+        raise ValueError(f"a CIFAR ResNet has 6n + 2 layers (20, 32, 56, ...), not {depth}")
+    n = (depth - 2) // 6
+    return ResNet([(16, n, 1), (32, n, 2), (64, n, 2)], stem=16, num_classes=num_classes)
+
+
+def resnet20(num_classes: int = 10) -> ResNet:
+    """He et al.'s CIFAR ResNet-20: 3 stages of 3 basic blocks."""
+    return cifar_resnet(20, num_classes)
+
+
+def resnet32(num_classes: int = 10) -> ResNet:
+    """He et al.'s CIFAR ResNet-32: 3 stages of 5 basic blocks."""
+    return cifar_resnet(32, num_classes)
+
+
 def resnet56(num_classes: int = 10) -> ResNet:
     """He et al.'s CIFAR ResNet-56: 3 stages of 9 basic blocks, 16/32/64 channels."""
-    return ResNet([(16, 9, 1), (32, 9, 2), (64, 9, 2)], stem=16, num_classes=num_classes)
+    return cifar_resnet(56, num_classes)
 
 
 def resnet18(num_classes: int = 10) -> ResNet:

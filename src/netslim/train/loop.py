@@ -47,6 +47,7 @@ from netslim.models import VGG
 from netslim.runtime import distributed, threads
 from netslim.runtime.device import autocast, pick_precision
 from netslim.train import control, runlock
+from netslim.train.distill import Teacher, load_teacher
 from netslim.train.evaluate import check_classes, evaluate
 from netslim.train.runfolder import (
     check_run_folder,
@@ -99,11 +100,14 @@ def train_epoch(
     label_smoothing: float = 0.0,
     lr_of_step: Callable[[int], float] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    teacher: Teacher | None = None,
 ) -> tuple[float, float]:
     """One epoch of (sparsity) training; returns (mean loss, accuracy in %).
 
     ``lr_of_step(step)`` (0-based), when given, sets the learning rate before each step;
-    ``on_step(step, steps)`` (1-based), when given, is called after each step.
+    ``on_step(step, steps)`` (1-based), when given, is called after each step;
+    ``teacher``, when given, adds its distillation term to the loss
+    (:mod:`netslim.train.distill`).
     """
     device = data.device
     model.train()
@@ -121,6 +125,8 @@ def train_epoch(
         with autocast(device, dtype):
             out = model(x)
             loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+            if teacher is not None:
+                loss = loss + teacher.loss(x, out)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -203,6 +209,20 @@ def _divergence(model: nn.Module, train_loss: float, test_loss: float | None) ->
         total = len([*model.parameters(), *model.buffers()])
         problems.append(f"{len(bad)} of {total} weight tensors hold NaN/Inf (e.g. {bad[0]})")
     return problems
+
+
+def _teacher(config: TrainConfig, model: nn.Module, device: torch.device) -> Teacher | None:
+    """The run's teacher (``config.teacher``), on the training device; None: no distillation."""
+    if not config.teacher:
+        return None
+    teacher = load_teacher(
+        config.teacher,
+        model,
+        weight=config.distill_weight,
+        temperature=config.distill_temperature,
+        trust=config.arch,
+    )
+    return teacher.to(device)
 
 
 def fit(
@@ -309,6 +329,12 @@ def _fit(
     train_model = distributed.wrap_model(model, config.sync_bn)
     run_model = torch.compile(train_model) if config.compile else train_model
     eval_model = run_model if train_model is model else model
+    teacher = _teacher(config, model, device)
+    if teacher is not None:
+        log(
+            f"distilling from {config.teacher} (weight {config.distill_weight:g}, "
+            f"temperature {config.distill_temperature:g})"
+        )
     test_shard = _test_shard(data)
     if distributed.is_main():
         make_dirs(out)
@@ -337,6 +363,7 @@ def _fit(
             on_step=None
             if on_step is None
             else lambda step, n, e=epoch: on_step(e + 1, config.epochs, step, n),
+            teacher=teacher,
         )
         train_seconds = time.perf_counter() - t0
         if not math.isfinite(train_loss):  # no use evaluating a network that blew up

@@ -26,6 +26,7 @@ you trust.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import pickle
@@ -49,6 +50,7 @@ DATA_CLASSES = (
     "ultralytics.utils.IterableSimpleNamespace",
     "ultralytics.utils.loss.",
     "ultralytics.utils.tal.",
+    "ultralytics.nn.distill_model.FeatureHook",  # distillation's forward hooks (a dict, an index)
 )
 # Old names Ultralytics' own loader maps to current ones (its torch_safe_load)
 ALIASES = {
@@ -130,6 +132,8 @@ def _bindings(path: Path, names: list[str]) -> list[tuple[Any, str]]:
     name outside the layers and plain data an Ultralytics checkpoint holds."""
     importlib.import_module("ultralytics.nn.tasks")  # its layer modules, all of them
     importlib.import_module("ultralytics.utils.loss")
+    with contextlib.suppress(ImportError):  # the distillation wrapper (Ultralytics >= 8.4)
+        importlib.import_module("ultralytics.nn.distill_model")
     bound = []
     for name in names:
         current = ALIASES.get(name, name)
@@ -319,6 +323,12 @@ def model_of(record: Pickled, path: str | Path) -> nn.Module:
     return model.float().eval()
 
 
+def module_weights(record: Pickled, path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict of a :class:`Pickled` module record (e.g. the projector Ultralytics'
+    distillation trains beside the student), read without building anything it names."""
+    return _weights(_modules(record, Path(path)), Path(path))[0]
+
+
 def checkpoint_network(checkpoint: dict[str, Any]) -> Any:
     """The network an Ultralytics checkpoint holds: its EMA, which Ultralytics validates and
     resumes from, or its model where it has no EMA (None: neither)."""
@@ -359,9 +369,33 @@ def write_model(
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
+def missing_weights(path: Path) -> str:
+    """One line for a YOLO's weights that are not on disk: netslim never downloads them
+    (Ultralytics' downloads are off; no internet is assumed), so say how to bring them."""
+    what = "is a folder, not a file" if path.is_dir() else "does not exist"
+    releases = "Ultralytics' releases (github.com/ultralytics/assets/releases)"
+    if path.stem.lower().startswith("yolo") and path.suffix == ".pt":  # a release's name
+        bring = (
+            f"download {path.name} from {releases} on a machine with internet and pass its "
+            f"path, or start from fresh weights with its YAML ({path.stem}.yaml)"
+        )
+    else:
+        bring = (
+            "bring the file to this machine and pass its path (Ultralytics' own weights, such "
+            "as yolov8n.pt, come from github.com/ultralytics/assets/releases), or start from "
+            "fresh weights with a model YAML (yolov8n.yaml)"
+        )
+    return (
+        f"{path} {what}: netslim never downloads weights (it assumes no internet, and "
+        f"Ultralytics' downloads are off); {bring}"
+    )
+
+
 def read_yolo(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
     """A YOLO from an Ultralytics ``.pt`` (read without running code) or a netslim ``.pth``."""
     path = Path(path)
+    if not path.is_file():
+        raise NetslimError(missing_weights(path))
     if path.suffix == ".pt":
         return read_model(path, trust_pickle=trust_pickle)
     model = load(path)

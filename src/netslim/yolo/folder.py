@@ -11,23 +11,28 @@ from netslim.errors import NetslimError
 LAB_FILE = "lab.json"
 
 
-def run_name(lam: float) -> str:
-    return f"lam{lam:g}"
+def lam_text(lam: float | str) -> str:
+    """A λ of the lab as its names and report show it: ``0.02``, or ``auto`` (λ auto)."""
+    return lam if isinstance(lam, str) else f"{lam:g}"
 
 
-def pruned_name(lam: float, ratio: float) -> str:
+def run_name(lam: float | str) -> str:
+    return f"lam{lam_text(lam)}"
+
+
+def pruned_name(lam: float | str, ratio: float) -> str:
     return f"{run_name(lam)}-p{round(ratio * 100)}"
 
 
-def train_dir(out: Path, lam: float) -> Path:
+def train_dir(out: Path, lam: float | str) -> Path:
     return out / run_name(lam)
 
 
-def pruned_path(out: Path, lam: float, ratio: float) -> Path:
+def pruned_path(out: Path, lam: float | str, ratio: float) -> Path:
     return out / "pruned" / f"{pruned_name(lam, ratio)}.pth"
 
 
-def finetune_dir(out: Path, lam: float, ratio: float) -> Path:
+def finetune_dir(out: Path, lam: float | str, ratio: float) -> Path:
     return out / f"ft-{pruned_name(lam, ratio)}"
 
 

@@ -2,14 +2,18 @@
 
 :func:`run_lab` runs, through Ultralytics' trainer and validator, in the folder ``out``:
 
-1. one sparsity-training run per λ (``lam0`` is plain training, the baseline):
-   ``out/lam{λ}/`` (Ultralytics' run folder, with netslim's ``sparsity.jsonl``);
+1. one sparsity-training run per λ (``lam0`` is plain training, the baseline; ``lamauto``
+   is λ auto toward ``target_ratio``; with ``prune_when_stable`` the ``prune_lam`` run stops
+   once its prune mask has settled, :func:`control`): ``out/lam{λ}/`` (Ultralytics' run
+   folder, with netslim's ``sparsity.jsonl``);
 2. each run's final network (``weights/last.pth``, in fp32) pruned at every ratio of ``ratios`` and ``sweep``, mAP measured
    right after pruning the three ways (:func:`netslim.yolo.prune.prune`):
    ``out/pruned/lam{λ}-p{ratio%}.json`` (and the network, ``.pth`` and ``.pt``, where step 3
    fine-tunes it);
 3. the ``ratios`` of the ``prune_lam`` run fine-tuned: ``out/ft-lam{λ}-p{ratio%}/``;
-4. the report (:mod:`netslim.yolo.report`): ``out/report.md`` and ``out/report.html``.
+4. the report (:mod:`netslim.yolo.report`): ``out/report.md`` and ``out/report.html``, with
+   a warning at its top (and on the console) where the numbers mean little
+   (:mod:`netslim.lab.health`).
 
 Every step whose result exists is skipped and an interrupted training run resumes, so
 running the same command again continues a stopped lab; ``out/lab.json`` holds the
@@ -78,6 +82,23 @@ def _run_once(
         (run / name).unlink(missing_ok=True)
 
 
+def control(lab: YoloLab, lam: float | str) -> dict[str, Any]:
+    """:func:`netslim.yolo.train.train`'s between-epoch control of the run at ``lam``: λ
+    auto's goal for the ``auto`` run, early stopping for the run the lab prunes (as the
+    classifier lab does), the same :class:`~netslim.train.control.SparsityControl` as
+    ``netslim yolo train``."""
+    settings: dict[str, Any] = {}
+    if lam == "auto":
+        settings["target_ratio"] = lab.target_ratio
+    if lam == lab.prune_lam and lab.prune_when_stable is not None:
+        settings.update(
+            prune_when_stable=lab.prune_when_stable,
+            stable_tol=lab.stable_tol,
+            stable_epochs=lab.stable_epochs,
+        )
+    return settings
+
+
 def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -> Path:
     """Run (or continue) ``lab`` in ``out``; returns the report's path."""
     from netslim.yolo.report import render_report
@@ -93,6 +114,9 @@ def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -
     )
     check_epochs(lab.finetune_epochs, "--finetune-epochs")
     check_data(data)
+    # a .pt is read here, without running its code (Ultralytics' own loader would unpickle
+    # it), and so is a netslim .pth; a YAML name is checked by yolo_train.train
+    model = read_yolo(lab.model) if lab.model.endswith((".pt", ".pth")) else lab.model
     with runlock.hold(out):  # one lab per folder at a time (its runs hold their own)
         if (out / LAB_FILE).is_file():
             before = read_lab(out)
@@ -102,17 +126,20 @@ def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -
                     "same settings to continue it"
                 )
         write_json(out / LAB_FILE, asdict(lab))
-
-        # a .pt is read here, without running its code (Ultralytics' own loader would unpickle
-        # it), and so is a netslim .pth; a YAML name is checked by yolo_train.train
-        model = read_yolo(lab.model) if lab.model.endswith((".pt", ".pth")) else lab.model
         for lam in lab.lams:
             run = train_dir(out, lam)
             _run_once(
                 run,
                 finished(run),
                 lambda resume, lam=lam, run=run: yolo_train.train(
-                    model, data, run, lam=lam, epochs=lab.epochs, resume=resume, **options
+                    model,
+                    data,
+                    run,
+                    lam=lam,
+                    epochs=lab.epochs,
+                    resume=resume,
+                    **control(lab, lam),
+                    **options,
                 ),
                 log,
                 UNNEEDED_TRAIN,
@@ -139,6 +166,7 @@ def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -
                         unpruned=unpruned,
                         device=lab.device or "cpu",
                         log=log,
+                        warn=False,  # the report warns, once for the whole lab
                     )
                     unpruned = report.measured["unpruned"]
                 if lam != lab.prune_lam or ratio not in lab.ratios:
@@ -154,7 +182,13 @@ def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -
                 run,
                 (run / "finetuned.pth").is_file(),
                 lambda resume, source=source, run=run: yolo_train.finetune(
-                    source, data, run, epochs=lab.finetune_epochs, resume=resume, **options
+                    source,
+                    data,
+                    run,
+                    epochs=lab.finetune_epochs,
+                    resume=resume,
+                    distill=lab.distill,
+                    **options,
                 ),
                 log,
                 UNNEEDED_FINETUNE,

@@ -34,8 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from netslim.engine.sparsity import bn_gammas
 from netslim.errors import NetslimError
 from netslim.files import write_json
+from netslim.lab import health
 from netslim.latency import LatencyBudget
 from netslim.models import num_outputs
 from netslim.slim import PruneReport, check_prune_output, prune_model, save
@@ -218,6 +220,7 @@ def prune(
     force: bool = False,
     unpruned: dict[str, float] | None = None,
     log=print,
+    warn: bool = True,
 ) -> PruneReport:
     """Prune the YOLO in ``source`` into ``out`` (a ``.pth``; the ``.pt`` beside it too) and,
     given ``data``, measure its mAP the four ways (see the module docs); the report's
@@ -226,7 +229,9 @@ def prune(
     sweep over ratios measures them once); ``target_latency``: a latency budget in place of
     ``ratio`` (:class:`netslim.latency.LatencyBudget`, timed at its ``image_size`` or at
     ``imgsz``). The network is traced and pruned once, by
-    :func:`netslim.slim.prune_model`, with Ultralytics' validator as its ``measure``."""
+    :func:`netslim.slim.prune_model`, with Ultralytics' validator as its ``measure``.
+    ``warn``: warn when the result means little (:func:`run_warnings`; the lab leaves it to
+    its report)."""
     out = Path(out)
     if out.suffix != ".pth":
         raise NetslimError(
@@ -260,7 +265,7 @@ def prune(
             input_size=(3, imgsz, imgsz),
         )
     saved = saved.eval()
-    save(saved, out, report, arch=arch_of(model), image_size=imgsz)
+    save(saved, out, report, arch=arch_of(model), image_size=imgsz, teacher=source)
     write_model(saved, out.with_suffix(".pt"), {"imgsz": imgsz})  # its size, for export
     write_json(
         out.with_suffix(".json"),
@@ -268,4 +273,21 @@ def prune(
     )
     log(report.text())
     log(f"saved the pruned network ({report.saved}) to {out} and {out.with_suffix('.pt')}")
+    if warn:
+        health.warn(run_warnings(model, report, source))
     return report
+
+
+def run_warnings(model: nn.Module, report: PruneReport, source: str | Path) -> list[str]:
+    """The rules of :mod:`netslim.lab.health` one prune can tell: a threshold among tied γs
+    (``model``'s), an unpruned mAP too low to compare."""
+    unpruned = report.measured.get("unpruned", {})
+    metric = next((k for k in ("mask mAP50-95", "mAP50-95") if k in unpruned), None)
+    return health.found(
+        [
+            health.tied(report.tie_break, bn_gammas(model).numel(), report.threshold, report.ratio),
+            health.low_map({f"of {Path(source).name}": unpruned[metric]}, metric)
+            if metric
+            else None,
+        ]
+    )

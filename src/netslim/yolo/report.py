@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from netslim.config import YoloLab
 from netslim.engine.sparsity import bn_gammas
 from netslim.errors import NetslimError
+from netslim.lab import health
 from netslim.lab.document import (
     Block,
     epoch_axis,
@@ -31,7 +32,7 @@ from netslim.lab.document import (
 )
 from netslim.yolo import seam
 from netslim.yolo.files import read_model
-from netslim.yolo.folder import finetune_dir, pruned_path, read_lab, train_dir
+from netslim.yolo.folder import finetune_dir, lam_text, pruned_path, read_lab, train_dir
 from netslim.yolo.run import read_sparsity
 
 FIGURES = {
@@ -40,6 +41,9 @@ FIGURES = {
     "sweep": "fig3_prune_sweep.png",
     "finetune": "fig4_finetuning.png",
 }
+# |γ| under it counts as sparse in sparsity.jsonl: netslim.yolo.train.train's default,
+# which the lab trains with
+SPARSITY_THRESHOLD = 0.01
 METHODS = (
     ("official", "official (threshold and copy)"),
     ("compensated", "bias compensation"),
@@ -55,9 +59,9 @@ class YoloResults:
     lab: YoloLab
     metric: str  # the prune reports' name of the mAP shown: "mAP50-95" or "mask mAP50-95"
     key: str  # Ultralytics' name of it in results.csv and sparsity.jsonl
-    train: dict[float, list[dict[str, Any]]]  # λ -> per-epoch records
-    gammas: dict[float, np.ndarray]  # λ -> |γ| of last.pt, the network pruned
-    prune: dict[tuple[float, float], dict[str, Any]]  # (λ, ratio) -> prune report
+    train: dict[float | str, list[dict[str, Any]]]  # λ (or "auto") -> per-epoch records
+    gammas: dict[float | str, np.ndarray]  # λ -> |γ| of last.pt, the network pruned
+    prune: dict[tuple[float | str, float], dict[str, Any]]  # (λ, ratio) -> prune report
     finetune: dict[float, list[dict[str, Any]]]  # ratio -> per-epoch records of prune_lam
 
 
@@ -113,7 +117,7 @@ def figure_training(res: YoloResults) -> Figure:
         right.plot(epochs, [100 * r["sparsity"] for r in records], color="C1", linestyle="--")
         right.set_ylabel("sparse γ (%)", color="C1")
         right.set_ylim(0, 100)
-        ax.set_title(f"λ = {lam:g}")
+        ax.set_title(f"λ = {lam_text(lam)}")
     return fig
 
 
@@ -130,7 +134,9 @@ def figure_gammas(res: YoloResults) -> Figure:
             for i, ratio in enumerate(res.lab.ratios)
         ]
 
-    return gamma_panels(res.gammas, res.lab.lams, lambda lam: f"λ = {lam:g}", lines, headroom=1.3)
+    return gamma_panels(
+        res.gammas, res.lab.lams, lambda lam: f"λ = {lam_text(lam)}", lines, headroom=1.3
+    )
 
 
 def figure_finetune(res: YoloResults) -> Figure:
@@ -155,7 +161,7 @@ def figure_finetune(res: YoloResults) -> Figure:
                 label=f"right after pruning, {way}",
             )
         ax.set_ylabel(res.metric)
-        ax.set_title(f"λ = {res.lab.prune_lam:g}, {ratio:.0%} of BN channels pruned")
+        ax.set_title(f"λ = {lam_text(res.lab.prune_lam)}, {ratio:.0%} of BN channels pruned")
         epoch_axis(ax)
         ax.legend(fontsize="small")
     return fig
@@ -178,7 +184,7 @@ def figure_sweep(res: YoloResults) -> Figure:
         ax.axhline(unpruned, color="k", linestyle="--", linewidth=1, label="unpruned")
         ax.set_xlabel("share of BN channels pruned")
         ax.set_ylabel(f"{res.metric}, no fine-tuning")
-        ax.set_title(f"λ = {lam:g}")
+        ax.set_title(f"λ = {lam_text(lam)}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return fig
@@ -229,7 +235,7 @@ def training_table(res: YoloResults) -> tuple[list[str], list[list[str]]]:
         last = records[-1] if records else {}
         rows.append(
             [
-                f"{lam:g}",
+                _lam_cell(lam, last),
                 str(len(records)),
                 f"{best.get(res.key, np.nan):.4f} ({best.get('epoch', '-')})",
                 f"{last.get(res.key, np.nan):.4f}",
@@ -265,7 +271,7 @@ def pruning_table(res: YoloResults) -> tuple[list[str], list[list[str]]]:
             )
         rows.append(
             [
-                f"{lam:g}",
+                lam_text(lam),
                 f"{ratio:g}",
                 f"{report['pruned_share']:.1%}",
                 f"{report['params_after'] / 1e6:.2f}M ({report['params_after'] / report['params_before']:.0%})",
@@ -284,18 +290,69 @@ def _epochs(n: int) -> str:
     return f"{n} epoch{'s' * (n != 1)}"
 
 
+def _lam_cell(lam: float | str, last: dict[str, Any]) -> str:
+    """λ in the training table; λ auto's with the λ of its last epoch."""
+    if lam == "auto" and "lam" in last:
+        return f"auto (last epoch {last['lam']:.3g})"
+    return lam_text(lam)
+
+
+def _control_sentence(res: YoloResults) -> str:
+    """How λ auto and early stopping steered the runs ("" when neither was on)."""
+    lab, text = res.lab, ""
+    if lab.target_ratio is not None:
+        text += (
+            f"In the auto run, λ auto set each epoch's λ to bring {lab.target_ratio:g} of |γ| "
+            f"under {SPARSITY_THRESHOLD:g}. "
+        )
+    stop = next((r["epoch"] for r in res.train[lab.prune_lam] if r.get("stopped_early")), None)
+    if stop is not None:
+        text += (
+            f"The λ = {lam_text(lab.prune_lam)} run stopped after epoch {stop}, once its prune "
+            f"mask at {lab.prune_when_stable:g} had settled. "
+        )
+    return text
+
+
+def run_warnings(res: YoloResults) -> list[str]:
+    """What makes the lab's numbers mean little (:mod:`netslim.lab.health`): γs left dense
+    at the largest ratio fine-tuned, a prune threshold among tied γs, an unpruned mAP too
+    low to compare."""
+    lab = res.lab
+    records = res.train[lab.prune_lam]
+    sparsity = records[-1]["sparsity"] if records else 0.0
+    total = len(res.gammas[lab.prune_lam])
+    unpruned = {
+        f"at λ = {lam_text(lam)}": _map(report, "unpruned", res.metric)
+        for (lam, ratio), report in res.prune.items()
+        if ratio == lab.all_ratios()[0]
+    }
+    return health.found(
+        [
+            health.dense(sparsity, max(lab.ratios), SPARSITY_THRESHOLD, lam_text(lab.prune_lam)),
+            *(
+                health.tied(report.get("tie_break"), total, report["threshold"], ratio)
+                for (lam, ratio), report in res.prune.items()
+                if lam == lab.prune_lam and ratio in lab.ratios
+            ),
+            health.low_map(unpruned, res.metric),
+        ]
+    )
+
+
 def build_document(res: YoloResults) -> list[Block]:
     lab = res.lab
     return slimming_document(
         title=f"Network slimming of {lab.model} on {Path(lab.data).name}",
         summary=(
-            f"Sparsity training at λ in {{{', '.join(f'{x:g}' for x in lab.lams)}}} for "
+            f"Sparsity training at λ in {{{', '.join(map(lam_text, lab.lams))}}} for "
             f"{_epochs(lab.epochs)} by Ultralytics' trainer at {lab.image_size} pixels, pruning of each "
             f"run's final network at {', '.join(f'{r:g}' for r in lab.all_ratios())} of its BatchNorm "
-            f"channels, and fine-tuning of the λ = {lab.prune_lam:g} run pruned at "
+            f"channels, and fine-tuning of the λ = {lam_text(lab.prune_lam)} run pruned at "
             f"{', '.join(f'{r:g}' for r in lab.ratios)} for {_epochs(lab.finetune_epochs)}. "
-            f"{res.metric} by Ultralytics' validator on the val split."
+            f"{_control_sentence(res)}{res.metric} by Ultralytics' validator on the val split."
         ),
+        warnings=run_warnings(res),
         training=[
             ("table", *training_table(res)),
             (
@@ -341,8 +398,10 @@ def build_document(res: YoloResults) -> list[Block]:
 
 
 def render_report(out: str | Path) -> Path:
-    """Write ``figures/*.png``, ``report.md`` and ``report.html`` of the YOLO lab in ``out``;
-    returns the path of ``report.html``."""
+    """Write ``figures/*.png``, ``report.md`` and ``report.html`` of the YOLO lab in ``out``,
+    and warn (:func:`run_warnings`) where its numbers mean little; returns the path of
+    ``report.html``."""
     res = load_results(out)
     figures = {key: make(res) for key, make in FIGURE_MAKERS.items()}
+    health.warn(run_warnings(res))  # on the console too, as the report's top says
     return write_report(res.out, build_document(res), figures, FIGURES)

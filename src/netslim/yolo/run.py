@@ -34,6 +34,7 @@ ENV_LAM, ENV_START, ENV_THRESHOLD, ENV_CONTROL = (
     "NETSLIM_YOLO_THRESHOLD",
     "NETSLIM_YOLO_CONTROL",
 )
+ENV_TEACHER = "NETSLIM_YOLO_TEACHER"  # the network to distil from ("": no distillation)
 CONTROL_FILE = "control.json"  # λ auto's and the mask watch's state after the last epoch
 LAM_AUTO_MAX = 1.0  # λ auto's ceiling: Ultralytics' loss is summed over the batch, so its λ
 # are larger than a classifier's (netslim.train.control.LAM_MAX)
@@ -49,6 +50,7 @@ class SparsityRun:
         lam: the λ of the first epoch (afterwards the control's, :attr:`lam`).
         threshold: |γ| under it counts as sparse.
         start: the network to train, as :func:`train` wrote it ("": Ultralytics builds it).
+        teacher: the network the student learns from by Ultralytics' distillation ("": none).
         settings: the control's (``target_ratio``, ``prune_when_stable``, ``stable_tol``,
             ``stable_epochs``).
     """
@@ -59,8 +61,10 @@ class SparsityRun:
         threshold: float = 0.01,
         start: str = "",
         settings: dict[str, Any] | None = None,
+        teacher: str = "",
     ):
         self.first_lam, self.threshold, self.start = lam, threshold, start
+        self.teacher = teacher
         self.settings = dict(settings or {})
         self.control: SparsityControl | None = None
 
@@ -71,6 +75,7 @@ class SparsityRun:
             threshold=float(os.environ.get(ENV_THRESHOLD, "0.01") or 0.01),
             start=os.environ.get(ENV_START, ""),
             settings=json.loads(os.environ.get(ENV_CONTROL) or "{}"),
+            teacher=os.environ.get(ENV_TEACHER, ""),
         )
 
     @property

@@ -25,6 +25,13 @@ running code (:mod:`.files`), its settings and data-set checks (:mod:`.settings`
   - *the network*: ``setup_model`` gives Ultralytics the network netslim built (a pruned
     one as it is), and on resume rebuilds the checkpoint's network at the widths its
     weights have (Ultralytics would rebuild it from its YAML at full width);
+  - *distillation*: with a teacher (``--teacher``, or the unpruned network a pruned
+    ``.pth`` records), ``setup_model`` wraps the student in Ultralytics' own
+    ``DistillationModel`` (its projector and score-weighted feature loss, weight ``dis=``)
+    with a teacher netslim read without running its file's code (Ultralytics would unpickle
+    the ``distill_model`` path); on resume it rebuilds the wrapper from ``last.pt``'s student
+    and projector. Everything netslim reads of the run (the L1 term's γs, the record, the
+    fp32 copies) is the student alone (:func:`student_of`);
   - *between epochs and on saving*: Ultralytics' callbacks (``on_train_start``,
     ``on_train_epoch_end``, ``on_fit_epoch_end``, ``on_model_save``) call the run's
     :class:`netslim.yolo.run.SparsityRun` with plain values (the epoch, the weights,
@@ -56,7 +63,14 @@ from torch import nn
 
 from netslim.engine.sparsity import add_bn_l1_grad
 from netslim.errors import NetslimError
-from netslim.yolo.files import checkpoint_network, model_of, read_checkpoint, read_model
+from netslim.yolo.files import (
+    checkpoint_network,
+    model_of,
+    module_weights,
+    read_checkpoint,
+    read_model,
+    read_yolo,
+)
 from netslim.yolo.run import SparsityRun
 
 # --------------------------------------------------------------------------------------
@@ -200,6 +214,41 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def student_of(model: nn.Module) -> nn.Module:
+    """The network being trained: inside DDP, and inside Ultralytics' distillation wrapper
+    (``DistillationModel``, whose teacher and projector are not part of the network)."""
+    model = unwrap(model)
+    student = getattr(model, "student_model", None)
+    return model if student is None else student
+
+
+def distillation(student: nn.Module, teacher: nn.Module, args: Any) -> nn.Module:
+    """Ultralytics' ``DistillationModel`` of ``student`` learning from ``teacher`` (both
+    built by netslim: Ultralytics would unpickle a teacher's file, running its code), with the
+    run's settings ``args`` (its ``imgsz``, and ``dis``, the weight of the feature term)."""
+    from ultralytics.nn.distill_model import DistillationModel
+
+    student.args = args  # what Ultralytics sets on the model it trains; the wrapper reads it
+    try:
+        return DistillationModel(teacher_model=teacher, student_model=student)
+    except ValueError as e:  # "No Detect head found in model", different feature levels
+        raise NetslimError(
+            f"Ultralytics' distillation cannot pair this network with its teacher ({e}); it "
+            "distils the features entering a Detect head (detect, segment, pose, obb): pass "
+            "--no-distill"
+        ) from None
+
+
+def _resumed_distillation(record: Any, path: str, teacher: nn.Module, args: Any) -> nn.Module:
+    """The distillation wrapper a resumed run's ``last.pt`` held (its ``record``, read without
+    running code): the student at its widths, the trained projector, the teacher given."""
+    parts = record.__dict__.get("_modules") or {}
+    student = model_of(parts["student_model"], path).train()
+    wrapper = distillation(student, teacher, args)
+    wrapper.projector.load_state_dict(module_weights(parts["projector"], path))
+    return wrapper
+
+
 def add_l1_hook(optimizer: Any, trainer: Any) -> Any:
     """Install the L1 term on ``optimizer`` (see the module docs); returns the hook's handle.
     λ is ``trainer.netslim.lam`` at each step, the model ``trainer.model`` unwrapped."""
@@ -209,7 +258,7 @@ def add_l1_hook(optimizer: Any, trainer: Any) -> Any:
         # L1 step is exactly lr * lam * sign(gamma), whatever the loss scale
         lam = trainer.netslim.lam
         if lam:
-            add_bn_l1_grad(unwrap(trainer.model), lam)
+            add_bn_l1_grad(student_of(trainer.model), lam)
 
     return optimizer.register_step_pre_hook(l1_term)
 
@@ -235,12 +284,23 @@ class NetslimTrainer:
             # pruned one's weights: rebuild it at the widths last.pt holds (read without running
             # its code), and give Ultralytics that network as the checkpoint's EMA to resume
             checkpoint = read_checkpoint(self.args.resume)
-            self.model = model_of(checkpoint_network(checkpoint), self.args.resume)
+            record = checkpoint_network(checkpoint)
+            if self.netslim.teacher:  # the EMA of a distillation: student and projector
+                teacher = read_yolo(self.netslim.teacher)
+                self.model = _resumed_distillation(record, self.args.resume, teacher, self.args)
+                ema = nn.Module()  # what Ultralytics' EMA of the wrapper holds: no teacher
+                ema.student_model, ema.projector = self.model.student_model, self.model.projector
+                return {**checkpoint, "ema": ema, "model": None}
+            self.model = model_of(record, self.args.resume)
             return {**checkpoint, "ema": self.model, "model": None}
         if self.netslim.start:  # the network given, pruned or not, as it is
             self.model = read_model(self.netslim.start)
-            return None
-        return super().setup_model()
+            checkpoint = None
+        else:
+            checkpoint = super().setup_model()
+        if self.netslim.teacher:  # Ultralytics would wrap it too, unpickling the teacher's file
+            self.model = distillation(self.model, read_yolo(self.netslim.teacher), self.args)
+        return checkpoint
 
     def build_optimizer(self, *args: Any, **kwargs: Any):
         optimizer = super().build_optimizer(*args, **kwargs)
@@ -283,8 +343,8 @@ def _fit_epoch_end(trainer: Any) -> None:
     trainer.netslim_epoch_trained = False
     if trainer.netslim.control is None:
         _train_start(trainer)
-    weights = unwrap(trainer.model)  # the same on every process, unlike the EMA
-    ema = trainer.ema.ema if getattr(trainer, "ema", None) else weights
+    weights = student_of(trainer.model)  # the same on every process, unlike the EMA
+    ema = student_of(trainer.ema.ema) if getattr(trainer, "ema", None) else weights
     metrics = {k: float(v) for k, v in (trainer.metrics or {}).items() if _number(v)}
     stop = trainer.netslim.end_epoch(
         int(trainer.epoch) + 1,
@@ -300,7 +360,7 @@ def _fit_epoch_end(trainer: Any) -> None:
 
 def _model_saved(trainer: Any) -> None:
     """Ultralytics just wrote last.pt (and best.pt when this epoch is the best), in fp16."""
-    network = copy.deepcopy(trainer.ema.ema).float()
+    network = copy.deepcopy(student_of(trainer.ema.ema)).float()  # no distillation wrapper
     trainer.netslim.saved(
         network,
         Path(trainer.wdir),

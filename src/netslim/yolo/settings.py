@@ -69,7 +69,8 @@ OWNED = {
     "pretrained": "Ultralytics would read that file with its full unpickler, which runs the "
     "file's code; give a trained .pt as --model (read without running code)",
     "distill_model": "Ultralytics would read the teacher with its full unpickler, which runs "
-    "the file's code; netslim trains without a teacher",
+    "the file's code; name it with --teacher PATH (netslim reads it safely and Ultralytics' "
+    "distillation trains with it)",
 }
 # The API takes these as settings (train(batch=16, device="cpu")); the command line as flags.
 API_KEYS = ("batch", "device")

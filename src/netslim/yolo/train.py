@@ -44,6 +44,7 @@ from typing import Any
 
 from torch import nn
 
+from netslim.checkpoint import read_checkpoint as read_netslim_checkpoint
 from netslim.config import LAM_START
 from netslim.errors import NetslimError
 from netslim.files import atomic_write, write_json
@@ -52,6 +53,7 @@ from netslim.models.yolo_yaml import checked_yaml
 from netslim.slim import save
 from netslim.train import runlock
 from netslim.train.control import STABLE_TOL
+from netslim.train.distill import teacher_path
 from netslim.yolo import seam
 from netslim.yolo.data import check_data
 from netslim.yolo.files import arch_of, read_checkpoint, read_model, read_yolo, write_model
@@ -61,6 +63,7 @@ from netslim.yolo.run import (
     ENV_CONTROL,
     ENV_LAM,
     ENV_START,
+    ENV_TEACHER,
     ENV_THRESHOLD,
     RUN_FILE,
 )
@@ -82,6 +85,7 @@ def train(
     prune_when_stable: float | None = None,
     stable_tol: float = STABLE_TOL,
     stable_epochs: int = 3,
+    teacher: str | Path | None = None,
     **overrides: Any,
 ) -> Path:
     """Train ``model`` with Ultralytics' trainer on ``data`` into the run folder ``out``.
@@ -103,6 +107,9 @@ def train(
         prune_when_stable, stable_tol, stable_epochs: stop once the removal mask at ratio
             ``prune_when_stable`` has settled (see
             :class:`~netslim.train.control.SparsityControl`).
+        teacher: a YOLO (``.pt`` or netslim ``.pth``) the model learns from by Ultralytics'
+            feature distillation (its ``DistillationModel``, weight ``dis=``), read by netslim
+            without running the file's code; on resume, the run's own.
         overrides: any other Ultralytics training setting (``batch=16``, ``lr0=0.01``, ...).
 
     Returns:
@@ -137,6 +144,10 @@ def train(
     data = Path(data)
     check_data(data, _run_info(Path(out)).get("task") if resume else task_of(model))
     out = Path(out)
+    if resume:
+        teacher = _run_info(out).get("teacher") or None  # the run's own
+    elif teacher is not None:
+        teacher = check_teacher(teacher, model)
     with runlock.hold(out):  # one writer per run folder, as for classifiers
         if resume:
             last = out / "weights" / "last.pt"
@@ -160,7 +171,18 @@ def train(
             raise NetslimError(
                 f"{out} already holds a run; pass --resume to continue it or choose another --out"
             )
-        _train(model, data, out, lam, epochs, imgsz, resume, sparsity_threshold, control, overrides)
+        _train(
+            model,
+            data,
+            out,
+            lam,
+            epochs,
+            imgsz,
+            resume,
+            sparsity_threshold,
+            control,
+            {**overrides, **({"distill_model": teacher} if teacher else {})},
+        )
     return out
 
 
@@ -210,6 +232,7 @@ def _train(
                 "auto": control["target_ratio"] is not None,
                 "control": control,
                 "model": settings["model"],
+                "teacher": settings.get("distill_model"),
             },
         )
     trainer = seam.trainer_for(task)
@@ -220,6 +243,7 @@ def _train(
         ENV_THRESHOLD: repr(sparsity_threshold),
         ENV_START: str(start) if start else "",
         ENV_CONTROL: json.dumps(control),
+        ENV_TEACHER: str(settings.get("distill_model") or ""),
     }
     saved = {k: os.environ.get(k) for k in environment}
     os.environ.update(environment)
@@ -243,15 +267,24 @@ def finetune(
     imgsz: int = 640,
     resume: bool = False,
     trust_pickle: bool = False,
+    teacher: str | Path | None = None,
+    distill: bool = True,
     **overrides: Any,
 ) -> Path:
     """Fine-tune a pruned YOLO (netslim's ``.pth`` or an Ultralytics ``.pt``) with Ultralytics'
     trainer, keeping its pruned widths; ``OUT/weights/best.pt`` loads with
     ``ultralytics.YOLO``, and ``OUT/finetuned.pth`` (the same network in fp32, where best.pt
     holds it in fp16 as Ultralytics saves) with netslim's ``export``, ``bench`` and
-    ``netslim.load``. Returns ``out``."""
+    ``netslim.load``. The student learns from ``teacher`` by Ultralytics' distillation
+    (weight ``dis=``); by default from the unpruned network ``netslim yolo prune`` recorded
+    in the pruned ``.pth``; ``distill=False`` fine-tunes from the labels alone. Returns
+    ``out``."""
     out = Path(out)
     model = None if resume else read_yolo(pruned, trust_pickle=trust_pickle)
+    if not resume:
+        if task_of(model) not in DISTILLED_TASKS and teacher is None:
+            distill = False  # Ultralytics distils the features entering a Detect head only
+        teacher = _teacher_of(pruned, teacher, distill)
     train(
         model if model is not None else "",
         data,
@@ -260,6 +293,7 @@ def finetune(
         epochs=epochs,
         imgsz=imgsz,
         resume=resume,
+        teacher=teacher,
         **overrides,
     )
     fp32 = out / "weights" / BEST_FP32
@@ -270,6 +304,47 @@ def finetune(
         best = read_model(out / "weights" / "best.pt")  # this run's, read all the same safely
         save(best, out / "finetuned.pth", arch=arch_of(best), image_size=imgsz)
     return out
+
+
+# The tasks whose heads Ultralytics' distillation reaches (a Detect head and its subclasses)
+DISTILLED_TASKS = ("detect", "segment", "pose", "obb")
+
+
+def _teacher_of(pruned: str | Path, given: str | Path | None, distill: bool) -> str | None:
+    """The teacher of a fine-tuning: ``given``, else the network a netslim ``.pth`` says it
+    was pruned from (None: distillation off, or nothing recorded, as in a ``.pt``)."""
+    meta: dict[str, Any] = {}
+    if Path(pruned).suffix == ".pth":
+        meta = read_netslim_checkpoint(pruned).get("netslim") or {}
+    return teacher_path(meta, None if given is None else str(given), distill, str(pruned))
+
+
+def check_teacher(teacher: str | Path, student: nn.Module | str) -> str:
+    """``teacher``'s path, resolved, once it is a YOLO of the student's task and classes."""
+    path = Path(teacher)
+    if not path.is_file():
+        raise NetslimError(
+            f"--teacher {teacher} does not exist; name the unpruned network's .pt or .pth, or "
+            "pass --no-distill"
+        )
+    model = read_yolo(path)
+    if isinstance(student, nn.Module) and task_of(student) not in DISTILLED_TASKS:
+        raise NetslimError(
+            f"Ultralytics' distillation reaches the features entering a Detect head "
+            f"({', '.join(DISTILLED_TASKS)}), not a {task_of(student)} model; pass --no-distill"
+        )
+    if isinstance(student, nn.Module):
+        if task_of(model) != task_of(student):
+            raise NetslimError(
+                f"--teacher {teacher} is a {task_of(model)} model but the network trained is "
+                f"a {task_of(student)} one; name a teacher of the same task"
+            )
+        if num_outputs(model) != num_outputs(student):
+            raise NetslimError(
+                f"--teacher {teacher} has {num_outputs(model)} classes but the network trained "
+                f"has {num_outputs(student)}; name the network it was pruned from"
+            )
+    return str(path.resolve())
 
 
 def _lam_text(info: dict[str, Any]) -> str:
