@@ -123,6 +123,8 @@ def test_finetune_distils_from_the_recorded_network_and_refuses_bad_teachers(tmp
     recorded = read_checkpoint(pruned)["netslim"]["teacher"]
     assert recorded == str((tmp_path / "t" / "last.pth").resolve())
     capsys.readouterr()
+    assert main(["info", str(pruned)]) == 0
+    assert f"teacher  {recorded}" in capsys.readouterr().out
 
     tune = [*run, "--epochs", "1", "--precision", "fp32"]
     assert main(["finetune", str(pruned), *tune, "--out", str(tmp_path / "ft")]) == 0

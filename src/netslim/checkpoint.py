@@ -466,6 +466,8 @@ def describe(
             "acc_recalibrated",
         )
         info["prune"] = {k: meta["prune"][k] for k in keys if k in meta["prune"]}
+    if meta.get("teacher"):  # the unpruned network fine-tuning distils from
+        info["teacher"] = str(meta["teacher"])
     return info
 
 

@@ -386,6 +386,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(
             f"pruned   ratio {prune['ratio']}, {100 * prune['pruned_share']:.1f}% of channels removed"
         )
+    if info.get("teacher"):
+        print(f"teacher  {info['teacher']} (fine-tuning distils from it; --no-distill: not)")
         steps = [
             ("unpruned", "acc_unpruned"),
             ("official masking", "acc_masked"),
