@@ -14,6 +14,8 @@ Every arm of a family gets the same total number of training epochs and the same
   - ``n-p50-{kd,plain}-s{0,1}``: yolov8n 10 epochs, 8 at λ 0.05, pruned 50% of its channels,
     fine-tuned 6 epochs with Ultralytics' distillation from the network pruned (``kd``) or
     without (``plain``), seeds 0 and 1 of the fine-tuning;
+  - ``n-p50-out-s{0,1}``: the same fine-tuned with netslim's distillation of the head's
+    outputs (``--distill-term outputs``) in place of Ultralytics' feature term;
   - ``n-lat60-kd-s0``: the same sparse network pruned to 60% of its latency at 640 px on
     onnxruntime (issue 29's budget), fine-tuned 6 epochs with distillation;
   - ``n-p50-scratch``: the 50% architecture, re-initialised, trained 24 epochs ("Scratch-B",
@@ -123,12 +125,14 @@ def yolo_train(steps: Steps, name: str, model, epochs: int, lam: float, data: Pa
     return run
 
 
-def yolo_finetune(steps: Steps, name: str, pruned: Path, data: Path, seed: int, kd: bool) -> Path:
+def yolo_finetune(
+    steps: Steps, name: str, pruned: Path, data: Path, seed: int, kd: bool, *extra
+) -> Path:
     run = steps.out / "yolo" / name
     resume = ["--resume"] if (run / "weights" / "last.pt").exists() else []
     command = [*NETSLIM, "yolo", "finetune", pruned, "--data", data, "--epochs", YOLO_TUNE,
                *YOLO_RUN, "--out", run, *resume, *([] if kd else ["--no-distill"]),
-               *YOLO_SETTINGS, f"seed={seed}"]  # fmt: skip
+               *extra, *YOLO_SETTINGS, f"seed={seed}"]  # fmt: skip
     steps.run(name, command, run / "finetuned.pth")
     return run
 
@@ -194,6 +198,10 @@ def yolo_family(steps: Steps, data: Path) -> None:
     for seed in (0, 1):
         yolo_finetune(steps, f"n-p50-kd-s{seed}", p50, data, seed, kd=True)
         yolo_finetune(steps, f"n-p50-plain-s{seed}", p50, data, seed, kd=False)
+    for seed in (0, 1):  # netslim's own term: the head's outputs
+        yolo_finetune(
+            steps, f"n-p50-out-s{seed}", p50, data, seed, True, "--distill-term", "outputs"
+        )
     lat = yolo_prune(steps, "n-lat60", sparse / "weights" / "last.pth", data, share=0.6)
     yolo_finetune(steps, "n-lat60-kd-s0", lat, data, 0, kd=True)
     yolo_train(steps, "n-p50-scratch", reinitialised(steps, p50), YOLO_EPOCHS, 0, data)
@@ -273,6 +281,12 @@ ARMS = [
          f"yolov8n 10 + 8 at λ 0.05, pruned 50%, fine-tuned 6 {'with' if kind == 'kd' else 'without'}"
          f" distillation (seed {seed})")
         for kind in ("kd", "plain") for seed in (0, 1)
+    ],
+    *[
+        ("yolo", f"n-p50-out-s{seed}", f"n-p50-out-s{seed}",
+         ["n-dense10", "n-sparse8", "n-p50", f"n-p50-out-s{seed}"],
+         f"as n-p50-kd, netslim's distillation of the head's outputs (seed {seed})")
+        for seed in (0, 1)
     ],
     ("yolo", "n-lat60-kd-s0", "n-lat60-kd-s0", ["n-dense10", "n-sparse8", "n-lat60", "n-lat60-kd-s0"],
      "yolov8n 10 + 8 at λ 0.05, pruned to 60% of its latency, fine-tuned 6 with distillation"),

@@ -6,6 +6,7 @@ clean student."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -240,8 +241,51 @@ def test_a_yolo_finetune_distils_by_ultralytics_and_leaves_a_clean_student(
     assert channel_counts(read_model(tmp_path / "distilled" / "weights" / "best.pt")) == widths
 
 
+def test_the_yolo_outputs_term_equals_its_formula_and_is_flat_where_student_is_teacher():
+    from netslim.yolo.distill import outputs_loss
+
+    g = torch.Generator().manual_seed(0)
+    b, nc, bins, anchors, masks = 2, 3, 4, 5, 2
+    teacher = {
+        "scores": torch.randn(b, nc, anchors, generator=g),
+        "boxes": torch.randn(b, 4 * bins, anchors, generator=g),
+        "mask_coefficient": torch.randn(b, masks, anchors, generator=g),
+    }
+    student = {
+        k: (v + 0.3 * torch.randn(v.shape, generator=g)).requires_grad_()
+        for k, v in teacher.items()
+    }
+    t = 2.0
+    # by hand, in float64
+    p_t = torch.sigmoid(teacher["scores"].double() / t)
+    s_logit = student["scores"].double() / t
+    bce = -(
+        p_t * torch.log(torch.sigmoid(s_logit)) + (1 - p_t) * torch.log(1 - torch.sigmoid(s_logit))
+    )
+    weight = p_t.max(dim=1).values
+    q_t = torch.softmax(teacher["boxes"].double().view(b, 4, bins, anchors) / t, dim=2)
+    q_s = torch.softmax(student["boxes"].double().view(b, 4, bins, anchors) / t, dim=2)
+    kl = (q_t * (q_t.log() - q_s.log())).sum(dim=(1, 2))
+    error = (
+        (student["mask_coefficient"].double() - teacher["mask_coefficient"].double()) ** 2
+    ).mean(1)
+    expected = (
+        bce.sum() / p_t.sum()
+        + (kl * weight).sum() * t * t / weight.sum().clamp(min=1)
+        + (error * weight).sum() / weight.sum().clamp(min=1)
+    )
+    torch.testing.assert_close(
+        outputs_loss(student, teacher, t).double(), expected, rtol=1e-5, atol=1e-6
+    )
+    # where the student outputs what the teacher does, the term pulls no further
+    same = {k: v.clone().requires_grad_() for k, v in teacher.items()}
+    grads = torch.autograd.grad(outputs_loss(same, teacher, t), list(same.values()))
+    assert all(float(x.abs().max()) < 1e-6 for x in grads)
+
+
 @pytest.mark.slow
-def test_a_distilled_yolo_finetune_resumes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("term", ["features", "outputs"])
+def test_a_distilled_yolo_finetune_resumes(tmp_path, monkeypatch, term):
     pytest.importorskip("ultralytics")
     from test_yolo_resume_pruned import interrupted_after_epoch_1
 
@@ -254,9 +298,10 @@ def test_a_distilled_yolo_finetune_resumes(tmp_path, monkeypatch):
                     warmup_epochs=0, mosaic=0.0, close_mosaic=0, seed=0, deterministic=True)  # fmt: skip
     cut = tmp_path / "cut"
     with interrupted_after_epoch_1(monkeypatch), pytest.raises(KeyboardInterrupt):
-        yolo_train.finetune(pruned, data, cut, epochs=2, **settings)
+        yolo_train.finetune(pruned, data, cut, epochs=2, distill_term={"term": term}, **settings)
     assert read_pt(cut / "weights" / "last.pt")["epoch"] == 0  # mid-run, a distillation's EMA
     yolo_train.finetune(pruned, data, cut, epochs=2, resume=True, **settings)
+    assert json.loads((cut / "netslim.json").read_text())["distill"]["term"] == term
     assert all(v > 0 for v in _columns(cut)["train/dis_loss"])  # the teacher came back
     assert len(_columns(cut)["epoch"]) == 2
     student = netslim.load(cut / "finetuned.pth")

@@ -92,6 +92,11 @@ def check_ratio(ratio: float) -> float:
 # λ auto's first epoch (netslim.train.control): the paper's λ, until the controller decides.
 LAM_START = 1e-4
 
+# What a YOLO student learns from its teacher (netslim.yolo.seam): Ultralytics' distillation
+# of the features entering the head, or netslim's of the head's outputs
+# (netslim.yolo.distill); the first is the default (bench/RESULTS.md, issue 30).
+YOLO_DISTILL_TERMS: tuple[str, ...] = ("features", "outputs")
+
 
 @dataclass
 class TrainConfig:
@@ -421,8 +426,9 @@ class YoloLab:
     prune_when_stable: float | None = None
     stable_tol: float = 0.02
     stable_epochs: int = 3
-    # fine-tuning distils from the network pruned (Ultralytics' distillation; weight dis=)
+    # fine-tuning distils from the lab's best unpruned network (netslim.yolo.lab.best_teacher)
     distill: bool = True
+    distill_term: str = YOLO_DISTILL_TERMS[0]
 
     def __post_init__(self) -> None:
         if not self.lams:
@@ -438,6 +444,11 @@ class YoloLab:
         for r in [*self.ratios, *self.sweep]:
             if not 0 < r < 1:
                 raise NetslimError(f"a pruning ratio must be in (0, 1), got {r}")
+        if self.distill_term not in YOLO_DISTILL_TERMS:
+            raise NetslimError(
+                f"--distill-term must be one of {', '.join(YOLO_DISTILL_TERMS)}, got "
+                f"{self.distill_term!r}"
+            )
         if self.recalibrate < 0:
             raise NetslimError(f"--recalibrate must be >= 0 batches, got {self.recalibrate}")
         self._check_control()

@@ -684,6 +684,15 @@ def cmd_yolo(args: argparse.Namespace) -> None:
             trust_pickle=args.trust_pickle,
             teacher=args.teacher,
             distill=args.distill,
+            distill_term={
+                "term": args.distill_term,
+                **({"weight": args.distill_weight} if args.distill_weight is not None else {}),
+                **(
+                    {"temperature": args.distill_temperature}
+                    if args.distill_temperature is not None
+                    else {}
+                ),
+            },
             **{**run, **_passed_through(args.settings, step)},
         )
         print(f"done: {out}/weights/best.pt (ultralytics.YOLO loads it) and {out}/finetuned.pth")
@@ -711,6 +720,7 @@ def cmd_yolo(args: argparse.Namespace) -> None:
             stable_tol=args.stable_tol,
             stable_epochs=args.stable_epochs,
             distill=args.distill,
+            distill_term=args.distill_term,
         )
         print(f"report: {run_lab(lab, args.out)}")
     else:  # val

@@ -25,6 +25,7 @@ from netslim.config import (
     LOADERS,
     PRECISIONS,
     RESIZE_POLICIES,
+    YOLO_DISTILL_TERMS,
     LabConfig,
     TrainConfig,
     YoloLab,
@@ -422,6 +423,14 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         type=float,
         default=DEFAULTS.distill_temperature,
         help="temperature softening both networks' logits (default: %(default)s)",
+    ),
+    "distill_term": _flag(
+        "--distill-term",
+        choices=YOLO_DISTILL_TERMS,
+        default=YOLO_DISTILL_TERMS[0],
+        help="what a YOLO learns from its teacher: Ultralytics' distillation of the features "
+        "entering the head (features), or netslim's of the head's outputs (outputs; "
+        "default: %(default)s)",
     ),
     # reading and writing
     "json": _flag("--json", action="store_true", help="print machine-readable JSON"),
@@ -950,11 +959,22 @@ def _add_yolo(sub: argparse._SubParsersAction) -> None:
         "resume",
         "teacher",
         "distill",
+        "distill_weight",
+        "distill_temperature",
+        distill_weight=dict(
+            default=None,
+            help="with --distill-term outputs: the weight of netslim's term (default: 1; "
+            "Ultralytics' features term takes dis=, default 6)",
+        ),
+        distill_temperature=dict(
+            default=None, help="with --distill-term outputs: the temperature (default: 1)"
+        ),
         epochs=dict(default=100, help="default: %(default)s"),
         out=dict(help=RUN_HELP),
         **common,
     )
     _add_pickle(f)
+    add(f, "distill_term")
     f.add_argument(
         "settings", nargs="*", type=_settings_type, metavar="KEY=VALUE", help=YOLO_SETTINGS
     )
@@ -1003,6 +1023,7 @@ def _add_yolo(sub: argparse._SubParsersAction) -> None:
         "recalibrate",
         "out",
         "distill",
+        "distill_term",
         **common,
         prune_lam=dict(
             type=lam_type,

@@ -82,6 +82,19 @@ def _run_once(
         (run / name).unlink(missing_ok=True)
 
 
+def best_teacher(out: Path, lams: list[float | str]) -> Path:
+    """The teacher of the lab's fine-tunes: of its unpruned networks (each λ run's final
+    ``weights/last.pth``), the one of highest final mAP50-95 (as the classifier lab picks,
+    :func:`netslim.lab.experiment.best_teacher`: a large λ costs mAP, and a teacher holds its
+    student near its own)."""
+
+    def final_map(lam: float | str) -> float:
+        values = seam.results_column(train_dir(out, lam), seam.metric_key("mAP50-95"))
+        return values[-1] if values else -1.0
+
+    return train_dir(out, max(lams, key=final_map)) / "weights" / yolo_run.LAST_FP32
+
+
 def control(lab: YoloLab, lam: float | str) -> dict[str, Any]:
     """:func:`netslim.yolo.train.train`'s between-epoch control of the run at ``lam``: λ
     auto's goal for the ``auto`` run, early stopping for the run the lab prunes (as the
@@ -173,6 +186,8 @@ def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -
                     # measured only (the report reads its .json): no fine-tune reads the network
                     for network in (target, target.with_suffix(".pt")):
                         network.unlink(missing_ok=True)
+        distilled = lab.distill and yolo_train.task_of(model) in yolo_train.DISTILLED_TASKS
+        teacher = best_teacher(out, lab.lams) if distilled else None
         for ratio in lab.ratios:
             source, run = (
                 pruned_path(out, lab.prune_lam, ratio),
@@ -187,7 +202,9 @@ def run_lab(lab: YoloLab, out: str | Path, log: Callable[[str], None] = print) -
                     run,
                     epochs=lab.finetune_epochs,
                     resume=resume,
+                    teacher=teacher,
                     distill=lab.distill,
+                    distill_term={"term": lab.distill_term},
                     **options,
                 ),
                 log,

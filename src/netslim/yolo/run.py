@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from netslim.config import YOLO_DISTILL_TERMS
 from netslim.engine.sparsity import bn_sparsity, gamma_histogram, gamma_quantiles
 from netslim.files import atomic_write_text, write_json
 from netslim.slim import save
@@ -35,6 +36,8 @@ ENV_LAM, ENV_START, ENV_THRESHOLD, ENV_CONTROL = (
     "NETSLIM_YOLO_CONTROL",
 )
 ENV_TEACHER = "NETSLIM_YOLO_TEACHER"  # the network to distil from ("": no distillation)
+ENV_DISTILL = "NETSLIM_YOLO_DISTILL"  # {"term": "features" | "outputs", "weight", "temperature"}
+
 CONTROL_FILE = "control.json"  # λ auto's and the mask watch's state after the last epoch
 LAM_AUTO_MAX = 1.0  # λ auto's ceiling: Ultralytics' loss is summed over the batch, so its λ
 # are larger than a classifier's (netslim.train.control.LAM_MAX)
@@ -51,6 +54,8 @@ class SparsityRun:
         threshold: |γ| under it counts as sparse.
         start: the network to train, as :func:`train` wrote it ("": Ultralytics builds it).
         teacher: the network the student learns from by Ultralytics' distillation ("": none).
+        distill: which term (``"features"``: Ultralytics', ``"outputs"``:
+            :mod:`netslim.yolo.distill`'s, with its ``"weight"`` and ``"temperature"``).
         settings: the control's (``target_ratio``, ``prune_when_stable``, ``stable_tol``,
             ``stable_epochs``).
     """
@@ -62,9 +67,11 @@ class SparsityRun:
         start: str = "",
         settings: dict[str, Any] | None = None,
         teacher: str = "",
+        distill: dict[str, Any] | None = None,
     ):
         self.first_lam, self.threshold, self.start = lam, threshold, start
         self.teacher = teacher
+        self.distill = {"term": YOLO_DISTILL_TERMS[0], **(distill or {})}
         self.settings = dict(settings or {})
         self.control: SparsityControl | None = None
 
@@ -76,6 +83,7 @@ class SparsityRun:
             start=os.environ.get(ENV_START, ""),
             settings=json.loads(os.environ.get(ENV_CONTROL) or "{}"),
             teacher=os.environ.get(ENV_TEACHER, ""),
+            distill=json.loads(os.environ.get(ENV_DISTILL) or "{}"),
         )
 
     @property

@@ -182,9 +182,58 @@ def trainer_for(task: str) -> type:
     return globals()[name]
 
 
+@cache
+def _outputs_distillation() -> type:
+    """:class:`OutputsDistillation`: Ultralytics' ``DistillationModel`` (its teacher handling,
+    freezing, EMA and checkpoint stripping, resume) with :mod:`netslim.yolo.distill`'s term
+    in place of its feature term. Built on first use (Ultralytics is imported then)."""
+    import copyreg
+
+    import torch
+    from ultralytics.nn.distill_model import DistillationModel
+
+    from netslim.yolo.distill import outputs_loss
+
+    class OutputsDistillation(DistillationModel):
+        """Ultralytics' distillation wrapper, distilling the head's outputs (netslim's term)."""
+
+        netslim_distill: dict[str, float] = {}
+
+        def __reduce_ex__(self, protocol):
+            # pickled, and deep-copied (Ultralytics' EMA is a copy), as Ultralytics' own
+            # wrapper: a checkpoint names no netslim class, which Ultralytics' loader would
+            # refuse; a resumed run rebuilds this one (setup_model), and the EMA computes no loss
+            return copyreg._reconstructor, (DistillationModel, object, None), self.__getstate__()
+
+        def loss(self, batch, preds=None):
+            if not self.training:  # validation while training: the student's loss alone
+                return super().loss(batch, preds)
+            with torch.no_grad():
+                teacher = self.teacher_model(batch["img"])
+            student = self.student_model(batch["img"])
+            regular, items = self.student_model.loss(batch, student)
+            settings = self.netslim_distill
+            # the teacher (eval mode) returns (decoded, raw); an end-to-end head, two branches
+            term = settings.get("weight", 1.0) * outputs_loss(
+                self.decouple_outputs(student, branch="one2many"),
+                self.decouple_outputs(teacher, branch="one2many"),
+                settings.get("temperature", 1.0),
+            )
+            items["dis_loss"] = term.detach().reshape(1)
+            return torch.cat([regular, term.reshape(1) * batch["img"].shape[0]]), items
+
+    OutputsDistillation.__module__, OutputsDistillation.__qualname__ = (
+        __name__,
+        "OutputsDistillation",
+    )
+    return OutputsDistillation
+
+
 def __getattr__(name: str) -> Any:
     """``SparsityDetectionTrainer`` and the others, built on first use (an unpickler, as in
-    Ultralytics' DDP processes, asks for them by name)."""
+    Ultralytics' DDP processes, asks for them by name); ``OutputsDistillation`` likewise."""
+    if name == "OutputsDistillation":
+        return _outputs_distillation()
     if name.startswith("Sparsity") and name.endswith("Trainer"):
         for task, classes in task_map().items():
             if f"Sparsity{classes['trainer'].__name__}" == name:
@@ -222,14 +271,22 @@ def student_of(model: nn.Module) -> nn.Module:
     return model if student is None else student
 
 
-def distillation(student: nn.Module, teacher: nn.Module, args: Any) -> nn.Module:
+def distillation(
+    student: nn.Module, teacher: nn.Module, args: Any, settings: dict[str, Any] | None = None
+) -> nn.Module:
     """Ultralytics' ``DistillationModel`` of ``student`` learning from ``teacher`` (both
     built by netslim: Ultralytics would unpickle a teacher's file, running its code), with the
-    run's settings ``args`` (its ``imgsz``, and ``dis``, the weight of the feature term)."""
+    run's settings ``args`` (its ``imgsz``, and ``dis``, the weight of the feature term); with
+    ``settings["term"] == "outputs"``, netslim's :class:`OutputsDistillation` in its place."""
     from ultralytics.nn.distill_model import DistillationModel
 
+    settings = settings or {}
     student.args = args  # what Ultralytics sets on the model it trains; the wrapper reads it
     try:
+        if settings.get("term") == "outputs":
+            wrapper = _outputs_distillation()(teacher_model=teacher, student_model=student)
+            wrapper.netslim_distill = {k: settings[k] for k in ("weight", "temperature")}
+            return wrapper
         return DistillationModel(teacher_model=teacher, student_model=student)
     except ValueError as e:  # "No Detect head found in model", different feature levels
         raise NetslimError(
@@ -239,12 +296,14 @@ def distillation(student: nn.Module, teacher: nn.Module, args: Any) -> nn.Module
         ) from None
 
 
-def _resumed_distillation(record: Any, path: str, teacher: nn.Module, args: Any) -> nn.Module:
+def _resumed_distillation(
+    record: Any, path: str, teacher: nn.Module, args: Any, settings: dict[str, Any]
+) -> nn.Module:
     """The distillation wrapper a resumed run's ``last.pt`` held (its ``record``, read without
     running code): the student at its widths, the trained projector, the teacher given."""
     parts = record.__dict__.get("_modules") or {}
     student = model_of(parts["student_model"], path).train()
-    wrapper = distillation(student, teacher, args)
+    wrapper = distillation(student, teacher, args, settings)
     wrapper.projector.load_state_dict(module_weights(parts["projector"], path))
     return wrapper
 
@@ -287,7 +346,9 @@ class NetslimTrainer:
             record = checkpoint_network(checkpoint)
             if self.netslim.teacher:  # the EMA of a distillation: student and projector
                 teacher = read_yolo(self.netslim.teacher)
-                self.model = _resumed_distillation(record, self.args.resume, teacher, self.args)
+                self.model = _resumed_distillation(
+                    record, self.args.resume, teacher, self.args, self.netslim.distill
+                )
                 ema = nn.Module()  # what Ultralytics' EMA of the wrapper holds: no teacher
                 ema.student_model, ema.projector = self.model.student_model, self.model.projector
                 return {**checkpoint, "ema": ema, "model": None}
@@ -299,7 +360,9 @@ class NetslimTrainer:
         else:
             checkpoint = super().setup_model()
         if self.netslim.teacher:  # Ultralytics would wrap it too, unpickling the teacher's file
-            self.model = distillation(self.model, read_yolo(self.netslim.teacher), self.args)
+            self.model = distillation(
+                self.model, read_yolo(self.netslim.teacher), self.args, self.netslim.distill
+            )
         return checkpoint
 
     def build_optimizer(self, *args: Any, **kwargs: Any):

@@ -45,7 +45,7 @@ from typing import Any
 from torch import nn
 
 from netslim.checkpoint import read_checkpoint as read_netslim_checkpoint
-from netslim.config import LAM_START
+from netslim.config import LAM_START, YOLO_DISTILL_TERMS
 from netslim.errors import NetslimError
 from netslim.files import atomic_write, write_json
 from netslim.models import num_outputs
@@ -54,6 +54,7 @@ from netslim.slim import save
 from netslim.train import runlock
 from netslim.train.control import STABLE_TOL
 from netslim.train.distill import teacher_path
+from netslim.yolo import distill as outputs
 from netslim.yolo import seam
 from netslim.yolo.data import check_data
 from netslim.yolo.files import arch_of, read_checkpoint, read_model, read_yolo, write_model
@@ -61,6 +62,7 @@ from netslim.yolo.run import (
     BEST_FP32,
     DEFAULTS,
     ENV_CONTROL,
+    ENV_DISTILL,
     ENV_LAM,
     ENV_START,
     ENV_TEACHER,
@@ -86,6 +88,7 @@ def train(
     stable_tol: float = STABLE_TOL,
     stable_epochs: int = 3,
     teacher: str | Path | None = None,
+    distill: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Path:
     """Train ``model`` with Ultralytics' trainer on ``data`` into the run folder ``out``.
@@ -110,6 +113,8 @@ def train(
         teacher: a YOLO (``.pt`` or netslim ``.pth``) the model learns from by Ultralytics'
             feature distillation (its ``DistillationModel``, weight ``dis=``), read by netslim
             without running the file's code; on resume, the run's own.
+        distill: the term (``{"term": "features"}``, Ultralytics', the default; or
+            ``{"term": "outputs", "weight": w, "temperature": t}``, :mod:`netslim.yolo.distill`).
         overrides: any other Ultralytics training setting (``batch=16``, ``lr0=0.01``, ...).
 
     Returns:
@@ -144,8 +149,10 @@ def train(
     data = Path(data)
     check_data(data, _run_info(Path(out)).get("task") if resume else task_of(model))
     out = Path(out)
+    distill = check_distill(distill)
     if resume:
         teacher = _run_info(out).get("teacher") or None  # the run's own
+        distill = _run_info(out).get("distill") or distill
     elif teacher is not None:
         teacher = check_teacher(teacher, model)
     with runlock.hold(out):  # one writer per run folder, as for classifiers
@@ -182,6 +189,7 @@ def train(
             sparsity_threshold,
             control,
             {**overrides, **({"distill_model": teacher} if teacher else {})},
+            distill,
         )
     return out
 
@@ -197,6 +205,7 @@ def _train(
     sparsity_threshold: float,
     control: dict[str, Any],
     overrides: dict[str, Any],
+    distill: dict[str, Any],
 ) -> None:
     """:func:`train` once its arguments are checked and the run folder is held."""
     settings = {
@@ -233,6 +242,7 @@ def _train(
                 "control": control,
                 "model": settings["model"],
                 "teacher": settings.get("distill_model"),
+                "distill": distill,
             },
         )
     trainer = seam.trainer_for(task)
@@ -244,6 +254,7 @@ def _train(
         ENV_START: str(start) if start else "",
         ENV_CONTROL: json.dumps(control),
         ENV_TEACHER: str(settings.get("distill_model") or ""),
+        ENV_DISTILL: json.dumps(distill),
     }
     saved = {k: os.environ.get(k) for k in environment}
     os.environ.update(environment)
@@ -269,6 +280,7 @@ def finetune(
     trust_pickle: bool = False,
     teacher: str | Path | None = None,
     distill: bool = True,
+    distill_term: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Path:
     """Fine-tune a pruned YOLO (netslim's ``.pth`` or an Ultralytics ``.pt``) with Ultralytics'
@@ -277,8 +289,8 @@ def finetune(
     holds it in fp16 as Ultralytics saves) with netslim's ``export``, ``bench`` and
     ``netslim.load``. The student learns from ``teacher`` by Ultralytics' distillation
     (weight ``dis=``); by default from the unpruned network ``netslim yolo prune`` recorded
-    in the pruned ``.pth``; ``distill=False`` fine-tunes from the labels alone. Returns
-    ``out``."""
+    in the pruned ``.pth``; ``distill=False`` fine-tunes from the labels alone;
+    ``distill_term``: see :func:`train`'s ``distill``. Returns ``out``."""
     out = Path(out)
     model = None if resume else read_yolo(pruned, trust_pickle=trust_pickle)
     if not resume:
@@ -294,6 +306,7 @@ def finetune(
         imgsz=imgsz,
         resume=resume,
         teacher=teacher,
+        distill=distill_term,
         **overrides,
     )
     fp32 = out / "weights" / BEST_FP32
@@ -317,6 +330,24 @@ def _teacher_of(pruned: str | Path, given: str | Path | None, distill: bool) -> 
     if Path(pruned).suffix == ".pth":
         meta = read_netslim_checkpoint(pruned).get("netslim") or {}
     return teacher_path(meta, None if given is None else str(given), distill, str(pruned))
+
+
+def check_distill(distill: dict[str, Any] | None) -> dict[str, Any]:
+    """The distillation term's settings, complete, or one line naming what is wrong."""
+    settings = {"term": YOLO_DISTILL_TERMS[0], **(distill or {})}
+    if settings["term"] not in YOLO_DISTILL_TERMS:
+        raise NetslimError(
+            f"--distill-term must be one of {', '.join(YOLO_DISTILL_TERMS)}, got "
+            f"{settings['term']!r}"
+        )
+    if settings["term"] == "outputs":
+        weight = settings.setdefault("weight", outputs.WEIGHT)
+        temperature = settings.setdefault("temperature", outputs.TEMPERATURE)
+        if not 0 <= weight < math.inf:
+            raise NetslimError(f"--distill-weight must be >= 0 and finite, got {weight}")
+        if not 0 < temperature < math.inf:
+            raise NetslimError(f"--distill-temperature must be > 0 and finite, got {temperature}")
+    return settings
 
 
 def check_teacher(teacher: str | Path, student: nn.Module | str) -> str:
