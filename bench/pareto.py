@@ -161,7 +161,8 @@ def yolo_prune(steps: Steps, name: str, source: Path, data: Path, **budget) -> P
 
 def reinitialised(steps: Steps, pruned: Path) -> Path:
     """The architecture of ``pruned`` with fresh weights, as Ultralytics initialises a YOLO
-    (PyTorch's default for every layer, then its Detect head's bias priors)."""
+    (PyTorch's default for every layer but the DFL's fixed bin weights, then its Detect
+    head's bias priors)."""
     start = steps.out / "yolo" / "p50-fresh.pt"
     if not start.exists():
         import torch
@@ -171,8 +172,14 @@ def reinitialised(steps: Steps, pruned: Path) -> Path:
 
         torch.manual_seed(0)
         model = netslim.load(pruned)
+        fixed = {
+            id(m)
+            for layer in model.modules()
+            if type(layer).__name__ == "DFL"
+            for m in layer.modules()
+        }  # fmt: skip  (DFL's conv: fixed bin indices)
         for module in model.modules():
-            if hasattr(module, "reset_parameters") and module is not model:
+            if hasattr(module, "reset_parameters") and id(module) not in fixed:
                 module.reset_parameters()
         head = model.model[-1]
         head.bias_init()  # Ultralytics' class and box bias priors
