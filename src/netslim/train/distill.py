@@ -29,8 +29,9 @@ from netslim.checkpoint import model_from_checkpoint, read_checkpoint
 from netslim.errors import NetslimError
 from netslim.models import num_outputs
 
-# Measured on CIFAR-10 fine-tuning (bench/RESULTS.md, "Distillation"): weight 1 at T 4 is
-# the usual choice of the literature and did no worse than the others tried.
+# Measured on CIFAR-10 fine-tuning (bench/RESULTS.md, issue 30): weight 1 at T 4, the
+# literature's usual choice, did best of (1, 2), (1, 4), (1, 8), (3, 4) (48.2, 48.5, 47.4 and
+# 40.3% after 5 epochs); a heavier term costs most.
 WEIGHT = 1.0
 TEMPERATURE = 4.0
 
