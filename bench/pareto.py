@@ -67,7 +67,7 @@ DISTILL_VARIANTS = [(1.0, 2.0), (1.0, 8.0), (3.0, 4.0)]  # (weight, temperature)
 
 
 class Steps:
-    """The steps done so far (``OUT/steps.json``): command, wall time, result."""
+    """The steps done so far (``OUT/steps.json``): command and wall time."""
 
     def __init__(self, out: Path):
         self.out, self.path = out, out / "steps.json"
@@ -89,24 +89,19 @@ class Steps:
         step()
         self.record(name, command=text, seconds=round(time.time() - start, 1))
 
-    def run(self, name: str, command: list, finished: Path, capture: bool = False) -> str:
+    def run(self, name: str, command: list, finished: Path) -> None:
         """Run ``command`` unless ``finished`` exists; its wall time adds up over restarts."""
         command = [str(c) for c in command]
         if finished.exists():
-            return (self.done.get(name) or {}).get("stdout", "")
+            return
         text = shlex.join(command).replace(f"{sys.executable} -m netslim", "netslim")
         print(f"\n$ {text}", flush=True)
         start = time.time()
-        result = subprocess.run(command, stdout=subprocess.PIPE if capture else None, text=True)
+        result = subprocess.run(command)
         spent = time.time() - start + (self.done.get(name) or {}).get("seconds", 0.0)
         self.record(name, command=text, seconds=round(spent, 1))
         if result.returncode != 0:
             raise SystemExit(f"step {name} failed ({result.returncode}); run again to retry")
-        if capture:
-            self.record(name, stdout=result.stdout)
-            finished.write_text(result.stdout)
-            return result.stdout
-        return ""
 
 
 # -- YOLO ----------------------------------------------------------------------------------

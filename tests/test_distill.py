@@ -327,3 +327,17 @@ def test_bad_yolo_teachers_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert said in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "ft" / "weights").exists()
+
+
+def test_info_shows_accuracy_after_pruning_with_or_without_a_recorded_teacher(
+    tmp_path, tiny_data, capsys
+):
+    torch.manual_seed(0)
+    model = randomize_bn(VGG(TRAIN_CFG, num_classes=tiny_data.num_classes))
+    pruned, report = netslim.prune_model(model, 0.5, data=tiny_data, recalibrate=0)
+    for name, teacher in (("alone.pth", None), ("taught.pth", tmp_path / "t.pth")):
+        netslim.save(pruned, tmp_path / name, report, arch="vgg11", teacher=teacher)
+        assert main(["info", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        assert "test acc right after pruning: unpruned" in out
+        assert ("teacher  " in out) == (teacher is not None)

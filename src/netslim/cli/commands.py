@@ -386,8 +386,6 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(
             f"pruned   ratio {prune['ratio']}, {100 * prune['pruned_share']:.1f}% of channels removed"
         )
-    if info.get("teacher"):
-        print(f"teacher  {info['teacher']} (fine-tuning distils from it; --no-distill: not)")
         steps = [
             ("unpruned", "acc_unpruned"),
             ("official masking", "acc_masked"),
@@ -399,6 +397,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         ]
         if measured:
             print("test acc right after pruning: " + ", ".join(measured))
+    if info.get("teacher"):
+        print(f"teacher  {info['teacher']} (fine-tuning distils from it; --no-distill: not)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
